@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the local cluster and registry need, when missing. Idempotent.
+source "$(dirname "$0")/lib.sh"
+
+need=()
+command -v kubectl >/dev/null || need+=(kubectl)
+command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v skopeo >/dev/null || need+=(skopeo)
+command -v htpasswd >/dev/null || need+=(apache2-utils)
+command -v openssl >/dev/null || need+=(openssl)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+command -v go >/dev/null || die "the Go toolchain is required to build the control plane"
+command -v cargo >/dev/null || die "the Rust toolchain is required"
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt

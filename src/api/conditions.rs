@@ -1,0 +1,60 @@
+//! Condition types and reasons, as named constants: tools and runbooks match on these strings.
+
+/// The runtime serves requests (`status.phase: Running`).
+pub const READY: &str = "Ready";
+/// The pull identity (service account and its imagePullSecrets) resolved.
+pub const IDENTITY_RESOLVED: &str = "IdentityResolved";
+/// A newer runtime version than the one running exists in the registry.
+pub const UPDATE_AVAILABLE: &str = "UpdateAvailable";
+/// The runtime saw no activity for its idle timeout.
+pub const IDLE: &str = "Idle";
+/// A ComputeInstance accepted its spec (instance type, schedules, time zones).
+pub const ACCEPTED: &str = "Accepted";
+
+/// Reasons for `status.reason` and condition reasons (CamelCase, stable).
+pub mod reasons {
+    /// Nothing has been reconciled yet.
+    pub const PENDING: &str = "Pending";
+    /// The runtime pod is being created.
+    pub const POD_CREATING: &str = "PodCreating";
+    /// The runtime pod exists but is not Ready yet.
+    pub const POD_STARTING: &str = "PodStarting";
+    /// The runtime pod is Ready.
+    pub const POD_READY: &str = "PodReady";
+    /// The runtime pod failed and is being recreated.
+    pub const POD_FAILED: &str = "PodFailed";
+    /// The named service account does not exist.
+    pub const SERVICE_ACCOUNT_NOT_FOUND: &str = "ServiceAccountNotFound";
+    /// An imagePullSecret of the service account does not exist.
+    pub const PULL_SECRET_NOT_FOUND: &str = "PullSecretNotFound";
+    /// An imagePullSecret is not a parsable `kubernetes.io/dockerconfigjson` secret.
+    pub const PULL_SECRET_INVALID: &str = "PullSecretInvalid";
+    /// The identity resolved.
+    pub const IDENTITY_RESOLVED: &str = "IdentityResolved";
+    /// No instance type of the catalog fits the namespace's ResourceQuota headroom.
+    pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
+    /// `spec.compute.serverless.instanceType` is not in the catalog.
+    pub const UNKNOWN_INSTANCE_TYPE: &str = "UnknownInstanceType";
+    /// The flow ConfigMap or a file it names is missing.
+    pub const FLOW_NOT_FOUND: &str = "FlowNotFound";
+    /// `flow.dag.yaml` does not parse or names something invalid.
+    pub const FLOW_INVALID: &str = "FlowInvalid";
+    /// The kubelet could not pull the image.
+    pub const ERR_IMAGE_PULL: &str = "ErrImagePull";
+    /// The kubelet backs off pulling the image.
+    pub const IMAGE_PULL_BACK_OFF: &str = "ImagePullBackOff";
+    /// The image reference is invalid.
+    pub const INVALID_IMAGE_NAME: &str = "InvalidImageName";
+    /// The attached ComputeInstance does not exist.
+    pub const COMPUTE_INSTANCE_NOT_FOUND: &str = "ComputeInstanceNotFound";
+    /// Attaching would restart the instance and `acknowledgeRestart` is not true.
+    pub const RESTART_NOT_ACKNOWLEDGED: &str = "RestartNotAcknowledged";
+    /// The runtime was stopped after its idle timeout.
+    pub const STOPPED_IDLE: &str = "StoppedIdle";
+    /// The running version is the newest available.
+    pub const UP_TO_DATE: &str = "UpToDate";
+    /// A newer version is available.
+    pub const NEWER_VERSION: &str = "NewerVersionAvailable";
+    /// The registry could not be reached or refused the credentials.
+    pub const REGISTRY_UNAVAILABLE: &str = "RegistryUnavailable";
+}

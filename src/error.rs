@@ -1,0 +1,38 @@
+//! The one error type of the operator.
+
+/// Everything that can go wrong, each variant saying what the user can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No usable cluster connection (kubeconfig missing, unreadable, or the cluster unreachable).
+    #[error("cannot reach the Kubernetes API: {0}; set KUBECONFIG or run inside a cluster")]
+    Connect(#[source] kube::Error),
+
+    /// A call to the Kubernetes API failed.
+    #[error("Kubernetes API call failed: {0}")]
+    Kube(#[from] kube::Error),
+
+    /// A CRD this operator needs is not installed or not yet Established.
+    #[error(
+        "CustomResourceDefinition {name} {problem}; install the CRDs with `kubectl apply -f config/crd/` (or `make run`)"
+    )]
+    CrdNotReady {
+        /// The CRD's name, e.g. `promptflowruntimes.promptflow.dev`.
+        name: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl Error {
+    /// A short, stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Connect(_) => "connect",
+            Error::Kube(_) => "kube",
+            Error::CrdNotReady { .. } => "crd_not_ready",
+        }
+    }
+}
+
+/// The operator's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,267 @@
+//! The e2e harness: a client for the test cluster, a namespace per test with diagnostics on
+//! failure, waiting with timeouts, applying YAML files, and the operator binary as a process.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures::FutureExt;
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::pinned_kind;
+use kube::runtime::wait::{Condition, await_condition, conditions};
+use kube::{Api, Client, Resource, ResourceExt};
+use promptflow_operator::api::{ComputeInstance, PromptFlowRuntime};
+use serde::Deserialize as _;
+use serde::de::DeserializeOwned;
+use tokio::process::{Child, Command};
+
+/// The field manager the tests apply with.
+pub const MANAGER: &str = "pf-e2e";
+
+/// The repository root (where `config/` and `tests/` live).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The kubeconfig of the test cluster: `$KUBECONFIG`, else the local cluster's.
+pub fn kubeconfig() -> PathBuf {
+    std::env::var_os("KUBECONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cluster/kubeconfig"))
+}
+
+/// A client for the test cluster.
+pub async fn client() -> Client {
+    let options = kube::config::KubeConfigOptions::default();
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig()).expect("read the test cluster's kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .expect("kubeconfig is usable");
+    Client::try_from(config).expect("client")
+}
+
+/// Installs the generated CRDs (server-side apply; idempotent) and waits until they are Established.
+pub async fn install_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for (_, crd) in promptflow_operator::crd::all() {
+        let name = crd.name_any();
+        crds.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
+            .await
+            .expect("apply CRD");
+        wait_for(&crds, &name, conditions::is_crd_established(), Duration::from_secs(30)).await;
+    }
+}
+
+/// Waits until `condition` holds for the named object, or panics after `timeout`.
+pub async fn wait_for<K>(api: &Api<K>, name: &str, condition: impl Condition<K>, timeout: Duration) -> K
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    match tokio::time::timeout(timeout, await_condition(api.clone(), name, condition)).await {
+        Ok(Ok(Some(object))) => object,
+        Ok(Ok(None)) => panic!("{name} was deleted while waiting"),
+        Ok(Err(err)) => panic!("watching {name} failed: {err}"),
+        Err(_) => panic!("timed out after {timeout:?} waiting for {name}"),
+    }
+}
+
+/// Waits until the named object no longer exists, or panics after `timeout`.
+pub async fn wait_deleted<K>(api: &Api<K>, name: &str, uid: &str, timeout: Duration)
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let gone = conditions::is_deleted(uid);
+    tokio::time::timeout(timeout, await_condition(api.clone(), name, gone))
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {timeout:?} waiting for {name} to be deleted"))
+        .expect("watch");
+}
+
+/// A namespace of one test's own.
+pub struct TestNamespace {
+    /// The client the test uses.
+    pub client: Client,
+    /// The namespace's name.
+    pub name: String,
+}
+
+impl TestNamespace {
+    /// A namespaced API for the test's namespace.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+}
+
+/// Runs `test` in a fresh namespace. On failure, dumps the namespace's objects and events; the
+/// namespace is deleted afterwards unless `PF_E2E_KEEP=1`.
+pub async fn with_namespace<F, Fut>(prefix: &str, test: F)
+where
+    F: FnOnce(TestNamespace) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let client = client().await;
+    install_crds(&client).await;
+    let name = format!("{prefix}-{:08x}", rand::random::<u32>());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"promptflow.dev/e2e": "true"}}
+    }))
+    .unwrap();
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("create test namespace");
+
+    let outcome = std::panic::AssertUnwindSafe(test(TestNamespace {
+        client: client.clone(),
+        name: name.clone(),
+    }))
+    .catch_unwind()
+    .await;
+    if outcome.is_err() {
+        dump_namespace(&client, &name).await;
+    }
+    if std::env::var("PF_E2E_KEEP").as_deref() != Ok("1") {
+        let _ = namespaces.delete(&name, &DeleteParams::background()).await;
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Prints the namespace's runtimes, instances, pods and events, for a failed test's output.
+async fn dump_namespace(client: &Client, namespace: &str) {
+    eprintln!("==== diagnostics for namespace {namespace} ====");
+    dump::<PromptFlowRuntime>(client, namespace).await;
+    dump::<ComputeInstance>(client, namespace).await;
+    dump::<Pod>(client, namespace).await;
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    if let Ok(list) = events.list(&ListParams::default()).await {
+        for event in list {
+            eprintln!(
+                "event {} {}: {} {}",
+                event.involved_object.name.unwrap_or_default(),
+                event.type_.unwrap_or_default(),
+                event.reason.unwrap_or_default(),
+                event.message.unwrap_or_default()
+            );
+        }
+    }
+}
+
+async fn dump<K>(client: &Client, namespace: &str)
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+    <K as Resource>::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    if let Ok(list) = api.list(&ListParams::default()).await {
+        for mut object in list {
+            object.meta_mut().managed_fields = None;
+            eprintln!("---\n{}", serde_norway::to_string(&object).unwrap_or_default());
+        }
+    }
+}
+
+/// Parses a multi-document YAML file into objects.
+pub fn read_manifests(path: &Path) -> Vec<DynamicObject> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_norway::Deserializer::from_str(&text)
+        .filter_map(|document| {
+            let value = serde_json::Value::deserialize(document).expect("valid YAML");
+            (!value.is_null()).then(|| serde_json::from_value(value).expect("a Kubernetes object"))
+        })
+        .collect()
+}
+/// Server-side applies `object` into `namespace` (dry run when `dry_run`), with strict field
+/// validation as `kubectl apply` uses. Returns the API server's error, if any.
+pub async fn apply(client: &Client, namespace: &str, object: &DynamicObject, dry_run: bool) -> Result<(), kube::Error> {
+    let types = object.types.as_ref().expect("apiVersion and kind");
+    let gvk = GroupVersionKind::try_from(types).expect("valid apiVersion");
+    let (resource, _) = pinned_kind(client, &gvk).await?;
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+    let mut params = PatchParams::apply(MANAGER).validation_strict().force();
+    if dry_run {
+        params = params.dry_run();
+    }
+    api.patch(&object.name_any(), &params, &Patch::Apply(object))
+        .await
+        .map(|_| ())
+}
+
+/// Runs kubectl against the test cluster; returns (success, stdout + stderr).
+pub async fn kubectl(args: &[&str]) -> (bool, String) {
+    let output = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig())
+        .output()
+        .await
+        .expect("kubectl runs");
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+/// The operator binary, run as a separate process with its log in a file.
+pub struct OperatorProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl OperatorProcess {
+    /// Starts the operator against `kubeconfig` with extra environment.
+    pub fn start(kubeconfig: &Path, env: &[(&str, &str)]) -> Self {
+        let log = std::env::temp_dir().join(format!("pf-operator-{:08x}.log", rand::random::<u32>()));
+        let file = std::fs::File::create(&log).expect("operator log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_promptflow-operator"))
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the operator binary");
+        Self { child, log }
+    }
+
+    /// Waits for the process to exit by itself; returns its exit code, or panics after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.expect("wait").code().unwrap_or(-1),
+            Err(_) => panic!("operator did not exit within {timeout:?}; log:\n{}", self.log_text()),
+        }
+    }
+
+    /// Everything the operator logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            eprintln!("==== operator log tail ====");
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

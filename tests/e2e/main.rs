@@ -1,0 +1,9 @@
+//! End-to-end tests against the real local cluster (`make cluster-up`): the API server, its
+//! admission and validation, the controllers, kwok nodes, and the operator binary as a process.
+//! Run with `make e2e`; each test works in a namespace of its own.
+
+mod harness;
+
+mod cluster;
+mod crds;
+mod operator;
