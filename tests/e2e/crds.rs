@@ -2,6 +2,7 @@
 //! corpus is rejected with messages that name the field, printer columns and categories work.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use promptflow_operator::api::PromptFlowRuntime;
 
@@ -11,13 +12,18 @@ use crate::harness::{self, kubectl, with_namespace};
 async fn crds_become_established_and_explain_shows_field_docs() {
     let client = harness::client().await;
     harness::install_crds(&client).await;
-    let (ok, text) = kubectl(&["explain", "promptflowruntime.spec"]).await;
+    // The API server publishes a new CRD's OpenAPI a moment after it is Established.
+    let (ok, text) = harness::kubectl_eventually(Duration::from_secs(30), &["explain", "promptflowruntime.spec"]).await;
     assert!(ok, "kubectl explain failed: {text}");
     assert!(
         text.contains("exactly one of `serverless` or"),
         "field docs missing:\n{text}"
     );
-    let (ok, text) = kubectl(&["explain", "computeinstance.spec.schedules.cron"]).await;
+    let (ok, text) = harness::kubectl_eventually(
+        Duration::from_secs(30),
+        &["explain", "computeinstance.spec.schedules.cron"],
+    )
+    .await;
     assert!(
         ok && text.contains("five-field cron expression"),
         "field docs missing:\n{text}"
@@ -36,7 +42,11 @@ async fn every_sample_is_accepted() {
                 count += 1;
             }
             let file = path.to_string_lossy().into_owned();
-            let (ok, text) = kubectl(&["apply", "--dry-run=client", "-n", &ns.name, "-f", &file]).await;
+            let (ok, text) = harness::kubectl_eventually(
+                Duration::from_secs(30),
+                &["apply", "--dry-run=client", "-n", &ns.name, "-f", &file],
+            )
+            .await;
             assert!(ok, "kubectl --dry-run=client rejected {file}: {text}");
         }
         assert!(
@@ -126,7 +136,7 @@ async fn kubectl_get_prints_columns_and_the_category_lists_both_kinds() {
                     .expect("apply sample");
             }
         }
-        let (ok, text) = kubectl(&["get", "pfrt", "-n", &ns.name]).await;
+        let (ok, text) = harness::kubectl_eventually(Duration::from_secs(30), &["get", "pfrt", "-n", &ns.name]).await;
         assert!(ok, "{text}");
         let header: Vec<&str> = text.lines().next().unwrap_or_default().split_whitespace().collect();
         assert_eq!(
@@ -136,7 +146,7 @@ async fn kubectl_get_prints_columns_and_the_category_lists_both_kinds() {
         );
         assert!(text.contains("chat"), "{text}");
 
-        let (ok, text) = kubectl(&["get", "pfci", "-n", &ns.name]).await;
+        let (ok, text) = harness::kubectl_eventually(Duration::from_secs(30), &["get", "pfci", "-n", &ns.name]).await;
         assert!(ok, "{text}");
         let header: Vec<&str> = text.lines().next().unwrap_or_default().split_whitespace().collect();
         assert_eq!(
@@ -146,7 +156,8 @@ async fn kubectl_get_prints_columns_and_the_category_lists_both_kinds() {
         );
         assert!(text.contains("Standard_DS3_v2"), "{text}");
 
-        let (ok, text) = kubectl(&["get", "promptflow", "-n", &ns.name]).await;
+        let (ok, text) =
+            harness::kubectl_eventually(Duration::from_secs(30), &["get", "promptflow", "-n", &ns.name]).await;
         assert!(ok, "{text}");
         assert!(text.contains("promptflowruntime.promptflow.dev/chat"), "{text}");
         assert!(text.contains("computeinstance.promptflow.dev/alice-ci"), "{text}");

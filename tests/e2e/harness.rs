@@ -201,6 +201,19 @@ pub async fn apply(client: &Client, namespace: &str, object: &DynamicObject, dry
         .map(|_| ())
 }
 
+/// Retries kubectl until it succeeds or `timeout` passes (discovery and OpenAPI lag a new CRD
+/// by a moment); returns the last outcome.
+pub async fn kubectl_eventually(timeout: Duration, args: &[&str]) -> (bool, String) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let outcome = kubectl(args).await;
+        if outcome.0 || tokio::time::Instant::now() >= deadline {
+            return outcome;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Runs kubectl against the test cluster; returns (success, stdout + stderr).
 pub async fn kubectl(args: &[&str]) -> (bool, String) {
     let output = Command::new("kubectl")
