@@ -11,6 +11,22 @@ pub enum Error {
     #[error("Kubernetes API call failed: {0}")]
     Kube(#[from] kube::Error),
 
+    /// A watch cache stopped (the operator is shutting down).
+    #[error("a watch cache closed; the operator is shutting down")]
+    StoreClosed,
+
+    /// A namespaced object came without a namespace.
+    #[error("object has no namespace")]
+    NotNamespaced,
+
+    /// The instance-type catalog is unusable.
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+
+    /// The admin server could not bind or serve.
+    #[error("admin server: {0}")]
+    Admin(#[source] std::io::Error),
+
     /// A CRD this operator needs is not installed or not yet Established.
     #[error(
         "CustomResourceDefinition {name} {problem}; install the CRDs with `kubectl apply -f config/crd/` (or `make run`)"
@@ -23,6 +39,7 @@ pub enum Error {
     },
 }
 
+/// Errors of the running controller.
 impl Error {
     /// A short, stable label for metrics.
     pub fn metric_label(&self) -> &'static str {
@@ -30,6 +47,10 @@ impl Error {
             Error::Connect(_) => "connect",
             Error::Kube(_) => "kube",
             Error::CrdNotReady { .. } => "crd_not_ready",
+            Error::StoreClosed => "store_closed",
+            Error::NotNamespaced => "not_namespaced",
+            Error::Catalog(_) => "catalog",
+            Error::Admin(_) => "admin",
         }
     }
 }

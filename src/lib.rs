@@ -1,8 +1,16 @@
 //! promptflow-operator: prompt flow runtimes on any Kubernetes cluster.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
+pub mod build;
+pub mod catalog;
+pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod flow;
+pub mod identity;
+pub mod metrics;
 pub mod preflight;
+pub mod quota;
 pub mod telemetry;

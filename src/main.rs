@@ -1,8 +1,20 @@
-//! The `promptflow-operator` process: connects, checks its CRDs, and runs the controllers.
+//! The `promptflow-operator` process: connects, checks its CRDs, serves the admin endpoints and
+//! runs the controllers until SIGTERM or SIGINT.
 #![forbid(unsafe_code)]
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
 use clap::Parser;
-use promptflow_operator::{error::Error, preflight, telemetry};
+use promptflow_operator::admin::{self, AdminState};
+use promptflow_operator::build::pod::PodSecurity;
+use promptflow_operator::catalog::Catalog;
+use promptflow_operator::controller::{self, Settings};
+use promptflow_operator::error::Error;
+use promptflow_operator::metrics::Metrics;
+use promptflow_operator::{preflight, telemetry};
 use tracing::{error, info};
 
 /// Kubernetes operator for prompt flow runtimes. The cluster comes from the standard kubeconfig
@@ -13,13 +25,37 @@ struct Args {
     /// Log format.
     #[arg(long, env = "PF_LOG_FORMAT", value_enum, default_value_t)]
     log_format: telemetry::LogFormat,
+    /// The instance-type catalog (YAML). Absent: the built-in catalog.
+    #[arg(long, env = "PF_CATALOG")]
+    catalog: Option<PathBuf>,
+    /// Where the admin server (/metrics, /healthz, /readyz) listens; port 0 picks a free one.
+    #[arg(long, env = "PF_ADMIN_ADDRESS", default_value = "0.0.0.0:8080")]
+    admin_address: SocketAddr,
+    /// How many runtimes reconcile at once.
+    #[arg(long, env = "PF_CONCURRENCY", default_value_t = 16)]
+    concurrency: u16,
+    /// Run runtime pods under the restricted Pod Security profile (turn off for images that
+    /// need root).
+    #[arg(long, env = "PF_RESTRICTED_PODS", default_value_t = true, action = clap::ArgAction::Set)]
+    restricted_pods: bool,
+    /// The user id runtime containers run as under the restricted profile.
+    #[arg(long, env = "PF_RUNTIME_USER", default_value_t = 1000)]
+    runtime_user: i64,
+    /// Watch only this namespace (a namespaced install); absent: every namespace.
+    #[arg(long, env = "PF_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Check the cluster and the CRDs, then exit.
+    #[arg(long)]
+    check: bool,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     telemetry::init(args.log_format);
-    match run().await {
+    // One TLS crypto provider for every client in the process (Kubernetes API, registries).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             error!(error = %err, kind = err.metric_label(), "promptflow-operator cannot run");
@@ -28,11 +64,52 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run() -> Result<(), Error> {
-    let client = kube::Client::try_default().await.map_err(Error::Connect)?;
+async fn run(args: Args) -> Result<(), Error> {
+    let catalog = Catalog::load(args.catalog.as_deref())?;
+    info!(instance_types = %catalog.names(), "instance-type catalog loaded");
+    let metrics = Arc::new(Metrics::default());
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| Error::Connect(kube::Error::InferConfig(e)))?;
+    let client = controller::counting_client(config, metrics.clone()).map_err(Error::Connect)?;
     let version = client.apiserver_version().await.map_err(Error::Connect)?;
     info!(server = %version.git_version, "connected to the Kubernetes API");
     preflight::check_crds(&client).await?;
     info!("both CRDs are installed and Established");
+    if args.check {
+        return Ok(());
+    }
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let (_, serve) = admin::bind(
+        args.admin_address,
+        AdminState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        },
+    )
+    .await?;
+    let admin_task = tokio::spawn(serve);
+    let settings = Settings {
+        catalog,
+        security: PodSecurity {
+            restricted: args.restricted_pods,
+            run_as_user: args.runtime_user,
+        },
+        concurrency: args.concurrency,
+        namespace: args.watch_namespace,
+    };
+    controller::run(client, settings, metrics, ready, shutdown_signal()).await;
+    admin_task.abort();
+    info!("promptflow-operator stopped");
     Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+    }
 }

@@ -21,6 +21,8 @@ pub mod reasons {
     pub const POD_STARTING: &str = "PodStarting";
     /// The runtime pod is Ready.
     pub const POD_READY: &str = "PodReady";
+    /// The scheduler finds no node with room for the runtime pod.
+    pub const POD_UNSCHEDULABLE: &str = "PodUnschedulable";
     /// The runtime pod failed and is being recreated.
     pub const POD_FAILED: &str = "PodFailed";
     /// The named service account does not exist.
@@ -57,4 +59,27 @@ pub mod reasons {
     pub const NEWER_VERSION: &str = "NewerVersionAvailable";
     /// The registry could not be reached or refused the credentials.
     pub const REGISTRY_UNAVAILABLE: &str = "RegistryUnavailable";
+    /// The API server refused the runtime pod (admission, validation).
+    pub const POD_REJECTED: &str = "PodRejected";
+    /// Runtimes on ComputeInstances are not supported by this operator version.
+    pub const COMPUTE_INSTANCE_UNSUPPORTED: &str = "ComputeInstanceUnsupported";
+
+    /// Reasons that ask the user to act: a transition into one of them is a Warning event.
+    pub const PROBLEMS: [&str; 15] = [
+        POD_UNSCHEDULABLE,
+        SERVICE_ACCOUNT_NOT_FOUND,
+        PULL_SECRET_NOT_FOUND,
+        PULL_SECRET_INVALID,
+        QUOTA_EXCEEDED,
+        UNKNOWN_INSTANCE_TYPE,
+        FLOW_NOT_FOUND,
+        FLOW_INVALID,
+        ERR_IMAGE_PULL,
+        IMAGE_PULL_BACK_OFF,
+        INVALID_IMAGE_NAME,
+        COMPUTE_INSTANCE_NOT_FOUND,
+        RESTART_NOT_ACKNOWLEDGED,
+        POD_REJECTED,
+        COMPUTE_INSTANCE_UNSUPPORTED,
+    ];
 }

@@ -234,14 +234,19 @@ pub struct OperatorProcess {
 }
 
 impl OperatorProcess {
-    /// Starts the operator against `kubeconfig` with extra environment.
-    pub fn start(kubeconfig: &Path, env: &[(&str, &str)]) -> Self {
+    /// Starts the operator against `kubeconfig` with extra arguments; its admin server listens on
+    /// a free loopback port.
+    pub fn start(kubeconfig: &Path, args: &[&str]) -> Self {
         let log = std::env::temp_dir().join(format!("pf-operator-{:08x}.log", rand::random::<u32>()));
         let file = std::fs::File::create(&log).expect("operator log file");
         let child = Command::new(env!("CARGO_BIN_EXE_promptflow-operator"))
+            .args(["--admin-address", "127.0.0.1:0"])
+            .args(args)
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+            .env(
+                "RUST_LOG",
+                std::env::var("PF_E2E_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
@@ -249,6 +254,11 @@ impl OperatorProcess {
             .spawn()
             .expect("start the operator binary");
         Self { child, log }
+    }
+
+    /// Starts the operator limited to one test namespace, so parallel tests do not share runtimes.
+    pub fn for_namespace(namespace: &str) -> Self {
+        Self::start(&kubeconfig(), &["--watch-namespace", namespace])
     }
 
     /// Waits for the process to exit by itself; returns its exit code, or panics after `timeout`.
@@ -259,10 +269,83 @@ impl OperatorProcess {
         }
     }
 
+    /// Stops the operator: SIGTERM, then SIGKILL after `grace`. Returns whether it exited in time.
+    pub async fn stop(&mut self, grace: Duration) -> bool {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+            if tokio::time::timeout(grace, self.child.wait()).await.is_ok() {
+                return true;
+            }
+        }
+        let _ = self.child.kill().await;
+        false
+    }
+
+    /// Kills the operator with SIGKILL, as a crash would.
+    pub async fn kill9(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// The admin server's address, read from the operator's log.
+    pub async fn admin_address(&self) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log_text();
+            if let Some(line) = log.lines().find(|l| l.contains("admin server listening")) {
+                let address = line
+                    .split("address=")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next());
+                return address.expect("address in the admin log line").to_owned();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the operator did not start its admin server:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The operator's Prometheus metrics.
+    pub async fn metrics(&self) -> String {
+        http_get(&self.admin_address().await, "/metrics").await
+    }
+
+    /// The operator's API writes so far, excluding events (which are counted apart).
+    pub async fn writes_excluding_events(&self) -> u64 {
+        self.metrics()
+            .await
+            .lines()
+            .filter(|l| {
+                l.starts_with("promptflow_operator_kube_requests_total{kind=\"write\"")
+                    && !l.contains("resource=\"events\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Everything the operator logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// A plain HTTP/1.0 GET on loopback; returns the body.
+pub async fn http_get(address: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect to the admin server");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
 }
 
 impl Drop for OperatorProcess {
@@ -275,6 +358,10 @@ impl Drop for OperatorProcess {
                 eprintln!("{line}");
             }
         }
-        let _ = std::fs::remove_file(&self.log);
+        if std::env::var("PF_E2E_KEEP").as_deref() == Ok("1") {
+            eprintln!("operator log kept at {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }

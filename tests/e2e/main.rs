@@ -4,6 +4,8 @@
 
 mod harness;
 
+mod budget;
 mod cluster;
 mod crds;
 mod operator;
+mod runtime;

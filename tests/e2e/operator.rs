@@ -8,7 +8,7 @@ use crate::harness::{self, OperatorProcess};
 async fn operator_finds_installed_crds() {
     let client = harness::client().await;
     harness::install_crds(&client).await;
-    let mut operator = OperatorProcess::start(&harness::kubeconfig(), &[]);
+    let mut operator = OperatorProcess::start(&harness::kubeconfig(), &["--check"]);
     let code = operator.wait_exit(Duration::from_secs(30)).await;
     let log = operator.log_text();
     assert!(log.contains("CRD installed and Established"), "{log}");
@@ -30,7 +30,7 @@ async fn operator_exits_non_zero_with_a_helpful_message_when_the_cluster_is_unre
         "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'https://127.0.0.1:1', insecure-skip-tls-verify: true}\nusers:\n- name: u\n  user: {token: not-a-secret}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n",
     )
     .unwrap();
-    let mut operator = OperatorProcess::start(&kubeconfig, &[]);
+    let mut operator = OperatorProcess::start(&kubeconfig, &["--check"]);
     let code = operator.wait_exit(Duration::from_secs(60)).await;
     let log = operator.log_text();
     std::fs::remove_dir_all(&dir).ok();
@@ -49,6 +49,7 @@ async fn make_run_falls_back_to_the_local_cluster_when_kubeconfig_is_unreachable
         return;
     }
     let output = tokio::process::Command::new(harness::repo_root().join("hack/run.sh"))
+        .arg("--check")
         .env("KUBECONFIG", "/nonexistent/kubeconfig")
         .env("OPERATOR_BIN", env!("CARGO_BIN_EXE_promptflow-operator"))
         .output()
@@ -63,4 +64,34 @@ async fn make_run_falls_back_to_the_local_cluster_when_kubeconfig_is_unreachable
     assert!(text.contains("does not answer; starting the local cluster"), "{text}");
     assert!(text.contains("CRDs installed"), "{text}");
     assert!(text.contains("both CRDs are installed and Established"), "{text}");
+}
+
+#[tokio::test]
+async fn operator_serves_health_and_metrics_and_stops_on_sigterm() {
+    let client = harness::client().await;
+    harness::install_crds(&client).await;
+    let mut operator = OperatorProcess::start(&harness::kubeconfig(), &["--watch-namespace", "default"]);
+    let address = operator.admin_address().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while harness::http_get(&address, "/readyz").await != "ok" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready:\n{}",
+            operator.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(harness::http_get(&address, "/healthz").await, "ok");
+    let metrics = operator.metrics().await;
+    assert!(metrics.contains("promptflow_operator_kube_requests_total"), "{metrics}");
+    assert!(
+        operator.stop(Duration::from_secs(10)).await,
+        "no graceful exit on SIGTERM:\n{}",
+        operator.log_text()
+    );
+    assert!(
+        operator.log_text().contains("promptflow-operator stopped"),
+        "{}",
+        operator.log_text()
+    );
 }

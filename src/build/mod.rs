@@ -1,0 +1,3 @@
+//! Pure builders of the Kubernetes objects the operator owns. Builders never call the API.
+
+pub mod pod;

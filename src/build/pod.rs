@@ -1,0 +1,444 @@
+//! The runtime pod: one per serverless runtime, deterministic name, owned by the runtime.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
+    LocalObjectReference, Pod, PodSecurityContext, PodSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use crate::api::PromptFlowRuntime;
+use crate::catalog::InstanceType;
+use crate::flow::{FlowEnvironment, hex};
+use crate::identity::PullIdentity;
+
+/// The label every object the operator manages carries (`app.kubernetes.io/managed-by`).
+pub const MANAGED_BY: &str = "promptflow-operator";
+/// Label: the runtime a pod belongs to.
+pub const RUNTIME_LABEL: &str = "promptflow.dev/runtime";
+/// Annotation: digest of everything the pod was built from; a change replaces the pod.
+pub const SPEC_HASH_ANNOTATION: &str = "promptflow.dev/spec-hash";
+/// Annotation: the instance type the pod was sized from.
+pub const INSTANCE_TYPE_ANNOTATION: &str = "promptflow.dev/instance-type";
+/// The label selector of the pods the operator owns.
+pub const OWNED_POD_SELECTOR: &str =
+    "app.kubernetes.io/managed-by=promptflow-operator,app.kubernetes.io/name=promptflow-runtime";
+/// The port the runtime serves on (`/health`, `/score`, `/submit`).
+pub const RUNTIME_PORT: i32 = 8080;
+
+const FLOW_MOUNT: &str = "/flow";
+const PACKAGES_MOUNT: &str = "/opt/promptflow/packages";
+
+/// How runtime pods are secured; operator configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodSecurity {
+    /// Run under the restricted Pod Security profile (non-root, no privilege escalation,
+    /// all capabilities dropped, RuntimeDefault seccomp). Off for images that need root.
+    pub restricted: bool,
+    /// The user id the containers run as under the restricted profile.
+    pub run_as_user: i64,
+}
+
+impl Default for PodSecurity {
+    fn default() -> Self {
+        Self {
+            restricted: true,
+            run_as_user: 1000,
+        }
+    }
+}
+
+/// Everything the runtime pod is built from, resolved by the reconciler.
+pub struct RuntimePodInputs<'a> {
+    /// The runtime.
+    pub runtime: &'a PromptFlowRuntime,
+    /// The image reference to run.
+    pub image: &'a str,
+    /// The size.
+    pub size: &'a InstanceType,
+    /// The pull identity.
+    pub identity: &'a PullIdentity,
+    /// The flow ConfigMap's name and environment, when the runtime has a flow.
+    pub flow: Option<(&'a str, &'a FlowEnvironment)>,
+    /// Security settings.
+    pub security: &'a PodSecurity,
+}
+
+/// The runtime pod's name for a runtime.
+pub fn pod_name(runtime_name: &str) -> String {
+    format!("{runtime_name}-runtime")
+}
+
+/// Builds the runtime pod, its spec hash annotation included.
+pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
+    let runtime = inputs.runtime;
+    let name = runtime.name_any();
+    let resources = merged_resources(inputs.size, runtime);
+
+    let mut volumes = vec![];
+    let mut mounts = vec![];
+    let mut env = vec![EnvVar {
+        name: "PROMPTFLOW_RUNTIME_NAME".into(),
+        value: Some(name.clone()),
+        ..Default::default()
+    }];
+    let mut init_containers = vec![];
+    if let Some((config_map, flow)) = inputs.flow {
+        volumes.push(Volume {
+            name: "flow".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map.to_owned(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "flow".into(),
+            mount_path: FLOW_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        env.push(EnvVar {
+            name: "PROMPTFLOW_FLOW_DIR".into(),
+            value: Some(FLOW_MOUNT.into()),
+            ..Default::default()
+        });
+        if let Some(requirements) = &flow.requirements_file {
+            volumes.push(Volume {
+                name: "packages".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            });
+            let packages = VolumeMount {
+                name: "packages".into(),
+                mount_path: PACKAGES_MOUNT.into(),
+                ..Default::default()
+            };
+            mounts.push(packages.clone());
+            env.push(EnvVar {
+                name: "PYTHONPATH".into(),
+                value: Some(PACKAGES_MOUNT.into()),
+                ..Default::default()
+            });
+            init_containers.push(Container {
+                name: "install-requirements".into(),
+                image: Some(inputs.image.to_owned()),
+                command: Some(vec![
+                    "python".into(),
+                    "-m".into(),
+                    "pip".into(),
+                    "install".into(),
+                    "--no-cache-dir".into(),
+                    "--target".into(),
+                    PACKAGES_MOUNT.into(),
+                    "-r".into(),
+                    format!("{FLOW_MOUNT}/{requirements}"),
+                ]),
+                volume_mounts: Some(vec![
+                    VolumeMount {
+                        name: "flow".into(),
+                        mount_path: FLOW_MOUNT.into(),
+                        read_only: Some(true),
+                        ..Default::default()
+                    },
+                    packages,
+                ]),
+                resources: Some(resources.clone()),
+                security_context: container_security(inputs.security),
+                ..Default::default()
+            });
+        }
+    }
+
+    let probe = |period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/health".into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    };
+    let container = Container {
+        name: "runtime".into(),
+        image: Some(inputs.image.to_owned()),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: RUNTIME_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        readiness_probe: Some(probe(5, 3)),
+        liveness_probe: Some(Probe {
+            initial_delay_seconds: Some(30),
+            ..probe(10, 6)
+        }),
+        resources: Some(resources),
+        env: Some(env),
+        volume_mounts: (!mounts.is_empty()).then_some(mounts),
+        security_context: container_security(inputs.security),
+        ..Default::default()
+    };
+
+    let spec = PodSpec {
+        containers: vec![container],
+        init_containers: (!init_containers.is_empty()).then_some(init_containers),
+        volumes: (!volumes.is_empty()).then_some(volumes),
+        service_account_name: Some(inputs.identity.service_account.clone()),
+        image_pull_secrets: Some(
+            inputs
+                .identity
+                .pull_secrets
+                .iter()
+                .map(|name| LocalObjectReference { name: name.clone() })
+                .collect(),
+        ),
+        // The runtime serves flows; it never talks to the Kubernetes API.
+        automount_service_account_token: Some(false),
+        node_selector: (!inputs.size.node_selector.is_empty()).then(|| inputs.size.node_selector.clone()),
+        restart_policy: Some("Always".into()),
+        security_context: inputs.security.restricted.then(|| PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(inputs.security.run_as_user),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    let hash = spec_hash(&spec, inputs.flow.map(|(_, flow)| flow.content_hash.as_str()));
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(pod_name(&name)),
+            namespace: runtime.namespace(),
+            labels: Some(labels(&name)),
+            annotations: Some(BTreeMap::from([
+                (SPEC_HASH_ANNOTATION.to_owned(), hash),
+                (INSTANCE_TYPE_ANNOTATION.to_owned(), inputs.size.name.clone()),
+            ])),
+            owner_references: runtime.controller_owner_ref(&()).map(|owner| vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+/// The labels of a runtime's pod.
+pub fn labels(runtime_name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "promptflow-runtime".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), runtime_name.to_owned()),
+        ("app.kubernetes.io/component".to_owned(), "runtime".to_owned()),
+        ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+        (RUNTIME_LABEL.to_owned(), runtime_name.to_owned()),
+    ])
+}
+
+/// The size's requests and limits, with the runtime's `resources` override on top, key by key.
+fn merged_resources(size: &InstanceType, runtime: &PromptFlowRuntime) -> ResourceRequirements {
+    let mut resources = size.resources();
+    let Some(custom) = runtime
+        .spec
+        .compute
+        .serverless
+        .as_ref()
+        .and_then(|s| s.resources.as_ref())
+    else {
+        return resources;
+    };
+    for (target, source) in [
+        (&mut resources.requests, &custom.requests),
+        (&mut resources.limits, &custom.limits),
+    ] {
+        if let Some(source) = source {
+            target.get_or_insert_with(BTreeMap::new).extend(source.clone());
+        }
+    }
+    resources
+}
+
+fn container_security(security: &PodSecurity) -> Option<SecurityContext> {
+    security.restricted.then(|| SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// A stable digest of the pod spec and the flow content: equal inputs give equal hashes across
+/// operator restarts and versions of this crate's dependencies.
+fn spec_hash(spec: &PodSpec, flow_hash: Option<&str>) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(serde_json::to_vec(spec).expect("a PodSpec serializes"));
+    if let Some(flow_hash) = flow_hash {
+        hasher.update(flow_hash.as_bytes());
+    }
+    hex(&hasher.finalize()[..8])
+}
+
+/// The spec hash a live pod was built with.
+pub fn live_spec_hash(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(SPEC_HASH_ANNOTATION)
+        .map(String::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+
+    fn runtime(yaml: &str) -> PromptFlowRuntime {
+        let mut runtime: PromptFlowRuntime = serde_norway::from_str(yaml).unwrap();
+        runtime.metadata.uid = Some("uid-1".into());
+        runtime
+    }
+
+    const MINIMAL: &str = "apiVersion: promptflow.dev/v1alpha1\nkind: PromptFlowRuntime\nmetadata: {name: chat, namespace: team-a}\nspec: {}\n";
+
+    fn identity() -> PullIdentity {
+        PullIdentity {
+            service_account: "default".into(),
+            pull_secrets: vec!["regcred".into()],
+            has_registry_credentials: true,
+        }
+    }
+
+    fn build(runtime: &PromptFlowRuntime, flow: Option<(&str, &FlowEnvironment)>, security: &PodSecurity) -> Pod {
+        let catalog = Catalog::builtin();
+        runtime_pod(&RuntimePodInputs {
+            runtime,
+            image: "registry.example/runtime:20240222.v4",
+            size: catalog.get("Standard_D2s_v3").unwrap(),
+            identity: &identity(),
+            flow,
+            security,
+        })
+    }
+
+    #[test]
+    fn pod_has_name_owner_labels_probes_and_identity() {
+        let rt = runtime(MINIMAL);
+        let pod = build(&rt, None, &PodSecurity::default());
+        assert_eq!(pod.metadata.name.as_deref(), Some("chat-runtime"));
+        assert_eq!(pod.metadata.namespace.as_deref(), Some("team-a"));
+        let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("PromptFlowRuntime", Some(true))
+        );
+        assert_eq!(pod.metadata.labels.as_ref().unwrap()[RUNTIME_LABEL], "chat");
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.service_account_name.as_deref(), Some("default"));
+        assert_eq!(spec.image_pull_secrets.as_ref().unwrap()[0].name, "regcred");
+        let container = &spec.containers[0];
+        assert_eq!(container.ports.as_ref().unwrap()[0].container_port, 8080);
+        let readiness = container.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(readiness.path.as_deref(), Some("/health"));
+        assert_eq!(
+            container.resources.as_ref().unwrap().limits.as_ref().unwrap()["cpu"].0,
+            "2"
+        );
+        assert!(spec.init_containers.is_none());
+    }
+
+    #[test]
+    fn restricted_profile_is_applied_and_can_be_turned_off() {
+        let rt = runtime(MINIMAL);
+        let pod = build(&rt, None, &PodSecurity::default());
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+        let container = spec.containers[0].security_context.as_ref().unwrap();
+        assert_eq!(container.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            container.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
+            &["ALL"]
+        );
+        let open = build(
+            &rt,
+            None,
+            &PodSecurity {
+                restricted: false,
+                run_as_user: 0,
+            },
+        )
+        .spec
+        .unwrap();
+        assert!(open.security_context.is_none() && open.containers[0].security_context.is_none());
+    }
+
+    #[test]
+    fn requirements_add_an_init_container_on_the_shared_volume() {
+        let rt = runtime(MINIMAL);
+        let flow = FlowEnvironment {
+            image: None,
+            requirements_file: Some("requirements.txt".into()),
+            content_hash: "abc".into(),
+        };
+        let pod = build(&rt, Some(("chat-flow", &flow)), &PodSecurity::default());
+        let spec = pod.spec.unwrap();
+        let init = &spec.init_containers.as_ref().unwrap()[0];
+        assert!(
+            init.command
+                .as_ref()
+                .unwrap()
+                .contains(&"/flow/requirements.txt".to_owned())
+        );
+        let env = spec.containers[0].env.as_ref().unwrap();
+        assert!(
+            env.iter()
+                .any(|e| e.name == "PYTHONPATH" && e.value.as_deref() == Some(PACKAGES_MOUNT))
+        );
+        assert_eq!(
+            spec.volumes.as_ref().unwrap()[0].config_map.as_ref().unwrap().name,
+            "chat-flow"
+        );
+    }
+
+    #[test]
+    fn the_hash_is_stable_and_changes_with_inputs() {
+        let rt = runtime(MINIMAL);
+        let a = build(&rt, None, &PodSecurity::default());
+        let b = build(&rt, None, &PodSecurity::default());
+        assert_eq!(live_spec_hash(&a), live_spec_hash(&b));
+        let flow1 = FlowEnvironment {
+            content_hash: "1".into(),
+            ..Default::default()
+        };
+        let flow2 = FlowEnvironment {
+            content_hash: "2".into(),
+            ..Default::default()
+        };
+        let c = build(&rt, Some(("f", &flow1)), &PodSecurity::default());
+        let d = build(&rt, Some(("f", &flow2)), &PodSecurity::default());
+        assert_ne!(live_spec_hash(&c), live_spec_hash(&d));
+        assert_ne!(live_spec_hash(&a), live_spec_hash(&c));
+    }
+
+    #[test]
+    fn resources_override_merges_over_the_size() {
+        let rt = runtime(
+            "apiVersion: promptflow.dev/v1alpha1\nkind: PromptFlowRuntime\nmetadata: {name: chat, namespace: a}\nspec:\n  compute:\n    serverless:\n      resources: {limits: {memory: 4Gi}}\n",
+        );
+        let pod = build(&rt, None, &PodSecurity::default());
+        let resources = pod.spec.unwrap().containers[0].resources.clone().unwrap();
+        assert_eq!(resources.limits.as_ref().unwrap()["memory"].0, "4Gi");
+        assert_eq!(resources.limits.as_ref().unwrap()["cpu"].0, "2");
+        assert_eq!(resources.requests.as_ref().unwrap()["memory"].0, "8Gi");
+    }
+}

@@ -1,0 +1,126 @@
+//! Which runtimes depend on which objects: recorded by each reconcile from what it read, so an
+//! event on a ServiceAccount, Secret, ConfigMap or ResourceQuota wakes exactly the runtimes that
+//! read it — a map lookup, never an API list.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use kube::runtime::reflector::ObjectRef;
+
+use crate::api::PromptFlowRuntime;
+
+/// An object a runtime's reconcile read (or waits for).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum Dependency {
+    /// A service account, by namespace and name.
+    ServiceAccount(String, String),
+    /// A secret, by namespace and name.
+    Secret(String, String),
+    /// A ConfigMap, by namespace and name.
+    ConfigMap(String, String),
+    /// The ResourceQuotas of a namespace (a runtime waiting for quota headroom).
+    Quotas(String),
+}
+
+#[derive(Default)]
+struct Maps {
+    dependents: HashMap<Dependency, HashSet<ObjectRef<PromptFlowRuntime>>>,
+    dependencies: HashMap<ObjectRef<PromptFlowRuntime>, Vec<Dependency>>,
+}
+
+/// The dependency index, shared by the reconciler (writer) and the watch mappers (readers).
+#[derive(Default)]
+pub struct DependencyIndex {
+    maps: Mutex<Maps>,
+}
+
+impl DependencyIndex {
+    /// Replaces what `runtime` depends on.
+    pub fn record(&self, runtime: ObjectRef<PromptFlowRuntime>, dependencies: Vec<Dependency>) {
+        let mut maps = self.maps.lock().expect("index lock");
+        Self::unlink(&mut maps, &runtime);
+        for dependency in &dependencies {
+            maps.dependents
+                .entry(dependency.clone())
+                .or_default()
+                .insert(runtime.clone());
+        }
+        maps.dependencies.insert(runtime, dependencies);
+    }
+
+    /// Forgets a runtime that no longer exists.
+    pub fn forget(&self, runtime: &ObjectRef<PromptFlowRuntime>) {
+        let mut maps = self.maps.lock().expect("index lock");
+        Self::unlink(&mut maps, runtime);
+    }
+
+    /// The runtimes that depend on `dependency`.
+    pub fn dependents(&self, dependency: &Dependency) -> Vec<ObjectRef<PromptFlowRuntime>> {
+        let maps = self.maps.lock().expect("index lock");
+        maps.dependents
+            .get(dependency)
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many runtimes are indexed (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.maps.lock().expect("index lock").dependencies.len()
+    }
+
+    /// Whether no runtime is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn unlink(maps: &mut Maps, runtime: &ObjectRef<PromptFlowRuntime>) {
+        for dependency in maps.dependencies.remove(runtime).unwrap_or_default() {
+            if let Some(set) = maps.dependents.get_mut(&dependency) {
+                set.remove(runtime);
+                if set.is_empty() {
+                    maps.dependents.remove(&dependency);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime(name: &str) -> ObjectRef<PromptFlowRuntime> {
+        ObjectRef::new(name).within("team-a")
+    }
+
+    fn account(name: &str) -> Dependency {
+        Dependency::ServiceAccount("team-a".into(), name.into())
+    }
+
+    #[test]
+    fn dependents_follow_the_latest_record() {
+        let index = DependencyIndex::default();
+        index.record(
+            runtime("a"),
+            vec![account("puller"), Dependency::Quotas("team-a".into())],
+        );
+        index.record(runtime("b"), vec![account("puller")]);
+        let mut found = index.dependents(&account("puller"));
+        found.sort_by_key(|r| r.name.clone());
+        assert_eq!(found, [runtime("a"), runtime("b")]);
+
+        index.record(runtime("a"), vec![account("other")]);
+        assert_eq!(index.dependents(&account("puller")), [runtime("b")]);
+        assert!(index.dependents(&Dependency::Quotas("team-a".into())).is_empty());
+        assert_eq!(index.dependents(&account("other")), [runtime("a")]);
+    }
+
+    #[test]
+    fn forgotten_runtimes_leave_no_entries() {
+        let index = DependencyIndex::default();
+        index.record(runtime("a"), vec![account("puller")]);
+        index.forget(&runtime("a"));
+        assert!(index.dependents(&account("puller")).is_empty());
+        assert!(index.is_empty());
+    }
+}

@@ -1,0 +1,211 @@
+//! The controllers and their wiring: watches, caches, the dependency index, and the client
+//! whose requests are counted.
+
+pub mod index;
+pub mod runtime;
+pub mod status;
+pub mod written;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ResourceQuota, Secret, ServiceAccount};
+use kube::core::PartialObjectMeta;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use self::index::{Dependency, DependencyIndex};
+use self::runtime::Context;
+use crate::api::PromptFlowRuntime;
+use crate::build::pod::{OWNED_POD_SELECTOR, PodSecurity};
+use crate::catalog::Catalog;
+use crate::metrics::Metrics;
+
+/// Operator settings for the controllers.
+pub struct Settings {
+    /// The instance-type catalog.
+    pub catalog: Catalog,
+    /// How runtime pods are secured.
+    pub security: PodSecurity,
+    /// How many runtimes reconcile at once.
+    pub concurrency: u16,
+    /// Watch only this namespace; `None`: every namespace.
+    pub namespace: Option<String>,
+}
+
+/// An API for every namespace, or for the one the operator is limited to.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A client whose every request is counted in `metrics` (reads and writes, by resource).
+pub fn counting_client(config: kube::Config, metrics: Arc<Metrics>) -> kube::Result<Client> {
+    let layer = tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
+        metrics.api_request(request.method(), request.uri().path());
+        request
+    });
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&layer)
+        .build())
+}
+
+/// Drops what the caches do not need.
+fn trim<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+    if let Some(annotations) = object.meta_mut().annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// Runs the PromptFlowRuntime controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let scope = settings.namespace.as_deref();
+    let (pods, pod_writer) = reflector::store();
+    let (accounts, account_writer) = reflector::store();
+    let (quotas, quota_writer) = reflector::store();
+
+    let pod_stream = watcher(
+        scoped::<Pod>(&client, scope),
+        watcher::Config::default().labels(OWNED_POD_SELECTOR),
+    )
+    .default_backoff()
+    .modify(trim)
+    .reflect(pod_writer)
+    .touched_objects();
+    let account_stream = watcher(scoped::<ServiceAccount>(&client, scope), watcher::Config::default())
+        .default_backoff()
+        .modify(trim)
+        .reflect(account_writer)
+        .touched_objects();
+    let quota_stream = watcher(scoped::<ResourceQuota>(&client, scope), watcher::Config::default())
+        .default_backoff()
+        .modify(trim)
+        .reflect(quota_writer)
+        .touched_objects();
+    // Secrets and ConfigMaps only wake runtimes; their content is read when a runtime reconciles,
+    // so the caches never hold secret data.
+    let secret_stream = watcher(
+        scoped::<PartialObjectMeta<Secret>>(&client, scope),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let config_map_stream = watcher(
+        scoped::<PartialObjectMeta<ConfigMap>>(&client, scope),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
+
+    // Store::wait_until_ready wakes only its latest waiter, so exactly one task waits on the
+    // stores and broadcasts readiness to every reconcile.
+    let (ready_tx, caches_ready) = tokio::sync::watch::channel(false);
+    let waiting = (pods.clone(), accounts.clone(), quotas.clone());
+    tokio::spawn(async move {
+        let (pods, accounts, quotas) = waiting;
+        if pods.wait_until_ready().await.is_ok()
+            && accounts.wait_until_ready().await.is_ok()
+            && quotas.wait_until_ready().await.is_ok()
+        {
+            let _ = ready_tx.send(true);
+        }
+    });
+    let reporter = Reporter {
+        controller: runtime::MANAGER.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let context = Arc::new(Context {
+        client: client.clone(),
+        catalog: settings.catalog,
+        security: settings.security,
+        recorder: Recorder::new(client.clone(), reporter),
+        pods,
+        accounts,
+        quotas,
+        index: DependencyIndex::default(),
+        metrics,
+        caches_ready,
+        written: Default::default(),
+        failures: std::sync::Mutex::new(Default::default()),
+    });
+    // The reconciler records into the context's index; the mappers read the same one.
+    let index = IndexHandle(context.clone());
+
+    let runtimes = scoped::<PromptFlowRuntime>(&client, scope);
+    let controller = Controller::new(runtimes, watcher::Config::default())
+        .with_config(controller::Config::default().concurrency(settings.concurrency))
+        .owns_stream(pod_stream)
+        .watches_stream(account_stream, index.mapper(Dependency::ServiceAccount))
+        .watches_stream(
+            secret_stream,
+            index.mapper::<PartialObjectMeta<Secret>>(Dependency::Secret),
+        )
+        .watches_stream(
+            config_map_stream,
+            index.mapper::<PartialObjectMeta<ConfigMap>>(Dependency::ConfigMap),
+        )
+        .watches_stream(quota_stream, {
+            let index = index.clone();
+            move |quota: ResourceQuota| {
+                quota
+                    .namespace()
+                    .map(|ns| index.0.index.dependents(&Dependency::Quotas(ns)))
+                    .unwrap_or_default()
+            }
+        })
+        .graceful_shutdown_on(shutdown);
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    info!(
+        concurrency = settings.concurrency,
+        namespace = scope.unwrap_or("(all)"),
+        "PromptFlowRuntime controller running"
+    );
+    controller
+        .run(runtime::reconcile, runtime::error_policy, context)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                match err {
+                    controller::Error::ObjectNotFound(_) => {}
+                    other => warn!(error = %other, "controller"),
+                }
+            }
+        })
+        .await;
+    info!("PromptFlowRuntime controller stopped");
+}
+
+/// The context's index, shared with the watch mappers.
+#[derive(Clone)]
+struct IndexHandle(Arc<Context>);
+
+impl IndexHandle {
+    fn mapper<K: Resource>(
+        &self,
+        dependency: fn(String, String) -> Dependency,
+    ) -> impl Fn(K) -> Vec<ObjectRef<PromptFlowRuntime>> + Send + Sync + 'static {
+        let handle = self.clone();
+        move |object: K| match object.meta().namespace.clone() {
+            Some(namespace) => handle
+                .0
+                .index
+                .dependents(&dependency(namespace, object.meta().name.clone().unwrap_or_default())),
+            None => vec![],
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The operator's memory of its own last writes, so a reconcile that runs on a cache older than
+//! those writes does not repeat them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::ObjectRef;
+
+use crate::api::{PromptFlowRuntime, PromptFlowRuntimeStatus};
+
+/// The operator's own recent writes. A reconcile can run on a cached runtime or pod that predates
+/// this operator's last write (the watch has not delivered it yet); judging that stale copy would
+/// repeat the write. Entries end as soon as the caches catch up.
+#[derive(Default)]
+pub struct Written {
+    statuses: Mutex<HashMap<ObjectRef<PromptFlowRuntime>, WrittenStatus>>,
+    /// Pods created and not yet seen in the cache, with when.
+    pods: Mutex<HashMap<ObjectRef<Pod>, Instant>>,
+}
+
+/// The last status written for a runtime: resourceVersions older than that write (the ones written
+/// over and the ones earlier writes produced) are known stale; `latest` is what the write produced.
+struct WrittenStatus {
+    stale: HashSet<String>,
+    latest: String,
+    status: PromptFlowRuntimeStatus,
+}
+
+/// How long a created pod is trusted to exist before the cache shows it.
+const CREATED_POD_GRACE: Duration = Duration::from_secs(30);
+
+impl Written {
+    /// The status to compare against: ours when the cached runtime predates our last write.
+    pub fn status_baseline(&self, runtime: &PromptFlowRuntime) -> Option<PromptFlowRuntimeStatus> {
+        let key = ObjectRef::from_obj(runtime);
+        let mut statuses = self.statuses.lock().expect("written lock");
+        let cached_version = runtime.metadata.resource_version.clone().unwrap_or_default();
+        match statuses.get(&key) {
+            Some(written) if written.stale.contains(&cached_version) => Some(written.status.clone()),
+            Some(_) => {
+                // The cache caught up with our write, or moved past it: it is the truth again.
+                statuses.remove(&key);
+                runtime.status.clone()
+            }
+            None => runtime.status.clone(),
+        }
+    }
+
+    pub fn wrote_status(&self, runtime: &PromptFlowRuntime, produced: Option<String>, status: PromptFlowRuntimeStatus) {
+        let (Some(over), Some(produced)) = (runtime.metadata.resource_version.clone(), produced) else {
+            return;
+        };
+        let mut statuses = self.statuses.lock().expect("written lock");
+        let entry = statuses
+            .entry(ObjectRef::from_obj(runtime))
+            .or_insert_with(|| WrittenStatus {
+                stale: Default::default(),
+                latest: String::new(),
+                status: status.clone(),
+            });
+        entry.stale.insert(over);
+        if !entry.latest.is_empty() {
+            let previous = std::mem::take(&mut entry.latest);
+            entry.stale.insert(previous);
+        }
+        entry.latest = produced;
+        entry.status = status;
+    }
+
+    /// Whether a pod missing from the cache was created by us moments ago.
+    pub fn pod_pending(&self, pod: &ObjectRef<Pod>, cached: bool) -> bool {
+        let mut pods = self.pods.lock().expect("written lock");
+        if cached {
+            pods.remove(pod);
+            return false;
+        }
+        pods.get(pod).is_some_and(|at| at.elapsed() < CREATED_POD_GRACE)
+    }
+
+    pub fn created_pod(&self, pod: ObjectRef<Pod>) {
+        self.pods.lock().expect("written lock").insert(pod, Instant::now());
+    }
+
+    /// Drops what is kept for a deleted runtime.
+    pub fn forget(&self, runtime: &ObjectRef<PromptFlowRuntime>, pod: &ObjectRef<Pod>) {
+        self.statuses.lock().expect("written lock").remove(runtime);
+        self.pods.lock().expect("written lock").remove(pod);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime(resource_version: &str, reason: Option<&str>) -> PromptFlowRuntime {
+        let mut runtime = PromptFlowRuntime::new("chat", Default::default());
+        runtime.metadata.namespace = Some("a".into());
+        runtime.metadata.resource_version = Some(resource_version.into());
+        runtime.status = reason.map(|r| PromptFlowRuntimeStatus {
+            reason: Some(r.into()),
+            ..Default::default()
+        });
+        runtime
+    }
+
+    fn status(reason: &str) -> PromptFlowRuntimeStatus {
+        PromptFlowRuntimeStatus {
+            reason: Some(reason.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_cache_older_than_our_writes_is_judged_by_what_we_wrote() {
+        let written = Written::default();
+        written.wrote_status(&runtime("10", None), Some("11".into()), status("PodStarting"));
+        // A second write over the same stale copy, then the cache delivers the first write.
+        written.wrote_status(&runtime("10", None), Some("12".into()), status("PodReady"));
+        let baseline = written.status_baseline(&runtime("11", Some("PodStarting")));
+        assert_eq!(baseline.unwrap().reason.as_deref(), Some("PodReady"));
+        // Once the cache shows our latest write, the cache is the truth again.
+        let baseline = written.status_baseline(&runtime("12", Some("PodReady")));
+        assert_eq!(baseline.unwrap().reason.as_deref(), Some("PodReady"));
+        let baseline = written.status_baseline(&runtime("10", None));
+        assert_eq!(baseline, None, "the entry ended when the cache caught up");
+    }
+
+    #[test]
+    fn a_created_pod_counts_until_the_cache_shows_it() {
+        let written = Written::default();
+        let pod = ObjectRef::new("chat-runtime").within("a");
+        assert!(!written.pod_pending(&pod, false));
+        written.created_pod(pod.clone());
+        assert!(written.pod_pending(&pod, false));
+        assert!(!written.pod_pending(&pod, true), "seen in the cache");
+        assert!(!written.pod_pending(&pod, false), "the entry ended");
+    }
+}

@@ -1,0 +1,225 @@
+//! Pull identity: the service account a runtime pulls with, and its imagePullSecrets.
+//! Pure resolution from objects the caller read; secret contents never leave this module.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use serde::Deserialize;
+
+use crate::api::conditions::reasons;
+
+/// The secret type that carries registry credentials.
+pub const DOCKER_CONFIG_JSON: &str = "kubernetes.io/dockerconfigjson";
+
+/// A resolved identity: what the runtime pod pulls with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PullIdentity {
+    /// The service account the pod runs as.
+    pub service_account: String,
+    /// The imagePullSecrets set explicitly on the pod.
+    pub pull_secrets: Vec<String>,
+    /// Whether one of the secrets holds credentials for the image's registry host.
+    pub has_registry_credentials: bool,
+}
+
+/// Why the identity does not resolve; each says which object to fix.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum IdentityProblem {
+    /// The service account does not exist.
+    #[error(
+        "service account {0} does not exist in the runtime's namespace; create it or set spec.identity.serviceAccountName"
+    )]
+    ServiceAccountNotFound(String),
+    /// A pull secret the account names does not exist.
+    #[error(
+        "service account {account} names imagePullSecret {secret}, which does not exist; create the secret or remove it from the account"
+    )]
+    PullSecretNotFound {
+        /// The service account.
+        account: String,
+        /// The missing secret.
+        secret: String,
+    },
+    /// A pull secret is of the wrong type or does not parse.
+    #[error("imagePullSecret {secret} of service account {account} is unusable: {why}")]
+    PullSecretInvalid {
+        /// The service account.
+        account: String,
+        /// The secret.
+        secret: String,
+        /// What is wrong (never its contents).
+        why: String,
+    },
+}
+
+impl IdentityProblem {
+    /// The condition reason for this problem.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::ServiceAccountNotFound(_) => reasons::SERVICE_ACCOUNT_NOT_FOUND,
+            Self::PullSecretNotFound { .. } => reasons::PULL_SECRET_NOT_FOUND,
+            Self::PullSecretInvalid { .. } => reasons::PULL_SECRET_INVALID,
+        }
+    }
+}
+
+/// Resolves the identity of `account_name`: the account must exist, and every imagePullSecret it
+/// names must exist, be of type `kubernetes.io/dockerconfigjson` and parse.
+pub fn resolve(
+    account_name: &str,
+    account: Option<&ServiceAccount>,
+    secrets: &BTreeMap<String, Option<Secret>>,
+    registry_host: &str,
+) -> Result<PullIdentity, IdentityProblem> {
+    let account = account.ok_or_else(|| IdentityProblem::ServiceAccountNotFound(account_name.to_owned()))?;
+    let mut identity = PullIdentity {
+        service_account: account_name.to_owned(),
+        pull_secrets: Vec::new(),
+        has_registry_credentials: false,
+    };
+    for name in pull_secret_names(account) {
+        let secret = secrets
+            .get(&name)
+            .cloned()
+            .flatten()
+            .ok_or_else(|| IdentityProblem::PullSecretNotFound {
+                account: account_name.to_owned(),
+                secret: name.clone(),
+            })?;
+        let hosts = registry_hosts(&secret).map_err(|why| IdentityProblem::PullSecretInvalid {
+            account: account_name.to_owned(),
+            secret: name.clone(),
+            why,
+        })?;
+        identity.has_registry_credentials |= hosts.iter().any(|host| host == registry_host);
+        identity.pull_secrets.push(name);
+    }
+    Ok(identity)
+}
+
+/// The imagePullSecrets an account names, in order.
+pub fn pull_secret_names(account: &ServiceAccount) -> Vec<String> {
+    account
+        .image_pull_secrets
+        .iter()
+        .flatten()
+        .map(|r| r.name.clone())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+#[derive(Deserialize)]
+struct DockerConfig {
+    auths: BTreeMap<String, serde_json::Value>,
+}
+
+/// The registry hosts a dockerconfigjson secret has credentials for. Errors say what is wrong
+/// in words, never quoting the secret's data.
+fn registry_hosts(secret: &Secret) -> Result<Vec<String>, String> {
+    let kind = secret.type_.as_deref().unwrap_or("Opaque");
+    if kind != DOCKER_CONFIG_JSON {
+        return Err(format!("it has type {kind}, expected {DOCKER_CONFIG_JSON}"));
+    }
+    let data = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(".dockerconfigjson"))
+        .ok_or_else(|| "it has no .dockerconfigjson key".to_owned())?;
+    let config: DockerConfig = serde_json::from_slice(&data.0)
+        .map_err(|_| "its .dockerconfigjson is not a JSON object with an \"auths\" map".to_owned())?;
+    Ok(config.auths.keys().map(|key| normalize_host(key)).collect())
+}
+
+/// `https://host:port/v1/` and `host:port` name the same registry.
+fn normalize_host(key: &str) -> String {
+    let without_scheme = key.split_once("://").map_or(key, |(_, rest)| rest);
+    let host = without_scheme.split('/').next().unwrap_or_default();
+    match host {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
+/// The registry host of an image reference, as container runtimes read it (`docker.io` when
+/// the reference names none).
+pub fn registry_host(image: &str) -> String {
+    image
+        .parse::<oci_client::Reference>()
+        .map_or_else(|_| "docker.io".to_owned(), |r| r.registry().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+
+    fn account(secrets: &[&str]) -> ServiceAccount {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "pf-puller"},
+            "imagePullSecrets": secrets.iter().map(|s| serde_json::json!({"name": s})).collect::<Vec<_>>()
+        }))
+        .unwrap()
+    }
+
+    fn secret(kind: &str, payload: &str) -> Secret {
+        Secret {
+            type_: Some(kind.to_owned()),
+            data: Some(BTreeMap::from([(
+                ".dockerconfigjson".to_owned(),
+                ByteString(payload.as_bytes().to_vec()),
+            )])),
+            ..Default::default()
+        }
+    }
+
+    const AUTH: &str = r#"{"auths":{"https://127.0.0.1:5000/v2/":{"auth":"c2VjcmV0OnRva2Vu"}}}"#;
+
+    #[test]
+    fn account_with_a_valid_secret_resolves_with_credentials_for_its_registry() {
+        let secrets = BTreeMap::from([("regcred".to_owned(), Some(secret(DOCKER_CONFIG_JSON, AUTH)))]);
+        let identity = resolve("pf-puller", Some(&account(&["regcred"])), &secrets, "127.0.0.1:5000").unwrap();
+        assert_eq!(identity.pull_secrets, ["regcred"]);
+        assert!(identity.has_registry_credentials);
+        let other = resolve("pf-puller", Some(&account(&["regcred"])), &secrets, "mcr.microsoft.com").unwrap();
+        assert!(!other.has_registry_credentials);
+    }
+
+    #[test]
+    fn missing_account_and_secret_name_the_object() {
+        let err = resolve("pf-puller", None, &BTreeMap::new(), "x").unwrap_err();
+        assert_eq!(err.reason(), "ServiceAccountNotFound");
+        assert!(err.to_string().contains("service account pf-puller"));
+        let secrets = BTreeMap::from([("regcred".to_owned(), None)]);
+        let err = resolve("pf-puller", Some(&account(&["regcred"])), &secrets, "x").unwrap_err();
+        assert_eq!(err.reason(), "PullSecretNotFound");
+        assert!(err.to_string().contains("regcred"));
+    }
+
+    #[test]
+    fn wrong_type_or_garbage_is_invalid_and_never_quotes_the_data() {
+        let secrets = BTreeMap::from([("regcred".to_owned(), Some(secret("Opaque", AUTH)))]);
+        let err = resolve("pf-puller", Some(&account(&["regcred"])), &secrets, "x").unwrap_err();
+        assert_eq!(err.reason(), "PullSecretInvalid");
+        assert!(err.to_string().contains("type Opaque"));
+        let secrets = BTreeMap::from([(
+            "regcred".to_owned(),
+            Some(secret(DOCKER_CONFIG_JSON, "hunter2-not-json")),
+        )]);
+        let err = resolve("pf-puller", Some(&account(&["regcred"])), &secrets, "x").unwrap_err();
+        assert_eq!(err.reason(), "PullSecretInvalid");
+        assert!(!err.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn registry_hosts_follow_the_reference_rules() {
+        assert_eq!(
+            registry_host("mcr.microsoft.com/azureml/promptflow/promptflow-runtime-stable"),
+            "mcr.microsoft.com"
+        );
+        assert_eq!(registry_host("127.0.0.1:5000/runtime"), "127.0.0.1:5000");
+        assert_eq!(registry_host("localhost/runtime"), "localhost");
+        assert_eq!(registry_host("library/python:3"), "docker.io");
+        assert_eq!(registry_host("python"), "docker.io");
+        assert_eq!(normalize_host("https://index.docker.io/v1/"), "docker.io");
+    }
+}

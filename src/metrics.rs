@@ -1,0 +1,182 @@
+//! Prometheus metrics: reconciles, their failures and durations, and the operator's own API
+//! requests split into reads and writes (the write budget is measured with these).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::error::Error;
+
+/// Labels of the API request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `read` (GET, LIST, WATCH) or `write` (POST, PUT, PATCH, DELETE).
+    pub kind: &'static str,
+    /// The resource path segment, e.g. `pods`, `promptflowruntimes`, `events`.
+    pub resource: String,
+}
+
+/// Labels of the reconcile failure counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// The error's metric label.
+    pub error: &'static str,
+}
+
+/// The operator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Counter,
+    failures: Family<ErrorLabels, Counter>,
+    duration: Histogram,
+    requests: Family<RequestLabels, Counter>,
+    writes: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("promptflow_operator");
+        let reconciles = Counter::default();
+        let failures = Family::<ErrorLabels, Counter>::default();
+        let duration = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]);
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that failed, by error",
+            failures.clone(),
+        );
+        registry.register("reconcile_duration_seconds", "Reconcile duration", duration.clone());
+        registry.register(
+            "kube_requests",
+            "Kubernetes API requests the operator sent",
+            requests.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            requests,
+            writes: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Observes a reconcile's duration when dropped.
+pub struct ReconcileTimer<'a> {
+    metrics: &'a Metrics,
+    start: Instant,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics.duration.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl Metrics {
+    /// Counts a reconcile and times it until the timer drops.
+    pub fn reconcile_timer(&self) -> ReconcileTimer<'_> {
+        self.reconciles.inc();
+        ReconcileTimer {
+            metrics: self,
+            start: Instant::now(),
+        }
+    }
+
+    /// Counts a failed reconcile.
+    pub fn reconcile_failed(&self, error: &Error) {
+        self.failures
+            .get_or_create(&ErrorLabels {
+                error: error.metric_label(),
+            })
+            .inc();
+    }
+
+    /// Counts one API request by method and path.
+    pub fn api_request(&self, method: &http::Method, path: &str) {
+        let write = !matches!(*method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS);
+        if write {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        let labels = RequestLabels {
+            kind: if write { "write" } else { "read" },
+            resource: resource_of(path),
+        };
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    /// All writes so far.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+/// The resource segment of an API path: `/api/v1/namespaces/a/pods/x/status` → `pods`.
+fn resource_of(path: &str) -> String {
+    let parts: Vec<&str> = path
+        .split('?')
+        .next()
+        .unwrap_or_default()
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .collect();
+    // Skip the group/version prefix: /api/v1/... or /apis/<group>/<version>/...
+    let rest = match parts.first() {
+        Some(&"api") => parts.get(2..),
+        Some(&"apis") => parts.get(3..),
+        _ => None,
+    }
+    .unwrap_or_default();
+    let rest = if rest.first() == Some(&"namespaces") && rest.len() > 2 {
+        &rest[2..]
+    } else {
+        rest
+    };
+    rest.first().map_or_else(|| "other".to_owned(), |r| (*r).to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_are_read_from_paths() {
+        assert_eq!(resource_of("/api/v1/namespaces/a/pods/x"), "pods");
+        assert_eq!(
+            resource_of("/apis/promptflow.dev/v1alpha1/namespaces/a/promptflowruntimes/x/status"),
+            "promptflowruntimes"
+        );
+        assert_eq!(resource_of("/apis/events.k8s.io/v1/namespaces/a/events"), "events");
+        assert_eq!(resource_of("/api/v1/serviceaccounts?watch=true"), "serviceaccounts");
+        assert_eq!(resource_of("/api/v1/namespaces"), "namespaces");
+        assert_eq!(resource_of("/version"), "other");
+    }
+
+    #[test]
+    fn writes_are_counted_apart_from_reads() {
+        let metrics = Metrics::default();
+        metrics.api_request(&http::Method::GET, "/api/v1/namespaces/a/pods");
+        metrics.api_request(&http::Method::PATCH, "/api/v1/namespaces/a/pods/x");
+        metrics.api_request(&http::Method::POST, "/apis/events.k8s.io/v1/namespaces/a/events");
+        assert_eq!(metrics.writes(), 2);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"promptflow_operator_kube_requests_total{kind="write",resource="pods"} 1"#),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,170 @@
+//! ResourceQuota headroom: whether a pod of a given size still fits the namespace's quotas, as
+//! the quota controller reports them (`status.used` against `status.hard`).
+
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{ResourceQuota, ResourceRequirements};
+use kube::ResourceExt;
+use kube_quantity::ParsedQuantity;
+
+use crate::catalog::{Catalog, InstanceType};
+
+/// A quota that a pod of some size would exceed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shortfall {
+    /// The ResourceQuota's name.
+    pub quota: String,
+    /// The quota resource, e.g. `requests.cpu`.
+    pub resource: String,
+    /// What is used now.
+    pub used: String,
+    /// The hard limit.
+    pub hard: String,
+    /// What the pod would add.
+    pub needed: String,
+}
+
+impl fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ResourceQuota {} has {} {} of {} used and the runtime needs {} more",
+            self.quota, self.resource, self.used, self.hard, self.needed
+        )
+    }
+}
+
+/// The first quota a pod with `resources` would exceed, if any.
+pub fn shortfall(resources: &ResourceRequirements, quotas: &[ResourceQuota]) -> Option<Shortfall> {
+    quotas
+        .iter()
+        .filter(|quota| applies_to_runtime_pods(quota))
+        .find_map(|quota| {
+            let status = quota.status.as_ref()?;
+            let hard = status.hard.as_ref()?;
+            let used = status.used.clone().unwrap_or_default();
+            hard.iter().find_map(|(resource, hard_quantity)| {
+                let needed = demand(resources, resource)?;
+                let hard_value = ParsedQuantity::try_from(hard_quantity).ok()?;
+                let used_value = used
+                    .get(resource)
+                    .and_then(|q| ParsedQuantity::try_from(q).ok())
+                    .unwrap_or_default();
+                (used_value.clone() + needed.clone() > hard_value).then(|| Shortfall {
+                    quota: quota.name_any(),
+                    resource: resource.clone(),
+                    used: used_value.to_string(),
+                    hard: hard_quantity.0.clone(),
+                    needed: needed.to_string(),
+                })
+            })
+        })
+}
+
+/// The first catalog size that fits every quota, or the shortfall of each size.
+pub fn first_fitting<'a>(
+    catalog: &'a Catalog,
+    quotas: &[ResourceQuota],
+) -> Result<&'a InstanceType, Vec<(String, Shortfall)>> {
+    let mut shortfalls = Vec::new();
+    for size in &catalog.instance_types {
+        match shortfall(&size.resources(), quotas) {
+            None => return Ok(size),
+            Some(short) => shortfalls.push((size.name.clone(), short)),
+        }
+    }
+    Err(shortfalls)
+}
+
+/// What a runtime pod adds to a quota resource; `None` for resources it does not consume.
+fn demand(resources: &ResourceRequirements, resource: &str) -> Option<ParsedQuantity> {
+    let from =
+        |list: &Option<std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+         key: &str| {
+            list.as_ref()
+                .and_then(|l| l.get(key))
+                .and_then(|q| ParsedQuantity::try_from(q).ok())
+                .unwrap_or_default()
+        };
+    match resource {
+        "cpu" | "requests.cpu" => Some(from(&resources.requests, "cpu")),
+        "memory" | "requests.memory" => Some(from(&resources.requests, "memory")),
+        "limits.cpu" => Some(from(&resources.limits, "cpu")),
+        "limits.memory" => Some(from(&resources.limits, "memory")),
+        "pods" | "count/pods" => ParsedQuantity::try_from("1").ok(),
+        _ => None,
+    }
+}
+
+/// Runtime pods have requests and no deadline: quotas scoped to BestEffort or Terminating pods
+/// never count them.
+fn applies_to_runtime_pods(quota: &ResourceQuota) -> bool {
+    let scopes = quota.spec.as_ref().and_then(|s| s.scopes.as_ref());
+    !scopes.is_some_and(|scopes| scopes.iter().any(|s| s == "BestEffort" || s == "Terminating"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quota(name: &str, hard: &[(&str, &str)], used: &[(&str, &str)]) -> ResourceQuota {
+        let list = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"hard": list(hard)},
+            "status": {"hard": list(hard), "used": list(used)}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn no_quota_means_the_first_size_fits() {
+        let catalog = Catalog::builtin();
+        assert_eq!(first_fitting(&catalog, &[]).unwrap().name, "Standard_D2s_v3");
+    }
+
+    #[test]
+    fn the_first_size_within_headroom_is_chosen() {
+        let catalog = Catalog::from_yaml(
+            "instanceTypes: [{name: big, cpu: '8', memory: 64Gi}, {name: small, cpu: '1', memory: 2Gi}]",
+        )
+        .unwrap();
+        let quotas = [quota(
+            "team",
+            &[("requests.cpu", "4"), ("requests.memory", "16Gi")],
+            &[("requests.cpu", "1")],
+        )];
+        assert_eq!(first_fitting(&catalog, &quotas).unwrap().name, "small");
+    }
+
+    #[test]
+    fn nothing_fits_names_the_quota_and_resource() {
+        let catalog = Catalog::builtin();
+        let quotas = [quota("team", &[("limits.memory", "4Gi")], &[("limits.memory", "1Gi")])];
+        let shortfalls = first_fitting(&catalog, &quotas).unwrap_err();
+        assert_eq!(shortfalls.len(), catalog.instance_types.len());
+        let message = shortfalls[0].1.to_string();
+        assert!(message.contains("ResourceQuota team"), "{message}");
+        assert!(message.contains("limits.memory"), "{message}");
+    }
+
+    #[test]
+    fn pod_count_quotas_count_one_pod() {
+        let quotas = [quota("pods", &[("pods", "2")], &[("pods", "2")])];
+        assert!(shortfall(&Catalog::builtin().instance_types[0].resources(), &quotas).is_some());
+        let quotas = [quota("pods", &[("pods", "3")], &[("pods", "2")])];
+        assert!(shortfall(&Catalog::builtin().instance_types[0].resources(), &quotas).is_none());
+    }
+
+    #[test]
+    fn quotas_for_best_effort_pods_do_not_apply() {
+        let mut scoped = quota("be", &[("pods", "0")], &[]);
+        scoped.spec.as_mut().unwrap().scopes = Some(vec!["BestEffort".into()]);
+        assert!(shortfall(&Catalog::builtin().instance_types[0].resources(), &[scoped]).is_none());
+    }
+}
