@@ -11,7 +11,7 @@ OPERATOR_BIN := $(CARGO_TARGET_DIR)/debug/promptflow-operator
 export OPERATOR_BIN
 CLUSTER_KUBECONFIG := $(CURDIR)/.cluster/kubeconfig
 
-.PHONY: build run generate verify-generated fmt-check clippy unit e2e test cluster-up cluster-down deps
+.PHONY: build run generate verify-generated fmt-check clippy unit chart-lint e2e test bench cluster-up cluster-down deps
 
 deps: ## Install the system packages the cluster and registry need (idempotent)
 	hack/install-deps.sh
@@ -22,13 +22,27 @@ build: ## Build the operator and crdgen
 run: build ## Run the operator against $$KUBECONFIG, or the local cluster when that does not answer
 	hack/run.sh
 
-generate: ## Regenerate the CRDs in config/crd from the Rust types
-	cargo run --quiet --bin crdgen -- --out config/crd
+CHART := charts/promptflow-operator
 
-verify-generated: ## Fail when config/crd is stale
+generate: ## Regenerate the CRDs (config/crd and the chart's copy) from the Rust types, and the chart's catalog
+	cargo run --quiet --bin crdgen -- --out config/crd
+	cp config/crd/*.yaml $(CHART)/crds/
+	cp config/catalog/instance-types.yaml $(CHART)/files/instance-types.yaml
+
+verify-generated: ## Fail when a generated file is stale
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	cargo run --quiet --bin crdgen -- --out "$$tmp"; \
-	diff -ru config/crd "$$tmp" || { echo "config/crd is stale: run 'make generate' and commit" >&2; exit 1; }
+	stale=0; \
+	diff -ru config/crd "$$tmp" || stale=1; \
+	diff -ru $(CHART)/crds "$$tmp" || stale=1; \
+	diff -u config/catalog/instance-types.yaml $(CHART)/files/instance-types.yaml || stale=1; \
+	if [ $$stale = 1 ]; then echo "generated files are stale: run 'make generate' and commit" >&2; exit 1; fi
+
+chart-lint: deps ## helm lint and render the chart, cluster-wide and namespaced
+	hack/build-components.sh >/dev/null
+	PATH="$$(hack/tool-path.sh):$$PATH" helm lint --strict $(CHART)
+	PATH="$$(hack/tool-path.sh):$$PATH" helm template pf $(CHART) --namespace pf-system >/dev/null
+	PATH="$$(hack/tool-path.sh):$$PATH" helm template pf $(CHART) --namespace pf-system --set watchNamespace=team-a >/dev/null
 
 fmt-check:
 	cargo fmt --all -- --check
@@ -42,11 +56,18 @@ unit: ## Unit tests (no cluster)
 e2e: build deps ## e2e tests against the local cluster (started and stopped here unless already up)
 	@started=0; \
 	if ! hack/cluster-status.sh >/dev/null 2>&1; then hack/cluster-up.sh; started=1; fi; \
-	rc=0; KUBECONFIG=$(CLUSTER_KUBECONFIG) cargo test --test e2e -- --test-threads=4 || rc=$$?; \
+	rc=0; PATH="$$(hack/tool-path.sh):$$PATH" KUBECONFIG=$(CLUSTER_KUBECONFIG) cargo test --test e2e -- --test-threads=4 || rc=$$?; \
 	if [ $$started = 1 ] && [ -z "$${PF_E2E_KEEP:-}" ]; then hack/cluster-down.sh; fi; \
 	exit $$rc
 
-test: fmt-check clippy verify-generated unit e2e ## Everything CI runs
+test: fmt-check clippy verify-generated unit chart-lint e2e ## Everything CI runs
+
+bench: deps ## Speed and memory at scale (release build) against the local cluster; fails when a target is missed
+	@started=0; \
+	if ! hack/cluster-status.sh >/dev/null 2>&1; then hack/cluster-up.sh; started=1; fi; \
+	rc=0; PATH="$$(hack/tool-path.sh):$$PATH" KUBECONFIG=$(CLUSTER_KUBECONFIG) cargo test --release --test bench -- --nocapture || rc=$$?; \
+	if [ $$started = 1 ]; then hack/cluster-down.sh; fi; \
+	exit $$rc
 
 cluster-up: deps ## Start the local cluster (idempotent); kubeconfig at .cluster/kubeconfig
 	hack/cluster-up.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager, kube-scheduler, etcd and kwok from their Go
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok and helm from their Go
 # modules at the versions pinned in versions.env, into a per-version cache. A warm run is a no-op.
 source "$(dirname "$0")/lib.sh"
 
@@ -69,7 +69,16 @@ build_kwok() {
   CGO_ENABLED=0 GOBIN="$KWOK_BIN_DIR" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 }
 
+build_helm() {
+  [ -x "$HELM_BIN_DIR/helm" ] && return 0
+  mkdir -p "$HELM_BIN_DIR"
+  log "building helm $HELM_VERSION"
+  CGO_ENABLED=0 GOBIN="$HELM_BIN_DIR" go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+}
+
 build_etcd
 build_kwok
+build_helm
 build_kubernetes
-log "components ready: $KUBE_BIN_DIR $ETCD_BIN_DIR $KWOK_BIN_DIR"
+log "components ready: $KUBE_BIN_DIR $ETCD_BIN_DIR $KWOK_BIN_DIR $HELM_BIN_DIR"

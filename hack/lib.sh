@@ -13,9 +13,10 @@ export PF_CACHE
 KUBE_BIN_DIR="$PF_CACHE/bin/kubernetes-$KUBE_VERSION"
 ETCD_BIN_DIR="$PF_CACHE/bin/etcd-$ETCD_VERSION"
 KWOK_BIN_DIR="$PF_CACHE/bin/kwok-$KWOK_VERSION"
+HELM_BIN_DIR="$PF_CACHE/bin/helm-$HELM_VERSION"
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # The kubectl built with the control plane matches the server's version; prefer it.
-export PATH="$KUBE_BIN_DIR:$PATH"
+export PATH="$KUBE_BIN_DIR:$HELM_BIN_DIR:$PATH"

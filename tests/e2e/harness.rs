@@ -281,6 +281,12 @@ impl OperatorProcess {
         false
     }
 
+    /// The process id, while it runs (the bench reads its memory and CPU time).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Kills the operator with SIGKILL, as a crash would.
     pub async fn kill9(&mut self) {
         let _ = self.child.kill().await;
@@ -292,10 +298,16 @@ impl OperatorProcess {
         loop {
             let log = self.log_text();
             if let Some(line) = log.lines().find(|l| l.contains("admin server listening")) {
+                // Text logs say `address=…`; JSON logs `"address":"…"`.
                 let address = line
                     .split("address=")
                     .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next());
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .or_else(|| {
+                        line.split("\"address\":\"")
+                            .nth(1)
+                            .and_then(|rest| rest.split('"').next())
+                    });
                 return address.expect("address in the admin log line").to_owned();
             }
             assert!(

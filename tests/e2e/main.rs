@@ -5,6 +5,7 @@
 mod harness;
 
 mod budget;
+mod chart;
 mod cluster;
 mod crds;
 mod operator;

@@ -1,0 +1,181 @@
+//! The Helm chart: its RBAC is all the operator needs (least privilege, proven by running the
+//! operator as the chart's service account), and its catalog ConfigMap is what the operator reads.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
+use kube::api::{DeleteParams, PostParams};
+use kube::runtime::wait::conditions;
+use promptflow_operator::api::{PromptFlowRuntime, RuntimePhase};
+use serde_json::json;
+
+use crate::harness::{self, OperatorProcess, kubectl, with_namespace};
+
+/// Renders the chart for `namespace` with `--set` values.
+async fn render(release: &str, namespace: &str, sets: &[&str]) -> String {
+    let chart = harness::repo_root().join("charts/promptflow-operator");
+    let chart = chart.to_string_lossy().into_owned();
+    let mut args = vec!["template", release, &chart, "--namespace", namespace];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let output = tokio::process::Command::new("helm")
+        .args(&args)
+        .output()
+        .await
+        .expect("helm runs");
+    assert!(
+        output.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The documents of `kinds` from a rendered chart, as one YAML stream.
+fn documents_of(rendered: &str, kinds: &[&str]) -> String {
+    rendered
+        .split("\n---")
+        .filter(|doc| kinds.iter().any(|kind| doc.contains(&format!("\nkind: {kind}\n"))))
+        .map(|doc| format!("---{}\n", doc.trim_start_matches("---")))
+        .collect()
+}
+
+async fn kubectl_stdin(args: &[&str], input: &str) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", harness::kubeconfig())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).await.unwrap();
+    let output = child.wait_with_output().await.unwrap();
+    assert!(
+        output.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test]
+async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
+    with_namespace("pf-chart", |ns| async move {
+        let release = format!("pf{:06x}", rand::random::<u32>() & 0xffffff);
+        let rendered = render(&release, &ns.name, &[&format!("watchNamespace={}", ns.name)]).await;
+        let rbac = documents_of(&rendered, &["ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"]);
+        kubectl_stdin(&["apply", "-f", "-"], &rbac).await;
+        let account = format!("{release}-promptflow-operator");
+
+        // The catalog the chart mounts is the catalog the operator reads.
+        let catalog = documents_of(&rendered, &["ConfigMap"]);
+        let config_map: ConfigMap = serde_norway::from_str(catalog.trim_start_matches("---")).unwrap();
+        let dir = std::env::temp_dir().join(format!("{release}-catalog"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let catalog_file = dir.join("instance-types.yaml");
+        std::fs::write(&catalog_file, &config_map.data.unwrap()["instance-types.yaml"]).unwrap();
+
+        // A kubeconfig that authenticates as the chart's service account, and nothing else.
+        let (ok, token) = kubectl(&["create", "token", &account, "-n", &ns.name, "--duration=1h"]).await;
+        assert!(ok, "{token}");
+        let admin = kube::config::Kubeconfig::read_from(harness::kubeconfig()).unwrap();
+        let cluster = admin.clusters[0].cluster.clone().unwrap();
+        let kubeconfig = json!({
+            "apiVersion": "v1", "kind": "Config", "current-context": "operator",
+            "clusters": [{"name": "local", "cluster": {
+                "server": cluster.server, "certificate-authority-data": cluster.certificate_authority_data}}],
+            "users": [{"name": "operator", "user": {"token": token.trim()}}],
+            "contexts": [{"name": "operator", "context": {"cluster": "local", "user": "operator"}}]
+        });
+        let kubeconfig_file = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig_file, serde_json::to_string(&kubeconfig).unwrap()).unwrap();
+
+        let catalog_arg = catalog_file.to_string_lossy().into_owned();
+        let operator = OperatorProcess::start(&kubeconfig_file, &["--watch-namespace", &ns.name, "--catalog", &catalog_arg]);
+
+        // Everything the operator touches: a pull secret through a service account, a flow.
+        let auth = r#"{"auths":{"mcr.microsoft.com":{"auth":"dXNlcjpwYXNz"}}}"#;
+        let secret: Secret = serde_json::from_value(json!({"metadata": {"name": "regcred"}, "type": "kubernetes.io/dockerconfigjson", "stringData": {".dockerconfigjson": auth}})).unwrap();
+        ns.api::<Secret>().create(&PostParams::default(), &secret).await.unwrap();
+        let puller: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "puller"}, "imagePullSecrets": [{"name": "regcred"}]})).unwrap();
+        ns.api::<ServiceAccount>().create(&PostParams::default(), &puller).await.unwrap();
+        let flow: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "flow"}, "data": {"flow.dag.yaml": "environment:\n  python_requirements_txt: requirements.txt\n", "requirements.txt": "requests\n"}})).unwrap();
+        ns.api::<ConfigMap>().create(&PostParams::default(), &flow).await.unwrap();
+        let runtime: PromptFlowRuntime = serde_json::from_value(json!({
+            "apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime", "metadata": {"name": "chat"},
+            "spec": {"identity": {"serviceAccountName": "puller"}, "flow": {"configMapName": "flow"}}
+        }))
+        .unwrap();
+        let runtimes = ns.api::<PromptFlowRuntime>();
+        runtimes.create(&PostParams::default(), &runtime).await.unwrap();
+        let running = harness::wait_for(
+            &runtimes,
+            "chat",
+            |rt: Option<&PromptFlowRuntime>| rt.and_then(|r| r.status.as_ref()).is_some_and(|s| s.phase == RuntimePhase::Running),
+            Duration::from_secs(60),
+        )
+        .await;
+        // A change replaces the pod: delete is within the role too.
+        let pods = ns.api::<k8s_openapi::api::core::v1::Pod>();
+        let first = pods.get("chat-runtime").await.unwrap();
+        let patch = json!({"spec": {"image": {"version": "20240222.v4"}}});
+        runtimes.patch("chat", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(patch)).await.unwrap();
+        harness::wait_deleted(&pods, "chat-runtime", &first.metadata.uid.unwrap(), Duration::from_secs(30)).await;
+        harness::wait_for(&pods, "chat-runtime", conditions::is_pod_running(), Duration::from_secs(30)).await;
+        runtimes.delete("chat", &DeleteParams::background()).await.unwrap();
+        harness::wait_deleted(&runtimes, "chat", &running.metadata.uid.unwrap(), Duration::from_secs(30)).await;
+        let log = operator.log_text();
+        assert!(!log.to_lowercase().contains("forbidden"), "the chart's RBAC was not enough:\n{log}");
+
+        // Least privilege: nothing beyond the namespace, no writes to what it only reads.
+        let subject = format!("system:serviceaccount:{}:{account}", ns.name);
+        for (verb, resource, scope) in [
+            ("delete", "secrets", ns.name.as_str()),
+            ("create", "secrets", ns.name.as_str()),
+            ("patch", "serviceaccounts", ns.name.as_str()),
+            ("update", "promptflowruntimes.promptflow.dev", ns.name.as_str()),
+            ("get", "secrets", "default"),
+            ("list", "pods", "kube-system"),
+        ] {
+            let (_, answer) = kubectl(&["auth", "can-i", verb, resource, "-n", scope, "--as", &subject]).await;
+            assert_eq!(answer.trim(), "no", "{subject} can {verb} {resource} in {scope}");
+        }
+        kubectl_stdin(&["delete", "--ignore-not-found", "-f", "-"], &documents_of(&rendered, &["ClusterRole", "ClusterRoleBinding"])).await;
+        std::fs::remove_dir_all(&dir).ok();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_chart_renders_a_cluster_wide_install_with_a_hardened_deployment() {
+    let rendered = render("pf", "pf-system", &[]).await;
+    assert!(
+        rendered.contains("kind: ClusterRole\n") && !rendered.contains("kind: Role\n"),
+        "{rendered}"
+    );
+    for expected in [
+        "runAsNonRoot: true",
+        "readOnlyRootFilesystem: true",
+        "--catalog=/etc/promptflow-operator/instance-types.yaml",
+        "path: /readyz",
+        "Standard_E4ds_v4",
+    ] {
+        assert!(rendered.contains(expected), "the rendered chart lacks {expected:?}");
+    }
+    let custom = render(
+        "pf",
+        "pf-system",
+        &[
+            "catalog.instanceTypes[0].name=Tiny",
+            "catalog.instanceTypes[0].cpu=1",
+            "catalog.instanceTypes[0].memory=1Gi",
+        ],
+    )
+    .await;
+    assert!(
+        custom.contains("name: Tiny") && !custom.contains("Standard_E4ds_v4"),
+        "a catalog value replaces the shipped one"
+    );
+}
