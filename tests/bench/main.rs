@@ -12,8 +12,8 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use promptflow_operator::api::{PromptFlowRuntime, RuntimePhase};
+use kube::api::{Patch, PatchParams};
+use promptflow_operator::api::PromptFlowRuntime;
 use serde_json::json;
 
 use harness::{OperatorProcess, with_namespace};
@@ -63,30 +63,9 @@ async fn runtimes_at_scale() {
 
         let api = ns.api::<PromptFlowRuntime>();
         let started = Instant::now();
-        for i in 0..RUNTIMES {
-            let runtime: PromptFlowRuntime = serde_json::from_value(json!({
-                "apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime",
-                "metadata": {"name": format!("rt-{i:04}")}, "spec": {}
-            }))
-            .unwrap();
-            api.create(&PostParams::default(), &runtime).await.unwrap();
-        }
+        harness::create_runtimes(&api, "rt", RUNTIMES).await;
         let created = started.elapsed();
-        loop {
-            let running = api
-                .list(&ListParams::default())
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .filter(|rt| rt.status.as_ref().is_some_and(|s| s.phase == RuntimePhase::Running))
-                .count();
-            if running == RUNTIMES {
-                break;
-            }
-            assert!(started.elapsed() < Duration::from_secs(180), "{running}/{RUNTIMES} Running after 180s");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        harness::wait_all_running(&api, RUNTIMES, Duration::from_secs(180)).await;
         let all_running = started.elapsed();
         tokio::time::sleep(Duration::from_secs(2)).await;
         let writes = operator.writes_excluding_events().await - writes_before;

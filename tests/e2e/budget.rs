@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use promptflow_operator::api::{PromptFlowRuntime, RuntimePhase};
+use kube::api::{Patch, PatchParams};
+use promptflow_operator::api::PromptFlowRuntime;
 use serde_json::json;
 
-use crate::harness::{OperatorProcess, with_namespace};
+use crate::harness::{self, OperatorProcess, with_namespace};
 
 const RUNTIMES: usize = 50;
 
@@ -22,34 +22,8 @@ async fn fifty_runtimes_reach_running_within_the_write_budget() {
         let writes_before = operator.writes_excluding_events().await;
 
         let started = Instant::now();
-        for i in 0..RUNTIMES {
-            let runtime: PromptFlowRuntime = serde_json::from_value(json!({
-                "apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime",
-                "metadata": {"name": format!("rt-{i:02}")}, "spec": {}
-            }))
-            .unwrap();
-            api.create(&PostParams::default(), &runtime).await.unwrap();
-        }
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let running = api
-                .list(&ListParams::default())
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .filter(|rt| rt.status.as_ref().is_some_and(|s| s.phase == RuntimePhase::Running))
-                .count();
-            if running == RUNTIMES {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{running} of {RUNTIMES} Running after 120s:\n{}",
-                operator.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        harness::create_runtimes(&api, "rt", RUNTIMES).await;
+        harness::wait_all_running(&api, RUNTIMES, Duration::from_secs(120)).await;
         let elapsed = started.elapsed();
         // Quiet period: reconciles triggered by the last status writes must write nothing.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -69,7 +43,7 @@ async fn fifty_runtimes_reach_running_within_the_write_budget() {
         let before_noop = operator.writes_excluding_events().await;
         for i in 0..RUNTIMES {
             let patch = json!({"metadata": {"annotations": {"e2e.promptflow.dev/touched": "yes"}}});
-            api.patch(&format!("rt-{i:02}"), &PatchParams::default(), &Patch::Merge(patch))
+            api.patch(&format!("rt-{i:04}"), &PatchParams::default(), &Patch::Merge(patch))
                 .await
                 .unwrap();
         }

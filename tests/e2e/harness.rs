@@ -175,6 +175,45 @@ where
     }
 }
 
+/// Creates `count` serverless runtimes `<prefix>-0000`… with an empty spec.
+pub async fn create_runtimes(api: &Api<PromptFlowRuntime>, prefix: &str, count: usize) {
+    for i in 0..count {
+        let runtime: PromptFlowRuntime = serde_json::from_value(serde_json::json!({
+            "apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime",
+            "metadata": {"name": format!("{prefix}-{i:04}")}, "spec": {}
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &runtime).await.unwrap();
+    }
+}
+
+/// Waits until `count` runtimes of the namespace are Running; panics after `timeout`.
+pub async fn wait_all_running(api: &Api<PromptFlowRuntime>, count: usize, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let running = api
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter(|rt| {
+                rt.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == promptflow_operator::api::RuntimePhase::Running)
+            })
+            .count();
+        if running == count {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{running} of {count} runtimes Running after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Parses a multi-document YAML file into objects.
 pub fn read_manifests(path: &Path) -> Vec<DynamicObject> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
