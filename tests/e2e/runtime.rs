@@ -418,3 +418,41 @@ async fn a_killed_operator_resumes_with_exactly_one_pod_per_runtime() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_failed_or_vanished_pod_is_recreated() {
+    with_namespace("pf-rt-recreate", |ns| async move {
+        let _operator = OperatorProcess::for_namespace(&ns.name);
+        ns.api::<PromptFlowRuntime>()
+            .create(&PostParams::default(), &runtime("chat", json!({})))
+            .await
+            .unwrap();
+        wait_status(&ns, "chat", "Running", None).await;
+        let pods = ns.api::<Pod>();
+
+        // The pod fails, as a kubelet would report it: the operator replaces it.
+        let first = pods.get("chat-runtime").await.unwrap();
+        let failed =
+            json!({"status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on memory."}});
+        pods.patch_status("chat-runtime", &PatchParams::default(), &Patch::Merge(failed))
+            .await
+            .unwrap();
+        harness::wait_deleted(&pods, "chat-runtime", &first.uid().unwrap(), WAIT).await;
+        let second = harness::wait_for(&pods, "chat-runtime", conditions::is_pod_running(), WAIT).await;
+        let warnings: Vec<_> = events_for(&ns, "chat")
+            .await
+            .into_iter()
+            .filter(|e| e.1 == "PodFailed")
+            .collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].2.contains("The node was low on memory"), "{warnings:?}");
+
+        // The pod disappears: it is created again.
+        pods.delete("chat-runtime", &DeleteParams::default()).await.unwrap();
+        harness::wait_deleted(&pods, "chat-runtime", &second.uid().unwrap(), WAIT).await;
+        let third = harness::wait_for(&pods, "chat-runtime", conditions::is_pod_running(), WAIT).await;
+        assert_ne!(third.uid(), second.uid());
+        wait_status(&ns, "chat", "Running", Some("PodReady")).await;
+    })
+    .await;
+}
