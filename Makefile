@@ -9,7 +9,9 @@ export PF_CACHE
 export CARGO_TARGET_DIR ?= $(PF_CACHE)/target
 OPERATOR_BIN := $(CARGO_TARGET_DIR)/debug/promptflow-operator
 export OPERATOR_BIN
-CLUSTER_KUBECONFIG := $(CURDIR)/.cluster/kubeconfig
+PF_CLUSTER_DIR ?= $(CURDIR)/.cluster
+export PF_CLUSTER_DIR
+CLUSTER_KUBECONFIG := $(PF_CLUSTER_DIR)/kubeconfig
 
 .PHONY: build run generate verify-generated fmt-check clippy unit chart-lint e2e test bench cluster-up cluster-down deps
 
@@ -55,7 +57,7 @@ unit: ## Unit tests (no cluster)
 
 e2e: build deps ## e2e tests against the local cluster (started and stopped here unless already up)
 	@started=0; \
-	if ! hack/cluster-status.sh >/dev/null 2>&1; then hack/cluster-up.sh; started=1; fi; \
+	if ! hack/cluster-status.sh >/dev/null 2>&1; then started=1; hack/cluster-up.sh; fi; \
 	rc=0; PATH="$$(hack/tool-path.sh):$$PATH" KUBECONFIG=$(CLUSTER_KUBECONFIG) cargo test --test e2e -- --test-threads=4 || rc=$$?; \
 	if [ $$started = 1 ] && [ -z "$${PF_E2E_KEEP:-}" ]; then hack/cluster-down.sh; fi; \
 	exit $$rc
@@ -64,7 +66,7 @@ test: fmt-check clippy verify-generated unit chart-lint e2e ## Everything CI run
 
 bench: deps ## Speed and memory at scale (release build) against the local cluster; fails when a target is missed
 	@started=0; \
-	if ! hack/cluster-status.sh >/dev/null 2>&1; then hack/cluster-up.sh; started=1; fi; \
+	if ! hack/cluster-status.sh >/dev/null 2>&1; then started=1; hack/cluster-up.sh; fi; \
 	rc=0; PATH="$$(hack/tool-path.sh):$$PATH" KUBECONFIG=$(CLUSTER_KUBECONFIG) cargo test --release --test bench -- --nocapture || rc=$$?; \
 	if [ $$started = 1 ]; then hack/cluster-down.sh; fi; \
 	exit $$rc

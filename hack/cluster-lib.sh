@@ -12,16 +12,20 @@ require_tools() {
   [ ${#missing[@]} -eq 0 ] || die "missing tools: ${missing[*]} (run hack/install-deps.sh)"
 }
 
-# A free TCP port on loopback, never one this run already handed out.
-declare -A HANDED_OUT=()
-free_port() {
-  local port
-  while :; do
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
-    [ -z "${HANDED_OUT[$port]:-}" ] && break
-  done
-  HANDED_OUT[$port]=1
-  echo "$port"
+# free_ports N prints N distinct free TCP ports on loopback. One process holds all the sockets
+# until it has them all, so no port is handed out twice.
+free_ports() {
+  python3 - "$1" <<'PY'
+import socket, sys
+sockets = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    sockets.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in sockets))
+for s in sockets:
+    s.close()
+PY
 }
 
 # start NAME CMD... runs CMD in its own session, logs to logs/NAME.log, records its PID.
@@ -56,6 +60,30 @@ wait_for() {
     fi
     sleep 0.5
   done
+}
+
+# stop_components: TERM every component still running from this cluster dir (a PID is only
+# signalled when its command line names the cluster dir, so a reused PID is never hit), give them
+# 10 s, then KILL what is left.
+stop_components() {
+  local name pidfile pid pids=() running
+  for name in "${COMPONENTS[@]}"; do
+    pidfile="$CLUSTER_DIR/pids/$name.pid"
+    [ -f "$pidfile" ] || continue
+    pid=$(cat "$pidfile")
+    if kill -0 "$pid" 2>/dev/null && grep -qaF -- "$CLUSTER_DIR" "/proc/$pid/cmdline"; then
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid")
+      log "stopping $name"
+    fi
+  done
+  for _ in $(seq 1 100); do
+    running=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && running=1; done
+    [ "$running" = 0 ] && break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
 }
 
 cluster_healthy() {

@@ -20,8 +20,9 @@ require_tools
 
 started=$(date +%s)
 mkdir -p "$CLUSTER_DIR"/{pki,logs,pids,etcd,registry}
-ETCD_PORT=$(free_port); ETCD_PEER_PORT=$(free_port); APISERVER_PORT=$(free_port)
-KCM_PORT=$(free_port); SCHEDULER_PORT=$(free_port); KWOK_PORT=$(free_port); REGISTRY_PORT=$(free_port)
+# A failed start stops what it started; the state stays for its logs (the next run cleans it).
+trap 'rc=$?; if [ $rc -ne 0 ]; then log "cluster-up failed; stopping the components it started"; stop_components; fi' EXIT
+read -r ETCD_PORT ETCD_PEER_PORT APISERVER_PORT KCM_PORT SCHEDULER_PORT KWOK_PORT REGISTRY_PORT < <(free_ports 7)
 cat >"$CLUSTER_DIR/ports.env" <<PORTS
 ETCD_PORT=$ETCD_PORT
 APISERVER_PORT=$APISERVER_PORT

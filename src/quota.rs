@@ -34,8 +34,13 @@ impl fmt::Display for Shortfall {
     }
 }
 
-/// The first quota a pod with `resources` would exceed, if any.
-pub fn shortfall(resources: &ResourceRequirements, quotas: &[ResourceQuota]) -> Option<Shortfall> {
+/// The first quota a pod with `resources` would exceed, if any. `released` is a pod it replaces:
+/// its usage is already counted and goes away.
+pub fn shortfall(
+    resources: &ResourceRequirements,
+    released: Option<&ResourceRequirements>,
+    quotas: &[ResourceQuota],
+) -> Option<Shortfall> {
     quotas
         .iter()
         .filter(|quota| applies_to_runtime_pods(quota))
@@ -44,7 +49,14 @@ pub fn shortfall(resources: &ResourceRequirements, quotas: &[ResourceQuota]) -> 
             let hard = status.hard.as_ref()?;
             let used = status.used.clone().unwrap_or_default();
             hard.iter().find_map(|(resource, hard_quantity)| {
-                let needed = demand(resources, resource)?;
+                let mut needed = demand(resources, resource)?;
+                if let Some(freed) = released.and_then(|r| demand(r, resource)) {
+                    needed = if freed >= needed {
+                        ParsedQuantity::default()
+                    } else {
+                        needed - freed
+                    };
+                }
                 let hard_value = ParsedQuantity::try_from(hard_quantity).ok()?;
                 let used_value = used
                     .get(resource)
@@ -61,14 +73,16 @@ pub fn shortfall(resources: &ResourceRequirements, quotas: &[ResourceQuota]) -> 
         })
 }
 
-/// The first catalog size that fits every quota, or the shortfall of each size.
+/// The first catalog size that fits every quota, or the shortfall of each size. `resources_of`
+/// gives a size's pod resources (the size, with the runtime's override on top).
 pub fn first_fitting<'a>(
     catalog: &'a Catalog,
     quotas: &[ResourceQuota],
+    resources_of: impl Fn(&InstanceType) -> ResourceRequirements,
 ) -> Result<&'a InstanceType, Vec<(String, Shortfall)>> {
     let mut shortfalls = Vec::new();
     for size in &catalog.instance_types {
-        match shortfall(&size.resources(), quotas) {
+        match shortfall(&resources_of(size), None, quotas) {
             None => return Ok(size),
             Some(short) => shortfalls.push((size.name.clone(), short)),
         }
@@ -125,7 +139,10 @@ mod tests {
     #[test]
     fn no_quota_means_the_first_size_fits() {
         let catalog = Catalog::builtin();
-        assert_eq!(first_fitting(&catalog, &[]).unwrap().name, "Standard_D2s_v3");
+        assert_eq!(
+            first_fitting(&catalog, &[], InstanceType::resources).unwrap().name,
+            "Standard_D2s_v3"
+        );
     }
 
     #[test]
@@ -139,14 +156,17 @@ mod tests {
             &[("requests.cpu", "4"), ("requests.memory", "16Gi")],
             &[("requests.cpu", "1")],
         )];
-        assert_eq!(first_fitting(&catalog, &quotas).unwrap().name, "small");
+        assert_eq!(
+            first_fitting(&catalog, &quotas, InstanceType::resources).unwrap().name,
+            "small"
+        );
     }
 
     #[test]
     fn nothing_fits_names_the_quota_and_resource() {
         let catalog = Catalog::builtin();
         let quotas = [quota("team", &[("limits.memory", "4Gi")], &[("limits.memory", "1Gi")])];
-        let shortfalls = first_fitting(&catalog, &quotas).unwrap_err();
+        let shortfalls = first_fitting(&catalog, &quotas, InstanceType::resources).unwrap_err();
         assert_eq!(shortfalls.len(), catalog.instance_types.len());
         let message = shortfalls[0].1.to_string();
         assert!(message.contains("ResourceQuota team"), "{message}");
@@ -156,15 +176,26 @@ mod tests {
     #[test]
     fn pod_count_quotas_count_one_pod() {
         let quotas = [quota("pods", &[("pods", "2")], &[("pods", "2")])];
-        assert!(shortfall(&Catalog::builtin().instance_types[0].resources(), &quotas).is_some());
+        assert!(shortfall(&Catalog::builtin().instance_types[0].resources(), None, &quotas).is_some());
         let quotas = [quota("pods", &[("pods", "3")], &[("pods", "2")])];
-        assert!(shortfall(&Catalog::builtin().instance_types[0].resources(), &quotas).is_none());
+        assert!(shortfall(&Catalog::builtin().instance_types[0].resources(), None, &quotas).is_none());
+    }
+
+    #[test]
+    fn a_replaced_pod_gives_back_what_it_uses() {
+        let catalog = Catalog::builtin();
+        let small = catalog.get("Standard_D2s_v3").unwrap().resources();
+        let big = catalog.get("Standard_D4s_v3").unwrap().resources();
+        // 2 of 4 CPUs used by the runtime's own small pod: growing to 4 fits once it is released.
+        let quotas = [quota("team", &[("requests.cpu", "4")], &[("requests.cpu", "2")])];
+        assert!(shortfall(&big, None, &quotas).is_some());
+        assert!(shortfall(&big, Some(&small), &quotas).is_none());
     }
 
     #[test]
     fn quotas_for_best_effort_pods_do_not_apply() {
         let mut scoped = quota("be", &[("pods", "0")], &[]);
         scoped.spec.as_mut().unwrap().scopes = Some(vec!["BestEffort".into()]);
-        assert!(shortfall(&Catalog::builtin().instance_types[0].resources(), &[scoped]).is_none());
+        assert!(shortfall(&Catalog::builtin().instance_types[0].resources(), None, &[scoped]).is_none());
     }
 }

@@ -12,9 +12,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. `RUST_LOG` overrides the default `info` level.
+/// The default filter. kube_client logs a response body it cannot parse at WARN, and a body can
+/// be a Secret: keep that crate at ERROR unless `RUST_LOG` says otherwise.
+const DEFAULT_FILTER: &str = "info,kube_client=error";
+
+/// Installs the global subscriber. `RUST_LOG` overrides the default filter.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Text => {

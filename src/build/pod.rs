@@ -245,7 +245,7 @@ pub fn labels(runtime_name: &str) -> BTreeMap<String, String> {
 }
 
 /// The size's requests and limits, with the runtime's `resources` override on top, key by key.
-fn merged_resources(size: &InstanceType, runtime: &PromptFlowRuntime) -> ResourceRequirements {
+pub fn merged_resources(size: &InstanceType, runtime: &PromptFlowRuntime) -> ResourceRequirements {
     let mut resources = size.resources();
     let Some(custom) = runtime
         .spec

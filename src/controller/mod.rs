@@ -8,7 +8,7 @@ pub mod written;
 
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, ResourceQuota, Secret, ServiceAccount};
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
@@ -115,6 +115,7 @@ pub async fn run(
 
     // Store::wait_until_ready wakes only its latest waiter, so exactly one task waits on the
     // stores and broadcasts readiness to every reconcile.
+    // /readyz turns ready with them.
     let (ready_tx, caches_ready) = tokio::sync::watch::channel(false);
     let waiting = (pods.clone(), accounts.clone(), quotas.clone());
     tokio::spawn(async move {
@@ -123,6 +124,8 @@ pub async fn run(
             && accounts.wait_until_ready().await.is_ok()
             && quotas.wait_until_ready().await.is_ok()
         {
+            info!("caches filled");
+            ready.store(true, std::sync::atomic::Ordering::Relaxed);
             let _ = ready_tx.send(true);
         }
     });
@@ -147,8 +150,21 @@ pub async fn run(
     // The reconciler records into the context's index; the mappers read the same one.
     let index = IndexHandle(context.clone());
 
-    let runtimes = scoped::<PromptFlowRuntime>(&client, scope);
-    let controller = Controller::new(runtimes, watcher::Config::default())
+    // The runtime watch is ours (not the controller's) so a deleted runtime's entries in the
+    // index and the write memory are dropped: reconciles never see deletions without a finalizer.
+    let (runtime_store, runtime_writer) = reflector::store();
+    let forgetting = context.clone();
+    let runtime_stream = watcher(scoped::<PromptFlowRuntime>(&client, scope), watcher::Config::default())
+        .default_backoff()
+        .modify(trim)
+        .reflect(runtime_writer)
+        .inspect_ok(move |event| {
+            if let watcher::Event::Delete(runtime) = event {
+                runtime::forget(&forgetting, runtime);
+            }
+        })
+        .applied_objects();
+    let controller = Controller::for_stream(runtime_stream, runtime_store)
         .with_config(controller::Config::default().concurrency(settings.concurrency))
         .owns_stream(pod_stream)
         .watches_stream(account_stream, index.mapper(Dependency::ServiceAccount))
@@ -170,7 +186,6 @@ pub async fn run(
             }
         })
         .graceful_shutdown_on(shutdown);
-    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     info!(
         concurrency = settings.concurrency,
         namespace = scope.unwrap_or("(all)"),

@@ -71,6 +71,7 @@ struct Observed {
 
 /// The outcome of planning: the pod to run, or why there is none.
 enum Plan {
+    // Both arms carry the image: the identity message names its registry.
     Run {
         pod: Box<Pod>,
         image: String,
@@ -79,6 +80,7 @@ enum Plan {
     },
     Blocked {
         verdict: Verdict,
+        image: String,
     },
 }
 
@@ -103,9 +105,6 @@ async fn reconcile_runtime(runtime: Arc<PromptFlowRuntime>, ctx: &Arc<Context>) 
     let key = ObjectRef::from_obj(&*runtime);
     if runtime.meta().deletion_timestamp.is_some() {
         // The garbage collector deletes the pod through its owner reference.
-        ctx.index.forget(&key);
-        let pod = ObjectRef::new(&pod::pod_name(&runtime.name_any())).within(&runtime.namespace().unwrap_or_default());
-        ctx.written.forget(&key, &pod);
         return Ok(Action::await_change());
     }
     let namespace = runtime.namespace().ok_or(Error::NotNamespaced)?;
@@ -130,32 +129,38 @@ async fn reconcile_runtime(runtime: Arc<PromptFlowRuntime>, ctx: &Arc<Context>) 
     }
 
     let observed = observe(&runtime, ctx, &namespace, &key).await?;
-    let identity = identity::resolve(
-        &observed.account_name,
-        observed.account.as_deref(),
-        &observed.secrets,
-        &identity::registry_host(&runtime.spec.image.repository),
-    );
     let flow = observed
         .flow
         .as_ref()
         .map(|(cm, found)| (cm.as_str(), flow::read(cm, found.as_ref())));
-    let plan = plan(&runtime, &observed, ctx, &identity, flow.as_ref());
+    let flow_environment = flow.as_ref().and_then(|(_, read)| read.as_ref().ok());
+    let (image, version) = runtime_image(&runtime, flow_environment);
+    let identity = identity::resolve(
+        &observed.account_name,
+        observed.account.as_deref(),
+        &observed.secrets,
+        &identity::registry_host(&image),
+    );
+    let plan = plan(&runtime, &observed, ctx, &identity, flow.as_ref(), image, version);
 
     let identity_condition = match &identity {
-        Ok(resolved) => (true, reasons::IDENTITY_RESOLVED, identity_message(resolved, &runtime)),
+        Ok(resolved) => (
+            true,
+            reasons::IDENTITY_RESOLVED,
+            identity_message(resolved, &identity_image_host(&plan)),
+        ),
         Err(problem) => (false, problem.reason(), problem.to_string()),
     };
-    let (verdict, facts) = match plan {
-        Plan::Blocked { verdict } => (verdict, None),
+    let (verdict, facts, action) = match plan {
+        Plan::Blocked { verdict, .. } => (verdict, None, Action::await_change()),
         Plan::Run {
             pod,
             image,
             version,
             size,
         } => {
-            let verdict = apply_pod(&runtime, ctx, *pod, observed.pod.as_deref(), &image).await?;
-            (verdict, Some((image, version, size)))
+            let (verdict, action) = apply_pod(&runtime, ctx, *pod, observed.pod.as_deref(), &image).await?;
+            (verdict, Some((image, version, size)), action)
         }
     };
     let identity_view = (
@@ -178,7 +183,7 @@ async fn reconcile_runtime(runtime: Arc<PromptFlowRuntime>, ctx: &Arc<Context>) 
     )
     .await?;
     info!(%name, %namespace, phase = ?verdict.phase, reason = %verdict.reason, "reconciled");
-    Ok(Action::await_change())
+    Ok(action)
 }
 
 /// Reads the service account (cache), its pull secrets and the flow ConfigMap (API), the pod and
@@ -205,8 +210,9 @@ async fn observe(
     if let Some(cm) = &flow_name {
         dependencies.push(Dependency::ConfigMap(namespace.to_owned(), cm.clone()));
     }
-    // Without a pod the runtime is sized from quota headroom, or waits for it.
-    if pod.is_none() {
+    // Sizing a new pod (none yet, or a resize) reads quota headroom, or waits for it.
+    let resizing = named_size(runtime).is_some_and(|named| pod.as_deref().and_then(live_size) != Some(named));
+    if pod.is_none() || resizing {
         dependencies.push(Dependency::Quotas(namespace.to_owned()));
     }
     ctx.index.record(key.clone(), dependencies.clone());
@@ -253,6 +259,30 @@ async fn observe(
     })
 }
 
+/// The image the runtime runs and its version: the flow's `environment.image` when it names one,
+/// else `spec.image` (`latest` until version checks land; a digest is pulled by digest).
+fn runtime_image(runtime: &PromptFlowRuntime, flow: Option<&FlowEnvironment>) -> (String, String) {
+    let spec_image = &runtime.spec.image;
+    let version = spec_image.version.clone().unwrap_or_else(|| "latest".to_owned());
+    match flow.and_then(|f| f.image.clone()) {
+        Some(flow_image) => {
+            let tag = flow_image
+                .parse::<oci_client::Reference>()
+                .ok()
+                .and_then(|r| r.tag().map(str::to_owned));
+            (flow_image, tag.unwrap_or(version))
+        }
+        None if version.starts_with("sha256:") => (format!("{}@{version}", spec_image.repository), version),
+        None => (format!("{}:{version}", spec_image.repository), version),
+    }
+}
+
+fn identity_image_host(plan: &Plan) -> String {
+    match plan {
+        Plan::Run { image, .. } | Plan::Blocked { image, .. } => identity::registry_host(image),
+    }
+}
+
 /// Validates what was observed and builds the pod. Pure.
 fn plan(
     runtime: &PromptFlowRuntime,
@@ -260,9 +290,12 @@ fn plan(
     ctx: &Context,
     identity: &Result<PullIdentity, IdentityProblem>,
     flow: Option<&(&str, Result<FlowEnvironment, FlowProblem>)>,
+    image: String,
+    version: String,
 ) -> Plan {
     let blocked = |reason: &str, message: String| Plan::Blocked {
         verdict: Verdict::not_available(reason, message),
+        image: image.clone(),
     };
     let identity = match identity {
         Ok(identity) => identity,
@@ -276,19 +309,6 @@ fn plan(
     let size = match choose_size(runtime, observed, &ctx.catalog) {
         Ok(size) => size,
         Err((reason, message)) => return blocked(reason, message),
-    };
-    let spec_image = &runtime.spec.image;
-    let version = spec_image.version.clone().unwrap_or_else(|| "latest".to_owned());
-    let (image, version) = match flow.and_then(|(_, f)| f.image.clone()) {
-        Some(flow_image) => {
-            let tag = flow_image
-                .parse::<oci_client::Reference>()
-                .ok()
-                .and_then(|r| r.tag().map(str::to_owned));
-            (flow_image, tag.unwrap_or(version))
-        }
-        None if version.starts_with("sha256:") => (format!("{}@{version}", spec_image.repository), version),
-        None => (format!("{}:{version}", spec_image.repository), version),
     };
     let pod = pod::runtime_pod(&RuntimePodInputs {
         runtime,
@@ -313,16 +333,8 @@ fn choose_size<'a>(
     observed: &Observed,
     catalog: &'a Catalog,
 ) -> Result<&'a InstanceType, (&'static str, String)> {
-    let named = runtime
-        .spec
-        .compute
-        .serverless
-        .as_ref()
-        .and_then(|s| s.instance_type.as_deref());
-    let live = observed
-        .pod
-        .as_ref()
-        .and_then(|p| p.metadata.annotations.as_ref()?.get(INSTANCE_TYPE_ANNOTATION).cloned());
+    let named = named_size(runtime);
+    let live = observed.pod.as_deref().and_then(live_size);
     if let Some(named) = named {
         let size = catalog.get(named).ok_or_else(|| {
             (
@@ -333,27 +345,46 @@ fn choose_size<'a>(
                 ),
             )
         })?;
-        // A live pod of this size already counts in the quota's usage.
-        if live.as_deref() != Some(named)
-            && let Some(short) = quota::shortfall(&size.resources(), &observed.quotas)
-        {
-            return Err((
-                reasons::QUOTA_EXCEEDED,
-                format!("instance type {named} does not fit: {short}"),
-            ));
+        // A live pod already counts in the quota's usage; a resize gives its usage back.
+        if live != Some(named) {
+            let released = observed
+                .pod
+                .as_deref()
+                .and_then(|p| p.spec.as_ref()?.containers.first()?.resources.clone());
+            let wanted = pod::merged_resources(size, runtime);
+            if let Some(short) = quota::shortfall(&wanted, released.as_ref(), &observed.quotas) {
+                return Err((
+                    reasons::QUOTA_EXCEEDED,
+                    format!("instance type {named} does not fit: {short}"),
+                ));
+            }
         }
         return Ok(size);
     }
-    if let Some(size) = live.as_deref().and_then(|name| catalog.get(name)) {
+    if let Some(size) = live.and_then(|name| catalog.get(name)) {
         return Ok(size);
     }
-    quota::first_fitting(catalog, &observed.quotas).map_err(|shortfalls| {
+    quota::first_fitting(catalog, &observed.quotas, |size| pod::merged_resources(size, runtime)).map_err(|shortfalls| {
         let detail = shortfalls.first().map(|(name, short)| format!(" (the smallest, {name}: {short})")).unwrap_or_default();
         (
             reasons::QUOTA_EXCEEDED,
             format!("no instance type of the catalog fits the namespace's ResourceQuota{detail}; raise the quota or free capacity"),
         )
     })
+}
+
+/// The instance type the runtime names, if any.
+fn named_size(runtime: &PromptFlowRuntime) -> Option<&str> {
+    runtime.spec.compute.serverless.as_ref()?.instance_type.as_deref()
+}
+
+/// The instance type a live pod was sized from.
+fn live_size(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(INSTANCE_TYPE_ANNOTATION)
+        .map(String::as_str)
 }
 
 /// Creates, replaces or keeps the pod; returns the verdict on it.
@@ -363,16 +394,19 @@ async fn apply_pod(
     desired: Pod,
     live: Option<&Pod>,
     image: &str,
-) -> Result<Verdict> {
+) -> Result<(Verdict, Action)> {
     let pod_name = desired.name_any();
     let namespace = desired.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let pod_ref = ObjectRef::new(&pod_name).within(&namespace);
-    if ctx.written.pod_pending(&pod_ref, live.is_some()) {
-        return Ok(status::pod_verdict(&pod_name, image, &PodState::Starting));
+    let starting = status::pod_verdict(&pod_name, image, &PodState::Starting);
+    // Created moments ago and not in the cache yet: trust it for a while, then look again (a pod
+    // deleted before the cache ever showed it must not leave the runtime waiting forever).
+    if let Some(trust) = ctx.written.pod_pending(&pod_ref, live.is_some()) {
+        return Ok((starting, Action::requeue(trust)));
     }
     let Some(live) = live else {
-        match pods
+        return match pods
             .patch(&pod_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
             .await
         {
@@ -381,72 +415,67 @@ async fn apply_pod(
                 info!(pod = %pod_name, %namespace, "created runtime pod");
                 let note = format!("created pod {pod_name} with image {image}");
                 publish(ctx, runtime, EventType::Normal, "PodCreated", &note).await;
-                return Ok(status::pod_verdict(&pod_name, image, &PodState::Starting));
+                Ok((starting, Action::await_change()))
             }
-            Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains("exceeded quota") => {
-                return Ok(Verdict::not_available(reasons::QUOTA_EXCEEDED, status.message));
-            }
+            Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains("exceeded quota") => Ok((
+                Verdict::not_available(reasons::QUOTA_EXCEEDED, status.message),
+                Action::await_change(),
+            )),
             Err(kube::Error::Api(status))
-                if (400..500).contains(&status.code) && status.code != 409 && status.code != 429 =>
+                if (400..500).contains(&status.code) && ![409, 429].contains(&status.code) =>
             {
-                return Ok(Verdict::not_available(
-                    reasons::POD_REJECTED,
-                    format!("the API server rejected pod {pod_name}: {}", status.message),
-                ));
+                let message = format!("the API server rejected pod {pod_name}: {}", status.message);
+                Ok((
+                    Verdict::not_available(reasons::POD_REJECTED, message),
+                    Action::await_change(),
+                ))
             }
-            Err(err) => return Err(err.into()),
-        }
+            Err(err) => Err(err.into()),
+        };
     };
     let state = status::classify(live);
-    if state == PodState::Terminating {
-        return Ok(status::pod_verdict(&pod_name, image, &state));
-    }
-    let outdated = pod::live_spec_hash(live) != pod::live_spec_hash(&desired);
-    if outdated || matches!(state, PodState::Ended { .. }) {
-        let uid = live.metadata.uid.clone();
-        let params = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid,
-                resource_version: None,
-            }),
-            ..Default::default()
-        };
-        match pods.delete(&pod_name, &params).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
-            Err(err) => return Err(err.into()),
-        }
-        if let PodState::Ended { message } = &state {
-            let verdict = status::pod_verdict(&pod_name, image, &state);
-            publish(
-                ctx,
-                runtime,
-                EventType::Warning,
-                reasons::POD_FAILED,
-                &format!("pod {pod_name} ended ({message}); recreating it"),
-            )
-            .await;
-            return Ok(verdict);
-        }
-        info!(pod = %pod_name, %namespace, "replacing runtime pod: its spec changed");
-        publish(
-            ctx,
-            runtime,
-            EventType::Normal,
-            "PodReplaced",
-            &format!("replacing pod {pod_name} to apply the changed spec"),
-        )
-        .await;
-        return Ok(Verdict::not_available(
-            reasons::POD_CREATING,
-            format!("replacing pod {pod_name} to apply the changed spec"),
+    let uid = live.metadata.uid.clone();
+    // Already deleted by us, and the cache has not shown the deletion yet: do not delete again.
+    if state == PodState::Terminating || ctx.written.already_deleted(&pod_ref, uid.as_deref()) {
+        return Ok((
+            status::pod_verdict(&pod_name, image, &PodState::Terminating),
+            Action::await_change(),
         ));
     }
-    Ok(status::pod_verdict(&pod_name, image, &state))
+    let outdated = pod::live_spec_hash(live) != pod::live_spec_hash(&desired);
+    if !outdated && !matches!(state, PodState::Ended { .. }) {
+        return Ok((status::pod_verdict(&pod_name, image, &state), Action::await_change()));
+    }
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: uid.clone(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match pods.delete(&pod_name, &params).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
+        Err(err) => return Err(err.into()),
+    }
+    if let Some(uid) = uid {
+        ctx.written.deleted_pod(pod_ref, uid);
+    }
+    if let PodState::Ended { message } = &state {
+        let note = format!("pod {pod_name} ended ({message}); recreating it");
+        publish(ctx, runtime, EventType::Warning, reasons::POD_FAILED, &note).await;
+        return Ok((status::pod_verdict(&pod_name, image, &state), Action::await_change()));
+    }
+    info!(pod = %pod_name, %namespace, "replacing runtime pod: its spec changed");
+    let note = format!("replacing pod {pod_name} to apply the changed spec");
+    publish(ctx, runtime, EventType::Normal, "PodReplaced", &note).await;
+    Ok((
+        Verdict::not_available(reasons::POD_CREATING, note),
+        Action::await_change(),
+    ))
 }
 
-fn identity_message(identity: &PullIdentity, runtime: &PromptFlowRuntime) -> String {
-    let host = identity::registry_host(&runtime.spec.image.repository);
+fn identity_message(identity: &PullIdentity, host: &str) -> String {
     let secrets = if identity.pull_secrets.is_empty() {
         "no imagePullSecrets".to_owned()
     } else {
@@ -499,7 +528,6 @@ async fn write_status(
         to = ?new.reason,
         "status changed"
     );
-    announce_transition(runtime, ctx, previous, &new, anonymous_pull).await;
     let patch = serde_json::json!({
         "apiVersion": PromptFlowRuntime::api_version(&()),
         "kind": PromptFlowRuntime::kind(&()),
@@ -513,6 +541,8 @@ async fn write_status(
             &Patch::Apply(&patch),
         )
         .await?;
+    // Events after the write: a failed write retries, and must not repeat its events.
+    announce_transition(runtime, ctx, previous, &new, anonymous_pull).await;
     ctx.written
         .wrote_status(runtime, updated.metadata.resource_version, new);
     Ok(())
@@ -539,7 +569,14 @@ async fn announce_transition(
         publish(ctx, runtime, EventType::Warning, "NoRegistryCredentials", &note).await;
     }
     let was_running = previous.is_some_and(|p| p.phase == RuntimePhase::Running);
-    let same_reason = previous.and_then(|p| p.reason.as_deref()) == new.reason.as_deref();
+    // The kubelet alternates ErrImagePull and ImagePullBackOff while it retries: one problem.
+    fn problem(reason: Option<&str>) -> Option<&str> {
+        match reason {
+            Some(reasons::ERR_IMAGE_PULL | reasons::IMAGE_PULL_BACK_OFF) => Some(reasons::ERR_IMAGE_PULL),
+            other => other,
+        }
+    }
+    let same_reason = problem(previous.and_then(|p| p.reason.as_deref())) == problem(new.reason.as_deref());
     let message = new.message.clone().unwrap_or_default();
     let reason = new.reason.clone().unwrap_or_default();
     if new.phase == RuntimePhase::Running && !was_running {
@@ -561,6 +598,15 @@ async fn publish(ctx: &Context, runtime: &PromptFlowRuntime, type_: EventType, r
     if let Err(err) = ctx.recorder.publish(&event, &runtime.object_ref(&())).await {
         warn!(name = %runtime.name_any(), error = %err, "could not publish event");
     }
+}
+
+/// Drops everything kept for a runtime that was deleted.
+pub fn forget(ctx: &Context, runtime: &PromptFlowRuntime) {
+    let key = ObjectRef::from_obj(runtime);
+    let pod = ObjectRef::new(&pod::pod_name(&runtime.name_any())).within(&runtime.namespace().unwrap_or_default());
+    ctx.index.forget(&key);
+    ctx.written.forget(&key, &pod);
+    ctx.failures.lock().expect("failures lock").remove(&key);
 }
 
 /// Transient errors requeue with exponential backoff per runtime (5s doubling to 5m).

@@ -76,6 +76,16 @@ pub fn classify(pod: &Pod) -> PodState {
             message: waiting.message.clone().unwrap_or_default(),
         };
     }
+    let unschedulable = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"));
+    if let Some(condition) = unschedulable {
+        return PodState::Unschedulable {
+            message: condition.message.clone().unwrap_or_default(),
+        };
+    }
     let ready = status
         .conditions
         .iter()
@@ -269,6 +279,14 @@ mod tests {
             classify(&pod(serde_json::json!({"phase": "Failed", "reason": "Evicted"}))),
             PodState::Ended { .. }
         ));
+        let pending = pod(serde_json::json!({"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes are available"}]}));
+        assert_eq!(
+            classify(&pending),
+            PodState::Unschedulable {
+                message: "0/3 nodes are available".into()
+            }
+        );
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub struct Written {
     statuses: Mutex<HashMap<ObjectRef<PromptFlowRuntime>, WrittenStatus>>,
     /// Pods created and not yet seen in the cache, with when.
     pods: Mutex<HashMap<ObjectRef<Pod>, Instant>>,
+    /// Pods deleted (by uid) that the cache may still show without a deletion timestamp.
+    deleted: Mutex<HashMap<ObjectRef<Pod>, String>>,
 }
 
 /// The last status written for a runtime: resourceVersions older than that write (the ones written
@@ -69,24 +71,47 @@ impl Written {
         entry.status = status;
     }
 
-    /// Whether a pod missing from the cache was created by us moments ago.
-    pub fn pod_pending(&self, pod: &ObjectRef<Pod>, cached: bool) -> bool {
+    /// When a pod missing from the cache was created by us moments ago: how long to keep trusting
+    /// that it exists. A pod the cache shows ends the entry.
+    pub fn pod_pending(&self, pod: &ObjectRef<Pod>, cached: bool) -> Option<Duration> {
         let mut pods = self.pods.lock().expect("written lock");
         if cached {
             pods.remove(pod);
-            return false;
+            return None;
         }
-        pods.get(pod).is_some_and(|at| at.elapsed() < CREATED_POD_GRACE)
+        let remaining = CREATED_POD_GRACE.checked_sub(pods.get(pod)?.elapsed());
+        if remaining.is_none() {
+            pods.remove(pod);
+        }
+        remaining
     }
 
     pub fn created_pod(&self, pod: ObjectRef<Pod>) {
         self.pods.lock().expect("written lock").insert(pod, Instant::now());
     }
 
+    /// Whether the cached pod with `uid` is one we already deleted (the cache lags behind).
+    pub fn already_deleted(&self, pod: &ObjectRef<Pod>, uid: Option<&str>) -> bool {
+        let mut deleted = self.deleted.lock().expect("written lock");
+        match (deleted.get(pod), uid) {
+            (Some(gone), Some(uid)) if gone == uid => true,
+            (Some(_), _) => {
+                deleted.remove(pod);
+                false
+            }
+            (None, _) => false,
+        }
+    }
+
+    pub fn deleted_pod(&self, pod: ObjectRef<Pod>, uid: String) {
+        self.deleted.lock().expect("written lock").insert(pod, uid);
+    }
+
     /// Drops what is kept for a deleted runtime.
     pub fn forget(&self, runtime: &ObjectRef<PromptFlowRuntime>, pod: &ObjectRef<Pod>) {
         self.statuses.lock().expect("written lock").remove(runtime);
         self.pods.lock().expect("written lock").remove(pod);
+        self.deleted.lock().expect("written lock").remove(pod);
     }
 }
 
@@ -131,10 +156,27 @@ mod tests {
     fn a_created_pod_counts_until_the_cache_shows_it() {
         let written = Written::default();
         let pod = ObjectRef::new("chat-runtime").within("a");
-        assert!(!written.pod_pending(&pod, false));
+        assert_eq!(written.pod_pending(&pod, false), None);
         written.created_pod(pod.clone());
-        assert!(written.pod_pending(&pod, false));
-        assert!(!written.pod_pending(&pod, true), "seen in the cache");
-        assert!(!written.pod_pending(&pod, false), "the entry ended");
+        assert!(
+            written
+                .pod_pending(&pod, false)
+                .is_some_and(|left| left <= CREATED_POD_GRACE)
+        );
+        assert_eq!(written.pod_pending(&pod, true), None, "seen in the cache");
+        assert_eq!(written.pod_pending(&pod, false), None, "the entry ended");
+    }
+
+    #[test]
+    fn a_deleted_pod_is_not_deleted_again_while_the_cache_lags() {
+        let written = Written::default();
+        let pod = ObjectRef::new("chat-runtime").within("a");
+        written.deleted_pod(pod.clone(), "uid-1".into());
+        assert!(written.already_deleted(&pod, Some("uid-1")));
+        assert!(!written.already_deleted(&pod, Some("uid-2")), "a new pod");
+        assert!(
+            !written.already_deleted(&pod, Some("uid-1")),
+            "the entry ended with the new pod"
+        );
     }
 }

@@ -279,6 +279,22 @@ async fn quota_too_small_then_raised() {
         let running = wait_status(&ns, "chat", "Running", None).await;
         assert_eq!(running.status.unwrap().instance_type.as_deref(), Some("Standard_D2s_v3"));
 
+        // Growing within the quota: the runtime's own pod gives its share back when replaced.
+        quotas.patch("team-quota", &PatchParams::default(), &Patch::Merge(json!({"spec": {"hard": {"requests.cpu": "4"}}}))).await.unwrap();
+        let grow = json!({"spec": {"compute": {"serverless": {"instanceType": "Standard_D4s_v3"}}}});
+        ns.api::<PromptFlowRuntime>().patch("chat", &PatchParams::default(), &Patch::Merge(grow)).await.unwrap();
+        harness::wait_for(
+            &ns.api::<PromptFlowRuntime>(),
+            "chat",
+            |rt: Option<&PromptFlowRuntime>| {
+                rt.and_then(|rt| rt.status.as_ref()).is_some_and(|s| {
+                    s.phase == promptflow_operator::api::RuntimePhase::Running && s.instance_type.as_deref() == Some("Standard_D4s_v3")
+                })
+            },
+            WAIT,
+        )
+        .await;
+
         // A named size that is not in the catalog lists the valid ones.
         ns.api::<PromptFlowRuntime>()
             .create(&PostParams::default(), &runtime("big", json!({"compute": {"serverless": {"instanceType": "Standard_NC24"}}})))
