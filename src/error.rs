@@ -23,6 +23,10 @@ pub enum Error {
     #[error(transparent)]
     Catalog(#[from] crate::catalog::CatalogError),
 
+    /// Leader election failed.
+    #[error("leader election: {0}")]
+    Lease(String),
+
     /// The admin server could not bind or serve.
     #[error("admin server: {0}")]
     Admin(#[source] std::io::Error),
@@ -51,6 +55,7 @@ impl Error {
             Error::NotNamespaced => "not_namespaced",
             Error::Catalog(_) => "catalog",
             Error::Admin(_) => "admin",
+            Error::Lease(_) => "lease",
         }
     }
 }

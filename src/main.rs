@@ -13,6 +13,7 @@ use promptflow_operator::build::pod::PodSecurity;
 use promptflow_operator::catalog::Catalog;
 use promptflow_operator::controller::{self, Settings};
 use promptflow_operator::error::Error;
+use promptflow_operator::leader::{self, LeaseSettings};
 use promptflow_operator::metrics::Metrics;
 use promptflow_operator::{preflight, telemetry};
 use tracing::{error, info};
@@ -44,6 +45,15 @@ struct Args {
     /// Watch only this namespace (a namespaced install); absent: every namespace.
     #[arg(long, env = "PF_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// Elect a leader through a Lease before reconciling (run several replicas safely).
+    #[arg(long, env = "PF_LEADER_ELECT", default_value_t = false, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// The Lease's namespace (in a cluster: the operator's own, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Seconds a lease stays valid without renewal; a standby takes over after this.
+    #[arg(long, env = "PF_LEASE_SECONDS", default_value_t = 15)]
+    lease_seconds: u64,
     /// Check the cluster and the CRDs, then exit.
     #[arg(long)]
     check: bool,
@@ -99,7 +109,34 @@ async fn run(args: Args) -> Result<(), Error> {
         concurrency: args.concurrency,
         namespace: args.watch_namespace,
     };
-    controller::run(client, settings, metrics, ready, shutdown_signal()).await;
+    let leadership = if args.leader_elect {
+        let identity =
+            std::env::var("POD_NAME").unwrap_or_else(|_| format!("promptflow-operator-{}", std::process::id()));
+        let lease = LeaseSettings {
+            namespace: args.lease_namespace,
+            name: "promptflow-operator".into(),
+            identity,
+            duration_seconds: args.lease_seconds.max(2),
+        };
+        tokio::select! {
+            held = leader::acquire(client.clone(), &lease) => Some(held?),
+            _ = shutdown_signal() => return Ok(()),
+        }
+    } else {
+        None
+    };
+    match leadership {
+        None => controller::run(client, settings, metrics, ready, shutdown_signal()).await,
+        Some(mut leadership) => {
+            tokio::select! {
+                _ = controller::run(client, settings, metrics, ready, shutdown_signal()) => leadership.release().await,
+                _ = leadership.lost() => {
+                    admin_task.abort();
+                    return Err(Error::Lease("leadership lost; exiting so that only the new leader reconciles".into()));
+                }
+            }
+        }
+    }
     admin_task.abort();
     info!("promptflow-operator stopped");
     Ok(())

@@ -93,7 +93,10 @@ async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
         std::fs::write(&kubeconfig_file, serde_json::to_string(&kubeconfig).unwrap()).unwrap();
 
         let catalog_arg = catalog_file.to_string_lossy().into_owned();
-        let operator = OperatorProcess::start(&kubeconfig_file, &["--watch-namespace", &ns.name, "--catalog", &catalog_arg]);
+        let operator = OperatorProcess::start(
+            &kubeconfig_file,
+            &["--watch-namespace", &ns.name, "--catalog", &catalog_arg, "--leader-elect", "true", "--lease-namespace", &ns.name],
+        );
 
         // Everything the operator touches: a pull secret through a service account, a flow.
         let auth = r#"{"auths":{"mcr.microsoft.com":{"auth":"dXNlcjpwYXNz"}}}"#;
@@ -151,10 +154,10 @@ async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
 #[tokio::test]
 async fn the_chart_renders_a_cluster_wide_install_with_a_hardened_deployment() {
     let rendered = render("pf", "pf-system", &[]).await;
-    assert!(
-        rendered.contains("kind: ClusterRole\n") && !rendered.contains("kind: Role\n"),
-        "{rendered}"
-    );
+    assert!(rendered.contains("kind: ClusterRole\n"), "{rendered}");
+    // The only namespaced Role is the leader-election one, in the release namespace.
+    assert_eq!(rendered.matches("\nkind: Role\n").count(), 1, "{rendered}");
+    assert!(rendered.contains("resources: [leases]"), "{rendered}");
     for expected in [
         "runAsNonRoot: true",
         "readOnlyRootFilesystem: true",

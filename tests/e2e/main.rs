@@ -8,5 +8,6 @@ mod budget;
 mod chart;
 mod cluster;
 mod crds;
+mod leader;
 mod operator;
 mod runtime;
