@@ -5,7 +5,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::FutureExt;
 
 use clap::Parser;
 use promptflow_operator::admin::{self, AdminState};
@@ -52,8 +54,11 @@ struct Args {
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
     /// Seconds a lease stays valid without renewal; a standby takes over after this.
-    #[arg(long, env = "PF_LEASE_SECONDS", default_value_t = 15)]
+    #[arg(long, env = "PF_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=300))]
     lease_seconds: u64,
+    /// The Lease's name: one per installation.
+    #[arg(long, env = "PF_LEASE_NAME", default_value = "promptflow-operator")]
+    lease_name: String,
     /// Check the cluster and the CRDs, then exit.
     #[arg(long)]
     check: bool,
@@ -109,27 +114,32 @@ async fn run(args: Args) -> Result<(), Error> {
         concurrency: args.concurrency,
         namespace: args.watch_namespace,
     };
+    // One shutdown signal for every phase, so a SIGTERM is never lost between them.
+    let shutdown = shutdown_signal().shared();
     let leadership = if args.leader_elect {
-        let identity =
-            std::env::var("POD_NAME").unwrap_or_else(|_| format!("promptflow-operator-{}", std::process::id()));
         let lease = LeaseSettings {
             namespace: args.lease_namespace,
-            name: "promptflow-operator".into(),
-            identity,
-            duration_seconds: args.lease_seconds.max(2),
+            name: args.lease_name,
+            identity: leader::identity(),
+            duration_seconds: args.lease_seconds,
         };
-        tokio::select! {
-            held = leader::acquire(client.clone(), &lease) => Some(held?),
-            _ = shutdown_signal() => return Ok(()),
-        }
+        // A standby is ready: it is healthy and takes over when the leader goes (a rolling
+        // update waits for this before stopping the old leader).
+        ready.store(true, Ordering::Relaxed);
+        let held = tokio::select! {
+            held = leader::acquire(client.clone(), &lease) => held?,
+            _ = shutdown.clone() => return Ok(()),
+        };
+        ready.store(false, Ordering::Relaxed);
+        Some(held)
     } else {
         None
     };
     match leadership {
-        None => controller::run(client, settings, metrics, ready, shutdown_signal()).await,
+        None => controller::run(client, settings, metrics, ready, shutdown).await,
         Some(mut leadership) => {
             tokio::select! {
-                _ = controller::run(client, settings, metrics, ready, shutdown_signal()) => leadership.release().await,
+                _ = controller::run(client, settings, metrics, ready, shutdown) => leadership.release().await,
                 _ = leadership.lost() => {
                     admin_task.abort();
                     return Err(Error::Lease("leadership lost; exiting so that only the new leader reconciles".into()));

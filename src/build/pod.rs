@@ -71,8 +71,15 @@ pub struct RuntimePodInputs<'a> {
 
 /// The runtime pod's name for a runtime.
 pub fn pod_name(runtime_name: &str) -> String {
-    format!("{runtime_name}-runtime")
+    format!("{runtime_name}{POD_SUFFIX}")
 }
+
+/// The runtime a pod of [`pod_name`] belongs to.
+pub fn runtime_name(pod_name: &str) -> &str {
+    pod_name.strip_suffix(POD_SUFFIX).unwrap_or(pod_name)
+}
+
+const POD_SUFFIX: &str = "-runtime";
 
 /// Builds the runtime pod, its spec hash annotation included.
 pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {

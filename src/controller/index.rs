@@ -63,6 +63,15 @@ impl DependencyIndex {
             .unwrap_or_default()
     }
 
+    /// Keeps only the runtimes for which `keep` holds.
+    pub fn retain(&self, keep: impl Fn(&ObjectRef<PromptFlowRuntime>) -> bool) {
+        let mut maps = self.maps.lock().expect("index lock");
+        let gone: Vec<_> = maps.dependencies.keys().filter(|key| !keep(key)).cloned().collect();
+        for runtime in gone {
+            Self::unlink(&mut maps, &runtime);
+        }
+    }
+
     /// How many runtimes are indexed (for tests and metrics).
     pub fn len(&self) -> usize {
         self.maps.lock().expect("index lock").dependencies.len()
@@ -122,5 +131,10 @@ mod tests {
         index.forget(&runtime("a"));
         assert!(index.dependents(&account("puller")).is_empty());
         assert!(index.is_empty());
+
+        index.record(runtime("b"), vec![account("puller")]);
+        index.record(runtime("c"), vec![account("puller")]);
+        index.retain(|key| key.name == "c");
+        assert_eq!(index.dependents(&account("puller")), [runtime("c")]);
     }
 }

@@ -158,9 +158,12 @@ pub async fn run(
         .default_backoff()
         .modify(trim)
         .reflect(runtime_writer)
-        .inspect_ok(move |event| {
-            if let watcher::Event::Delete(runtime) = event {
-                runtime::forget(&forgetting, runtime);
+        .inspect_ok({
+            let store = runtime_store.clone();
+            move |event| match event {
+                watcher::Event::Delete(runtime) => runtime::forget(&forgetting, runtime),
+                watcher::Event::InitDone => runtime::forget_missing(&forgetting, |key| store.get(key).is_some()),
+                _ => {}
             }
         })
         .applied_objects();

@@ -334,7 +334,13 @@ fn choose_size<'a>(
     catalog: &'a Catalog,
 ) -> Result<&'a InstanceType, (&'static str, String)> {
     let named = named_size(runtime);
-    let live = observed.pod.as_deref().and_then(live_size);
+    // The size chosen at first start is kept: the live pod's, else the one the status recorded
+    // (between deleting a pod and creating its replacement, quota usage still counts the old one).
+    let live = observed
+        .pod
+        .as_deref()
+        .and_then(live_size)
+        .or_else(|| runtime.status.as_ref()?.instance_type.as_deref());
     if let Some(named) = named {
         let size = catalog.get(named).ok_or_else(|| {
             (
@@ -598,6 +604,14 @@ async fn publish(ctx: &Context, runtime: &PromptFlowRuntime, type_: EventType, r
     if let Err(err) = ctx.recorder.publish(&event, &runtime.object_ref(&())).await {
         warn!(name = %runtime.name_any(), error = %err, "could not publish event");
     }
+}
+
+/// Drops what is kept for runtimes that no longer exist (after a watch re-list, which reports no
+/// deletions for what went away while the watch was down).
+pub fn forget_missing(ctx: &Context, exists: impl Fn(&ObjectRef<PromptFlowRuntime>) -> bool) {
+    ctx.index.retain(&exists);
+    ctx.written.retain(&exists);
+    ctx.failures.lock().expect("failures lock").retain(|key, _| exists(key));
 }
 
 /// Drops everything kept for a runtime that was deleted.

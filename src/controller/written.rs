@@ -107,6 +107,24 @@ impl Written {
         self.deleted.lock().expect("written lock").insert(pod, uid);
     }
 
+    /// Keeps only the runtimes for which `keep` holds (pods follow their runtime's name).
+    pub fn retain(&self, keep: impl Fn(&ObjectRef<PromptFlowRuntime>) -> bool) {
+        self.statuses.lock().expect("written lock").retain(|key, _| keep(key));
+        let runtime_of = |pod: &ObjectRef<Pod>| {
+            let mut key = ObjectRef::<PromptFlowRuntime>::new(crate::build::pod::runtime_name(&pod.name));
+            key.namespace = pod.namespace.clone();
+            key
+        };
+        self.pods
+            .lock()
+            .expect("written lock")
+            .retain(|pod, _| keep(&runtime_of(pod)));
+        self.deleted
+            .lock()
+            .expect("written lock")
+            .retain(|pod, _| keep(&runtime_of(pod)));
+    }
+
     /// Drops what is kept for a deleted runtime.
     pub fn forget(&self, runtime: &ObjectRef<PromptFlowRuntime>, pod: &ObjectRef<Pod>) {
         self.statuses.lock().expect("written lock").remove(runtime);

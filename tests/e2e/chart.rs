@@ -167,6 +167,30 @@ async fn the_chart_renders_a_cluster_wide_install_with_a_hardened_deployment() {
     ] {
         assert!(rendered.contains(expected), "the rendered chart lacks {expected:?}");
     }
+    assert!(
+        rendered.contains("--lease-name=pf-promptflow-operator"),
+        "one Lease per installation"
+    );
+    assert!(rendered.contains("type: RollingUpdate"), "{rendered}");
+    let chart = harness::repo_root().join("charts/promptflow-operator");
+    let refused = tokio::process::Command::new("helm")
+        .args([
+            "template",
+            "pf",
+            &chart.to_string_lossy(),
+            "--set",
+            "replicas=2",
+            "--set",
+            "leaderElection.enabled=false",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "two replicas without leader election must not render"
+    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("needs leaderElection.enabled"));
     let custom = render(
         "pf",
         "pf-system",

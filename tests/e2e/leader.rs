@@ -54,6 +54,8 @@ async fn a_standby_takes_over_when_the_leader_dies() {
             "the standby reconciles:\n{}",
             standby.log_text()
         );
+        // A standby is ready (a rolling update waits for that before stopping the leader).
+        assert_eq!(harness::http_get(&standby.admin_address().await, "/readyz").await, "ok");
 
         let runtimes = ns.api::<PromptFlowRuntime>();
         harness::create_runtimes(&runtimes, "before", 1).await;
