@@ -71,7 +71,6 @@ struct Observed {
 
 /// The outcome of planning: the pod to run, or why there is none.
 enum Plan {
-    // Both arms carry the image: the identity message names its registry.
     Run {
         pod: Box<Pod>,
         image: String,
@@ -80,7 +79,6 @@ enum Plan {
     },
     Blocked {
         verdict: Verdict,
-        image: String,
     },
 }
 
@@ -135,24 +133,21 @@ async fn reconcile_runtime(runtime: Arc<PromptFlowRuntime>, ctx: &Arc<Context>) 
         .map(|(cm, found)| (cm.as_str(), flow::read(cm, found.as_ref())));
     let flow_environment = flow.as_ref().and_then(|(_, read)| read.as_ref().ok());
     let (image, version) = runtime_image(&runtime, flow_environment);
+    let registry = identity::registry_host(&image);
     let identity = identity::resolve(
         &observed.account_name,
         observed.account.as_deref(),
         &observed.secrets,
-        &identity::registry_host(&image),
+        &registry,
     );
     let plan = plan(&runtime, &observed, ctx, &identity, flow.as_ref(), image, version);
 
     let identity_condition = match &identity {
-        Ok(resolved) => (
-            true,
-            reasons::IDENTITY_RESOLVED,
-            identity_message(resolved, &identity_image_host(&plan)),
-        ),
+        Ok(resolved) => (true, reasons::IDENTITY_RESOLVED, identity_message(resolved, &registry)),
         Err(problem) => (false, problem.reason(), problem.to_string()),
     };
     let (verdict, facts, action) = match plan {
-        Plan::Blocked { verdict, .. } => (verdict, None, Action::await_change()),
+        Plan::Blocked { verdict } => (verdict, None, Action::await_change()),
         Plan::Run {
             pod,
             image,
@@ -212,7 +207,8 @@ async fn observe(
     }
     // Sizing a new pod (none yet, or a resize) reads quota headroom, or waits for it.
     let resizing = named_size(runtime).is_some_and(|named| pod.as_deref().and_then(live_size) != Some(named));
-    if pod.is_none() || resizing {
+    let sizing = pod.is_none() || resizing;
+    if sizing {
         dependencies.push(Dependency::Quotas(namespace.to_owned()));
     }
     ctx.index.record(key.clone(), dependencies.clone());
@@ -242,13 +238,16 @@ async fn observe(
         }
         None => None,
     };
-    let quotas = ctx
-        .quotas
-        .state()
-        .iter()
-        .filter(|q| q.namespace().as_deref() == Some(namespace))
-        .map(|q| (**q).clone())
-        .collect();
+    // Quotas matter only when a pod is sized; a runtime that keeps its pod never reads them.
+    let quotas = if sizing {
+        ctx.quotas
+            .state_filter(|q| q.namespace().as_deref() == Some(namespace))
+            .iter()
+            .map(|q| (**q).clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(Observed {
         account_name,
         account,
@@ -277,12 +276,6 @@ fn runtime_image(runtime: &PromptFlowRuntime, flow: Option<&FlowEnvironment>) ->
     }
 }
 
-fn identity_image_host(plan: &Plan) -> String {
-    match plan {
-        Plan::Run { image, .. } | Plan::Blocked { image, .. } => identity::registry_host(image),
-    }
-}
-
 /// Validates what was observed and builds the pod. Pure.
 fn plan(
     runtime: &PromptFlowRuntime,
@@ -295,7 +288,6 @@ fn plan(
 ) -> Plan {
     let blocked = |reason: &str, message: String| Plan::Blocked {
         verdict: Verdict::not_available(reason, message),
-        image: image.clone(),
     };
     let identity = match identity {
         Ok(identity) => identity,

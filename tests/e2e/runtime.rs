@@ -14,12 +14,13 @@ use crate::harness::{self, OperatorProcess, TestNamespace, with_namespace};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn runtime(name: &str, spec: serde_json::Value) -> PromptFlowRuntime {
-    serde_json::from_value(json!({
+/// Creates a runtime `name` with `spec` in the test namespace.
+async fn create_runtime(ns: &TestNamespace, name: &str, spec: serde_json::Value) -> PromptFlowRuntime {
+    let runtime = json!({
         "apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime",
         "metadata": {"name": name}, "spec": spec
-    }))
-    .unwrap()
+    });
+    create(&ns.api::<PromptFlowRuntime>(), runtime).await
 }
 
 async fn create<K>(api: &Api<K>, object: serde_json::Value) -> K
@@ -137,13 +138,7 @@ async fn serverless_samples_reach_running_and_describe_shows_events() {
 async fn a_missing_service_account_blocks_until_it_appears() {
     with_namespace("pf-rt-identity", |ns| async move {
         let _operator = OperatorProcess::for_namespace(&ns.name);
-        let api = ns.api::<PromptFlowRuntime>();
-        api.create(
-            &PostParams::default(),
-            &runtime("late", json!({"identity": {"serviceAccountName": "pf-late"}})),
-        )
-        .await
-        .unwrap();
+        create_runtime(&ns, "late", json!({"identity": {"serviceAccountName": "pf-late"}})).await;
         let blocked = wait_status(&ns, "late", "Not available", Some("ServiceAccountNotFound")).await;
         let message = blocked.status.as_ref().unwrap().message.clone().unwrap();
         assert!(message.contains("pf-late"), "{message}");
@@ -189,10 +184,7 @@ async fn a_pull_secret_of_the_wrong_type_is_invalid_and_never_leaks() {
         let secrets = ns.api::<Secret>();
         create(&secrets, json!({"metadata": {"name": "regcred"}, "type": "Opaque", "stringData": {"token": "hunter2-do-not-log"}})).await;
         create(&ns.api::<ServiceAccount>(), json!({"metadata": {"name": "puller"}, "imagePullSecrets": [{"name": "regcred"}]})).await;
-        ns.api::<PromptFlowRuntime>()
-            .create(&PostParams::default(), &runtime("chat", json!({"identity": {"serviceAccountName": "puller"}})))
-            .await
-            .unwrap();
+        create_runtime(&ns, "chat", json!({"identity": {"serviceAccountName": "puller"}})).await;
         let invalid = wait_status(&ns, "chat", "Not available", Some("PullSecretInvalid")).await;
         let status_text = serde_json::to_string(&invalid.status).unwrap();
         assert!(status_text.contains("regcred") && status_text.contains("type Opaque"), "{status_text}");
@@ -219,10 +211,7 @@ async fn the_flow_environment_sets_image_and_requirements_and_edits_roll_the_pod
         let config_maps = ns.api::<ConfigMap>();
         let dag = "environment:\n  image: registry.example/team/flow-runtime:7\n  python_requirements_txt: requirements.txt\n";
         create(&config_maps, json!({"metadata": {"name": "flow"}, "data": {"flow.dag.yaml": dag, "requirements.txt": "requests\n"}})).await;
-        ns.api::<PromptFlowRuntime>()
-            .create(&PostParams::default(), &runtime("chat", json!({"flow": {"configMapName": "flow"}})))
-            .await
-            .unwrap();
+        create_runtime(&ns, "chat", json!({"flow": {"configMapName": "flow"}})).await;
         wait_status(&ns, "chat", "Running", None).await;
         let pod = runtime_pods(&ns, "chat").await.remove(0);
         let spec = pod.spec.as_ref().unwrap();
@@ -270,7 +259,7 @@ async fn quota_too_small_then_raised() {
             WAIT,
         )
         .await;
-        ns.api::<PromptFlowRuntime>().create(&PostParams::default(), &runtime("chat", json!({}))).await.unwrap();
+        create_runtime(&ns, "chat", json!({})).await;
         let blocked = wait_status(&ns, "chat", "Not available", Some("QuotaExceeded")).await;
         let message = blocked.status.unwrap().message.unwrap();
         assert!(message.contains("team-quota") && message.contains("requests.cpu"), "{message}");
@@ -296,10 +285,7 @@ async fn quota_too_small_then_raised() {
         .await;
 
         // A named size that is not in the catalog lists the valid ones.
-        ns.api::<PromptFlowRuntime>()
-            .create(&PostParams::default(), &runtime("big", json!({"compute": {"serverless": {"instanceType": "Standard_NC24"}}})))
-            .await
-            .unwrap();
+        create_runtime(&ns, "big", json!({"compute": {"serverless": {"instanceType": "Standard_NC24"}}})).await;
         let unknown = wait_status(&ns, "big", "Not available", Some("UnknownInstanceType")).await;
         assert!(unknown.status.unwrap().message.unwrap().contains("Standard_E4ds_v4"));
     })
@@ -311,10 +297,7 @@ async fn image_pull_failures_surface_on_the_runtime() {
     with_namespace("pf-rt-pull", |ns| async move {
         let _operator = OperatorProcess::for_namespace(&ns.name);
         let spec = json!({"image": {"repository": "registry.invalid/simulate/errimagepull", "version": "1"}});
-        ns.api::<PromptFlowRuntime>()
-            .create(&PostParams::default(), &runtime("chat", spec))
-            .await
-            .unwrap();
+        create_runtime(&ns, "chat", spec).await;
         let failed = wait_status(&ns, "chat", "Not available", Some("ErrImagePull")).await;
         let status = failed.status.unwrap();
         let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
@@ -343,12 +326,7 @@ async fn a_version_change_replaces_the_pod_once_and_deletion_removes_it() {
     with_namespace("pf-rt-version", |ns| async move {
         let operator = OperatorProcess::for_namespace(&ns.name);
         let api = ns.api::<PromptFlowRuntime>();
-        api.create(
-            &PostParams::default(),
-            &runtime("chat", json!({"image": {"version": "20240101.v1"}})),
-        )
-        .await
-        .unwrap();
+        create_runtime(&ns, "chat", json!({"image": {"version": "20240101.v1"}})).await;
         wait_status(&ns, "chat", "Running", None).await;
         let first = runtime_pods(&ns, "chat").await.remove(0);
 
@@ -401,11 +379,8 @@ async fn a_version_change_replaces_the_pod_once_and_deletion_removes_it() {
 async fn a_killed_operator_resumes_with_exactly_one_pod_per_runtime() {
     with_namespace("pf-rt-crash", |ns| async move {
         let mut operator = OperatorProcess::for_namespace(&ns.name);
-        let api = ns.api::<PromptFlowRuntime>();
         for i in 0..20 {
-            api.create(&PostParams::default(), &runtime(&format!("rt-{i:02}"), json!({})))
-                .await
-                .unwrap();
+            create_runtime(&ns, &format!("rt-{i:02}"), json!({})).await;
         }
         // Kill it mid-way: some pods exist, others not yet.
         let pods = ns.api::<Pod>();
@@ -439,10 +414,7 @@ async fn a_killed_operator_resumes_with_exactly_one_pod_per_runtime() {
 async fn a_failed_or_vanished_pod_is_recreated() {
     with_namespace("pf-rt-recreate", |ns| async move {
         let _operator = OperatorProcess::for_namespace(&ns.name);
-        ns.api::<PromptFlowRuntime>()
-            .create(&PostParams::default(), &runtime("chat", json!({})))
-            .await
-            .unwrap();
+        create_runtime(&ns, "chat", json!({})).await;
         wait_status(&ns, "chat", "Running", None).await;
         let pods = ns.api::<Pod>();
 
