@@ -3,8 +3,6 @@
 
 pub mod index;
 pub mod runtime;
-pub mod status;
-pub mod written;
 
 use std::sync::Arc;
 
@@ -144,11 +142,11 @@ pub async fn run(
         index: DependencyIndex::default(),
         metrics,
         caches_ready,
-        written: Default::default(),
+        own_writes: Default::default(),
         failures: std::sync::Mutex::new(Default::default()),
     });
     // The reconciler records into the context's index; the mappers read the same one.
-    let index = IndexHandle(context.clone());
+    let dependents = Dependents(context.clone());
 
     // The runtime watch is ours (not the controller's) so a deleted runtime's entries in the
     // index and the write memory are dropped: reconciles never see deletions without a finalizer.
@@ -170,21 +168,21 @@ pub async fn run(
     let controller = Controller::for_stream(runtime_stream, runtime_store)
         .with_config(controller::Config::default().concurrency(settings.concurrency))
         .owns_stream(pod_stream)
-        .watches_stream(account_stream, index.mapper(Dependency::ServiceAccount))
+        .watches_stream(account_stream, dependents.of(Dependency::ServiceAccount))
         .watches_stream(
             secret_stream,
-            index.mapper::<PartialObjectMeta<Secret>>(Dependency::Secret),
+            dependents.of::<PartialObjectMeta<Secret>>(Dependency::Secret),
         )
         .watches_stream(
             config_map_stream,
-            index.mapper::<PartialObjectMeta<ConfigMap>>(Dependency::ConfigMap),
+            dependents.of::<PartialObjectMeta<ConfigMap>>(Dependency::ConfigMap),
         )
         .watches_stream(quota_stream, {
-            let index = index.clone();
+            let dependents = dependents.clone();
             move |quota: ResourceQuota| {
                 quota
                     .namespace()
-                    .map(|ns| index.0.index.dependents(&Dependency::Quotas(ns)))
+                    .map(|ns| dependents.0.index.dependents(&Dependency::Quotas(ns)))
                     .unwrap_or_default()
             }
         })
@@ -208,12 +206,14 @@ pub async fn run(
     info!("PromptFlowRuntime controller stopped");
 }
 
-/// The context's index, shared with the watch mappers.
+/// Looks up, for a watched object, the runtimes whose last reconcile read it (the context's
+/// dependency index, shared with the watch mappers).
 #[derive(Clone)]
-struct IndexHandle(Arc<Context>);
+struct Dependents(Arc<Context>);
 
-impl IndexHandle {
-    fn mapper<K: Resource>(
+impl Dependents {
+    /// A watch mapper: an object of kind `K`, keyed by `dependency`, to the runtimes that read it.
+    fn of<K: Resource>(
         &self,
         dependency: fn(String, String) -> Dependency,
     ) -> impl Fn(K) -> Vec<ObjectRef<PromptFlowRuntime>> + Send + Sync + 'static {

@@ -14,8 +14,8 @@ use crate::api::{PromptFlowRuntime, PromptFlowRuntimeStatus};
 /// this operator's last write (the watch has not delivered it yet); judging that stale copy would
 /// repeat the write. Entries end as soon as the caches catch up.
 #[derive(Default)]
-pub struct Written {
-    statuses: Mutex<HashMap<ObjectRef<PromptFlowRuntime>, WrittenStatus>>,
+pub struct OwnWrites {
+    statuses: Mutex<HashMap<ObjectRef<PromptFlowRuntime>, OwnStatusWrite>>,
     /// Pods created and not yet seen in the cache, with when.
     pods: Mutex<HashMap<ObjectRef<Pod>, Instant>>,
     /// Pods deleted (by uid) that the cache may still show without a deletion timestamp.
@@ -24,7 +24,7 @@ pub struct Written {
 
 /// The last status written for a runtime: resourceVersions older than that write (the ones written
 /// over and the ones earlier writes produced) are known stale; `latest` is what the write produced.
-struct WrittenStatus {
+struct OwnStatusWrite {
     stale: HashSet<String>,
     latest: String,
     status: PromptFlowRuntimeStatus,
@@ -33,11 +33,11 @@ struct WrittenStatus {
 /// How long a created pod is trusted to exist before the cache shows it.
 const CREATED_POD_GRACE: Duration = Duration::from_secs(30);
 
-impl Written {
+impl OwnWrites {
     /// The status to compare against: ours when the cached runtime predates our last write.
     pub fn status_baseline(&self, runtime: &PromptFlowRuntime) -> Option<PromptFlowRuntimeStatus> {
         let key = ObjectRef::from_obj(runtime);
-        let mut statuses = self.statuses.lock().expect("written lock");
+        let mut statuses = self.statuses.lock().expect("own writes lock");
         let cached_version = runtime.metadata.resource_version.clone().unwrap_or_default();
         match statuses.get(&key) {
             Some(written) if written.stale.contains(&cached_version) => Some(written.status.clone()),
@@ -54,10 +54,10 @@ impl Written {
         let (Some(over), Some(produced)) = (runtime.metadata.resource_version.clone(), produced) else {
             return;
         };
-        let mut statuses = self.statuses.lock().expect("written lock");
+        let mut statuses = self.statuses.lock().expect("own writes lock");
         let entry = statuses
             .entry(ObjectRef::from_obj(runtime))
-            .or_insert_with(|| WrittenStatus {
+            .or_insert_with(|| OwnStatusWrite {
                 stale: Default::default(),
                 latest: String::new(),
                 status: status.clone(),
@@ -74,7 +74,7 @@ impl Written {
     /// When a pod missing from the cache was created by us moments ago: how long to keep trusting
     /// that it exists. A pod the cache shows ends the entry.
     pub fn pod_pending(&self, pod: &ObjectRef<Pod>, cached: bool) -> Option<Duration> {
-        let mut pods = self.pods.lock().expect("written lock");
+        let mut pods = self.pods.lock().expect("own writes lock");
         if cached {
             pods.remove(pod);
             return None;
@@ -87,12 +87,12 @@ impl Written {
     }
 
     pub fn created_pod(&self, pod: ObjectRef<Pod>) {
-        self.pods.lock().expect("written lock").insert(pod, Instant::now());
+        self.pods.lock().expect("own writes lock").insert(pod, Instant::now());
     }
 
     /// Whether the cached pod with `uid` is one we already deleted (the cache lags behind).
     pub fn already_deleted(&self, pod: &ObjectRef<Pod>, uid: Option<&str>) -> bool {
-        let mut deleted = self.deleted.lock().expect("written lock");
+        let mut deleted = self.deleted.lock().expect("own writes lock");
         match (deleted.get(pod), uid) {
             (Some(gone), Some(uid)) if gone == uid => true,
             (Some(_), _) => {
@@ -104,12 +104,15 @@ impl Written {
     }
 
     pub fn deleted_pod(&self, pod: ObjectRef<Pod>, uid: String) {
-        self.deleted.lock().expect("written lock").insert(pod, uid);
+        self.deleted.lock().expect("own writes lock").insert(pod, uid);
     }
 
     /// Keeps only the runtimes for which `keep` holds (pods follow their runtime's name).
     pub fn retain(&self, keep: impl Fn(&ObjectRef<PromptFlowRuntime>) -> bool) {
-        self.statuses.lock().expect("written lock").retain(|key, _| keep(key));
+        self.statuses
+            .lock()
+            .expect("own writes lock")
+            .retain(|key, _| keep(key));
         let runtime_of = |pod: &ObjectRef<Pod>| {
             let mut key = ObjectRef::<PromptFlowRuntime>::new(crate::build::pod::runtime_name(&pod.name));
             key.namespace = pod.namespace.clone();
@@ -117,19 +120,19 @@ impl Written {
         };
         self.pods
             .lock()
-            .expect("written lock")
+            .expect("own writes lock")
             .retain(|pod, _| keep(&runtime_of(pod)));
         self.deleted
             .lock()
-            .expect("written lock")
+            .expect("own writes lock")
             .retain(|pod, _| keep(&runtime_of(pod)));
     }
 
     /// Drops what is kept for a deleted runtime.
     pub fn forget(&self, runtime: &ObjectRef<PromptFlowRuntime>, pod: &ObjectRef<Pod>) {
-        self.statuses.lock().expect("written lock").remove(runtime);
-        self.pods.lock().expect("written lock").remove(pod);
-        self.deleted.lock().expect("written lock").remove(pod);
+        self.statuses.lock().expect("own writes lock").remove(runtime);
+        self.pods.lock().expect("own writes lock").remove(pod);
+        self.deleted.lock().expect("own writes lock").remove(pod);
     }
 }
 
@@ -157,7 +160,7 @@ mod tests {
 
     #[test]
     fn a_cache_older_than_our_writes_is_judged_by_what_we_wrote() {
-        let written = Written::default();
+        let written = OwnWrites::default();
         written.wrote_status(&runtime("10", None), Some("11".into()), status("PodStarting"));
         // A second write over the same stale copy, then the cache delivers the first write.
         written.wrote_status(&runtime("10", None), Some("12".into()), status("PodReady"));
@@ -172,7 +175,7 @@ mod tests {
 
     #[test]
     fn a_created_pod_counts_until_the_cache_shows_it() {
-        let written = Written::default();
+        let written = OwnWrites::default();
         let pod = ObjectRef::new("chat-runtime").within("a");
         assert_eq!(written.pod_pending(&pod, false), None);
         written.created_pod(pod.clone());
@@ -187,7 +190,7 @@ mod tests {
 
     #[test]
     fn a_deleted_pod_is_not_deleted_again_while_the_cache_lags() {
-        let written = Written::default();
+        let written = OwnWrites::default();
         let pod = ObjectRef::new("chat-runtime").within("a");
         written.deleted_pod(pod.clone(), "uid-1".into());
         assert!(written.already_deleted(&pod, Some("uid-1")));

@@ -4,6 +4,7 @@
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+use super::plan::{IdentityCondition, PodFacts};
 use crate::api::conditions::{self, reasons};
 use crate::api::{PromptFlowRuntimeStatus, RuntimePhase};
 
@@ -191,16 +192,12 @@ pub struct StatusInputs<'a> {
     pub previous: Option<&'a PromptFlowRuntimeStatus>,
     /// The verdict.
     pub verdict: &'a Verdict,
-    /// `IdentityResolved`: (status, reason, message).
-    pub identity: (bool, &'a str, &'a str),
+    /// The `IdentityResolved` condition.
+    pub identity: &'a IdentityCondition,
     /// `Serverless` or the instance's name.
     pub compute: &'a str,
-    /// The instance type, when chosen.
-    pub instance_type: Option<&'a str>,
-    /// The image reference, when decided.
-    pub image: Option<&'a str>,
-    /// The version, when decided.
-    pub version: Option<&'a str>,
+    /// Image, version and instance type, once decided.
+    pub facts: Option<&'a PodFacts>,
     /// `metadata.generation`.
     pub generation: Option<i64>,
     /// The time used for new transitions.
@@ -222,12 +219,11 @@ pub fn compose(inputs: &StatusInputs<'_>) -> PromptFlowRuntimeStatus {
         inputs.now,
     );
     set_condition(&mut conditions, &previous.conditions, new);
-    let (identity_ok, identity_reason, identity_message) = inputs.identity;
     let new = condition(
         conditions::IDENTITY_RESOLVED,
-        identity_ok,
-        identity_reason,
-        identity_message,
+        inputs.identity.resolved,
+        inputs.identity.reason,
+        &inputs.identity.message,
         inputs.generation,
         inputs.now,
     );
@@ -239,9 +235,9 @@ pub fn compose(inputs: &StatusInputs<'_>) -> PromptFlowRuntimeStatus {
         message: Some(verdict.message.clone()),
         observed_generation: inputs.generation,
         compute: Some(inputs.compute.to_owned()),
-        instance_type: inputs.instance_type.map(str::to_owned).or(previous.instance_type),
-        image: inputs.image.map(str::to_owned).or(previous.image),
-        version: inputs.version.map(str::to_owned).or(previous.version),
+        instance_type: inputs.facts.map(|f| f.size.clone()).or(previous.instance_type),
+        image: inputs.facts.map(|f| f.image.clone()).or(previous.image),
+        version: inputs.facts.map(|f| f.version.clone()).or(previous.version),
         conditions,
         ..previous
     }
@@ -253,6 +249,14 @@ mod tests {
 
     fn pod(status: serde_json::Value) -> Pod {
         serde_json::from_value(serde_json::json!({"metadata": {"name": "chat-runtime"}, "status": status})).unwrap()
+    }
+
+    fn resolved() -> IdentityCondition {
+        IdentityCondition {
+            resolved: true,
+            reason: reasons::IDENTITY_RESOLVED,
+            message: "ok".into(),
+        }
     }
 
     #[test]
@@ -313,14 +317,18 @@ mod tests {
         let t0 = Time(k8s_openapi::jiff::Timestamp::from_second(1_000).unwrap());
         let t1 = Time(k8s_openapi::jiff::Timestamp::from_second(2_000).unwrap());
         let starting = Verdict::not_available(reasons::POD_STARTING, "waiting");
+        let identity = resolved();
+        let facts = PodFacts {
+            image: "img:1".into(),
+            version: "1".into(),
+            size: "Standard_D2s_v3".into(),
+        };
         let inputs = |previous, verdict, now| StatusInputs {
             previous,
             verdict,
-            identity: (true, reasons::IDENTITY_RESOLVED, "ok"),
+            identity: &identity,
             compute: "Serverless",
-            instance_type: Some("Standard_D2s_v3"),
-            image: Some("img:1"),
-            version: Some("1"),
+            facts: Some(&facts),
             generation: Some(1),
             now,
         };
@@ -357,11 +365,9 @@ mod tests {
         let status = compose(&StatusInputs {
             previous: Some(&previous),
             verdict: &Verdict::not_available("Pending", "x"),
-            identity: (true, "IdentityResolved", "ok"),
+            identity: &resolved(),
             compute: "Serverless",
-            instance_type: None,
-            image: None,
-            version: None,
+            facts: None,
             generation: Some(2),
             now: &now,
         });

@@ -1,0 +1,116 @@
+//! Observe: read what a runtime points to. Service accounts, pods and quotas come from the watch
+//! caches; pull secrets and the flow ConfigMap are read from the API one by one, so the caches
+//! never hold secret data. What a reconcile is about to read is recorded in the dependency index
+//! *before* it reads, so a change landing in between still wakes the runtime.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ResourceQuota, Secret, ServiceAccount};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
+
+use super::Context;
+use super::size;
+use crate::api::{DEFAULT_SERVICE_ACCOUNT, PromptFlowRuntime};
+use crate::build::pod;
+use crate::controller::index::Dependency;
+use crate::error::Result;
+use crate::identity;
+
+/// What the reconcile read about the runtime's surroundings.
+pub struct Observed {
+    /// The service account the runtime pulls with.
+    pub account_name: String,
+    /// That account, when it exists.
+    pub account: Option<Arc<ServiceAccount>>,
+    /// Each imagePullSecret the account names, `None` when it does not exist.
+    pub secrets: BTreeMap<String, Option<Secret>>,
+    /// The flow ConfigMap, when the runtime names one.
+    pub flow: Option<FlowSource>,
+    /// The runtime's pod, when it exists.
+    pub pod: Option<Arc<Pod>>,
+    /// The namespace's quotas; read only when a pod is being sized.
+    pub quotas: Vec<ResourceQuota>,
+}
+
+/// The flow ConfigMap a runtime names, and what was found under that name.
+pub struct FlowSource {
+    /// `spec.flow.configMapName`.
+    pub config_map: String,
+    /// The ConfigMap, when it exists.
+    pub found: Option<ConfigMap>,
+}
+
+/// Reads everything `runtime` points to.
+pub async fn observe(
+    runtime: &PromptFlowRuntime,
+    ctx: &Context,
+    namespace: &str,
+    key: &ObjectRef<PromptFlowRuntime>,
+) -> Result<Observed> {
+    let account_name = runtime
+        .spec
+        .identity
+        .as_ref()
+        .and_then(|i| i.service_account_name.clone())
+        .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_owned());
+    let flow_name = runtime.spec.flow.as_ref().and_then(|f| f.config_map_name.clone());
+    let pod = ctx
+        .pods
+        .get(&ObjectRef::new(&pod::pod_name(&runtime.name_any())).within(namespace));
+
+    let mut dependencies = vec![Dependency::ServiceAccount(namespace.to_owned(), account_name.clone())];
+    if let Some(cm) = &flow_name {
+        dependencies.push(Dependency::ConfigMap(namespace.to_owned(), cm.clone()));
+    }
+    let sizing = size::needs_sizing(runtime, pod.as_deref());
+    if sizing {
+        dependencies.push(Dependency::Quotas(namespace.to_owned()));
+    }
+    ctx.index.record(key.clone(), dependencies.clone());
+
+    let account = ctx.accounts.get(&ObjectRef::new(&account_name).within(namespace));
+    let secret_names = account.as_deref().map(identity::pull_secret_names).unwrap_or_default();
+    if !secret_names.is_empty() {
+        dependencies.extend(
+            secret_names
+                .iter()
+                .map(|s| Dependency::Secret(namespace.to_owned(), s.clone())),
+        );
+        ctx.index.record(key.clone(), dependencies);
+    }
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut secrets = BTreeMap::new();
+    for secret in secret_names {
+        let found = secrets_api.get_opt(&secret).await?;
+        secrets.insert(secret, found);
+    }
+    let flow = match flow_name {
+        Some(config_map) => {
+            let found = Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
+                .get_opt(&config_map)
+                .await?;
+            Some(FlowSource { config_map, found })
+        }
+        None => None,
+    };
+    // Quotas matter only when a pod is sized; a runtime that keeps its pod never reads them.
+    let quotas = if sizing {
+        ctx.quotas
+            .state_filter(|q| q.namespace().as_deref() == Some(namespace))
+            .iter()
+            .map(|q| (**q).clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(Observed {
+        account_name,
+        account,
+        secrets,
+        flow,
+        pod,
+        quotas,
+    })
+}

@@ -1,0 +1,289 @@
+//! Plan: from what was observed, decide the pod the runtime should have, or the one problem that
+//! keeps it from having one. Pure: no client, no context, unit-tested from fixtures.
+
+use k8s_openapi::api::core::v1::Pod;
+
+use super::observe::Observed;
+use super::size;
+use crate::api::PromptFlowRuntime;
+use crate::api::conditions::reasons;
+use crate::build::pod::{self, PodSecurity, RuntimePodInputs};
+use crate::catalog::Catalog;
+use crate::flow::{self, FlowEnvironment, FlowProblem};
+use crate::identity::{self, IdentityProblem, PullIdentity};
+
+/// Why a runtime cannot have the pod its spec asks for: a reason constant and a message that
+/// names the field or object to fix. Identity, flow and sizing problems all become one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    /// CamelCase reason from [`reasons`].
+    pub reason: &'static str,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl From<&IdentityProblem> for Problem {
+    fn from(problem: &IdentityProblem) -> Self {
+        Self {
+            reason: problem.reason(),
+            message: problem.to_string(),
+        }
+    }
+}
+
+impl From<&FlowProblem> for Problem {
+    fn from(problem: &FlowProblem) -> Self {
+        Self {
+            reason: problem.reason(),
+            message: problem.to_string(),
+        }
+    }
+}
+
+/// The `IdentityResolved` condition the plan reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IdentityCondition {
+    /// Whether the identity resolved.
+    pub resolved: bool,
+    /// The condition's reason.
+    pub reason: &'static str,
+    /// The condition's message.
+    pub message: String,
+}
+
+/// What a pod is made of, as the status reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodFacts {
+    /// The image reference.
+    pub image: String,
+    /// The runtime version.
+    pub version: String,
+    /// The instance type.
+    pub size: String,
+}
+
+/// The pod to run, and the facts it was made from.
+#[derive(Clone, Debug)]
+pub struct DesiredPod {
+    /// The pod, spec hash included.
+    pub pod: Pod,
+    /// Image, version and size.
+    pub facts: PodFacts,
+}
+
+/// The outcome of planning.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The `IdentityResolved` condition.
+    pub identity: IdentityCondition,
+    /// The identity resolved without credentials for the image's registry.
+    pub anonymous_pull: bool,
+    /// The pod, or the problem that keeps the runtime from having one.
+    pub pod: Result<DesiredPod, Problem>,
+}
+
+/// Decides the runtime's pod from what was observed.
+pub fn plan(runtime: &PromptFlowRuntime, observed: &Observed, catalog: &Catalog, security: &PodSecurity) -> Plan {
+    let flow = observed.flow.as_ref().map(|source| {
+        (
+            source.config_map.as_str(),
+            flow::read(&source.config_map, source.found.as_ref()),
+        )
+    });
+    let flow_environment = flow.as_ref().and_then(|(_, read)| read.as_ref().ok());
+    let (image, version) = runtime_image(runtime, flow_environment);
+    let registry = identity::registry_host(&image);
+    let resolved = identity::resolve(
+        &observed.account_name,
+        observed.account.as_deref(),
+        &observed.secrets,
+        &registry,
+    );
+    let identity = match &resolved {
+        Ok(found) => IdentityCondition {
+            resolved: true,
+            reason: reasons::IDENTITY_RESOLVED,
+            message: identity_message(found, &registry),
+        },
+        Err(problem) => IdentityCondition {
+            resolved: false,
+            reason: problem.reason(),
+            message: problem.to_string(),
+        },
+    };
+    let anonymous_pull = resolved.as_ref().is_ok_and(|found| !found.has_registry_credentials);
+    let pod = desired_pod(
+        runtime,
+        observed,
+        catalog,
+        security,
+        resolved.as_ref(),
+        flow.as_ref(),
+        image,
+        version,
+    );
+    Plan {
+        identity,
+        anonymous_pull,
+        pod,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn desired_pod(
+    runtime: &PromptFlowRuntime,
+    observed: &Observed,
+    catalog: &Catalog,
+    security: &PodSecurity,
+    identity: Result<&PullIdentity, &IdentityProblem>,
+    flow: Option<&(&str, Result<FlowEnvironment, FlowProblem>)>,
+    image: String,
+    version: String,
+) -> Result<DesiredPod, Problem> {
+    let identity = identity.map_err(Problem::from)?;
+    let flow = match flow {
+        None => None,
+        Some((config_map, read)) => Some((*config_map, read.as_ref().map_err(Problem::from)?)),
+    };
+    let size = size::choose(runtime, observed.pod.as_deref(), &observed.quotas, catalog)?;
+    let pod = pod::runtime_pod(&RuntimePodInputs {
+        runtime,
+        image: &image,
+        size,
+        identity,
+        flow,
+        security,
+    });
+    Ok(DesiredPod {
+        pod,
+        facts: PodFacts {
+            image,
+            version,
+            size: size.name.clone(),
+        },
+    })
+}
+
+/// The image the runtime runs and its version: the flow's `environment.image` when it names one,
+/// else `spec.image` (`latest` until version checks land; a digest is pulled by digest).
+fn runtime_image(runtime: &PromptFlowRuntime, flow: Option<&FlowEnvironment>) -> (String, String) {
+    let spec_image = &runtime.spec.image;
+    let version = spec_image.version.clone().unwrap_or_else(|| "latest".to_owned());
+    match flow.and_then(|f| f.image.clone()) {
+        Some(flow_image) => {
+            let tag = flow_image
+                .parse::<oci_client::Reference>()
+                .ok()
+                .and_then(|r| r.tag().map(str::to_owned));
+            (flow_image, tag.unwrap_or(version))
+        }
+        None if version.starts_with("sha256:") => (format!("{}@{version}", spec_image.repository), version),
+        None => (format!("{}:{version}", spec_image.repository), version),
+    }
+}
+
+fn identity_message(identity: &PullIdentity, host: &str) -> String {
+    let secrets = if identity.pull_secrets.is_empty() {
+        "no imagePullSecrets".to_owned()
+    } else {
+        format!("imagePullSecrets {}", identity.pull_secrets.join(", "))
+    };
+    if identity.has_registry_credentials {
+        format!(
+            "service account {} with {secrets}, holding credentials for {host}",
+            identity.service_account
+        )
+    } else {
+        format!(
+            "service account {} with {secrets}; none holds credentials for {host}, so the image is pulled anonymously",
+            identity.service_account
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+
+    use super::*;
+    use crate::controller::runtime::observe::FlowSource;
+
+    fn runtime(spec: serde_json::Value) -> PromptFlowRuntime {
+        let mut runtime: PromptFlowRuntime = serde_json::from_value(serde_json::json!({
+            "apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime",
+            "metadata": {"name": "chat", "namespace": "a"}, "spec": spec
+        }))
+        .unwrap();
+        runtime.metadata.uid = Some("uid-1".into());
+        runtime
+    }
+
+    fn observed(account: bool, flow: Option<&str>) -> Observed {
+        Observed {
+            account_name: "default".into(),
+            account: account.then(|| Arc::new(ServiceAccount::default())),
+            secrets: BTreeMap::new(),
+            flow: flow.map(|dag| FlowSource {
+                config_map: "chat-flow".into(),
+                found: Some(ConfigMap {
+                    data: Some(BTreeMap::from([("flow.dag.yaml".to_owned(), dag.to_owned())])),
+                    ..Default::default()
+                }),
+            }),
+            pod: None,
+            quotas: vec![],
+        }
+    }
+
+    fn planned(runtime: &PromptFlowRuntime, observed: &Observed) -> Plan {
+        plan(runtime, observed, &Catalog::builtin(), &PodSecurity::default())
+    }
+
+    #[test]
+    fn a_minimal_runtime_gets_the_latest_tag_and_the_first_size() {
+        let plan = planned(&runtime(serde_json::json!({})), &observed(true, None));
+        let desired = plan.pod.unwrap();
+        assert_eq!(desired.facts.version, "latest");
+        assert!(desired.facts.image.ends_with("promptflow-runtime-stable:latest"));
+        assert_eq!(desired.facts.size, Catalog::builtin().instance_types[0].name);
+        assert!(plan.identity.resolved);
+        assert!(
+            plan.identity.message.contains("pulled anonymously"),
+            "{}",
+            plan.identity.message
+        );
+    }
+
+    #[test]
+    fn a_digest_is_pulled_by_digest_and_the_flow_image_wins() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let rt = runtime(serde_json::json!({"image": {"repository": "r.example/rt", "version": digest}}));
+        let desired = planned(&rt, &observed(true, None)).pod.unwrap();
+        assert_eq!(desired.facts.image, format!("r.example/rt@{digest}"));
+        let flow = observed(true, Some("environment: {image: 'r.example/team/flow:7'}"));
+        let desired = planned(&rt, &flow).pod.unwrap();
+        assert_eq!(
+            (desired.facts.image.as_str(), desired.facts.version.as_str()),
+            ("r.example/team/flow:7", "7")
+        );
+    }
+
+    #[test]
+    fn identity_then_flow_problems_block_the_pod_and_name_the_object() {
+        let rt = runtime(serde_json::json!({}));
+        let plan = planned(&rt, &observed(false, None));
+        assert!(!plan.identity.resolved);
+        let problem = plan.pod.unwrap_err();
+        assert_eq!(problem.reason, reasons::SERVICE_ACCOUNT_NOT_FOUND);
+        assert!(problem.message.contains("service account default"));
+
+        let problem = planned(&rt, &observed(true, Some("environment: [unclosed")))
+            .pod
+            .unwrap_err();
+        assert_eq!(problem.reason, reasons::FLOW_INVALID);
+        assert!(problem.message.contains("chat-flow"), "{}", problem.message);
+    }
+}
