@@ -1,9 +1,11 @@
-//! The admin server: `/metrics` (Prometheus), `/healthz` (the process runs) and `/readyz` (the
-//! controllers run).
+//! The admin server: `/metrics` (Prometheus), `/healthz` (liveness: no watch has been failing for
+//! longer than the liveness bound) and `/readyz` (the controllers run and no watch has been
+//! failing for longer than the readiness bound).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -11,6 +13,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use tracing::info;
 
+use crate::controller::watch_health::WatchHealth;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
@@ -21,6 +24,13 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set once the controllers run.
     pub ready: Arc<AtomicBool>,
+    /// Whether the watches deliver.
+    pub watches: Arc<WatchHealth>,
+    /// `/readyz` fails once a watch has been failing for longer than this.
+    pub unready_after: Duration,
+    /// `/healthz` fails once a watch has been failing for longer than this, so the kubelet
+    /// restarts an operator that cannot recover by itself.
+    pub unhealthy_after: Duration,
 }
 
 /// Binds the admin server; returns the bound address and the future that serves it.
@@ -33,7 +43,7 @@ pub async fn bind(
     info!(address = %bound, "admin server listening (/metrics, /healthz, /readyz)");
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state);
     Ok((bound, async move { axum::serve(listener, app).await }))
@@ -43,10 +53,22 @@ async fn metrics(State(state): State<AdminState>) -> ([(&'static str, &'static s
     ([("content-type", "text/plain; version=0.0.4")], state.metrics.encode())
 }
 
-async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
-    if state.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok")
+async fn healthz(State(state): State<AdminState>) -> (StatusCode, String) {
+    let watches = state.watches.report();
+    if watches.within(state.unhealthy_after) {
+        (StatusCode::OK, "ok".to_owned())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "controllers starting")
+        (StatusCode::SERVICE_UNAVAILABLE, watches.describe())
+    }
+}
+
+async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
+    let watches = state.watches.report();
+    if !state.ready.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "controllers starting".to_owned())
+    } else if !watches.within(state.unready_after) {
+        (StatusCode::SERVICE_UNAVAILABLE, watches.describe())
+    } else {
+        (StatusCode::OK, "ok".to_owned())
     }
 }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use futures::FutureExt;
 
@@ -13,6 +14,7 @@ use clap::Parser;
 use promptflow_operator::admin::{self, AdminState};
 use promptflow_operator::build::pod::PodSecurity;
 use promptflow_operator::catalog::Catalog;
+use promptflow_operator::controller::watch_health::WatchHealth;
 use promptflow_operator::controller::{self, Settings};
 use promptflow_operator::error::Error;
 use promptflow_operator::leader::{self, LeaseSettings};
@@ -59,6 +61,13 @@ struct Args {
     /// The Lease's name: one per installation.
     #[arg(long, env = "PF_LEASE_NAME", default_value = "promptflow-operator")]
     lease_name: String,
+    /// Seconds a watch may keep failing before `/readyz` reports the operator not ready.
+    #[arg(long, env = "PF_UNREADY_AFTER_WATCH_FAILURE", default_value_t = 30)]
+    unready_after_watch_failure: u64,
+    /// Seconds a watch may keep failing before `/healthz` fails, so the kubelet restarts the
+    /// operator.
+    #[arg(long, env = "PF_UNHEALTHY_AFTER_WATCH_FAILURE", default_value_t = 300)]
+    unhealthy_after_watch_failure: u64,
     /// Check the cluster and the CRDs, then exit.
     #[arg(long)]
     check: bool,
@@ -96,11 +105,15 @@ async fn run(args: Args) -> Result<(), Error> {
     }
 
     let ready = Arc::new(AtomicBool::new(false));
+    let watches = Arc::new(WatchHealth::default());
     let (_, serve) = admin::bind(
         args.admin_address,
         AdminState {
             metrics: metrics.clone(),
             ready: ready.clone(),
+            watches: watches.clone(),
+            unready_after: Duration::from_secs(args.unready_after_watch_failure),
+            unhealthy_after: Duration::from_secs(args.unhealthy_after_watch_failure),
         },
     )
     .await?;
@@ -136,10 +149,10 @@ async fn run(args: Args) -> Result<(), Error> {
         None
     };
     match leadership {
-        None => controller::run(client, settings, metrics, ready, shutdown).await,
+        None => controller::run(client, settings, metrics, ready, watches, shutdown).await,
         Some(mut leadership) => {
             tokio::select! {
-                _ = controller::run(client, settings, metrics, ready, shutdown) => leadership.release().await,
+                _ = controller::run(client, settings, metrics, ready, watches, shutdown) => leadership.release().await,
                 _ = leadership.lost() => {
                     admin_task.abort();
                     return Err(Error::Lease("leadership lost; exiting so that only the new leader reconciles".into()));

@@ -3,6 +3,7 @@
 
 pub mod index;
 pub mod runtime;
+pub mod watch_health;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use tracing::{info, warn};
 
 use self::index::{Dependency, DependencyIndex};
 use self::runtime::Context;
+use self::watch_health::WatchHealth;
 use crate::api::PromptFlowRuntime;
 use crate::build::pod::{OWNED_POD_SELECTOR, PodSecurity};
 use crate::catalog::Catalog;
@@ -57,6 +59,43 @@ pub fn counting_client(config: kube::Config, metrics: Arc<Metrics>) -> kube::Res
         .build())
 }
 
+/// How a failing watch retries: quickly at first, at most every few seconds, so the operator sees
+/// the cluster again within seconds of an API server coming back (kube's default backoff grows
+/// to 30 s plus jitter and keeps that delay for two minutes after the errors stop). A watch that
+/// the API server ends with 410 Expired starts over with a fresh list after one such delay.
+fn watch_backoff() -> impl kube::runtime::utils::Backoff {
+    kube::runtime::utils::ResetTimerBackoff::new(
+        watcher::ExponentialBackoff::from(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(std::time::Duration::from_millis(250))
+                .with_max_delay(std::time::Duration::from_secs(3))
+                .with_factor(2.0)
+                .with_jitter()
+                .without_max_times(),
+        ),
+        std::time::Duration::from_secs(30),
+    )
+}
+
+/// Records every item of the watch `name` in `health` (delivering, or failing since when), logs
+/// its errors and keeps them out of the controller. Each watch retries on its own backoff; an
+/// error that reached the controller would pause *every* watch behind the controller's trigger
+/// backoff (kube's default: up to 30 s plus jitter, kept for two minutes), which is what left the
+/// operator deaf for minutes after an API server restart.
+fn tracked<K>(
+    health: &Arc<WatchHealth>,
+    name: &'static str,
+) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) -> std::future::Ready<bool> + Send + 'static {
+    let health = health.clone();
+    move |item| {
+        health.observe(name, item.is_ok());
+        if let Err(err) = item {
+            warn!(watch = name, error = %err, "watch failed; retrying");
+        }
+        std::future::ready(item.is_ok())
+    }
+}
+
 /// Drops what the caches do not need.
 fn trim<K: Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
@@ -71,6 +110,7 @@ pub async fn run(
     settings: Settings,
     metrics: Arc<Metrics>,
     ready: Arc<std::sync::atomic::AtomicBool>,
+    health: Arc<WatchHealth>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let scope = settings.namespace.as_deref();
@@ -82,17 +122,20 @@ pub async fn run(
         scoped::<Pod>(&client, scope),
         watcher::Config::default().labels(OWNED_POD_SELECTOR),
     )
-    .default_backoff()
+    .backoff(watch_backoff())
+    .filter(tracked(&health, "pods"))
     .modify(trim)
     .reflect(pod_writer)
     .touched_objects();
     let account_stream = watcher(scoped::<ServiceAccount>(&client, scope), watcher::Config::default())
-        .default_backoff()
+        .backoff(watch_backoff())
+        .filter(tracked(&health, "service accounts"))
         .modify(trim)
         .reflect(account_writer)
         .touched_objects();
     let quota_stream = watcher(scoped::<ResourceQuota>(&client, scope), watcher::Config::default())
-        .default_backoff()
+        .backoff(watch_backoff())
+        .filter(tracked(&health, "resource quotas"))
         .modify(trim)
         .reflect(quota_writer)
         .touched_objects();
@@ -102,13 +145,15 @@ pub async fn run(
         scoped::<PartialObjectMeta<Secret>>(&client, scope),
         watcher::Config::default(),
     )
-    .default_backoff()
+    .backoff(watch_backoff())
+    .filter(tracked(&health, "secrets"))
     .touched_objects();
     let config_map_stream = watcher(
         scoped::<PartialObjectMeta<ConfigMap>>(&client, scope),
         watcher::Config::default(),
     )
-    .default_backoff()
+    .backoff(watch_backoff())
+    .filter(tracked(&health, "config maps"))
     .touched_objects();
 
     // Store::wait_until_ready wakes only its latest waiter, so exactly one task waits on the
@@ -153,7 +198,8 @@ pub async fn run(
     let (runtime_store, runtime_writer) = reflector::store();
     let forgetting = context.clone();
     let runtime_stream = watcher(scoped::<PromptFlowRuntime>(&client, scope), watcher::Config::default())
-        .default_backoff()
+        .backoff(watch_backoff())
+        .filter(tracked(&health, "runtimes"))
         .modify(trim)
         .reflect(runtime_writer)
         .inspect_ok({
@@ -167,6 +213,7 @@ pub async fn run(
         .applied_objects();
     let controller = Controller::for_stream(runtime_stream, runtime_store)
         .with_config(controller::Config::default().concurrency(settings.concurrency))
+        .trigger_backoff(watch_backoff())
         .owns_stream(pod_stream)
         .watches_stream(account_stream, dependents.of(Dependency::ServiceAccount))
         .watches_stream(

@@ -416,3 +416,86 @@ impl Drop for OperatorProcess {
         }
     }
 }
+
+/// The local cluster's state directory (`make cluster-up` writes it; `PF_CLUSTER_DIR` moves it).
+pub fn cluster_dir() -> PathBuf {
+    std::env::var_os("PF_CLUSTER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cluster"))
+}
+
+/// A control-plane component of the local cluster killed and started again, as a crash and a
+/// supervisor's restart would do it.
+pub struct Restarted {
+    /// When the API server answered `/readyz` again.
+    pub ready_at: tokio::time::Instant,
+}
+
+/// Kills `component` (a name of `.cluster/pids/`, e.g. `kube-apiserver` or `etcd`) with SIGKILL,
+/// leaves it down for `down`, starts it again with its original command line in a session of its
+/// own, records the new PID in its PID file (so `make cluster-down` still stops it) and waits
+/// until it is healthy. Returns `None` when the suite does not run against the local cluster.
+pub async fn restart_component(component: &str, down: Duration) -> Option<Restarted> {
+    let pid_file = cluster_dir().join("pids").join(format!("{component}.pid"));
+    let old: u32 = std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{old}/cmdline")).expect("the component runs");
+    let argv: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|part| !part.is_empty())
+        .map(|part| String::from_utf8_lossy(part).into_owned())
+        .collect();
+    let cwd = std::fs::read_link(format!("/proc/{old}/cwd")).expect("the component's working directory");
+    let status = Command::new("kill")
+        .args(["-KILL", &old.to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success(), "kill -9 {component} ({old})");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // Gone, or a zombie (a component an earlier test restarted is this process's child).
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false)
+    };
+    while alive(old) {
+        assert!(tokio::time::Instant::now() < deadline, "{component} did not die");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(down).await;
+
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(cluster_dir().join("logs").join(format!("{component}.log")))
+        .expect("the component's log");
+    // std's Command: the restarted component must outlive this test process.
+    #[allow(clippy::zombie_processes)]
+    let child = std::process::Command::new("setsid")
+        .args(&argv)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start the component again");
+    let pid = child.id();
+    std::fs::write(&pid_file, format!("{pid}\n")).expect("record the new PID");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if kubectl(&["get", "--raw", "/readyz"]).await.0 {
+            return Some(Restarted {
+                ready_at: tokio::time::Instant::now(),
+            });
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the API server did not become ready after restarting {component}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

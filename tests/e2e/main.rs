@@ -8,6 +8,7 @@ mod budget;
 mod chart;
 mod cluster;
 mod crds;
+mod faults;
 mod leader;
 mod operator;
 mod runtime;
