@@ -12,7 +12,7 @@ use futures::FutureExt;
 
 use clap::Parser;
 use promptflow_operator::admin::{self, AdminState};
-use promptflow_operator::build::pod::PodSecurity;
+use promptflow_operator::build::pod::{PodSecurity, PodTemplate};
 use promptflow_operator::catalog::Catalog;
 use promptflow_operator::controller::watch_health::WatchHealth;
 use promptflow_operator::controller::{self, Settings};
@@ -46,6 +46,10 @@ struct Args {
     /// The user id runtime containers run as under the restricted profile.
     #[arg(long, env = "PF_RUNTIME_USER", default_value_t = 1000)]
     runtime_user: i64,
+    /// Seconds a runtime may take to answer `/health` for the first time (environment set-up and
+    /// requirement installs) before the kubelet restarts it; rounded down to tens of seconds.
+    #[arg(long, env = "PF_RUNTIME_STARTUP_SECONDS", default_value_t = promptflow_operator::build::pod::DEFAULT_STARTUP_SECONDS, value_parser = clap::value_parser!(i32).range(10..=86400))]
+    runtime_startup_seconds: i32,
     /// Watch only this namespace (a namespaced install); absent: every namespace.
     #[arg(long, env = "PF_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -120,9 +124,12 @@ async fn run(args: Args) -> Result<(), Error> {
     let admin_task = tokio::spawn(serve);
     let settings = Settings {
         catalog,
-        security: PodSecurity {
-            restricted: args.restricted_pods,
-            run_as_user: args.runtime_user,
+        template: PodTemplate {
+            security: PodSecurity {
+                restricted: args.restricted_pods,
+                run_as_user: args.runtime_user,
+            },
+            startup_seconds: args.runtime_startup_seconds,
         },
         concurrency: args.concurrency,
         namespace: args.watch_namespace,

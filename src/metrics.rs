@@ -104,6 +104,9 @@ impl Metrics {
         let write = !matches!(*method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS);
         if write {
             self.writes.fetch_add(1, Ordering::Relaxed);
+            // One line per write at debug, for auditing writes per object (paths name objects,
+            // never their content).
+            tracing::debug!(target: "promptflow_operator::api", %method, path = %path, "api write");
         }
         let labels = RequestLabels {
             kind: if write { "write" } else { "read" },

@@ -1,12 +1,12 @@
 //! `ComputeInstance`: a long-lived, user-owned machine that runtimes attach to as containers.
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::core::Rule;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::resources::ResourceOverrides;
 use super::validation::{self, DNS1123_SUBDOMAIN, GO_DURATION, INSTANCE_TYPE, TIME_ZONE};
 
 /// A compute instance: a machine of a catalog size that runtimes run on as containers, started and
@@ -39,7 +39,7 @@ pub struct ComputeInstanceSpec {
 
     /// Overrides the instance type's cpu and memory requests and limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<ResourceRequirements>,
+    pub resources: Option<ResourceOverrides>,
 
     /// The desired state: `Running` (the default) or `Stopped`.
     #[serde(default)]

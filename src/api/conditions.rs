@@ -4,6 +4,12 @@
 pub const READY: &str = "Ready";
 /// The pull identity (service account and its imagePullSecrets) resolved.
 pub const IDENTITY_RESOLVED: &str = "IdentityResolved";
+/// The runtime's pod is built from its current spec; `False` names what keeps a change from
+/// being applied while the pod from the earlier spec keeps serving.
+pub const SPEC_APPLIED: &str = "SpecApplied";
+/// The runtime's pod follows the operator's current pod template; `False` after an operator
+/// upgrade, flag or catalog change, applied at the next start, update, spec change or restart.
+pub const TEMPLATE_CURRENT: &str = "TemplateCurrent";
 /// A newer runtime version than the one running exists in the registry.
 pub const UPDATE_AVAILABLE: &str = "UpdateAvailable";
 /// The runtime saw no activity for its idle timeout.
@@ -63,9 +69,25 @@ pub mod reasons {
     pub const POD_REJECTED: &str = "PodRejected";
     /// Runtimes on ComputeInstances are not supported by this operator version.
     pub const COMPUTE_INSTANCE_UNSUPPORTED: &str = "ComputeInstanceUnsupported";
+    /// The runtime pod is being deleted.
+    pub const POD_TERMINATING: &str = "PodTerminating";
+    /// A container keeps exiting and the kubelet backs off restarting it.
+    pub const CRASH_LOOP_BACK_OFF: &str = "CrashLoopBackOff";
+    /// A container was killed for exceeding its memory limit.
+    pub const OOM_KILLED: &str = "OOMKilled";
+    /// The pod is built from the runtime's current spec.
+    pub const SPEC_APPLIED: &str = "SpecApplied";
+    /// The pod follows the operator's current pod template.
+    pub const TEMPLATE_CURRENT: &str = "TemplateCurrent";
+    /// The operator's pod template changed since the pod was made (upgrade, flags, catalog).
+    pub const OPERATOR_TEMPLATE_CHANGED: &str = "OperatorTemplateChanged";
+    /// A field or action the runtime asks for is not built in this operator version yet.
+    pub const NOT_SUPPORTED_YET: &str = "NotSupportedYet";
+    /// The reconcile failed before it could decide anything (the message quotes the error).
+    pub const RECONCILE_FAILED: &str = "ReconcileFailed";
 
     /// Reasons that ask the user to act: a transition into one of them is a Warning event.
-    pub const PROBLEMS: [&str; 15] = [
+    pub const PROBLEMS: [&str; 16] = [
         POD_UNSCHEDULABLE,
         SERVICE_ACCOUNT_NOT_FOUND,
         PULL_SECRET_NOT_FOUND,
@@ -81,5 +103,6 @@ pub mod reasons {
         RESTART_NOT_ACKNOWLEDGED,
         POD_REJECTED,
         COMPUTE_INSTANCE_UNSUPPORTED,
+        RECONCILE_FAILED,
     ];
 }

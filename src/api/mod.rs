@@ -3,6 +3,7 @@
 
 mod compute_instance;
 pub mod conditions;
+mod resources;
 mod runtime;
 pub mod validation;
 
@@ -10,6 +11,7 @@ pub use compute_instance::{
     ComputeInstance, ComputeInstanceSpec, ComputeInstanceStatus, DesiredState, InstanceState, Schedule, ScheduleAction,
     ScheduledAction,
 };
+pub use resources::ResourceOverrides;
 pub use runtime::{
     Compute, FlowSpec, HandledActions, IdentitySpec, IdleAction, IdleSpec, ImageSpec, InstanceCompute,
     PromptFlowRuntime, PromptFlowRuntimeSpec, PromptFlowRuntimeStatus, RuntimePhase, ServerlessCompute, UpdatePolicy,
@@ -36,6 +38,9 @@ pub mod annotations {
     pub const UPDATE: &str = "promptflow.dev/update";
     /// "Start": start a runtime that was stopped for idleness.
     pub const START: &str = "promptflow.dev/start";
+    /// "Restart": replace the runtime's pod once, for example to apply an operator-side change
+    /// (`TemplateCurrent=False`) now rather than at the next start, update or spec change.
+    pub const RESTART: &str = "promptflow.dev/restart";
     /// An RFC 3339 time at which a client last used the runtime; resets the idle clock.
     pub const LAST_ACTIVITY: &str = "promptflow.dev/last-activity";
 }

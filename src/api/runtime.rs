@@ -1,11 +1,11 @@
 //! `PromptFlowRuntime`: the compute that runs prompt flows, serverless or on a ComputeInstance.
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::resources::ResourceOverrides;
 use super::validation::{self, DNS1123_SUBDOMAIN, GO_DURATION, IMAGE_REPOSITORY, IMAGE_VERSION, INSTANCE_TYPE};
 
 /// A prompt flow runtime: a pod started from the prompt flow runtime image, either serverless
@@ -98,7 +98,7 @@ pub struct ServerlessCompute {
 
     /// Overrides the instance type's cpu and memory requests and limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<ResourceRequirements>,
+    pub resources: Option<ResourceOverrides>,
 }
 
 /// A runtime on a ComputeInstance.
@@ -122,7 +122,7 @@ pub struct ImageSpec {
     /// The image repository, without tag or digest.
     #[serde(default = "ImageSpec::default_repository")]
     #[schemars(length(min = 1, max = 255))]
-    #[x_kube(validation = validation::matches(IMAGE_REPOSITORY, "spec.image.repository must be an image repository without tag or digest, e.g. mcr.microsoft.com/azureml/promptflow/promptflow-runtime-stable"))]
+    #[x_kube(validation = validation::matches(IMAGE_REPOSITORY, "spec.image.repository must be a lowercase image repository without tag or digest, e.g. mcr.microsoft.com/azureml/promptflow/promptflow-runtime-stable"))]
     pub repository: String,
 
     /// A tag such as `20240222.v4`, or a digest `sha256:…`. Absent: the newest available version
@@ -234,6 +234,9 @@ pub struct HandledActions {
     /// The last handled value of `promptflow.dev/start`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start: Option<String>,
+    /// The last handled value of `promptflow.dev/restart`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<String>,
 }
 
 /// The observed state of a runtime.
@@ -273,7 +276,8 @@ pub struct PromptFlowRuntimeStatus {
     /// The last value of each action annotation the operator handled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handled_actions: Option<HandledActions>,
-    /// Conditions: `Ready`, `IdentityResolved`, `UpdateAvailable`, `Idle`.
+    /// Conditions: `Ready`, `IdentityResolved`, `SpecApplied`, `TemplateCurrent`,
+    /// `UpdateAvailable`, `Idle`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

@@ -9,9 +9,13 @@ pub const GO_DURATION: &str = r"^(0|([0-9]+(\.[0-9]+)?(ms|s|m|h))+)$";
 /// A DNS-1123 subdomain: the form of ConfigMap, ServiceAccount and custom resource names.
 pub const DNS1123_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 /// An image repository without tag or digest: optional `host[:port]/` and lowercase path parts.
-pub const IMAGE_REPOSITORY: &str = r"^([a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?(\.[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?)*(:[0-9]+)?/)?[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$";
+/// All lowercase: container runtimes refuse upper-case repository paths (InvalidImageName), and
+/// registry hosts are case-insensitive, so lowercase is always right.
+pub const IMAGE_REPOSITORY: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(:[0-9]+)?/)?[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$";
 /// An image version: a tag (`20240222.v4`, `latest`) or a digest (`sha256:` and 64 hex digits).
 pub const IMAGE_VERSION: &str = r"^([A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|sha256:[a-f0-9]{64})$";
+/// A Kubernetes quantity (`500m`, `2`, `8Gi`, `1e3`), the API server's own grammar.
+pub const QUANTITY: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
 /// An instance type name as the catalog spells them (`Standard_E4ds_v4`).
 pub const INSTANCE_TYPE: &str = r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$";
 /// An IANA time zone name (`UTC`, `Europe/Berlin`, `America/Argentina/Buenos_Aires`, `Etc/GMT+2`).
@@ -114,7 +118,15 @@ mod tests {
         ] {
             assert!(full_match(IMAGE_REPOSITORY, ok), "{ok}");
         }
-        for bad in ["", "Runtime/UPPER", "repo:tag", "repo@sha256:abc", "/leading"] {
+        for bad in [
+            "",
+            "Runtime/UPPER",
+            "repo:tag",
+            "repo@sha256:abc",
+            "/leading",
+            "MCR.Microsoft.com/azureml/runtime",
+            "MyOrg/runtime",
+        ] {
             assert!(!full_match(IMAGE_REPOSITORY, bad), "{bad}");
         }
         for ok in ["20240222.v4", "latest", &format!("sha256:{}", "a".repeat(64))] {
@@ -122,6 +134,16 @@ mod tests {
         }
         for bad in ["", ".hidden", "sha256:short", "has space", &"x".repeat(129)] {
             assert!(!full_match(IMAGE_VERSION, bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn quantities() {
+        for ok in ["500m", "2", "8Gi", "1.5", "1e3", "+4", ".5Mi"] {
+            assert!(full_match(QUANTITY, ok), "{ok}");
+        }
+        for bad in ["lots", "8 GB", "8GB", "", "2cpu", "Gi"] {
+            assert!(!full_match(QUANTITY, bad), "{bad}");
         }
     }
 

@@ -21,8 +21,12 @@ use crate::identity::PullIdentity;
 pub const MANAGED_BY: &str = "promptflow-operator";
 /// Label: the runtime a pod belongs to.
 pub const RUNTIME_LABEL: &str = "promptflow.dev/runtime";
-/// Annotation: digest of everything the pod was built from; a change replaces the pod.
+/// Annotation: digest of the whole pod template, operator-side choices included (probes,
+/// security, the size's resources): a change here alone does not restart a running runtime.
 pub const SPEC_HASH_ANNOTATION: &str = "promptflow.dev/spec-hash";
+/// Annotation: digest of what the user decides (the runtime's compute, image, flow and identity,
+/// the resolved image, pull secrets, flow content and instance type): a change replaces the pod.
+pub const INPUTS_HASH_ANNOTATION: &str = "promptflow.dev/inputs-hash";
 /// Annotation: the instance type the pod was sized from.
 pub const INSTANCE_TYPE_ANNOTATION: &str = "promptflow.dev/instance-type";
 /// The label selector of the pods the operator owns.
@@ -32,7 +36,33 @@ pub const OWNED_POD_SELECTOR: &str =
 pub const RUNTIME_PORT: i32 = 8080;
 
 const FLOW_MOUNT: &str = "/flow";
+/// The flow's requirements are installed here as Python's user base (`PYTHONUSERBASE`, `pip
+/// install --user`): Python puts the user site-packages on `sys.path` by itself, so the image's
+/// own `PYTHONPATH` stays as it is.
 const PACKAGES_MOUNT: &str = "/opt/promptflow/packages";
+
+/// The operator's side of the runtime pod template: operator configuration, the same for every
+/// runtime. A change here does not restart running runtimes (see [`INPUTS_HASH_ANNOTATION`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodTemplate {
+    /// How runtime pods are secured.
+    pub security: PodSecurity,
+    /// How long the runtime may take to answer `/health` for the first time before the kubelet
+    /// restarts it (environment set-up and requirement installs take minutes on real nodes).
+    pub startup_seconds: i32,
+}
+
+/// The default startup allowance: 30 minutes.
+pub const DEFAULT_STARTUP_SECONDS: i32 = 1800;
+
+impl Default for PodTemplate {
+    fn default() -> Self {
+        Self {
+            security: PodSecurity::default(),
+            startup_seconds: DEFAULT_STARTUP_SECONDS,
+        }
+    }
+}
 
 /// How runtime pods are secured; operator configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -65,8 +95,8 @@ pub struct RuntimePodInputs<'a> {
     pub identity: &'a PullIdentity,
     /// The flow ConfigMap's name and environment, when the runtime has a flow.
     pub flow: Option<(&'a str, &'a FlowEnvironment)>,
-    /// Security settings.
-    pub security: &'a PodSecurity,
+    /// The operator's side of the template.
+    pub template: &'a PodTemplate,
 }
 
 /// The runtime pod's name for a runtime.
@@ -127,11 +157,12 @@ pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
                 ..Default::default()
             };
             mounts.push(packages.clone());
-            env.push(EnvVar {
-                name: "PYTHONPATH".into(),
+            let user_base = EnvVar {
+                name: "PYTHONUSERBASE".into(),
                 value: Some(PACKAGES_MOUNT.into()),
                 ..Default::default()
-            });
+            };
+            env.push(user_base.clone());
             init_containers.push(Container {
                 name: "install-requirements".into(),
                 image: Some(inputs.image.to_owned()),
@@ -141,8 +172,7 @@ pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
                     "pip".into(),
                     "install".into(),
                     "--no-cache-dir".into(),
-                    "--target".into(),
-                    PACKAGES_MOUNT.into(),
+                    "--user".into(),
                     "-r".into(),
                     format!("{FLOW_MOUNT}/{requirements}"),
                 ]),
@@ -155,8 +185,9 @@ pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
                     },
                     packages,
                 ]),
+                env: Some(vec![user_base]),
                 resources: Some(resources.clone()),
-                security_context: container_security(inputs.security),
+                security_context: container_security(&inputs.template.security),
                 ..Default::default()
             });
         }
@@ -181,18 +212,18 @@ pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
             protocol: Some("TCP".into()),
             ..Default::default()
         }]),
+        // Liveness and readiness start once the startup probe has seen `/health` answer once.
+        startup_probe: Some(probe(10, (inputs.template.startup_seconds / 10).max(1))),
         readiness_probe: Some(probe(5, 3)),
-        liveness_probe: Some(Probe {
-            initial_delay_seconds: Some(30),
-            ..probe(10, 6)
-        }),
+        liveness_probe: Some(probe(10, 6)),
         resources: Some(resources),
         env: Some(env),
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
-        security_context: container_security(inputs.security),
+        security_context: container_security(&inputs.template.security),
         ..Default::default()
     };
 
+    let security = &inputs.template.security;
     let spec = PodSpec {
         containers: vec![container],
         init_containers: (!init_containers.is_empty()).then_some(init_containers),
@@ -210,9 +241,9 @@ pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
         automount_service_account_token: Some(false),
         node_selector: (!inputs.size.node_selector.is_empty()).then(|| inputs.size.node_selector.clone()),
         restart_policy: Some("Always".into()),
-        security_context: inputs.security.restricted.then(|| PodSecurityContext {
+        security_context: security.restricted.then(|| PodSecurityContext {
             run_as_non_root: Some(true),
-            run_as_user: Some(inputs.security.run_as_user),
+            run_as_user: Some(security.run_as_user),
             seccomp_profile: Some(SeccompProfile {
                 type_: "RuntimeDefault".into(),
                 ..Default::default()
@@ -222,7 +253,8 @@ pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
         ..Default::default()
     };
 
-    let hash = spec_hash(&spec, inputs.flow.map(|(_, flow)| flow.content_hash.as_str()));
+    let flow_hash = inputs.flow.map(|(_, flow)| flow.content_hash.as_str());
+    let hash = spec_hash(&spec, flow_hash);
     Pod {
         metadata: ObjectMeta {
             name: Some(pod_name(&name)),
@@ -230,6 +262,7 @@ pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
             labels: Some(labels(&name)),
             annotations: Some(BTreeMap::from([
                 (SPEC_HASH_ANNOTATION.to_owned(), hash),
+                (INPUTS_HASH_ANNOTATION.to_owned(), inputs_hash(inputs, flow_hash)),
                 (INSTANCE_TYPE_ANNOTATION.to_owned(), inputs.size.name.clone()),
             ])),
             owner_references: runtime.controller_owner_ref(&()).map(|owner| vec![owner]),
@@ -296,6 +329,34 @@ fn spec_hash(spec: &PodSpec, flow_hash: Option<&str>) -> String {
     hex(&hasher.finalize()[..8])
 }
 
+/// A stable digest of what the user decides about the pod; the operator's template is left out.
+fn inputs_hash(inputs: &RuntimePodInputs<'_>, flow_hash: Option<&str>) -> String {
+    let spec = &inputs.runtime.spec;
+    let decided = serde_json::json!({
+        "compute": spec.compute,
+        "image": spec.image,
+        "flow": spec.flow,
+        "identity": spec.identity,
+        "resolvedImage": inputs.image,
+        "serviceAccount": inputs.identity.service_account,
+        "pullSecrets": inputs.identity.pull_secrets,
+        "flowContent": flow_hash,
+        "instanceType": inputs.size.name,
+    });
+    let mut hasher = Sha256::new();
+    hasher.update(decided.to_string().as_bytes());
+    hex(&hasher.finalize()[..8])
+}
+
+/// The inputs hash a live pod was built with (absent on pods made before it existed).
+pub fn live_inputs_hash(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(INPUTS_HASH_ANNOTATION)
+        .map(String::as_str)
+}
+
 /// The spec hash a live pod was built with.
 pub fn live_spec_hash(pod: &Pod) -> Option<&str> {
     pod.metadata
@@ -334,7 +395,10 @@ mod tests {
             size: catalog.get("Standard_D2s_v3").unwrap(),
             identity: &identity(),
             flow,
-            security,
+            template: &PodTemplate {
+                security: security.clone(),
+                startup_seconds: DEFAULT_STARTUP_SECONDS,
+            },
         })
     }
 
@@ -357,6 +421,13 @@ mod tests {
         assert_eq!(container.ports.as_ref().unwrap()[0].container_port, 8080);
         let readiness = container.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
         assert_eq!(readiness.path.as_deref(), Some("/health"));
+        let startup = container.startup_probe.as_ref().unwrap();
+        assert_eq!(
+            startup.period_seconds.unwrap() * startup.failure_threshold.unwrap(),
+            DEFAULT_STARTUP_SECONDS,
+            "the startup probe allows the configured time"
+        );
+        assert_eq!(container.liveness_probe.as_ref().unwrap().initial_delay_seconds, None);
         assert_eq!(
             container.resources.as_ref().unwrap().limits.as_ref().unwrap()["cpu"].0,
             "2"
@@ -406,10 +477,17 @@ mod tests {
                 .unwrap()
                 .contains(&"/flow/requirements.txt".to_owned())
         );
+        assert!(init.command.as_ref().unwrap().contains(&"--user".to_owned()));
+        let user_base = |env: &Option<Vec<EnvVar>>| {
+            env.iter()
+                .flatten()
+                .any(|e| e.name == "PYTHONUSERBASE" && e.value.as_deref() == Some(PACKAGES_MOUNT))
+        };
+        assert!(user_base(&init.env) && user_base(&spec.containers[0].env));
         let env = spec.containers[0].env.as_ref().unwrap();
         assert!(
-            env.iter()
-                .any(|e| e.name == "PYTHONPATH" && e.value.as_deref() == Some(PACKAGES_MOUNT))
+            env.iter().all(|e| e.name != "PYTHONPATH"),
+            "the image's own PYTHONPATH must stay: {env:?}"
         );
         assert_eq!(
             spec.volumes.as_ref().unwrap()[0].config_map.as_ref().unwrap().name,
@@ -435,6 +513,30 @@ mod tests {
         let d = build(&rt, Some(("f", &flow2)), &PodSecurity::default());
         assert_ne!(live_spec_hash(&c), live_spec_hash(&d));
         assert_ne!(live_spec_hash(&a), live_spec_hash(&c));
+        assert_ne!(live_inputs_hash(&c), live_inputs_hash(&d), "flow content is the user's");
+    }
+
+    #[test]
+    fn operator_side_changes_move_the_spec_hash_but_not_the_inputs_hash() {
+        let rt = runtime(MINIMAL);
+        let a = build(&rt, None, &PodSecurity::default());
+        let b = build(
+            &rt,
+            None,
+            &PodSecurity {
+                restricted: true,
+                run_as_user: 2000,
+            },
+        );
+        assert_ne!(live_spec_hash(&a), live_spec_hash(&b));
+        assert_eq!(live_inputs_hash(&a), live_inputs_hash(&b));
+        let other = runtime(
+            "apiVersion: promptflow.dev/v1alpha1\nkind: PromptFlowRuntime\nmetadata: {name: chat, namespace: team-a}\nspec: {image: {version: '20240101.v1'}}\n",
+        );
+        assert_ne!(
+            live_inputs_hash(&a),
+            live_inputs_hash(&build(&other, None, &PodSecurity::default()))
+        );
     }
 
     #[test]

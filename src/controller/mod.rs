@@ -20,7 +20,7 @@ use self::index::{Dependency, DependencyIndex};
 use self::runtime::Context;
 use self::watch_health::WatchHealth;
 use crate::api::PromptFlowRuntime;
-use crate::build::pod::{OWNED_POD_SELECTOR, PodSecurity};
+use crate::build::pod::{OWNED_POD_SELECTOR, PodTemplate};
 use crate::catalog::Catalog;
 use crate::metrics::Metrics;
 
@@ -28,8 +28,8 @@ use crate::metrics::Metrics;
 pub struct Settings {
     /// The instance-type catalog.
     pub catalog: Catalog,
-    /// How runtime pods are secured.
-    pub security: PodSecurity,
+    /// The operator's side of the runtime pod template.
+    pub template: PodTemplate,
     /// How many runtimes reconcile at once.
     pub concurrency: u16,
     /// Watch only this namespace; `None`: every namespace.
@@ -179,7 +179,7 @@ pub async fn run(
     let context = Arc::new(Context {
         client: client.clone(),
         catalog: settings.catalog,
-        security: settings.security,
+        template: settings.template,
         recorder: Recorder::new(client.clone(), reporter),
         pods,
         accounts,

@@ -276,16 +276,19 @@ impl OperatorProcess {
     /// Starts the operator against `kubeconfig` with extra arguments; its admin server listens on
     /// a free loopback port.
     pub fn start(kubeconfig: &Path, args: &[&str]) -> Self {
+        let filter = std::env::var("PF_E2E_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into());
+        Self::start_logging(kubeconfig, args, &filter)
+    }
+
+    /// Starts the operator with `RUST_LOG` set to `filter`.
+    pub fn start_logging(kubeconfig: &Path, args: &[&str], filter: &str) -> Self {
         let log = std::env::temp_dir().join(format!("pf-operator-{:08x}.log", rand::random::<u32>()));
         let file = std::fs::File::create(&log).expect("operator log file");
         let child = Command::new(env!("CARGO_BIN_EXE_promptflow-operator"))
             .args(["--admin-address", "127.0.0.1:0"])
             .args(args)
             .env("KUBECONFIG", kubeconfig)
-            .env(
-                "RUST_LOG",
-                std::env::var("PF_E2E_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into()),
-            )
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
@@ -362,15 +365,57 @@ impl OperatorProcess {
         http_get(&self.admin_address().await, "/metrics").await
     }
 
-    /// The operator's API writes so far, excluding events (which are counted apart).
-    pub async fn writes_excluding_events(&self) -> u64 {
+    /// Waits until `/readyz` answers ok (the caches are filled).
+    pub async fn wait_ready(&self) {
+        let address = self.admin_address().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while http_get(&address, "/readyz").await != "ok" {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never ready:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every runtime in `names` has at least `times` "reconciled" log lines that
+    /// contain `needle`, counting from byte `from` of the log: a reconcile is logged after its
+    /// writes, so its writes are done when its line is there.
+    pub async fn wait_reconciled(&self, from: usize, names: &[String], needle: &str, times: usize, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let log = self.log_text();
+            let tail = log.get(from..).unwrap_or_default();
+            let behind: Vec<&String> = names
+                .iter()
+                .filter(|name| {
+                    let marker = format!("reconciled name={name} ");
+                    tail.lines()
+                        .filter(|l| l.contains(&marker) && l.contains(needle))
+                        .count()
+                        < times
+                })
+                .collect();
+            if behind.is_empty() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} runtimes (first {}) not reconciled {times}x with {needle:?} after {timeout:?}",
+                behind.len(),
+                behind[0]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The operator's API writes so far, events included.
+    pub async fn writes_including_events(&self) -> u64 {
         self.metrics()
             .await
             .lines()
-            .filter(|l| {
-                l.starts_with("promptflow_operator_kube_requests_total{kind=\"write\"")
-                    && !l.contains("resource=\"events\"")
-            })
+            .filter(|l| l.starts_with("promptflow_operator_kube_requests_total{kind=\"write\""))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
     }

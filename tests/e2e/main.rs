@@ -9,6 +9,7 @@ mod chart;
 mod cluster;
 mod crds;
 mod faults;
+mod hardening;
 mod leader;
 mod operator;
 mod runtime;

@@ -15,7 +15,7 @@ use crate::harness::{self, OperatorProcess, TestNamespace, with_namespace};
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Creates a runtime `name` with `spec` in the test namespace.
-async fn create_runtime(ns: &TestNamespace, name: &str, spec: serde_json::Value) -> PromptFlowRuntime {
+pub async fn create_runtime(ns: &TestNamespace, name: &str, spec: serde_json::Value) -> PromptFlowRuntime {
     let runtime = json!({
         "apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime",
         "metadata": {"name": name}, "spec": spec
@@ -23,7 +23,7 @@ async fn create_runtime(ns: &TestNamespace, name: &str, spec: serde_json::Value)
     create(&ns.api::<PromptFlowRuntime>(), runtime).await
 }
 
-async fn create<K>(api: &Api<K>, object: serde_json::Value) -> K
+pub async fn create<K>(api: &Api<K>, object: serde_json::Value) -> K
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
@@ -32,7 +32,7 @@ where
 }
 
 /// Waits until the runtime shows `phase` (and `reason`, when given).
-async fn wait_status(
+pub async fn wait_status(
     ns: &TestNamespace,
     name: &str,
     phase: &'static str,
@@ -51,7 +51,30 @@ async fn wait_status(
     .await
 }
 
-async fn runtime_pods(ns: &TestNamespace, runtime: &str) -> Vec<Pod> {
+/// Waits until the runtime has condition `type_` with `status` and `reason`.
+pub async fn wait_condition(
+    ns: &TestNamespace,
+    name: &str,
+    type_: &'static str,
+    status: &'static str,
+    reason: &'static str,
+) -> PromptFlowRuntime {
+    harness::wait_for(
+        &ns.api::<PromptFlowRuntime>(),
+        name,
+        move |rt: Option<&PromptFlowRuntime>| {
+            rt.and_then(|rt| rt.status.as_ref()).is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == type_ && c.status == status && c.reason == reason)
+            })
+        },
+        WAIT,
+    )
+    .await
+}
+
+pub async fn runtime_pods(ns: &TestNamespace, runtime: &str) -> Vec<Pod> {
     let selector = format!("promptflow.dev/runtime={runtime}");
     ns.api::<Pod>()
         .list(&ListParams::default().labels(&selector))
@@ -61,7 +84,7 @@ async fn runtime_pods(ns: &TestNamespace, runtime: &str) -> Vec<Pod> {
 }
 
 /// The events recorded for one object, as (type, reason, note).
-async fn events_for(ns: &TestNamespace, name: &str) -> Vec<(String, String, String)> {
+pub async fn events_for(ns: &TestNamespace, name: &str) -> Vec<(String, String, String)> {
     let events: Api<k8s_openapi::api::events::v1::Event> = ns.api();
     events
         .list(&ListParams::default())
@@ -223,6 +246,7 @@ async fn the_flow_environment_sets_image_and_requirements_and_edits_roll_the_pod
         assert_eq!(flow_volume.config_map.as_ref().unwrap().name, "flow");
 
         let first_uid = pod.uid().unwrap();
+        let mark = operator.log_text().len();
         config_maps
             .patch("flow", &PatchParams::default(), &Patch::Merge(json!({"data": {"requirements.txt": "requests\nnumpy\n"}})))
             .await
@@ -231,17 +255,25 @@ async fn the_flow_environment_sets_image_and_requirements_and_edits_roll_the_pod
         harness::wait_deleted(&pods, "chat-runtime", &first_uid, WAIT).await;
         wait_status(&ns, "chat", "Running", None).await;
         let replacement = harness::wait_for(&pods, "chat-runtime", conditions::is_pod_running(), WAIT).await;
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // The reconcile that wrote Running and the one its write woke both saw the new pod: had
+        // either replaced it again, it would have done so before logging.
+        operator.wait_reconciled(mark, &["chat".to_owned()], "phase=Running", 2, WAIT).await;
         let now = runtime_pods(&ns, "chat").await;
         assert_eq!(now.len(), 1);
         assert_eq!(now[0].uid(), replacement.uid(), "the pod was replaced exactly once");
         let replaced = events_for(&ns, "chat").await.into_iter().filter(|e| e.1 == "PodReplaced").count();
         assert_eq!(replaced, 1, "{}", operator.log_text());
 
-        // Broken flows say what is wrong.
+        // A broken flow says what is wrong, while the pod from the last good flow keeps serving.
         config_maps.patch("flow", &PatchParams::default(), &Patch::Merge(json!({"data": {"flow.dag.yaml": "environment: [unclosed"}}))).await.unwrap();
-        let invalid = wait_status(&ns, "chat", "Not available", Some("FlowInvalid")).await;
-        assert!(invalid.status.unwrap().message.unwrap().contains("does not parse"));
+        let invalid = wait_condition(&ns, "chat", "SpecApplied", "False", "FlowInvalid").await;
+        let status = invalid.status.unwrap();
+        assert_eq!(status.phase, promptflow_operator::api::RuntimePhase::Running, "the serving pod keeps the runtime Running");
+        let applied = status.conditions.iter().find(|c| c.type_ == "SpecApplied").unwrap();
+        assert!(applied.message.contains("does not parse"), "{}", applied.message);
+        assert_eq!(runtime_pods(&ns, "chat").await[0].uid(), replacement.uid(), "the serving pod is kept");
+        let warnings = events_for(&ns, "chat").await.into_iter().filter(|e| e.0 == "Warning" && e.1 == "FlowInvalid").count();
+        assert_eq!(warnings, 1);
     })
     .await;
 }
@@ -329,6 +361,7 @@ async fn a_version_change_replaces_the_pod_once_and_deletion_removes_it() {
         create_runtime(&ns, "chat", json!({"image": {"version": "20240101.v1"}})).await;
         wait_status(&ns, "chat", "Running", None).await;
         let first = runtime_pods(&ns, "chat").await.remove(0);
+        let mark = operator.log_text().len();
 
         api.patch(
             "chat",
@@ -351,7 +384,9 @@ async fn a_version_change_replaces_the_pod_once_and_deletion_removes_it() {
             WAIT,
         )
         .await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        operator
+            .wait_reconciled(mark, &["chat".to_owned()], "phase=Running", 2, WAIT)
+            .await;
         let now = runtime_pods(&ns, "chat").await;
         assert_eq!(now.len(), 1);
         assert!(
@@ -378,7 +413,11 @@ async fn a_version_change_replaces_the_pod_once_and_deletion_removes_it() {
 #[tokio::test]
 async fn a_killed_operator_resumes_with_exactly_one_pod_per_runtime() {
     with_namespace("pf-rt-crash", |ns| async move {
-        let mut operator = OperatorProcess::for_namespace(&ns.name);
+        // One reconcile at a time, so pods appear one by one and the kill lands mid-way.
+        let mut operator = OperatorProcess::start(
+            &harness::kubeconfig(),
+            &["--watch-namespace", &ns.name, "--concurrency", "1"],
+        );
         for i in 0..20 {
             create_runtime(&ns, &format!("rt-{i:02}"), json!({})).await;
         }
@@ -395,6 +434,10 @@ async fn a_killed_operator_resumes_with_exactly_one_pod_per_runtime() {
         }
         operator.kill9().await;
         let before = pods.list(&ListParams::default()).await.unwrap().items.len();
+        assert!(
+            (1..20).contains(&before),
+            "the kill must land mid-creation: {before} of 20 pods existed"
+        );
 
         let _restarted = OperatorProcess::for_namespace(&ns.name);
         for i in 0..20 {

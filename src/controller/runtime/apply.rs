@@ -1,5 +1,7 @@
-//! Apply: create the planned pod, replace a live one whose spec changed or that ended, or keep it.
-//! Returns the verdict on the pod and the event worth telling the user; never publishes itself.
+//! Apply: create the planned pod, replace a live one when the user's inputs changed, it ended or
+//! a restart was asked for, or keep it. An operator-side template change alone keeps a running
+//! runtime's pod (people work in it) and is reported instead. Returns the verdict on the pod and
+//! the event worth telling the user; never publishes itself.
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
@@ -8,13 +10,20 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tracing::info;
 
-use super::plan::DesiredPod;
+use std::time::Duration;
+
+use super::plan::{DesiredPod, Problem};
+use super::pod_state::{self, PodState};
 use super::report::Notice;
-use super::status::{self, PodState, Verdict};
+use super::status::Verdict;
 use super::{Context, MANAGER};
 use crate::api::conditions::reasons;
+use crate::api::{PromptFlowRuntime, annotations};
 use crate::build::pod;
 use crate::error::Result;
+
+/// How long a pod the API server refused with a server error waits before it is tried again.
+const SERVER_ERROR_RETRY: Duration = Duration::from_secs(60);
 
 /// What applying the pod came to.
 pub struct PodOutcome {
@@ -24,6 +33,10 @@ pub struct PodOutcome {
     pub action: Action,
     /// An event for what was done, if anything.
     pub notice: Option<Notice>,
+    /// Whether the pod follows the operator's current template (`None`: no pod yet).
+    pub template_current: Option<bool>,
+    /// The `promptflow.dev/restart` value this apply handled.
+    pub handled_restart: Option<String>,
 }
 
 impl PodOutcome {
@@ -32,18 +45,58 @@ impl PodOutcome {
             verdict,
             action,
             notice: None,
+            template_current: None,
+            handled_restart: None,
         }
     }
 }
 
-/// Creates, replaces or keeps the pod.
-pub async fn apply_pod(ctx: &Context, desired: &DesiredPod, live: Option<&Pod>) -> Result<PodOutcome> {
+/// The value of `promptflow.dev/restart` when it is one the operator has not handled yet.
+pub fn restart_requested(runtime: &PromptFlowRuntime) -> Option<&str> {
+    let asked = runtime.annotations().get(annotations::RESTART)?;
+    let handled = runtime
+        .status
+        .as_ref()
+        .and_then(|s| s.handled_actions.as_ref())
+        .and_then(|h| h.restart.as_deref());
+    (handled != Some(asked.as_str())).then_some(asked.as_str())
+}
+
+/// The outcome when the runtime's current spec cannot be turned into a pod. A pod from an
+/// earlier spec that is Ready keeps serving, and the runtime stays `Running`, like a Deployment
+/// whose rollout is stuck; without one the runtime is `Not available` for that problem.
+pub fn blocked(problem: &Problem, live: Option<&Pod>) -> PodOutcome {
+    let serving = live
+        .map(pod_state::classify)
+        .filter(|state| matches!(state, PodState::Ready { .. }));
+    match (serving, live) {
+        (Some(state), Some(live)) => PodOutcome {
+            template_current: None,
+            ..PodOutcome::quiet(
+                pod_state::pod_verdict(&live.name_any(), "", &state),
+                Action::await_change(),
+            )
+        },
+        _ => PodOutcome::quiet(
+            Verdict::not_available(problem.reason, problem.message.clone()),
+            Action::await_change(),
+        ),
+    }
+}
+
+/// Creates, replaces or keeps the pod. `restart` is a new `promptflow.dev/restart` value.
+pub async fn apply_pod(
+    ctx: &Context,
+    desired: &DesiredPod,
+    live: Option<&Pod>,
+    restart: Option<&str>,
+) -> Result<PodOutcome> {
     let image = desired.facts.image.as_str();
     let pod_name = desired.pod.name_any();
     let namespace = desired.pod.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let pod_ref = ObjectRef::new(&pod_name).within(&namespace);
-    let starting = status::pod_verdict(&pod_name, image, &PodState::Starting);
+    let starting = pod_state::pod_verdict(&pod_name, image, &PodState::Starting);
     // Created moments ago and not in the cache yet: trust it for a while, then look again (a pod
     // deleted before the cache ever showed it must not leave the runtime waiting forever).
     if let Some(trust) = ctx.own_writes.pod_pending(&pod_ref, live.is_some()) {
@@ -68,6 +121,9 @@ pub async fn apply_pod(ctx: &Context, desired: &DesiredPod, live: Option<&Pod>) 
                         "PodCreated",
                         format!("created pod {pod_name} with image {image}"),
                     )),
+                    template_current: Some(true),
+                    // A restart asked for before there was a pod is done by creating it.
+                    handled_restart: restart.map(str::to_owned),
                 })
             }
             Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains("exceeded quota") => {
@@ -76,6 +132,8 @@ pub async fn apply_pod(ctx: &Context, desired: &DesiredPod, live: Option<&Pod>) 
                     Action::await_change(),
                 ))
             }
+            // Refused for what the pod is (validation, admission): retrying the same pod cannot
+            // succeed, so wait for a change of the runtime or of what it reads.
             Err(kube::Error::Api(status))
                 if (400..500).contains(&status.code) && ![409, 429].contains(&status.code) =>
             {
@@ -85,24 +143,42 @@ pub async fn apply_pod(ctx: &Context, desired: &DesiredPod, live: Option<&Pod>) 
                     Action::await_change(),
                 ))
             }
+            // A server error may be the pod (some invalid values fail decoding with 500) or the
+            // server: say so at once, and try again after a while rather than in a hot loop.
+            Err(kube::Error::Api(status)) if status.code == 500 => {
+                let message = format!(
+                    "the API server failed to create pod {pod_name}: {}; retrying every {}s",
+                    status.message,
+                    SERVER_ERROR_RETRY.as_secs()
+                );
+                Ok(PodOutcome::quiet(
+                    Verdict::not_available(reasons::POD_REJECTED, message),
+                    Action::requeue(SERVER_ERROR_RETRY),
+                ))
+            }
             Err(err) => Err(err.into()),
         };
     };
-    let state = status::classify(live);
+    let state = pod_state::classify(live);
     let uid = live.metadata.uid.clone();
     // Already deleted by us, and the cache has not shown the deletion yet: do not delete again.
     if state == PodState::Terminating || ctx.own_writes.already_deleted(&pod_ref, uid.as_deref()) {
         return Ok(PodOutcome::quiet(
-            status::pod_verdict(&pod_name, image, &PodState::Terminating),
+            pod_state::pod_verdict(&pod_name, image, &PodState::Terminating),
             Action::await_change(),
         ));
     }
-    let outdated = pod::live_spec_hash(live) != pod::live_spec_hash(&desired.pod);
-    if !outdated && !matches!(state, PodState::Ended { .. }) {
-        return Ok(PodOutcome::quiet(
-            status::pod_verdict(&pod_name, image, &state),
-            Action::await_change(),
-        ));
+    let template_current = pod::live_spec_hash(live) == pod::live_spec_hash(&desired.pod);
+    // Pods made before the inputs hash existed are judged by the template alone, kept like any
+    // pod whose only change is the operator's.
+    let inputs_changed =
+        pod::live_inputs_hash(live).is_some_and(|hash| Some(hash) != pod::live_inputs_hash(&desired.pod));
+    let ended = matches!(state, PodState::Ended { .. });
+    if !inputs_changed && !ended && restart.is_none() {
+        return Ok(PodOutcome {
+            template_current: Some(template_current),
+            ..PodOutcome::quiet(pod_state::pod_verdict(&pod_name, image, &state), Action::await_change())
+        });
     }
     let params = DeleteParams {
         preconditions: Some(Preconditions {
@@ -119,22 +195,31 @@ pub async fn apply_pod(ctx: &Context, desired: &DesiredPod, live: Option<&Pod>) 
     if let Some(uid) = uid {
         ctx.own_writes.deleted_pod(pod_ref, uid);
     }
+    let handled_restart = restart.map(str::to_owned);
     if let PodState::Ended { message } = &state {
         return Ok(PodOutcome {
-            verdict: status::pod_verdict(&pod_name, image, &state),
+            verdict: pod_state::pod_verdict(&pod_name, image, &state),
             action: Action::await_change(),
             notice: Some(Notice::warning(
                 reasons::POD_FAILED,
                 format!("pod {pod_name} ended ({message}); recreating it"),
             )),
+            template_current: Some(template_current),
+            handled_restart,
         });
     }
-    info!(pod = %pod_name, %namespace, "replacing runtime pod: its spec changed");
-    let note = format!("replacing pod {pod_name} to apply the changed spec");
+    let (why, reason) = match restart {
+        Some(value) if !inputs_changed => (format!("restart {value:?} was asked for"), "PodRestarted"),
+        _ => ("the spec changed".to_owned(), "PodReplaced"),
+    };
+    info!(pod = %pod_name, %namespace, %why, "replacing runtime pod");
+    let note = format!("replacing pod {pod_name}: {why}");
     Ok(PodOutcome {
         verdict: Verdict::not_available(reasons::POD_CREATING, note.clone()),
         action: Action::await_change(),
-        notice: Some(Notice::normal("PodReplaced", note)),
+        notice: Some(Notice::normal(reason, note)),
+        template_current: Some(template_current),
+        handled_restart,
     })
 }
 

@@ -4,9 +4,11 @@
 //! on difference, one event per transition).
 
 mod apply;
+mod not_yet;
 mod observe;
 mod own_writes;
 mod plan;
+mod pod_state;
 mod report;
 mod size;
 pub mod status;
@@ -22,13 +24,12 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
 pub use self::own_writes::OwnWrites;
-use self::plan::IdentityCondition;
 use self::report::Report;
-use self::status::Verdict;
+use self::status::{ConditionState, Verdict};
 use super::index::DependencyIndex;
 use crate::api::PromptFlowRuntime;
-use crate::api::conditions::reasons;
-use crate::build::pod::PodSecurity;
+use crate::api::conditions::{self, reasons};
+use crate::build::pod::PodTemplate;
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -42,8 +43,8 @@ pub struct Context {
     pub client: Client,
     /// The instance-type catalog.
     pub catalog: Catalog,
-    /// How runtime pods are secured.
-    pub security: PodSecurity,
+    /// The operator's side of the runtime pod template.
+    pub template: PodTemplate,
     /// Publishes events.
     pub recorder: Recorder,
     /// Owned pods.
@@ -64,13 +65,51 @@ pub struct Context {
     pub failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<PromptFlowRuntime>, u32>>,
 }
 
-/// Reconciles one runtime from its full state.
+/// Reconciles one runtime from its full state. Whatever goes wrong, a runtime the operator has
+/// seen gets a status with a reason: an error before the first status is written becomes
+/// `Not available` / `ReconcileFailed` with the error, and is retried with backoff.
 pub async fn reconcile(runtime: Arc<PromptFlowRuntime>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_timer();
     let key = ObjectRef::from_obj(&*runtime);
-    let action = reconcile_runtime(&runtime, &ctx).await?;
-    ctx.failures.lock().expect("failures lock").remove(&key);
-    Ok(action)
+    match reconcile_runtime(&runtime, &ctx).await {
+        Ok(action) => {
+            ctx.failures.lock().expect("failures lock").remove(&key);
+            Ok(action)
+        }
+        Err(err) => {
+            let unreported = runtime
+                .status
+                .as_ref()
+                .is_none_or(|s| s.reason.as_deref() == Some(reasons::RECONCILE_FAILED));
+            if unreported && !matches!(err, Error::StoreClosed) {
+                let verdict = Verdict::not_available(
+                    reasons::RECONCILE_FAILED,
+                    format!("the operator could not reconcile this runtime and retries with backoff: {err}"),
+                );
+                let report = Report {
+                    verdict: &verdict,
+                    conditions: &[],
+                    compute: compute_name(&runtime),
+                    facts: None,
+                    handled_restart: None,
+                };
+                if let Err(write) = report::write_status(&runtime, &ctx, &report).await {
+                    warn!(name = %runtime.name_any(), error = %write, "could not report the failure in the status");
+                }
+            }
+            Err(err)
+        }
+    }
+}
+
+/// `Serverless`, or the ComputeInstance the runtime asks for.
+fn compute_name(runtime: &PromptFlowRuntime) -> &str {
+    runtime
+        .spec
+        .compute
+        .instance
+        .as_ref()
+        .map_or("Serverless", |instance| instance.name.as_str())
 }
 
 async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result<Action> {
@@ -97,17 +136,17 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
                 instance.name
             ),
         );
-        let identity = IdentityCondition {
-            resolved: false,
-            reason: reasons::PENDING,
-            message: "not resolved: the runtime has no compute to run on".to_owned(),
-        };
+        let identity = ConditionState::unknown(
+            conditions::IDENTITY_RESOLVED,
+            reasons::PENDING,
+            "not resolved: the runtime has no compute to run on",
+        );
         let report = Report {
             verdict: &verdict,
-            identity: &identity,
+            conditions: &[identity],
             compute: &instance.name,
             facts: None,
-            anonymous_pull: false,
+            handled_restart: None,
         };
         report::write_status(runtime, ctx, &report).await?;
         ctx.index.record(key, vec![]);
@@ -115,31 +154,70 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     }
 
     let observed = observe::observe(runtime, ctx, &namespace, &key).await?;
-    let plan = plan::plan(runtime, &observed, &ctx.catalog, &ctx.security);
-    let (verdict, action, facts) = match &plan.pod {
-        Err(problem) => (
-            Verdict::not_available(problem.reason, problem.message.clone()),
-            Action::await_change(),
-            None,
-        ),
+    let plan = plan::plan(runtime, &observed, &ctx.catalog, &ctx.template);
+    let live = observed.pod.as_deref();
+    let mut conditions = vec![plan.identity.clone()];
+    let (outcome, facts) = match &plan.pod {
+        Err(problem) => {
+            conditions.push(ConditionState::new(
+                conditions::SPEC_APPLIED,
+                false,
+                problem.reason,
+                problem.message.clone(),
+            ));
+            (apply::blocked(problem, live), None)
+        }
         Ok(desired) => {
-            let outcome = apply::apply_pod(ctx, desired, observed.pod.as_deref()).await?;
+            let restart = apply::restart_requested(runtime);
+            let outcome = apply::apply_pod(ctx, desired, live, restart).await?;
             if let Some(notice) = &outcome.notice {
                 report::publish(ctx, runtime, notice).await;
             }
-            (outcome.verdict, outcome.action, Some(&desired.facts))
+            conditions.push(ConditionState::new(
+                conditions::SPEC_APPLIED,
+                true,
+                reasons::SPEC_APPLIED,
+                "the pod is built from the runtime's current spec",
+            ));
+            (outcome, Some(&desired.facts))
         }
     };
+    if let Some(current) = outcome.template_current {
+        conditions.push(template_condition(current));
+    }
+    conditions.extend(not_yet::not_supported_yet(runtime));
     let report = Report {
-        verdict: &verdict,
-        identity: &plan.identity,
+        verdict: &outcome.verdict,
+        conditions: &conditions,
         compute: "Serverless",
         facts,
-        anonymous_pull: plan.anonymous_pull,
+        handled_restart: outcome.handled_restart.as_deref(),
     };
     report::write_status(runtime, ctx, &report).await?;
-    info!(%name, %namespace, phase = ?verdict.phase, reason = %verdict.reason, "reconciled");
-    Ok(action)
+    info!(%name, %namespace, phase = ?outcome.verdict.phase, reason = %outcome.verdict.reason, "reconciled");
+    Ok(outcome.action)
+}
+
+/// `TemplateCurrent`: whether the pod follows the operator's current template.
+fn template_condition(current: bool) -> ConditionState {
+    if current {
+        ConditionState::new(
+            conditions::TEMPLATE_CURRENT,
+            true,
+            reasons::TEMPLATE_CURRENT,
+            "the pod follows the operator's current template",
+        )
+    } else {
+        ConditionState::new(
+            conditions::TEMPLATE_CURRENT,
+            false,
+            reasons::OPERATOR_TEMPLATE_CHANGED,
+            format!(
+                "the operator's pod template changed since this pod was made (operator upgrade, flags or catalog); the pod keeps running and takes the new template at its next start, update or spec change, or now when you set a new value of the {} annotation",
+                crate::api::annotations::RESTART
+            ),
+        )
+    }
 }
 
 /// Drops what is kept for runtimes that no longer exist (after a watch re-list, which reports no

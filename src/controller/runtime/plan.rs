@@ -5,9 +5,10 @@ use k8s_openapi::api::core::v1::Pod;
 
 use super::observe::Observed;
 use super::size;
+use super::status::ConditionState;
 use crate::api::PromptFlowRuntime;
-use crate::api::conditions::reasons;
-use crate::build::pod::{self, PodSecurity, RuntimePodInputs};
+use crate::api::conditions::{self, reasons};
+use crate::build::pod::{self, PodTemplate, RuntimePodInputs};
 use crate::catalog::Catalog;
 use crate::flow::{self, FlowEnvironment, FlowProblem};
 use crate::identity::{self, IdentityProblem, PullIdentity};
@@ -40,17 +41,6 @@ impl From<&FlowProblem> for Problem {
     }
 }
 
-/// The `IdentityResolved` condition the plan reports.
-#[derive(Clone, Debug, PartialEq)]
-pub struct IdentityCondition {
-    /// Whether the identity resolved.
-    pub resolved: bool,
-    /// The condition's reason.
-    pub reason: &'static str,
-    /// The condition's message.
-    pub message: String,
-}
-
 /// What a pod is made of, as the status reports it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodFacts {
@@ -75,15 +65,13 @@ pub struct DesiredPod {
 #[derive(Clone, Debug)]
 pub struct Plan {
     /// The `IdentityResolved` condition.
-    pub identity: IdentityCondition,
-    /// The identity resolved without credentials for the image's registry.
-    pub anonymous_pull: bool,
+    pub identity: ConditionState,
     /// The pod, or the problem that keeps the runtime from having one.
     pub pod: Result<DesiredPod, Problem>,
 }
 
 /// Decides the runtime's pod from what was observed.
-pub fn plan(runtime: &PromptFlowRuntime, observed: &Observed, catalog: &Catalog, security: &PodSecurity) -> Plan {
+pub fn plan(runtime: &PromptFlowRuntime, observed: &Observed, catalog: &Catalog, template: &PodTemplate) -> Plan {
     let flow = observed.flow.as_ref().map(|source| {
         (
             source.config_map.as_str(),
@@ -100,33 +88,30 @@ pub fn plan(runtime: &PromptFlowRuntime, observed: &Observed, catalog: &Catalog,
         &registry,
     );
     let identity = match &resolved {
-        Ok(found) => IdentityCondition {
-            resolved: true,
-            reason: reasons::IDENTITY_RESOLVED,
-            message: identity_message(found, &registry),
-        },
-        Err(problem) => IdentityCondition {
-            resolved: false,
-            reason: problem.reason(),
-            message: problem.to_string(),
-        },
+        Ok(found) => ConditionState::new(
+            conditions::IDENTITY_RESOLVED,
+            true,
+            reasons::IDENTITY_RESOLVED,
+            identity_message(found, &registry),
+        ),
+        Err(problem) => ConditionState::new(
+            conditions::IDENTITY_RESOLVED,
+            false,
+            problem.reason(),
+            problem.to_string(),
+        ),
     };
-    let anonymous_pull = resolved.as_ref().is_ok_and(|found| !found.has_registry_credentials);
     let pod = desired_pod(
         runtime,
         observed,
         catalog,
-        security,
+        template,
         resolved.as_ref(),
         flow.as_ref(),
         image,
         version,
     );
-    Plan {
-        identity,
-        anonymous_pull,
-        pod,
-    }
+    Plan { identity, pod }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -134,7 +119,7 @@ fn desired_pod(
     runtime: &PromptFlowRuntime,
     observed: &Observed,
     catalog: &Catalog,
-    security: &PodSecurity,
+    template: &PodTemplate,
     identity: Result<&PullIdentity, &IdentityProblem>,
     flow: Option<&(&str, Result<FlowEnvironment, FlowProblem>)>,
     image: String,
@@ -152,7 +137,7 @@ fn desired_pod(
         size,
         identity,
         flow,
-        security,
+        template,
     });
     Ok(DesiredPod {
         pod,
@@ -239,7 +224,7 @@ mod tests {
     }
 
     fn planned(runtime: &PromptFlowRuntime, observed: &Observed) -> Plan {
-        plan(runtime, observed, &Catalog::builtin(), &PodSecurity::default())
+        plan(runtime, observed, &Catalog::builtin(), &PodTemplate::default())
     }
 
     #[test]
@@ -249,7 +234,7 @@ mod tests {
         assert_eq!(desired.facts.version, "latest");
         assert!(desired.facts.image.ends_with("promptflow-runtime-stable:latest"));
         assert_eq!(desired.facts.size, Catalog::builtin().instance_types[0].name);
-        assert!(plan.identity.resolved);
+        assert_eq!(plan.identity.status, "True");
         assert!(
             plan.identity.message.contains("pulled anonymously"),
             "{}",
@@ -275,7 +260,7 @@ mod tests {
     fn identity_then_flow_problems_block_the_pod_and_name_the_object() {
         let rt = runtime(serde_json::json!({}));
         let plan = planned(&rt, &observed(false, None));
-        assert!(!plan.identity.resolved);
+        assert_eq!(plan.identity.status, "False");
         let problem = plan.pod.unwrap_err();
         assert_eq!(problem.reason, reasons::SERVICE_ACCOUNT_NOT_FOUND);
         assert!(problem.message.contains("service account default"));

@@ -8,10 +8,10 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use tracing::warn;
 
-use super::plan::{IdentityCondition, PodFacts};
-use super::status::{self, StatusInputs, Verdict};
+use super::plan::PodFacts;
+use super::status::{self, ConditionState, StatusInputs, Verdict};
 use super::{Context, MANAGER};
-use crate::api::conditions::reasons;
+use crate::api::conditions::{self, reasons};
 use crate::api::{PromptFlowRuntime, PromptFlowRuntimeStatus, RuntimePhase};
 use crate::error::Result;
 
@@ -50,14 +50,14 @@ impl Notice {
 pub struct Report<'a> {
     /// The verdict: phase, reason, message.
     pub verdict: &'a Verdict,
-    /// The `IdentityResolved` condition.
-    pub identity: &'a IdentityCondition,
+    /// The conditions besides `Ready`.
+    pub conditions: &'a [ConditionState],
     /// `Serverless` or the instance's name.
     pub compute: &'a str,
     /// Image, version and size, once a pod was planned.
     pub facts: Option<&'a PodFacts>,
-    /// The pull is anonymous (no credentials for the image's registry).
-    pub anonymous_pull: bool,
+    /// The `promptflow.dev/restart` value just handled.
+    pub handled_restart: Option<&'a str>,
 }
 
 /// Composes the status, patches it only on difference, and announces transitions.
@@ -68,9 +68,10 @@ pub async fn write_status(runtime: &PromptFlowRuntime, ctx: &Context, report: &R
     let new = status::compose(&StatusInputs {
         previous,
         verdict: report.verdict,
-        identity: report.identity,
+        conditions: report.conditions,
         compute: report.compute,
         facts: report.facts,
+        handled_restart: report.handled_restart,
         generation: runtime.metadata.generation,
         now: &now,
     });
@@ -98,7 +99,7 @@ pub async fn write_status(runtime: &PromptFlowRuntime, ctx: &Context, report: &R
         )
         .await?;
     // Events after the write: a failed write retries, and must not repeat its events.
-    for notice in transitions(previous, &new, report.anonymous_pull) {
+    for notice in transitions(previous, &new, report.verdict.problem) {
         publish(ctx, runtime, &notice).await;
     }
     ctx.own_writes
@@ -106,45 +107,54 @@ pub async fn write_status(runtime: &PromptFlowRuntime, ctx: &Context, report: &R
     Ok(())
 }
 
-/// The events a status change deserves: `Running` when it starts serving, a Warning when it
-/// moves into a reason that asks the user to act.
+/// The events a status change deserves: `Running` when the runtime starts serving; a Warning
+/// when it moves into a reason that asks the user to act (`problem`); and, while it keeps
+/// serving, a Warning when a change of its spec cannot be applied.
 fn transitions(
     previous: Option<&PromptFlowRuntimeStatus>,
     new: &PromptFlowRuntimeStatus,
-    anonymous_pull: bool,
+    problem: bool,
 ) -> Vec<Notice> {
     let mut notices = vec![];
-    let identity_message = |status: Option<&PromptFlowRuntimeStatus>| {
-        status?
-            .conditions
-            .iter()
-            .find(|c| c.type_ == crate::api::conditions::IDENTITY_RESOLVED)
-            .map(|c| c.message.clone())
-    };
-    let identity_now = identity_message(Some(new));
-    if anonymous_pull && identity_message(previous) != identity_now {
-        notices.push(Notice::warning(
-            "NoRegistryCredentials",
-            identity_now.unwrap_or_default(),
-        ));
-    }
     let was_running = previous.is_some_and(|p| p.phase == RuntimePhase::Running);
-    // The kubelet alternates ErrImagePull and ImagePullBackOff while it retries: one problem.
-    fn problem(reason: Option<&str>) -> Option<&str> {
-        match reason {
-            Some(reasons::ERR_IMAGE_PULL | reasons::IMAGE_PULL_BACK_OFF) => Some(reasons::ERR_IMAGE_PULL),
-            other => other,
-        }
-    }
-    let same_reason = problem(previous.and_then(|p| p.reason.as_deref())) == problem(new.reason.as_deref());
+    let same_problem = same_problem(previous.and_then(|p| p.reason.as_deref()), new.reason.as_deref());
     let message = new.message.clone().unwrap_or_default();
     let reason = new.reason.clone().unwrap_or_default();
     if new.phase == RuntimePhase::Running && !was_running {
         notices.push(Notice::normal("Running", message));
-    } else if !same_reason && reasons::PROBLEMS.contains(&reason.as_str()) {
+    } else if new.phase == RuntimePhase::NotAvailable && !same_problem && problem {
         notices.push(Notice::warning(&reason, message));
     }
+    let not_applied = |status: Option<&PromptFlowRuntimeStatus>| {
+        status?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == conditions::SPEC_APPLIED && c.status == "False")
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    if new.phase == RuntimePhase::Running
+        && let Some((reason, message)) = not_applied(Some(new))
+        && not_applied(previous).map(|(r, _)| r) != Some(reason.clone())
+    {
+        notices.push(Notice::warning(
+            &reason,
+            format!("the runtime keeps serving: {message}"),
+        ));
+    }
     notices
+}
+
+/// The kubelet alternates between reasons while it retries one problem (ErrImagePull and
+/// ImagePullBackOff; CrashLoopBackOff and the exit's reason): those are one problem, one event.
+fn same_problem(before: Option<&str>, now: Option<&str>) -> bool {
+    fn family(reason: Option<&str>) -> Option<&str> {
+        match reason {
+            Some(reasons::ERR_IMAGE_PULL | reasons::IMAGE_PULL_BACK_OFF) => Some(reasons::ERR_IMAGE_PULL),
+            Some(reasons::CRASH_LOOP_BACK_OFF | reasons::OOM_KILLED | "Error") => Some(reasons::CRASH_LOOP_BACK_OFF),
+            other => other,
+        }
+    }
+    family(before) == family(now)
 }
 
 /// Publishes an event; a failure is logged, never fails the reconcile.

@@ -1,110 +1,11 @@
-//! Status: what the runtime pod's state means for the user, and conditions that keep their
-//! `lastTransitionTime` while their status does not change.
+//! Status: the verdict a user reads, and conditions that keep their `lastTransitionTime` while
+//! their status does not change. Pure.
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use super::plan::{IdentityCondition, PodFacts};
+use super::plan::PodFacts;
 use crate::api::conditions::{self, reasons};
-use crate::api::{PromptFlowRuntimeStatus, RuntimePhase};
-
-/// Container waiting reasons that mean the image cannot be pulled.
-const IMAGE_PULL_REASONS: [&str; 3] = [
-    reasons::ERR_IMAGE_PULL,
-    reasons::IMAGE_PULL_BACK_OFF,
-    reasons::INVALID_IMAGE_NAME,
-];
-
-/// What the runtime pod is doing.
-#[derive(Clone, Debug, PartialEq)]
-pub enum PodState {
-    /// Ready: the runtime serves on this IP.
-    Ready {
-        /// The pod IP.
-        ip: String,
-    },
-    /// Scheduled or starting, not Ready yet.
-    Starting,
-    /// The scheduler finds no node for it.
-    Unschedulable {
-        /// The scheduler's message.
-        message: String,
-    },
-    /// The image cannot be pulled.
-    ImagePullFailed {
-        /// `ErrImagePull`, `ImagePullBackOff` or `InvalidImageName`.
-        reason: String,
-        /// The kubelet's message.
-        message: String,
-    },
-    /// The pod ended (`Failed` or `Succeeded`): a runtime must not end, so it is recreated.
-    Ended {
-        /// What the pod status says.
-        message: String,
-    },
-    /// Being deleted.
-    Terminating,
-}
-
-/// Reads the pod's state.
-pub fn classify(pod: &Pod) -> PodState {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return PodState::Terminating;
-    }
-    let Some(status) = pod.status.as_ref() else {
-        return PodState::Starting;
-    };
-    if let Some(phase @ ("Failed" | "Succeeded")) = status.phase.as_deref() {
-        let detail = status
-            .message
-            .clone()
-            .or_else(|| status.reason.clone())
-            .unwrap_or_default();
-        return PodState::Ended {
-            message: format!("pod phase {phase}{}", suffix(&detail)),
-        };
-    }
-    let waiting = status
-        .init_container_statuses
-        .iter()
-        .flatten()
-        .chain(status.container_statuses.iter().flatten())
-        .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
-        .find(|w| w.reason.as_deref().is_some_and(|r| IMAGE_PULL_REASONS.contains(&r)));
-    if let Some(waiting) = waiting {
-        return PodState::ImagePullFailed {
-            reason: waiting.reason.clone().unwrap_or_default(),
-            message: waiting.message.clone().unwrap_or_default(),
-        };
-    }
-    let unschedulable = status
-        .conditions
-        .iter()
-        .flatten()
-        .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"));
-    if let Some(condition) = unschedulable {
-        return PodState::Unschedulable {
-            message: condition.message.clone().unwrap_or_default(),
-        };
-    }
-    let ready = status
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
-    match (ready, status.pod_ip.clone()) {
-        (true, Some(ip)) => PodState::Ready { ip },
-        _ => PodState::Starting,
-    }
-}
-
-fn suffix(detail: &str) -> String {
-    if detail.is_empty() {
-        String::new()
-    } else {
-        format!(": {detail}")
-    }
-}
+use crate::api::{HandledActions, PromptFlowRuntimeStatus, RuntimePhase};
 
 /// The phase, reason and message the user reads.
 #[derive(Clone, Debug, PartialEq)]
@@ -115,49 +16,54 @@ pub struct Verdict {
     pub reason: String,
     /// What is happening or what to fix.
     pub message: String,
+    /// The reason asks the user to act: moving into it is a Warning event.
+    pub problem: bool,
 }
 
 impl Verdict {
-    /// A `Not available` verdict.
+    /// A `Not available` verdict; a problem when `reason` is one of [`reasons::PROBLEMS`].
     pub fn not_available(reason: &str, message: impl Into<String>) -> Self {
         Self {
             phase: RuntimePhase::NotAvailable,
             reason: reason.to_owned(),
             message: message.into(),
+            problem: reasons::PROBLEMS.contains(&reason),
         }
     }
 }
 
-/// The verdict for a pod in `state`.
-pub fn pod_verdict(pod_name: &str, image: &str, state: &PodState) -> Verdict {
-    match state {
-        PodState::Ready { ip } => Verdict {
-            phase: RuntimePhase::Running,
-            reason: reasons::POD_READY.to_owned(),
-            message: format!("pod {pod_name} is Ready and serves on {ip}:8080"),
-        },
-        PodState::Starting | PodState::Terminating => Verdict::not_available(
-            reasons::POD_STARTING,
-            format!("waiting for pod {pod_name} to become Ready"),
-        ),
-        PodState::ImagePullFailed { reason, message } => Verdict::not_available(
-            reason,
-            format!(
-                "pod {pod_name} cannot pull image {image}{}; check that the version exists and that the service account's imagePullSecrets hold credentials for its registry",
-                suffix(message)
-            ),
-        ),
-        PodState::Unschedulable { message } => Verdict::not_available(
-            reasons::POD_UNSCHEDULABLE,
-            format!(
-                "no node can run pod {pod_name}{}; choose a smaller instance type or add capacity",
-                suffix(message)
-            ),
-        ),
-        PodState::Ended { message } => Verdict::not_available(
-            reasons::POD_FAILED,
-            format!("pod {pod_name} ended ({message}); recreating it"),
-        ),
+/// A condition to report besides `Ready`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConditionState {
+    /// The condition type, from [`conditions`].
+    pub type_: &'static str,
+    /// `True`, `False` or `Unknown`.
+    pub status: &'static str,
+    /// CamelCase reason.
+    pub reason: String,
+    /// What it means for the user.
+    pub message: String,
+}
+
+impl ConditionState {
+    /// A condition that is `True` when `holds`, else `False`.
+    pub fn new(type_: &'static str, holds: bool, reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            type_,
+            status: if holds { "True" } else { "False" },
+            reason: reason.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// A condition whose status cannot be known.
+    pub fn unknown(type_: &'static str, reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            type_,
+            status: "Unknown",
+            reason: reason.to_owned(),
+            message: message.into(),
+        }
     }
 }
 
@@ -174,30 +80,32 @@ pub fn set_condition(conditions: &mut Vec<Condition>, previous: &[Condition], mu
     conditions.push(condition);
 }
 
-fn condition(type_: &str, status: bool, reason: &str, message: &str, generation: Option<i64>, now: &Time) -> Condition {
+fn condition(state: &ConditionState, generation: Option<i64>, now: &Time) -> Condition {
     Condition {
-        type_: type_.to_owned(),
-        status: if status { "True" } else { "False" }.to_owned(),
-        reason: reason.to_owned(),
-        message: message.to_owned(),
+        type_: state.type_.to_owned(),
+        status: state.status.to_owned(),
+        reason: state.reason.clone(),
+        message: state.message.chars().take(32768).collect(),
         observed_generation: generation,
         last_transition_time: now.clone(),
     }
 }
 
-/// Builds the new status from the old one: fields this controller owns are replaced, fields other
-/// parts of the operator own (versions, activity, handled actions) are carried over.
+/// Everything the status is composed from. Fields this controller owns are replaced; fields other
+/// parts of the operator own (versions, activity, other handled actions) are carried over.
 pub struct StatusInputs<'a> {
     /// The status now.
     pub previous: Option<&'a PromptFlowRuntimeStatus>,
-    /// The verdict.
+    /// The verdict: phase, reason, message, and the `Ready` condition.
     pub verdict: &'a Verdict,
-    /// The `IdentityResolved` condition.
-    pub identity: &'a IdentityCondition,
+    /// Every other condition this controller reports; conditions not listed are dropped.
+    pub conditions: &'a [ConditionState],
     /// `Serverless` or the instance's name.
     pub compute: &'a str,
     /// Image, version and instance type, once decided.
     pub facts: Option<&'a PodFacts>,
+    /// The `promptflow.dev/restart` value just handled, if any.
+    pub handled_restart: Option<&'a str>,
     /// `metadata.generation`.
     pub generation: Option<i64>,
     /// The time used for new transitions.
@@ -207,28 +115,29 @@ pub struct StatusInputs<'a> {
 /// The status to write.
 pub fn compose(inputs: &StatusInputs<'_>) -> PromptFlowRuntimeStatus {
     let previous = inputs.previous.cloned().unwrap_or_default();
-    let mut conditions = previous.conditions.clone();
     let verdict = inputs.verdict;
-    let ready = verdict.phase == RuntimePhase::Running;
-    let new = condition(
+    let ready = ConditionState::new(
         conditions::READY,
-        ready,
+        verdict.phase == RuntimePhase::Running,
         &verdict.reason,
-        &verdict.message,
-        inputs.generation,
-        inputs.now,
+        verdict.message.clone(),
     );
-    set_condition(&mut conditions, &previous.conditions, new);
-    let new = condition(
-        conditions::IDENTITY_RESOLVED,
-        inputs.identity.resolved,
-        inputs.identity.reason,
-        &inputs.identity.message,
-        inputs.generation,
-        inputs.now,
-    );
-    set_condition(&mut conditions, &previous.conditions, new);
+    let mut conditions = vec![];
+    for state in std::iter::once(&ready).chain(inputs.conditions) {
+        set_condition(
+            &mut conditions,
+            &previous.conditions,
+            condition(state, inputs.generation, inputs.now),
+        );
+    }
     conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+    let handled_actions = match inputs.handled_restart {
+        Some(value) => Some(HandledActions {
+            restart: Some(value.to_owned()),
+            ..previous.handled_actions.clone().unwrap_or_default()
+        }),
+        None => previous.handled_actions.clone(),
+    };
     PromptFlowRuntimeStatus {
         phase: verdict.phase,
         reason: Some(verdict.reason.clone()),
@@ -238,6 +147,7 @@ pub fn compose(inputs: &StatusInputs<'_>) -> PromptFlowRuntimeStatus {
         instance_type: inputs.facts.map(|f| f.size.clone()).or(previous.instance_type),
         image: inputs.facts.map(|f| f.image.clone()).or(previous.image),
         version: inputs.facts.map(|f| f.version.clone()).or(previous.version),
+        handled_actions,
         conditions,
         ..previous
     }
@@ -247,69 +157,13 @@ pub fn compose(inputs: &StatusInputs<'_>) -> PromptFlowRuntimeStatus {
 mod tests {
     use super::*;
 
-    fn pod(status: serde_json::Value) -> Pod {
-        serde_json::from_value(serde_json::json!({"metadata": {"name": "chat-runtime"}, "status": status})).unwrap()
-    }
-
-    fn resolved() -> IdentityCondition {
-        IdentityCondition {
-            resolved: true,
-            reason: reasons::IDENTITY_RESOLVED,
-            message: "ok".into(),
-        }
-    }
-
-    #[test]
-    fn pod_states() {
-        assert_eq!(
-            classify(&pod(serde_json::json!({"phase": "Pending"}))),
-            PodState::Starting
-        );
-        let ready = pod(
-            serde_json::json!({"phase": "Running", "podIP": "127.0.1.5", "conditions": [{"type": "Ready", "status": "True"}]}),
-        );
-        assert_eq!(classify(&ready), PodState::Ready { ip: "127.0.1.5".into() });
-        let pulling = pod(serde_json::json!({"phase": "Pending", "containerStatuses": [{
-            "name": "runtime", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
-            "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}}}]}));
-        assert_eq!(
-            classify(&pulling),
-            PodState::ImagePullFailed {
-                reason: "ImagePullBackOff".into(),
-                message: "Back-off pulling image".into()
-            }
-        );
-        assert!(matches!(
-            classify(&pod(serde_json::json!({"phase": "Failed", "reason": "Evicted"}))),
-            PodState::Ended { .. }
-        ));
-        let pending = pod(serde_json::json!({"phase": "Pending", "conditions": [
-            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes are available"}]}));
-        assert_eq!(
-            classify(&pending),
-            PodState::Unschedulable {
-                message: "0/3 nodes are available".into()
-            }
-        );
-    }
-
-    #[test]
-    fn verdicts_say_what_to_fix() {
-        let v = pod_verdict(
-            "chat-runtime",
-            "img:1",
-            &PodState::ImagePullFailed {
-                reason: "ErrImagePull".into(),
-                message: "not found".into(),
-            },
-        );
-        assert_eq!(
-            (v.phase, v.reason.as_str()),
-            (RuntimePhase::NotAvailable, "ErrImagePull")
-        );
-        assert!(v.message.contains("img:1") && v.message.contains("imagePullSecrets"));
-        let v = pod_verdict("chat-runtime", "img:1", &PodState::Ready { ip: "127.0.1.2".into() });
-        assert_eq!(v.phase, RuntimePhase::Running);
+    fn identity() -> Vec<ConditionState> {
+        vec![ConditionState::new(
+            conditions::IDENTITY_RESOLVED,
+            true,
+            reasons::IDENTITY_RESOLVED,
+            "ok",
+        )]
     }
 
     #[test]
@@ -317,7 +171,7 @@ mod tests {
         let t0 = Time(k8s_openapi::jiff::Timestamp::from_second(1_000).unwrap());
         let t1 = Time(k8s_openapi::jiff::Timestamp::from_second(2_000).unwrap());
         let starting = Verdict::not_available(reasons::POD_STARTING, "waiting");
-        let identity = resolved();
+        let others = identity();
         let facts = PodFacts {
             image: "img:1".into(),
             version: "1".into(),
@@ -326,9 +180,10 @@ mod tests {
         let inputs = |previous, verdict, now| StatusInputs {
             previous,
             verdict,
-            identity: &identity,
+            conditions: &others,
             compute: "Serverless",
             facts: Some(&facts),
+            handled_restart: None,
             generation: Some(1),
             now,
         };
@@ -349,6 +204,7 @@ mod tests {
             phase: RuntimePhase::Running,
             reason: "PodReady".into(),
             message: "up".into(),
+            problem: false,
         };
         let up = compose(&inputs(Some(&changed), &running, &t1));
         let ready = up.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
@@ -356,22 +212,35 @@ mod tests {
     }
 
     #[test]
-    fn fields_owned_elsewhere_are_carried_over() {
+    fn fields_owned_elsewhere_are_carried_over_and_restarts_recorded() {
         let now = Time(k8s_openapi::jiff::Timestamp::from_second(1).unwrap());
         let previous = PromptFlowRuntimeStatus {
             latest_version: Some("20250101.v1".into()),
+            handled_actions: Some(HandledActions {
+                update: Some("u1".into()),
+                ..Default::default()
+            }),
             ..Default::default()
         };
+        let others = identity();
         let status = compose(&StatusInputs {
             previous: Some(&previous),
             verdict: &Verdict::not_available("Pending", "x"),
-            identity: &resolved(),
+            conditions: &others,
             compute: "Serverless",
             facts: None,
+            handled_restart: Some("r1"),
             generation: Some(2),
             now: &now,
         });
         assert_eq!(status.latest_version.as_deref(), Some("20250101.v1"));
         assert_eq!(status.observed_generation, Some(2));
+        let handled = status.handled_actions.unwrap();
+        assert_eq!(
+            (handled.update.as_deref(), handled.restart.as_deref()),
+            (Some("u1"), Some("r1"))
+        );
+        let types: Vec<_> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, ["IdentityResolved", "Ready"]);
     }
 }
