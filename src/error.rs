@@ -15,6 +15,17 @@ pub enum Error {
     #[error("a watch cache closed; the operator is shutting down")]
     StoreClosed,
 
+    /// An object the API returned does not parse; `why` never quotes its content.
+    #[error("{kind} {name} could not be read: {why}")]
+    Unreadable {
+        /// The kind, e.g. `Secret`.
+        kind: &'static str,
+        /// `namespace/name`.
+        name: String,
+        /// The parser's error class and position.
+        why: String,
+    },
+
     /// A namespaced object came without a namespace.
     #[error("object has no namespace")]
     NotNamespaced,
@@ -53,6 +64,7 @@ impl Error {
             Error::CrdNotReady { .. } => "crd_not_ready",
             Error::StoreClosed => "store_closed",
             Error::NotNamespaced => "not_namespaced",
+            Error::Unreadable { .. } => "unreadable",
             Error::Catalog(_) => "catalog",
             Error::Admin(_) => "admin",
             Error::Lease(_) => "lease",

@@ -1,5 +1,5 @@
 //! Which runtimes depend on which objects: recorded by each reconcile from what it read, so an
-//! event on a ServiceAccount, Secret, ConfigMap or ResourceQuota wakes exactly the runtimes that
+//! event on a ServiceAccount, ConfigMap or ResourceQuota wakes exactly the runtimes that
 //! read it — a map lookup, never an API list.
 
 use std::collections::{HashMap, HashSet};
@@ -14,8 +14,6 @@ use crate::api::PromptFlowRuntime;
 pub enum Dependency {
     /// A service account, by namespace and name.
     ServiceAccount(String, String),
-    /// A secret, by namespace and name.
-    Secret(String, String),
     /// A ConfigMap, by namespace and name.
     ConfigMap(String, String),
     /// The ResourceQuotas of a namespace (a runtime waiting for quota headroom).

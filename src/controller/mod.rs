@@ -8,7 +8,7 @@ pub mod watch_health;
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, ResourceQuota, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ResourceQuota, ServiceAccount};
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -139,15 +139,9 @@ pub async fn run(
         .modify(trim)
         .reflect(quota_writer)
         .touched_objects();
-    // Secrets and ConfigMaps only wake runtimes; their content is read when a runtime reconciles,
-    // so the caches never hold secret data.
-    let secret_stream = watcher(
-        scoped::<PartialObjectMeta<Secret>>(&client, scope),
-        watcher::Config::default(),
-    )
-    .backoff(watch_backoff())
-    .filter(tracked(&health, "secrets"))
-    .touched_objects();
+    // ConfigMaps only wake runtimes; their content is read when a runtime reconciles. Secrets are
+    // not watched at all (RBAC grants `get` on them, nothing more): a runtime blocked by a pull
+    // secret is checked again with backoff and whenever its service account changes.
     let config_map_stream = watcher(
         scoped::<PartialObjectMeta<ConfigMap>>(&client, scope),
         watcher::Config::default(),
@@ -188,7 +182,8 @@ pub async fn run(
         metrics,
         caches_ready,
         own_writes: Default::default(),
-        failures: std::sync::Mutex::new(Default::default()),
+        failures: Default::default(),
+        pull_secret_waits: Default::default(),
     });
     // The reconciler records into the context's index; the mappers read the same one.
     let dependents = Dependents(context.clone());
@@ -216,10 +211,6 @@ pub async fn run(
         .trigger_backoff(watch_backoff())
         .owns_stream(pod_stream)
         .watches_stream(account_stream, dependents.of(Dependency::ServiceAccount))
-        .watches_stream(
-            secret_stream,
-            dependents.of::<PartialObjectMeta<Secret>>(Dependency::Secret),
-        )
         .watches_stream(
             config_map_stream,
             dependents.of::<PartialObjectMeta<ConfigMap>>(Dependency::ConfigMap),

@@ -136,6 +136,8 @@ async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
         let subject = format!("system:serviceaccount:{}:{account}", ns.name);
         for (verb, resource, scope) in [
             ("delete", "secrets", ns.name.as_str()),
+            ("list", "secrets", ns.name.as_str()),
+            ("watch", "secrets", ns.name.as_str()),
             ("create", "secrets", ns.name.as_str()),
             ("patch", "serviceaccounts", ns.name.as_str()),
             ("update", "promptflowruntimes.promptflow.dev", ns.name.as_str()),

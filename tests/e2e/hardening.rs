@@ -330,3 +330,30 @@ async fn fields_that_are_not_built_yet_say_so_in_the_status() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn no_secret_reaches_the_log_even_at_trace_level() {
+    with_namespace("pf-hard-secret-log", |ns| async move {
+        use base64::Engine as _;
+        let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+        let operator = OperatorProcess::start_logging(&harness::kubeconfig(), &["--watch-namespace", &ns.name], "trace");
+        let marker = format!("pf-marker-{:08x}", rand::random::<u32>());
+        let config = json!({"auths": {"mcr.microsoft.com": {"username": marker, "password": marker, "auth": b64(&format!("{marker}:{marker}"))}}}).to_string();
+        let secrets = ns.api::<k8s_openapi::api::core::v1::Secret>();
+        create(&secrets, json!({"metadata": {"name": "regcred"}, "type": "kubernetes.io/dockerconfigjson", "stringData": {".dockerconfigjson": config}})).await;
+        create(&secrets, json!({"metadata": {"name": "opaque"}, "type": "Opaque", "stringData": {"token": marker}})).await;
+        create(&ns.api::<ServiceAccount>(), json!({"metadata": {"name": "good"}, "imagePullSecrets": [{"name": "regcred"}]})).await;
+        create(&ns.api::<ServiceAccount>(), json!({"metadata": {"name": "bad"}, "imagePullSecrets": [{"name": "opaque"}]})).await;
+        create_runtime(&ns, "good", json!({"identity": {"serviceAccountName": "good"}})).await;
+        create_runtime(&ns, "bad", json!({"identity": {"serviceAccountName": "bad"}})).await;
+        wait_status(&ns, "good", "Running", None).await;
+        wait_status(&ns, "bad", "Not available", Some("PullSecretInvalid")).await;
+
+        let log = operator.log_text();
+        assert!(log.contains("TRACE") && log.contains("/secrets/regcred"), "the log is at trace level and saw the secret reads");
+        for needle in [marker.clone(), b64(&marker), b64(&format!("{marker}:{marker}")), b64(&config)] {
+            assert!(!log.contains(&needle), "secret material {needle:?} reached the operator's log");
+        }
+    })
+    .await;
+}

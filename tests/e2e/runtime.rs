@@ -212,11 +212,14 @@ async fn a_pull_secret_of_the_wrong_type_is_invalid_and_never_leaks() {
         let status_text = serde_json::to_string(&invalid.status).unwrap();
         assert!(status_text.contains("regcred") && status_text.contains("type Opaque"), "{status_text}");
 
-        // Fixing the secret (a watched object, not the runtime) recovers the runtime.
+        // Secrets are not watched: the blocked runtime looks again with backoff and sees the change.
         secrets.delete("regcred", &DeleteParams::default()).await.unwrap();
         wait_status(&ns, "chat", "Not available", Some("PullSecretNotFound")).await;
         let auth = r#"{"auths":{"mcr.microsoft.com":{"auth":"dXNlcjpodW50ZXIyLWRvLW5vdC1sb2c="}}}"#;
         create(&secrets, json!({"metadata": {"name": "regcred"}, "type": "kubernetes.io/dockerconfigjson", "stringData": {".dockerconfigjson": auth}})).await;
+        // A change of the service account wakes it at once (no waiting for the backoff).
+        let touch = json!({"metadata": {"annotations": {"e2e.promptflow.dev/secret-fixed": "yes"}}});
+        ns.api::<ServiceAccount>().patch("puller", &PatchParams::default(), &Patch::Merge(touch)).await.unwrap();
         let running = wait_status(&ns, "chat", "Running", None).await;
         let pod = &runtime_pods(&ns, "chat").await[0];
         assert_eq!(pod.spec.as_ref().unwrap().image_pull_secrets.as_ref().unwrap()[0].name, "regcred");

@@ -4,6 +4,7 @@
 //! on difference, one event per transition).
 
 mod apply;
+mod backoff;
 mod not_yet;
 mod observe;
 mod own_writes;
@@ -14,7 +15,6 @@ mod size;
 pub mod status;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, ResourceQuota, ServiceAccount};
 use kube::runtime::controller::Action;
@@ -23,6 +23,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
+pub use self::backoff::Backoff;
 pub use self::own_writes::OwnWrites;
 use self::report::Report;
 use self::status::{ConditionState, Verdict};
@@ -61,8 +62,10 @@ pub struct Context {
     pub caches_ready: tokio::sync::watch::Receiver<bool>,
     /// What this operator last wrote, for reconciles that run before the caches saw the write.
     pub own_writes: OwnWrites,
-    /// Consecutive failures per runtime, for backoff.
-    pub failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<PromptFlowRuntime>, u32>>,
+    /// Backoff of runtimes whose reconcile failed.
+    pub failures: Backoff,
+    /// Backoff of runtimes blocked by a pull secret (secrets are not watched).
+    pub pull_secret_waits: Backoff,
 }
 
 /// Reconciles one runtime from its full state. Whatever goes wrong, a runtime the operator has
@@ -73,7 +76,7 @@ pub async fn reconcile(runtime: Arc<PromptFlowRuntime>, ctx: Arc<Context>) -> Re
     let key = ObjectRef::from_obj(&*runtime);
     match reconcile_runtime(&runtime, &ctx).await {
         Ok(action) => {
-            ctx.failures.lock().expect("failures lock").remove(&key);
+            ctx.failures.reset(&key);
             Ok(action)
         }
         Err(err) => {
@@ -195,6 +198,16 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     };
     report::write_status(runtime, ctx, &report).await?;
     info!(%name, %namespace, phase = ?outcome.verdict.phase, reason = %outcome.verdict.reason, "reconciled");
+    // Secrets are not watched: a runtime waiting for a pull secret to appear or be fixed looks
+    // again with backoff (and at once when its service account changes).
+    let waits_for_secret = plan
+        .pod
+        .as_ref()
+        .is_err_and(|p| [reasons::PULL_SECRET_NOT_FOUND, reasons::PULL_SECRET_INVALID].contains(&p.reason));
+    if waits_for_secret {
+        return Ok(Action::requeue(ctx.pull_secret_waits.next(&key)));
+    }
+    ctx.pull_secret_waits.reset(&key);
     Ok(outcome.action)
 }
 
@@ -225,7 +238,8 @@ fn template_condition(current: bool) -> ConditionState {
 pub fn forget_missing(ctx: &Context, exists: impl Fn(&ObjectRef<PromptFlowRuntime>) -> bool) {
     ctx.index.retain(&exists);
     ctx.own_writes.retain(&exists);
-    ctx.failures.lock().expect("failures lock").retain(|key, _| exists(key));
+    ctx.failures.retain(&exists);
+    ctx.pull_secret_waits.retain(&exists);
 }
 
 /// Drops everything kept for a runtime that was deleted.
@@ -234,19 +248,14 @@ pub fn forget(ctx: &Context, runtime: &PromptFlowRuntime) {
     let pod = apply::pod_ref(&runtime.name_any(), &runtime.namespace().unwrap_or_default());
     ctx.index.forget(&key);
     ctx.own_writes.forget(&key, &pod);
-    ctx.failures.lock().expect("failures lock").remove(&key);
+    ctx.failures.reset(&key);
+    ctx.pull_secret_waits.reset(&key);
 }
 
 /// Transient errors requeue with exponential backoff per runtime (5s doubling to 5m).
 pub fn error_policy(runtime: Arc<PromptFlowRuntime>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_failed(error);
-    let key = ObjectRef::from_obj(&*runtime);
-    let mut failures = ctx.failures.lock().expect("failures lock");
-    let count = failures.entry(key).or_insert(0);
-    *count = count.saturating_add(1);
-    let delay = Duration::from_secs(5)
-        .saturating_mul(1 << (*count - 1).min(6))
-        .min(Duration::from_secs(300));
+    let delay = ctx.failures.next(&ObjectRef::from_obj(&*runtime));
     warn!(name = %runtime.name_any(), namespace = ?runtime.namespace(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }

@@ -1,7 +1,8 @@
 //! Observe: read what a runtime points to. Service accounts, pods and quotas come from the watch
-//! caches; pull secrets and the flow ConfigMap are read from the API one by one, so the caches
-//! never hold secret data. What a reconcile is about to read is recorded in the dependency index
-//! *before* it reads, so a change landing in between still wakes the runtime.
+//! caches; pull secrets and the flow ConfigMap are read from the API one by one, so no cache ever
+//! holds secret data. What a reconcile is about to read is recorded in the dependency index
+//! *before* it reads, so a change landing in between still wakes the runtime. Secrets are not
+//! watched: a runtime blocked by one is looked at again with backoff.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use super::size;
 use crate::api::{DEFAULT_SERVICE_ACCOUNT, PromptFlowRuntime};
 use crate::build::pod;
 use crate::controller::index::Dependency;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::identity;
 
 /// What the reconcile read about the runtime's surroundings.
@@ -68,22 +69,13 @@ pub async fn observe(
     if sizing {
         dependencies.push(Dependency::Quotas(namespace.to_owned()));
     }
-    ctx.index.record(key.clone(), dependencies.clone());
+    ctx.index.record(key.clone(), dependencies);
 
     let account = ctx.accounts.get(&ObjectRef::new(&account_name).within(namespace));
     let secret_names = account.as_deref().map(identity::pull_secret_names).unwrap_or_default();
-    if !secret_names.is_empty() {
-        dependencies.extend(
-            secret_names
-                .iter()
-                .map(|s| Dependency::Secret(namespace.to_owned(), s.clone())),
-        );
-        ctx.index.record(key.clone(), dependencies);
-    }
-    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let mut secrets = BTreeMap::new();
     for secret in secret_names {
-        let found = secrets_api.get_opt(&secret).await?;
+        let found = read_secret(&ctx.client, namespace, &secret).await?;
         secrets.insert(secret, found);
     }
     let flow = match flow_name {
@@ -112,5 +104,24 @@ pub async fn observe(
         flow,
         pod,
         quotas,
+    })
+}
+
+/// Reads one Secret. Parsed here rather than by the client library, which logs the whole response
+/// body at warn when it cannot parse it; this never puts the body, or a parser message quoting
+/// it, anywhere.
+async fn read_secret(client: &kube::Client, namespace: &str, name: &str) -> Result<Option<Secret>> {
+    let request = kube::core::Request::new(format!("/api/v1/namespaces/{namespace}/secrets"))
+        .get(name, &kube::api::GetParams::default())
+        .map_err(|e| Error::Kube(kube::Error::BuildRequest(e)))?;
+    let text = match client.request_text(request).await {
+        Ok(text) => text,
+        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(None),
+        Err(err) => return Err(err.into()),
+    };
+    serde_json::from_str(&text).map(Some).map_err(|e| Error::Unreadable {
+        kind: "Secret",
+        name: format!("{namespace}/{name}"),
+        why: format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()),
     })
 }
