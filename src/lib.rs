@@ -13,5 +13,6 @@ pub mod identity;
 pub mod leader;
 pub mod metrics;
 pub mod preflight;
+pub mod proxy;
 pub mod quota;
 pub mod telemetry;

@@ -19,7 +19,7 @@ use promptflow_operator::controller::{self, Settings};
 use promptflow_operator::error::Error;
 use promptflow_operator::leader::{self, LeaseSettings};
 use promptflow_operator::metrics::Metrics;
-use promptflow_operator::{preflight, telemetry};
+use promptflow_operator::{preflight, proxy, telemetry};
 use tracing::{error, info};
 
 /// Kubernetes operator for prompt flow runtimes. The cluster comes from the standard kubeconfig
@@ -27,6 +27,9 @@ use tracing::{error, info};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
+    /// Run a helper instead of the operator.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Log format.
     #[arg(long, env = "PF_LOG_FORMAT", value_enum, default_value_t)]
     log_format: telemetry::LogFormat,
@@ -77,10 +80,27 @@ struct Args {
     check: bool,
 }
 
+/// Helpers that ship in the same binary (and so the same image) as the operator.
+#[derive(clap::Subcommand)]
+enum Command {
+    /// The activity proxy: the sidecar in every runtime pod that forwards client traffic to the
+    /// runtime and records when it was last used (`GET /activity`).
+    ActivityProxy(proxy::ProxySettings),
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     telemetry::init(args.log_format);
+    if let Some(Command::ActivityProxy(settings)) = args.command {
+        return match run_proxy(settings).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(err) => {
+                error!(error = %err, "activity proxy cannot run");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     // One TLS crypto provider for every client in the process (Kubernetes API, registries).
     let _ = rustls::crypto::ring::default_provider().install_default();
     match run(args).await {
@@ -170,6 +190,12 @@ async fn run(args: Args) -> Result<(), Error> {
     admin_task.abort();
     info!("promptflow-operator stopped");
     Ok(())
+}
+
+/// Serves the activity proxy until SIGTERM or SIGINT.
+async fn run_proxy(settings: proxy::ProxySettings) -> std::io::Result<()> {
+    let bound = proxy::bind(settings, shutdown_signal()).await?;
+    bound.serve.await
 }
 
 /// Resolves on SIGTERM or SIGINT.
