@@ -59,6 +59,7 @@ e2e: build deps ## e2e tests against the local cluster (started and stopped here
 	@started=0; \
 	if ! hack/cluster-status.sh >/dev/null 2>&1; then started=1; hack/cluster-up.sh; fi; \
 	export PATH="$$(hack/tool-path.sh):$$PATH" KUBECONFIG=$(CLUSTER_KUBECONFIG); \
+	export PF_PROMPTFLOW_VENV="$$(hack/promptflow-venv.sh)"; \
 	rc=0; cargo test --test e2e -- --test-threads=4 --skip faults:: || rc=$$?; \
 	echo "e2e: control-plane faults, one test at a time (each restarts kube-apiserver or etcd)"; \
 	if [ $$rc = 0 ]; then cargo test --test e2e faults:: -- --test-threads=1 || rc=$$?; fi; \

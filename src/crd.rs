@@ -61,7 +61,7 @@ mod tests {
         for (name, columns) in [
             (
                 "promptflowruntimes.promptflow.dev",
-                vec!["Compute", "Status", "Version", "Latest", "Reason", "Age"],
+                vec!["Compute", "Status", "Version", "Latest", "Reason", "URL", "Age"],
             ),
             (
                 "computeinstances.promptflow.dev",

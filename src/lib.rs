@@ -10,6 +10,7 @@ pub mod crd;
 pub mod error;
 pub mod flow;
 pub mod identity;
+pub mod idle;
 pub mod leader;
 pub mod metrics;
 pub mod preflight;

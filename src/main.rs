@@ -17,6 +17,7 @@ use promptflow_operator::catalog::Catalog;
 use promptflow_operator::controller::watch_health::WatchHealth;
 use promptflow_operator::controller::{self, Settings};
 use promptflow_operator::error::Error;
+use promptflow_operator::idle::IdleSettings;
 use promptflow_operator::leader::{self, LeaseSettings};
 use promptflow_operator::metrics::Metrics;
 use promptflow_operator::{preflight, proxy, telemetry};
@@ -53,6 +54,17 @@ struct Args {
     /// requirement installs) before the kubelet restarts it; rounded down to tens of seconds.
     #[arg(long, env = "PF_RUNTIME_STARTUP_SECONDS", default_value_t = promptflow_operator::build::pod::DEFAULT_STARTUP_SECONDS, value_parser = clap::value_parser!(i32).range(10..=86400))]
     runtime_startup_seconds: i32,
+    /// The image of the activity-proxy sidecar in runtime pods: the operator's own image (the
+    /// chart sets it). Absent: `promptflow-operator:<this version>`.
+    #[arg(long, env = "PF_PROXY_IMAGE")]
+    proxy_image: Option<String>,
+    /// How long before an idle runtime's deadline the IdleSoon warning comes, in percent of its
+    /// idle timeout …
+    #[arg(long, env = "PF_IDLE_WARNING_PERCENT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=50))]
+    idle_warning_percent: u32,
+    /// … and at most this many seconds before it.
+    #[arg(long, env = "PF_IDLE_WARNING_MAX_SECONDS", default_value_t = 600)]
+    idle_warning_max_seconds: u64,
     /// Watch only this namespace (a namespaced install); absent: every namespace.
     #[arg(long, env = "PF_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -150,6 +162,13 @@ async fn run(args: Args) -> Result<(), Error> {
                 run_as_user: args.runtime_user,
             },
             startup_seconds: args.runtime_startup_seconds,
+            proxy_image: args
+                .proxy_image
+                .unwrap_or_else(promptflow_operator::build::pod::default_proxy_image),
+        },
+        idle: IdleSettings {
+            warning_percent: args.idle_warning_percent,
+            warning_max: Duration::from_secs(args.idle_warning_max_seconds),
         },
         concurrency: args.concurrency,
         namespace: args.watch_namespace,

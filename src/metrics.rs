@@ -28,6 +28,13 @@ pub struct ErrorLabels {
     pub error: &'static str,
 }
 
+/// Labels of the idle cull counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CullLabels {
+    /// `stop` or `delete`.
+    pub action: &'static str,
+}
+
 /// The operator's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -36,6 +43,9 @@ pub struct Metrics {
     duration: Histogram,
     requests: Family<RequestLabels, Counter>,
     writes: AtomicU64,
+    culls: Family<CullLabels, Counter>,
+    idle_warnings: Counter,
+    activity_query_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -57,6 +67,20 @@ impl Default for Metrics {
             "Kubernetes API requests the operator sent",
             requests.clone(),
         );
+        let culls = Family::<CullLabels, Counter>::default();
+        let idle_warnings = Counter::default();
+        let activity_query_failures = Counter::default();
+        registry.register(
+            "idle_culls",
+            "Runtimes stopped or deleted for idleness, by action",
+            culls.clone(),
+        );
+        registry.register("idle_warnings", "IdleSoon warnings given", idle_warnings.clone());
+        registry.register(
+            "activity_query_failures",
+            "Activity proxies that could not be asked at a deadline",
+            activity_query_failures.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -64,6 +88,9 @@ impl Default for Metrics {
             duration,
             requests,
             writes: AtomicU64::new(0),
+            culls,
+            idle_warnings,
+            activity_query_failures,
         }
     }
 }
@@ -113,6 +140,21 @@ impl Metrics {
             resource: resource_of(path),
         };
         self.requests.get_or_create(&labels).inc();
+    }
+
+    /// A runtime was stopped (`stop`) or deleted (`delete`) for idleness.
+    pub fn culled(&self, action: &'static str) {
+        self.culls.get_or_create(&CullLabels { action }).inc();
+    }
+
+    /// An IdleSoon warning was given.
+    pub fn idle_warning(&self) {
+        self.idle_warnings.inc();
+    }
+
+    /// An activity proxy could not be asked.
+    pub fn activity_query_failed(&self) {
+        self.activity_query_failures.inc();
     }
 
     /// All writes so far.

@@ -34,11 +34,11 @@ impl fmt::Display for Shortfall {
     }
 }
 
-/// The first quota a pod with `resources` would exceed, if any. `released` is a pod it replaces:
-/// its usage is already counted and goes away.
+/// The first quota a pod whose containers have `resources` would exceed, if any. `released` is
+/// the containers of a pod it replaces: their usage is already counted and goes away.
 pub fn shortfall(
-    resources: &ResourceRequirements,
-    released: Option<&ResourceRequirements>,
+    resources: &[ResourceRequirements],
+    released: Option<&[ResourceRequirements]>,
     quotas: &[ResourceQuota],
 ) -> Option<Shortfall> {
     quotas
@@ -78,7 +78,7 @@ pub fn shortfall(
 pub fn first_fitting<'a>(
     catalog: &'a Catalog,
     quotas: &[ResourceQuota],
-    resources_of: impl Fn(&InstanceType) -> ResourceRequirements,
+    resources_of: impl Fn(&InstanceType) -> Vec<ResourceRequirements>,
 ) -> Result<&'a InstanceType, Vec<(String, Shortfall)>> {
     let mut shortfalls = Vec::new();
     for size in &catalog.instance_types {
@@ -90,8 +90,23 @@ pub fn first_fitting<'a>(
     Err(shortfalls)
 }
 
-/// What a runtime pod adds to a quota resource; `None` for resources it does not consume.
-fn demand(resources: &ResourceRequirements, resource: &str) -> Option<ParsedQuantity> {
+/// What a runtime pod (all its containers) adds to a quota resource; `None` for resources it
+/// does not consume.
+fn demand(containers: &[ResourceRequirements], resource: &str) -> Option<ParsedQuantity> {
+    if matches!(resource, "pods" | "count/pods") {
+        return ParsedQuantity::try_from("1").ok();
+    }
+    containers
+        .iter()
+        .map(|resources| container_demand(resources, resource))
+        .reduce(|a, b| match (a, b) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        })
+        .flatten()
+}
+
+fn container_demand(resources: &ResourceRequirements, resource: &str) -> Option<ParsedQuantity> {
     let from =
         |list: &Option<std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
          key: &str| {
@@ -105,7 +120,6 @@ fn demand(resources: &ResourceRequirements, resource: &str) -> Option<ParsedQuan
         "memory" | "requests.memory" => Some(from(&resources.requests, "memory")),
         "limits.cpu" => Some(from(&resources.limits, "cpu")),
         "limits.memory" => Some(from(&resources.limits, "memory")),
-        "pods" | "count/pods" => ParsedQuantity::try_from("1").ok(),
         _ => None,
     }
 }
@@ -140,7 +154,9 @@ mod tests {
     fn no_quota_means_the_first_size_fits() {
         let catalog = Catalog::builtin();
         assert_eq!(
-            first_fitting(&catalog, &[], InstanceType::resources).unwrap().name,
+            first_fitting(&catalog, &[], |size| vec![size.resources()])
+                .unwrap()
+                .name,
             "Standard_D2s_v3"
         );
     }
@@ -157,7 +173,9 @@ mod tests {
             &[("requests.cpu", "1")],
         )];
         assert_eq!(
-            first_fitting(&catalog, &quotas, InstanceType::resources).unwrap().name,
+            first_fitting(&catalog, &quotas, |size| vec![size.resources()])
+                .unwrap()
+                .name,
             "small"
         );
     }
@@ -166,7 +184,7 @@ mod tests {
     fn nothing_fits_names_the_quota_and_resource() {
         let catalog = Catalog::builtin();
         let quotas = [quota("team", &[("limits.memory", "4Gi")], &[("limits.memory", "1Gi")])];
-        let shortfalls = first_fitting(&catalog, &quotas, InstanceType::resources).unwrap_err();
+        let shortfalls = first_fitting(&catalog, &quotas, |size| vec![size.resources()]).unwrap_err();
         assert_eq!(shortfalls.len(), catalog.instance_types.len());
         let message = shortfalls[0].1.to_string();
         assert!(message.contains("ResourceQuota team"), "{message}");
@@ -176,9 +194,9 @@ mod tests {
     #[test]
     fn pod_count_quotas_count_one_pod() {
         let quotas = [quota("pods", &[("pods", "2")], &[("pods", "2")])];
-        assert!(shortfall(&Catalog::builtin().instance_types[0].resources(), None, &quotas).is_some());
+        assert!(shortfall(&[Catalog::builtin().instance_types[0].resources()], None, &quotas).is_some());
         let quotas = [quota("pods", &[("pods", "3")], &[("pods", "2")])];
-        assert!(shortfall(&Catalog::builtin().instance_types[0].resources(), None, &quotas).is_none());
+        assert!(shortfall(&[Catalog::builtin().instance_types[0].resources()], None, &quotas).is_none());
     }
 
     #[test]
@@ -188,14 +206,14 @@ mod tests {
         let big = catalog.get("Standard_D4s_v3").unwrap().resources();
         // 2 of 4 CPUs used by the runtime's own small pod: growing to 4 fits once it is released.
         let quotas = [quota("team", &[("requests.cpu", "4")], &[("requests.cpu", "2")])];
-        assert!(shortfall(&big, None, &quotas).is_some());
-        assert!(shortfall(&big, Some(&small), &quotas).is_none());
+        assert!(shortfall(std::slice::from_ref(&big), None, &quotas).is_some());
+        assert!(shortfall(&[big], Some(&[small]), &quotas).is_none());
     }
 
     #[test]
     fn quotas_for_best_effort_pods_do_not_apply() {
         let mut scoped = quota("be", &[("pods", "0")], &[]);
         scoped.spec.as_mut().unwrap().scopes = Some(vec!["BestEffort".into()]);
-        assert!(shortfall(&Catalog::builtin().instance_types[0].resources(), None, &[scoped]).is_none());
+        assert!(shortfall(&[Catalog::builtin().instance_types[0].resources()], None, &[scoped]).is_none());
     }
 }

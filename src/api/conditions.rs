@@ -85,6 +85,16 @@ pub mod reasons {
     pub const NOT_SUPPORTED_YET: &str = "NotSupportedYet";
     /// The reconcile failed before it could decide anything (the message quotes the error).
     pub const RECONCILE_FAILED: &str = "ReconcileFailed";
+    /// The runtime was stopped by `promptflow.dev/stop`.
+    pub const STOPPED_BY_USER: &str = "StoppedByUser";
+    /// The runtime is used (or was recently): its idle deadline is ahead.
+    pub const ACTIVE: &str = "Active";
+    /// The runtime stops soon unless it is used.
+    pub const IDLE_SOON: &str = "IdleSoon";
+    /// The activity proxy could not be asked; the runtime is not stopped while this lasts.
+    pub const ACTIVITY_UNKNOWN: &str = "ActivityUnknown";
+    /// Idle stop does not apply (`timeout: "0"`).
+    pub const NEVER_IDLE: &str = "NeverIdle";
 
     /// Reasons that ask the user to act: a transition into one of them is a Warning event.
     pub const PROBLEMS: [&str; 16] = [

@@ -36,8 +36,10 @@ pub mod annotations {
     pub const CHECK_VERSION: &str = "promptflow.dev/check-version";
     /// "Update": move the runtime to the newest available version.
     pub const UPDATE: &str = "promptflow.dev/update";
-    /// "Start": start a runtime that was stopped for idleness.
+    /// "Start": start a runtime that was stopped (idle, or by `promptflow.dev/stop`).
     pub const START: &str = "promptflow.dev/start";
+    /// "Stop": stop a runtime now (delete its pod, keep the object and its Service).
+    pub const STOP: &str = "promptflow.dev/stop";
     /// "Restart": replace the runtime's pod once, for example to apply an operator-side change
     /// (`TemplateCurrent=False`) now rather than at the next start, update or spec change.
     pub const RESTART: &str = "promptflow.dev/restart";

@@ -27,6 +27,7 @@ use super::validation::{self, DNS1123_SUBDOMAIN, GO_DURATION, IMAGE_REPOSITORY, 
     printcolumn(name = "Version", type_ = "string", json_path = ".status.version", description = "The runtime image version running"),
     printcolumn(name = "Latest", type_ = "string", json_path = ".status.latestVersion", description = "The newest version in the registry"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason", priority = 1, description = "Why the runtime is in its status"),
+    printcolumn(name = "URL", type_ = "string", json_path = ".status.url", priority = 1, description = "The in-cluster URL clients send requests to"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 52")
         .message("metadata.name must be a DNS-1123 label of at most 52 characters (lowercase letters, digits and '-'): it names the runtime's pod"),
@@ -237,6 +238,9 @@ pub struct HandledActions {
     /// The last handled value of `promptflow.dev/restart`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<String>,
+    /// The last handled value of `promptflow.dev/stop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<String>,
 }
 
 /// The observed state of a runtime.
@@ -270,7 +274,11 @@ pub struct PromptFlowRuntimeStatus {
     /// The newest version found in the registry at the last check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_version: Option<String>,
-    /// The last time the runtime saw activity.
+    /// The in-cluster URL of the runtime's Service (`http://NAME.NAMESPACE.svc:8081`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The last activity the operator knows of: what the activity proxy reported when the
+    /// operator last looked (at the runtime's idle warning time), or a start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_activity_time: Option<Time>,
     /// The last value of each action annotation the operator handled.

@@ -1,3 +1,4 @@
 //! Pure builders of the Kubernetes objects the operator owns. Builders never call the API.
 
 pub mod pod;
+pub mod service;

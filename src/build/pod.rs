@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::{
     LocalObjectReference, Pod, PodSecurityContext, PodSpec, Probe, ResourceRequirements, SeccompProfile,
     SecurityContext, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
@@ -34,6 +35,16 @@ pub const OWNED_POD_SELECTOR: &str =
     "app.kubernetes.io/managed-by=promptflow-operator,app.kubernetes.io/name=promptflow-runtime";
 /// The port the runtime serves on (`/health`, `/score`, `/submit`).
 pub const RUNTIME_PORT: i32 = 8080;
+/// The activity proxy's port: client traffic, through the runtime's Service.
+pub const PROXY_PORT: i32 = 8081;
+/// The name of the activity proxy's port (the Service targets it by name).
+pub const PROXY_PORT_NAME: &str = "proxy";
+/// The activity proxy's report port (`GET /activity`).
+pub const ACTIVITY_PORT: i32 = 8082;
+/// The activity proxy's container name.
+pub const PROXY_CONTAINER: &str = "activity-proxy";
+/// The user id the activity proxy runs as.
+const PROXY_USER: i64 = 65532;
 
 const FLOW_MOUNT: &str = "/flow";
 /// The flow's requirements are installed here as Python's user base (`PYTHONUSERBASE`, `pip
@@ -50,6 +61,13 @@ pub struct PodTemplate {
     /// How long the runtime may take to answer `/health` for the first time before the kubelet
     /// restarts it (environment set-up and requirement installs take minutes on real nodes).
     pub startup_seconds: i32,
+    /// The image of the activity proxy sidecar: the operator's own image.
+    pub proxy_image: String,
+}
+
+/// The proxy image when none is configured: the operator image of this version.
+pub fn default_proxy_image() -> String {
+    format!("promptflow-operator:{}", env!("CARGO_PKG_VERSION"))
 }
 
 /// The default startup allowance: 30 minutes.
@@ -60,6 +78,7 @@ impl Default for PodTemplate {
         Self {
             security: PodSecurity::default(),
             startup_seconds: DEFAULT_STARTUP_SECONDS,
+            proxy_image: default_proxy_image(),
         }
     }
 }
@@ -225,7 +244,7 @@ pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
 
     let security = &inputs.template.security;
     let spec = PodSpec {
-        containers: vec![container],
+        containers: vec![container, proxy_container(&inputs.template.proxy_image)],
         init_containers: (!init_containers.is_empty()).then_some(init_containers),
         volumes: (!volumes.is_empty()).then_some(volumes),
         service_account_name: Some(inputs.identity.service_account.clone()),
@@ -305,6 +324,72 @@ pub fn merged_resources(size: &InstanceType, runtime: &PromptFlowRuntime) -> Res
         }
     }
     resources
+}
+
+/// What the activity proxy asks for: little, with limits on both cpu and memory so quotas that
+/// track limits admit the pod.
+fn proxy_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity("10m".into())),
+            ("memory".to_owned(), Quantity("16Mi".into())),
+        ])),
+        limits: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity("100m".into())),
+            ("memory".to_owned(), Quantity("64Mi".into())),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// The resources of every container of a runtime pod of `size` (the runtime's, then the
+/// proxy's): what quotas count.
+pub fn pod_resources(size: &InstanceType, runtime: &PromptFlowRuntime) -> Vec<ResourceRequirements> {
+    vec![merged_resources(size, runtime), proxy_resources()]
+}
+
+/// The activity proxy sidecar: the operator binary's `activity-proxy` subcommand, always under
+/// the restricted profile (it needs nothing else), a few MiB of memory.
+fn proxy_container(image: &str) -> Container {
+    let port = |name: &str, number: i32| ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: number,
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    Container {
+        name: PROXY_CONTAINER.into(),
+        image: Some(image.to_owned()),
+        args: Some(vec![
+            "activity-proxy".into(),
+            format!("--listen=0.0.0.0:{PROXY_PORT}"),
+            format!("--upstream=127.0.0.1:{RUNTIME_PORT}"),
+            format!("--activity-listen=0.0.0.0:{ACTIVITY_PORT}"),
+        ]),
+        ports: Some(vec![port(PROXY_PORT_NAME, PROXY_PORT), port("activity", ACTIVITY_PORT)]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".into()),
+                port: IntOrString::String("activity".into()),
+                ..Default::default()
+            }),
+            period_seconds: Some(10),
+            ..Default::default()
+        }),
+        resources: Some(proxy_resources()),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(PROXY_USER),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 fn container_security(security: &PodSecurity) -> Option<SecurityContext> {
@@ -397,7 +482,7 @@ mod tests {
             flow,
             template: &PodTemplate {
                 security: security.clone(),
-                startup_seconds: DEFAULT_STARTUP_SECONDS,
+                ..PodTemplate::default()
             },
         })
     }
@@ -428,6 +513,16 @@ mod tests {
             "the startup probe allows the configured time"
         );
         assert_eq!(container.liveness_probe.as_ref().unwrap().initial_delay_seconds, None);
+        let proxy = &spec.containers[1];
+        assert_eq!(proxy.name, PROXY_CONTAINER);
+        assert_eq!(proxy.args.as_ref().unwrap()[0], "activity-proxy");
+        let ports: Vec<_> = proxy.ports.iter().flatten().map(|p| p.container_port).collect();
+        assert_eq!(ports, [8081, 8082]);
+        let proxy_security = proxy.security_context.as_ref().unwrap();
+        assert_eq!(
+            (proxy_security.run_as_non_root, proxy_security.read_only_root_filesystem),
+            (Some(true), Some(true))
+        );
         assert_eq!(
             container.resources.as_ref().unwrap().limits.as_ref().unwrap()["cpu"].0,
             "2"

@@ -8,7 +8,7 @@ pub mod watch_health;
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, ResourceQuota, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ResourceQuota, Service, ServiceAccount};
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -21,6 +21,7 @@ use self::runtime::Context;
 use self::watch_health::WatchHealth;
 use crate::api::PromptFlowRuntime;
 use crate::build::pod::{OWNED_POD_SELECTOR, PodTemplate};
+use crate::build::service::OWNED_SERVICE_SELECTOR;
 use crate::catalog::Catalog;
 use crate::metrics::Metrics;
 
@@ -34,6 +35,8 @@ pub struct Settings {
     pub concurrency: u16,
     /// Watch only this namespace; `None`: every namespace.
     pub namespace: Option<String>,
+    /// Idle-stop settings.
+    pub idle: crate::idle::IdleSettings,
 }
 
 /// An API for every namespace, or for the one the operator is limited to.
@@ -115,6 +118,7 @@ pub async fn run(
 ) {
     let scope = settings.namespace.as_deref();
     let (pods, pod_writer) = reflector::store();
+    let (services, service_writer) = reflector::store();
     let (accounts, account_writer) = reflector::store();
     let (quotas, quota_writer) = reflector::store();
 
@@ -126,6 +130,15 @@ pub async fn run(
     .filter(tracked(&health, "pods"))
     .modify(trim)
     .reflect(pod_writer)
+    .touched_objects();
+    let service_stream = watcher(
+        scoped::<Service>(&client, scope),
+        watcher::Config::default().labels(OWNED_SERVICE_SELECTOR),
+    )
+    .backoff(watch_backoff())
+    .filter(tracked(&health, "services"))
+    .modify(trim)
+    .reflect(service_writer)
     .touched_objects();
     let account_stream = watcher(scoped::<ServiceAccount>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())
@@ -154,10 +167,11 @@ pub async fn run(
     // stores and broadcasts readiness to every reconcile.
     // /readyz turns ready with them.
     let (ready_tx, caches_ready) = tokio::sync::watch::channel(false);
-    let waiting = (pods.clone(), accounts.clone(), quotas.clone());
+    let waiting = (pods.clone(), services.clone(), accounts.clone(), quotas.clone());
     tokio::spawn(async move {
-        let (pods, accounts, quotas) = waiting;
+        let (pods, services, accounts, quotas) = waiting;
         if pods.wait_until_ready().await.is_ok()
+            && services.wait_until_ready().await.is_ok()
             && accounts.wait_until_ready().await.is_ok()
             && quotas.wait_until_ready().await.is_ok()
         {
@@ -176,6 +190,10 @@ pub async fn run(
         template: settings.template,
         recorder: Recorder::new(client.clone(), reporter),
         pods,
+        services,
+        probe: Default::default(),
+        idle: settings.idle,
+        started: k8s_openapi::jiff::Timestamp::now(),
         accounts,
         quotas,
         index: DependencyIndex::default(),
@@ -210,6 +228,7 @@ pub async fn run(
         .with_config(controller::Config::default().concurrency(settings.concurrency))
         .trigger_backoff(watch_backoff())
         .owns_stream(pod_stream)
+        .owns_stream(service_stream)
         .watches_stream(account_stream, dependents.of(Dependency::ServiceAccount))
         .watches_stream(
             config_map_stream,

@@ -21,7 +21,7 @@ use harness::{OperatorProcess, with_namespace};
 const RUNTIMES: usize = 300;
 /// Targets: creation to all Running, writes per runtime, peak memory of the operator.
 const TARGET_ALL_RUNNING: Duration = Duration::from_secs(30);
-const TARGET_WRITES_PER_RUNTIME: f64 = 5.0;
+const TARGET_WRITES_PER_RUNTIME: f64 = 6.0;
 const TARGET_PEAK_RSS_MIB: f64 = 100.0;
 
 fn proc_status_kib(pid: u32, field: &str) -> Option<f64> {

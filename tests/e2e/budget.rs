@@ -13,8 +13,9 @@ use serde_json::json;
 use crate::harness::{self, OperatorProcess, with_namespace};
 
 const RUNTIMES: usize = 50;
-/// Pod create, status `Not available`, status `Running`, events PodCreated and Running.
-const BUDGET_PER_RUNTIME: u64 = 5;
+/// Service and pod create, status `Not available`, status `Running`, events PodCreated and
+/// Running.
+const BUDGET_PER_RUNTIME: u64 = 6;
 
 fn names() -> Vec<String> {
     (0..RUNTIMES).map(|i| format!("rt-{i:04}")).collect()
@@ -27,6 +28,7 @@ fn runtime_of(path: &str) -> Option<String> {
     match parts.next()? {
         "promptflowruntimes" => Some(name.to_owned()),
         "pods" => name.strip_suffix("-runtime").map(str::to_owned),
+        "services" => Some(name.to_owned()),
         _ => None,
     }
 }
@@ -47,7 +49,13 @@ async fn writes_per_runtime(operator: &OperatorProcess, events: &kube::Api<Event
         }
     }
     for event in events.list(&ListParams::default()).await.unwrap() {
-        let Some(name) = event.regarding.as_ref().and_then(|r| r.name.clone()) else {
+        // Only events about runtimes: the Services' own events come from other controllers.
+        let Some(name) = event
+            .regarding
+            .as_ref()
+            .filter(|r| r.kind.as_deref() == Some("PromptFlowRuntime"))
+            .and_then(|r| r.name.clone())
+        else {
             continue;
         };
         let repeats = event.series.as_ref().map_or(0, |s| s.count.max(1) as u64 - 1);
@@ -85,9 +93,30 @@ async fn fifty_runtimes_reach_running_within_the_write_budget() {
             elapsed.as_secs_f64(),
             total as f64 / RUNTIMES as f64
         );
-        assert!(most <= BUDGET_PER_RUNTIME, "{worst} took {most} writes (budget {BUDGET_PER_RUNTIME}): {writes:?}");
+        if most > BUDGET_PER_RUNTIME {
+            let log = operator.log_text();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(&format!("/{worst}")) || l.contains(&format!("name={worst} ")))
+                .collect();
+            let reasons: Vec<_> = events
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(worst.as_str()))
+                .map(|e| (e.reason, e.series.map(|s| s.count)))
+                .collect();
+            panic!("{worst} took {most} writes (budget {BUDGET_PER_RUNTIME}): {writes:?}\n{}\nevents: {reasons:?}", lines.join("\n"));
+        }
         assert_eq!(total, operator.writes_including_events().await, "every write is accounted to a runtime");
-        let warnings: Vec<_> = events.list(&ListParams::default()).await.unwrap().into_iter().filter(|e| e.type_.as_deref() == Some("Warning")).collect();
+        let warnings: Vec<_> = events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.type_.as_deref() == Some("Warning") && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("PromptFlowRuntime"))
+            .collect();
         assert!(warnings.is_empty(), "minimal runtimes on a public image deserve no Warning: {warnings:?}");
 
         // A reconcile that changes nothing writes nothing: touch every runtime with an annotation

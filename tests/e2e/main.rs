@@ -10,6 +10,7 @@ mod cluster;
 mod crds;
 mod faults;
 mod hardening;
+mod idle;
 mod leader;
 mod operator;
 mod runtime;

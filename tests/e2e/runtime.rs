@@ -304,7 +304,8 @@ async fn quota_too_small_then_raised() {
         assert_eq!(running.status.unwrap().instance_type.as_deref(), Some("Standard_D2s_v3"));
 
         // Growing within the quota: the runtime's own pod gives its share back when replaced.
-        quotas.patch("team-quota", &PatchParams::default(), &Patch::Merge(json!({"spec": {"hard": {"requests.cpu": "4"}}}))).await.unwrap();
+        // 4 CPUs for the new size and 10m for its activity proxy.
+        quotas.patch("team-quota", &PatchParams::default(), &Patch::Merge(json!({"spec": {"hard": {"requests.cpu": "4010m"}}}))).await.unwrap();
         let grow = json!({"spec": {"compute": {"serverless": {"instanceType": "Standard_D4s_v3"}}}});
         ns.api::<PromptFlowRuntime>().patch("chat", &PatchParams::default(), &Patch::Merge(grow)).await.unwrap();
         harness::wait_for(

@@ -3,12 +3,12 @@
 //! runtime's pod (people work in it) and is reported instead. Returns the verdict on the pod and
 //! the event worth telling the user; never publishes itself.
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
-use tracing::info;
+use tracing::{info, warn};
 
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use super::status::Verdict;
 use super::{Context, MANAGER};
 use crate::api::conditions::reasons;
 use crate::api::{PromptFlowRuntime, annotations};
-use crate::build::pod;
+use crate::build::{pod, service};
 use crate::error::Result;
 
 /// How long a pod the API server refused with a server error waits before it is tried again.
@@ -70,13 +70,10 @@ pub fn blocked(problem: &Problem, live: Option<&Pod>) -> PodOutcome {
         .map(pod_state::classify)
         .filter(|state| matches!(state, PodState::Ready { .. }));
     match (serving, live) {
-        (Some(state), Some(live)) => PodOutcome {
-            template_current: None,
-            ..PodOutcome::quiet(
-                pod_state::pod_verdict(&live.name_any(), "", &state),
-                Action::await_change(),
-            )
-        },
+        (Some(state), Some(live)) => PodOutcome::quiet(
+            pod_state::pod_verdict(&live.name_any(), "", &state),
+            Action::await_change(),
+        ),
         _ => PodOutcome::quiet(
             Verdict::not_available(problem.reason, problem.message.clone()),
             Action::await_change(),
@@ -100,7 +97,10 @@ pub async fn apply_pod(
     // Created moments ago and not in the cache yet: trust it for a while, then look again (a pod
     // deleted before the cache ever showed it must not leave the runtime waiting forever).
     if let Some(trust) = ctx.own_writes.pod_pending(&pod_ref, live.is_some()) {
-        return Ok(PodOutcome::quiet(starting, Action::requeue(trust)));
+        return Ok(PodOutcome {
+            template_current: Some(true),
+            ..PodOutcome::quiet(starting, Action::requeue(trust))
+        });
     }
     let Some(live) = live else {
         return match pods
@@ -180,21 +180,7 @@ pub async fn apply_pod(
             ..PodOutcome::quiet(pod_state::pod_verdict(&pod_name, image, &state), Action::await_change())
         });
     }
-    let params = DeleteParams {
-        preconditions: Some(Preconditions {
-            uid: uid.clone(),
-            resource_version: None,
-        }),
-        ..Default::default()
-    };
-    match pods.delete(&pod_name, &params).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
-        Err(err) => return Err(err.into()),
-    }
-    if let Some(uid) = uid {
-        ctx.own_writes.deleted_pod(pod_ref, uid);
-    }
+    delete_pod(ctx, live).await?;
     let handled_restart = restart.map(str::to_owned);
     if let PodState::Ended { message } = &state {
         return Ok(PodOutcome {
@@ -221,6 +207,67 @@ pub async fn apply_pod(
         template_current: Some(template_current),
         handled_restart,
     })
+}
+
+/// Deletes the live pod (this exact one, by uid), unless this operator already did and the cache
+/// has not caught up. Returns whether a delete was sent.
+pub async fn delete_pod(ctx: &Context, live: &Pod) -> Result<bool> {
+    let pod_name = live.name_any();
+    let namespace = live.namespace().unwrap_or_default();
+    let pod_ref = ObjectRef::new(&pod_name).within(&namespace);
+    let uid = live.metadata.uid.clone();
+    if live.metadata.deletion_timestamp.is_some() || ctx.own_writes.already_deleted(&pod_ref, uid.as_deref()) {
+        return Ok(false);
+    }
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: uid.clone(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    match pods.delete(&pod_name, &params).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
+        Err(err) => return Err(err.into()),
+    }
+    if let Some(uid) = uid {
+        ctx.own_writes.deleted_pod(pod_ref, uid);
+    }
+    Ok(true)
+}
+
+/// Creates or corrects the runtime's Service; writes nothing when the live one matches.
+pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime) -> Result<()> {
+    let desired = service::runtime_service(runtime);
+    let namespace = runtime.namespace().unwrap_or_default();
+    let service_ref = ObjectRef::new(&runtime.name_any()).within(&namespace);
+    let live = ctx.services.get(&service_ref);
+    let as_wanted = live.as_deref().is_some_and(|live| service::matches(live, &desired));
+    if as_wanted || ctx.own_writes.service_pending(&service_ref, as_wanted) {
+        return Ok(());
+    }
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    match services
+        .patch(
+            &runtime.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await
+    {
+        Ok(_) => {
+            ctx.own_writes.applied_service(service_ref);
+            Ok(())
+        }
+        // A Service of that name that another owner holds: say so rather than take it over.
+        Err(kube::Error::Api(status)) if status.code == 409 || status.code == 422 => {
+            warn!(name = %runtime.name_any(), %namespace, error = %status.message, "cannot apply the runtime's Service");
+            Ok(())
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// The pod of a runtime, by the runtime's name.

@@ -5,6 +5,8 @@
 
 mod apply;
 mod backoff;
+mod idle;
+mod lifecycle;
 mod not_yet;
 mod observe;
 mod own_writes;
@@ -16,7 +18,7 @@ pub mod status;
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, ResourceQuota, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, ResourceQuota, Service, ServiceAccount};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -24,15 +26,19 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
 pub use self::backoff::Backoff;
+use self::lifecycle::Lifecycle;
 pub use self::own_writes::OwnWrites;
-use self::report::Report;
+use self::report::{Notice, Report};
 use self::status::{ConditionState, Verdict};
 use super::index::DependencyIndex;
-use crate::api::PromptFlowRuntime;
 use crate::api::conditions::{self, reasons};
+use crate::api::{HandledActions, PromptFlowRuntime, RuntimePhase};
 use crate::build::pod::PodTemplate;
+use crate::build::service;
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
+use crate::idle::IdleSettings;
+use crate::idle::probe::ActivityProbe;
 use crate::metrics::Metrics;
 
 /// The field manager of every write the operator makes.
@@ -50,6 +56,14 @@ pub struct Context {
     pub recorder: Recorder,
     /// Owned pods.
     pub pods: Store<Pod>,
+    /// Owned Services.
+    pub services: Store<Service>,
+    /// Asks activity proxies.
+    pub probe: ActivityProbe,
+    /// Idle-stop settings.
+    pub idle: IdleSettings,
+    /// When this operator process started: unknown activity counts from here.
+    pub started: k8s_openapi::jiff::Timestamp,
     /// Service accounts.
     pub accounts: Store<ServiceAccount>,
     /// Resource quotas.
@@ -94,7 +108,9 @@ pub async fn reconcile(runtime: Arc<PromptFlowRuntime>, ctx: Arc<Context>) -> Re
                     conditions: &[],
                     compute: compute_name(&runtime),
                     facts: None,
-                    handled_restart: None,
+                    handled: &HandledActions::default(),
+                    url: None,
+                    last_activity: None,
                 };
                 if let Err(write) = report::write_status(&runtime, &ctx, &report).await {
                     warn!(name = %runtime.name_any(), error = %write, "could not report the failure in the status");
@@ -123,6 +139,19 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         .wait_for(|ready| *ready)
         .await
         .map_err(|_| Error::StoreClosed)?;
+    // Decide from the status this operator last wrote when the cache has not caught up with it
+    // (a runtime just stopped must not read as running and be started again).
+    let own_view;
+    let runtime = match ctx.own_writes.status_baseline(runtime) {
+        Some(baseline) if runtime.status.as_ref() != Some(&baseline) => {
+            own_view = PromptFlowRuntime {
+                status: Some(baseline),
+                ..runtime.clone()
+            };
+            &own_view
+        }
+        _ => runtime,
+    };
     let key = ObjectRef::from_obj(runtime);
     if runtime.meta().deletion_timestamp.is_some() {
         // The garbage collector deletes the pod through its owner reference.
@@ -149,12 +178,22 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
             conditions: &[identity],
             compute: &instance.name,
             facts: None,
-            handled_restart: None,
+            handled: &HandledActions::default(),
+            url: None,
+            last_activity: None,
         };
         report::write_status(runtime, ctx, &report).await?;
         ctx.index.record(key, vec![]);
         return Ok(Action::await_change());
     }
+
+    // The Service is the way in, running or stopped.
+    apply::apply_service(ctx, runtime).await?;
+    let url = service::url(runtime);
+    let start = match lifecycle::decide(runtime) {
+        Lifecycle::Run { start } => start,
+        stopped => return stay_stopped(runtime, ctx, stopped, &url).await,
+    };
 
     let observed = observe::observe(runtime, ctx, &namespace, &key).await?;
     let plan = plan::plan(runtime, &observed, &ctx.catalog, &ctx.template);
@@ -185,19 +224,50 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
             (outcome, Some(&desired.facts))
         }
     };
-    if let Some(current) = outcome.template_current {
-        conditions.push(template_condition(current));
+    match outcome.template_current {
+        Some(current) => conditions.push(template_condition(current)),
+        // Not judged this time (no pod was planned): what was last known stays.
+        None => conditions.extend(
+            status::carried(&runtime.status.clone().unwrap_or_default().conditions)
+                .into_iter()
+                .filter(|c| c.type_ == conditions::TEMPLATE_CURRENT),
+        ),
+    }
+    let (mut verdict, mut action, mut last_activity) = (outcome.verdict, outcome.action, None);
+    if let (RuntimePhase::Running, Some(live)) = (verdict.phase, live) {
+        let idle = idle::idle_step(runtime, ctx, live).await?;
+        if idle.deleted {
+            return Ok(Action::await_change());
+        }
+        if let Some(notice) = &idle.notice {
+            report::publish(ctx, runtime, notice).await;
+        }
+        conditions.extend(idle.condition);
+        last_activity = idle.last_activity;
+        if let Some(stopped) = idle.stopped {
+            verdict = stopped;
+            action = Action::await_change();
+        } else if let Some(requeue) = idle.requeue {
+            action = Action::requeue(requeue);
+        }
     }
     conditions.extend(not_yet::not_supported_yet(runtime));
+    let handled = HandledActions {
+        restart: outcome.handled_restart,
+        start,
+        ..Default::default()
+    };
     let report = Report {
-        verdict: &outcome.verdict,
+        verdict: &verdict,
         conditions: &conditions,
         compute: "Serverless",
         facts,
-        handled_restart: outcome.handled_restart.as_deref(),
+        handled: &handled,
+        url: Some(&url),
+        last_activity: last_activity.as_ref(),
     };
     report::write_status(runtime, ctx, &report).await?;
-    info!(%name, %namespace, phase = ?outcome.verdict.phase, reason = %outcome.verdict.reason, "reconciled");
+    info!(%name, %namespace, phase = ?verdict.phase, reason = %verdict.reason, "reconciled");
     // Secrets are not watched: a runtime waiting for a pull secret to appear or be fixed looks
     // again with backoff (and at once when its service account changes).
     let waits_for_secret = plan
@@ -208,7 +278,58 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         return Ok(Action::requeue(ctx.pull_secret_waits.next(&key)));
     }
     ctx.pull_secret_waits.reset(&key);
-    Ok(outcome.action)
+    Ok(action)
+}
+
+/// A stopped runtime (idle, or by `promptflow.dev/stop`): no pod, the object and its Service
+/// kept, the status saying how to start it again.
+async fn stay_stopped(runtime: &PromptFlowRuntime, ctx: &Context, lifecycle: Lifecycle, url: &str) -> Result<Action> {
+    let namespace = runtime.namespace().unwrap_or_default();
+    if let Some(live) = ctx.pods.get(&apply::pod_ref(&runtime.name_any(), &namespace)) {
+        apply::delete_pod(ctx, &live).await?;
+    }
+    let status = runtime.status.clone().unwrap_or_default();
+    let mut conditions = status::carried(&status.conditions);
+    let (verdict, handled) = match lifecycle {
+        Lifecycle::StopNow { value } => {
+            let message = format!(
+                "stopped by the {} annotation; set a new value of {} (or change the spec) to start it again",
+                crate::api::annotations::STOP,
+                crate::api::annotations::START
+            );
+            conditions.retain(|c| c.type_ != conditions::IDLE);
+            conditions.push(ConditionState::new(
+                conditions::IDLE,
+                true,
+                reasons::STOPPED_BY_USER,
+                message.clone(),
+            ));
+            report::publish(ctx, runtime, &Notice::normal(reasons::STOPPED_BY_USER, message.clone())).await;
+            let handled = HandledActions {
+                stop: Some(value),
+                ..Default::default()
+            };
+            (Verdict::not_available(reasons::STOPPED_BY_USER, message), handled)
+        }
+        _ => (
+            Verdict::not_available(
+                status.reason.as_deref().unwrap_or(reasons::STOPPED_IDLE),
+                status.message.clone().unwrap_or_default(),
+            ),
+            HandledActions::default(),
+        ),
+    };
+    let report = Report {
+        verdict: &verdict,
+        conditions: &conditions,
+        compute: "Serverless",
+        facts: None,
+        handled: &handled,
+        url: Some(url),
+        last_activity: None,
+    };
+    report::write_status(runtime, ctx, &report).await?;
+    Ok(Action::await_change())
 }
 
 /// `TemplateCurrent`: whether the pod follows the operator's current template.

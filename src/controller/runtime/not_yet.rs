@@ -12,14 +12,6 @@ use crate::api::{PromptFlowRuntime, UpdatePolicy, annotations};
 pub fn not_supported_yet(runtime: &PromptFlowRuntime) -> Vec<ConditionState> {
     let spec = &runtime.spec;
     let mut states = vec![];
-    if let Some(idle) = &spec.idle {
-        let timeout = idle.timeout.as_deref().unwrap_or("1h");
-        states.push(ConditionState::unknown(
-            conditions::IDLE,
-            reasons::NOT_SUPPORTED_YET,
-            format!("spec.idle (timeout {timeout}) is accepted but idle stop is not built yet: the runtime keeps running when idle"),
-        ));
-    }
     let asked_for_versions = [
         (
             spec.image.version.is_none(),
@@ -73,7 +65,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pinned_runtime_without_idle_asks_for_nothing_unbuilt() {
+    fn a_pinned_runtime_asks_for_nothing_unbuilt() {
         let pinned = runtime(
             serde_json::json!({"image": {"version": "20240222.v4"}}),
             serde_json::json!({}),
@@ -82,20 +74,19 @@ mod tests {
     }
 
     #[test]
-    fn idle_and_version_requests_are_named() {
+    fn version_requests_are_named_and_idle_is_built() {
         let rt = runtime(
             serde_json::json!({"idle": {"timeout": "30m"}, "updatePolicy": "Automatic"}),
             serde_json::json!({"promptflow.dev/update": "1"}),
         );
         let states = not_supported_yet(&rt);
-        assert_eq!(states.len(), 2);
+        assert_eq!(states.len(), 1);
         assert!(
             states
                 .iter()
                 .all(|s| s.status == "Unknown" && s.reason == "NotSupportedYet")
         );
-        assert!(states[0].message.contains("timeout 30m"), "{}", states[0].message);
-        let versions = &states[1].message;
+        let versions = &states[0].message;
         assert!(
             versions.contains("Automatic")
                 && versions.contains("promptflow.dev/update")

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::runtime::reflector::ObjectRef;
 
 use crate::api::{PromptFlowRuntime, PromptFlowRuntimeStatus};
@@ -20,6 +20,8 @@ pub struct OwnWrites {
     pods: Mutex<HashMap<ObjectRef<Pod>, Instant>>,
     /// Pods deleted (by uid) that the cache may still show without a deletion timestamp.
     deleted: Mutex<HashMap<ObjectRef<Pod>, String>>,
+    /// Services applied and not yet seen in the cache, with when.
+    services: Mutex<HashMap<ObjectRef<Service>, Instant>>,
 }
 
 /// The last status written for a runtime: resourceVersions older than that write (the ones written
@@ -90,6 +92,32 @@ impl OwnWrites {
         self.pods.lock().expect("own writes lock").insert(pod, Instant::now());
     }
 
+    /// Whether a Service the cache does not show (or shows as it was) was applied by us moments
+    /// ago, so applying it again would repeat the write. A Service the cache shows as wanted ends
+    /// the entry.
+    pub fn service_pending(&self, service: &ObjectRef<Service>, cached_as_wanted: bool) -> bool {
+        let mut services = self.services.lock().expect("own writes lock");
+        if cached_as_wanted {
+            services.remove(service);
+            return false;
+        }
+        match services.get(service) {
+            Some(applied) if applied.elapsed() < CREATED_POD_GRACE => true,
+            Some(_) => {
+                services.remove(service);
+                false
+            }
+            None => false,
+        }
+    }
+
+    pub fn applied_service(&self, service: ObjectRef<Service>) {
+        self.services
+            .lock()
+            .expect("own writes lock")
+            .insert(service, Instant::now());
+    }
+
     /// Whether the cached pod with `uid` is one we already deleted (the cache lags behind).
     pub fn already_deleted(&self, pod: &ObjectRef<Pod>, uid: Option<&str>) -> bool {
         let mut deleted = self.deleted.lock().expect("own writes lock");
@@ -126,6 +154,11 @@ impl OwnWrites {
             .lock()
             .expect("own writes lock")
             .retain(|pod, _| keep(&runtime_of(pod)));
+        self.services.lock().expect("own writes lock").retain(|service, _| {
+            let mut key = ObjectRef::<PromptFlowRuntime>::new(&service.name);
+            key.namespace = service.namespace.clone();
+            keep(&key)
+        });
     }
 
     /// Drops what is kept for a deleted runtime.
@@ -133,6 +166,9 @@ impl OwnWrites {
         self.statuses.lock().expect("own writes lock").remove(runtime);
         self.pods.lock().expect("own writes lock").remove(pod);
         self.deleted.lock().expect("own writes lock").remove(pod);
+        let mut service = ObjectRef::<Service>::new(&runtime.name);
+        service.namespace = runtime.namespace.clone();
+        self.services.lock().expect("own writes lock").remove(&service);
     }
 }
 

@@ -12,7 +12,7 @@ use super::plan::PodFacts;
 use super::status::{self, ConditionState, StatusInputs, Verdict};
 use super::{Context, MANAGER};
 use crate::api::conditions::{self, reasons};
-use crate::api::{PromptFlowRuntime, PromptFlowRuntimeStatus, RuntimePhase};
+use crate::api::{HandledActions, PromptFlowRuntime, PromptFlowRuntimeStatus, RuntimePhase};
 use crate::error::Result;
 
 /// An event to tell the user.
@@ -56,8 +56,12 @@ pub struct Report<'a> {
     pub compute: &'a str,
     /// Image, version and size, once a pod was planned.
     pub facts: Option<&'a PodFacts>,
-    /// The `promptflow.dev/restart` value just handled.
-    pub handled_restart: Option<&'a str>,
+    /// Action values just handled.
+    pub handled: &'a HandledActions,
+    /// The Service's URL.
+    pub url: Option<&'a str>,
+    /// Newer activity to record in `status.lastActivityTime`.
+    pub last_activity: Option<&'a Time>,
 }
 
 /// Composes the status, patches it only on difference, and announces transitions.
@@ -71,7 +75,9 @@ pub async fn write_status(runtime: &PromptFlowRuntime, ctx: &Context, report: &R
         conditions: report.conditions,
         compute: report.compute,
         facts: report.facts,
-        handled_restart: report.handled_restart,
+        handled: report.handled,
+        url: report.url,
+        last_activity: report.last_activity,
         generation: runtime.metadata.generation,
         now: &now,
     });

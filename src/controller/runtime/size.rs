@@ -42,9 +42,18 @@ pub fn choose<'a>(
         })?;
         // A live pod already counts in the quota's usage; a resize gives its usage back.
         if chosen_before != Some(named) {
-            let released = live.and_then(|p| p.spec.as_ref()?.containers.first()?.resources.clone());
-            let wanted = pod::merged_resources(size, runtime);
-            if let Some(short) = quota::shortfall(&wanted, released.as_ref(), quotas) {
+            let released: Option<Vec<_>> = live.and_then(|p| {
+                Some(
+                    p.spec
+                        .as_ref()?
+                        .containers
+                        .iter()
+                        .filter_map(|c| c.resources.clone())
+                        .collect(),
+                )
+            });
+            let wanted = pod::pod_resources(size, runtime);
+            if let Some(short) = quota::shortfall(&wanted, released.as_deref(), quotas) {
                 return Err(Problem {
                     reason: reasons::QUOTA_EXCEEDED,
                     message: format!("instance type {named} does not fit: {short}"),
@@ -56,7 +65,7 @@ pub fn choose<'a>(
     if let Some(size) = chosen_before.and_then(|name| catalog.get(name)) {
         return Ok(size);
     }
-    quota::first_fitting(catalog, quotas, |size| pod::merged_resources(size, runtime)).map_err(|shortfalls| {
+    quota::first_fitting(catalog, quotas, |size| pod::pod_resources(size, runtime)).map_err(|shortfalls| {
         let detail = shortfalls
             .first()
             .map(|(name, short)| format!(" (the smallest, {name}: {short})"))

@@ -67,6 +67,31 @@ impl ConditionState {
     }
 }
 
+/// The conditions of `previous` other than `Ready`, to carry over unchanged (a stopped runtime
+/// keeps what was last known about it).
+pub fn carried(previous: &[Condition]) -> Vec<ConditionState> {
+    const TYPES: [&str; 5] = [
+        conditions::IDENTITY_RESOLVED,
+        conditions::SPEC_APPLIED,
+        conditions::TEMPLATE_CURRENT,
+        conditions::IDLE,
+        conditions::UPDATE_AVAILABLE,
+    ];
+    previous
+        .iter()
+        .filter_map(|c| {
+            let type_ = TYPES.into_iter().find(|t| *t == c.type_)?;
+            let status = ["True", "False", "Unknown"].into_iter().find(|s| *s == c.status)?;
+            Some(ConditionState {
+                type_,
+                status,
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+            })
+        })
+        .collect()
+}
+
 /// Sets `condition` in `conditions`. Its `lastTransitionTime` is the time of this change; when
 /// `previous` held the same type with the same status, that earlier time is kept.
 pub fn set_condition(conditions: &mut Vec<Condition>, previous: &[Condition], mut condition: Condition) {
@@ -104,8 +129,12 @@ pub struct StatusInputs<'a> {
     pub compute: &'a str,
     /// Image, version and instance type, once decided.
     pub facts: Option<&'a PodFacts>,
-    /// The `promptflow.dev/restart` value just handled, if any.
-    pub handled_restart: Option<&'a str>,
+    /// Action values just handled (the fields that are set replace the recorded ones).
+    pub handled: &'a HandledActions,
+    /// The Service's URL, once it exists.
+    pub url: Option<&'a str>,
+    /// Newer activity the proxy reported, to record.
+    pub last_activity: Option<&'a Time>,
     /// `metadata.generation`.
     pub generation: Option<i64>,
     /// The time used for new transitions.
@@ -131,13 +160,7 @@ pub fn compose(inputs: &StatusInputs<'_>) -> PromptFlowRuntimeStatus {
         );
     }
     conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
-    let handled_actions = match inputs.handled_restart {
-        Some(value) => Some(HandledActions {
-            restart: Some(value.to_owned()),
-            ..previous.handled_actions.clone().unwrap_or_default()
-        }),
-        None => previous.handled_actions.clone(),
-    };
+    let handled_actions = merge_handled(previous.handled_actions.clone(), inputs.handled);
     PromptFlowRuntimeStatus {
         phase: verdict.phase,
         reason: Some(verdict.reason.clone()),
@@ -148,9 +171,27 @@ pub fn compose(inputs: &StatusInputs<'_>) -> PromptFlowRuntimeStatus {
         image: inputs.facts.map(|f| f.image.clone()).or(previous.image),
         version: inputs.facts.map(|f| f.version.clone()).or(previous.version),
         handled_actions,
+        url: inputs.url.map(str::to_owned).or(previous.url),
+        last_activity_time: inputs.last_activity.cloned().or(previous.last_activity_time),
         conditions,
         ..previous
     }
+}
+
+/// The recorded action values with the newly handled ones over them.
+fn merge_handled(previous: Option<HandledActions>, new: &HandledActions) -> Option<HandledActions> {
+    if *new == HandledActions::default() {
+        return previous;
+    }
+    let previous = previous.unwrap_or_default();
+    let pick = |new: &Option<String>, old: Option<String>| new.clone().or(old);
+    Some(HandledActions {
+        check_version: pick(&new.check_version, previous.check_version),
+        update: pick(&new.update, previous.update),
+        start: pick(&new.start, previous.start),
+        restart: pick(&new.restart, previous.restart),
+        stop: pick(&new.stop, previous.stop),
+    })
 }
 
 #[cfg(test)]
@@ -177,13 +218,16 @@ mod tests {
             version: "1".into(),
             size: "Standard_D2s_v3".into(),
         };
+        let none = HandledActions::default();
         let inputs = |previous, verdict, now| StatusInputs {
             previous,
             verdict,
             conditions: &others,
             compute: "Serverless",
             facts: Some(&facts),
-            handled_restart: None,
+            handled: &none,
+            url: None,
+            last_activity: None,
             generation: Some(1),
             now,
         };
@@ -229,11 +273,17 @@ mod tests {
             conditions: &others,
             compute: "Serverless",
             facts: None,
-            handled_restart: Some("r1"),
+            handled: &HandledActions {
+                restart: Some("r1".into()),
+                ..Default::default()
+            },
+            url: Some("http://chat.a.svc:8081"),
+            last_activity: None,
             generation: Some(2),
             now: &now,
         });
         assert_eq!(status.latest_version.as_deref(), Some("20250101.v1"));
+        assert_eq!(status.url.as_deref(), Some("http://chat.a.svc:8081"));
         assert_eq!(status.observed_generation, Some(2));
         let handled = status.handled_actions.unwrap();
         assert_eq!(

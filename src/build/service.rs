@@ -1,0 +1,98 @@
+//! The runtime's Service: the way in for clients. Named after the runtime, owned by it, selecting
+//! its pod, port 8081 onto the activity proxy, so every request counts as activity.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use super::pod::{PROXY_PORT, PROXY_PORT_NAME, RUNTIME_LABEL, labels};
+use crate::api::PromptFlowRuntime;
+
+/// The label selector of the Services the operator owns.
+pub const OWNED_SERVICE_SELECTOR: &str =
+    "app.kubernetes.io/managed-by=promptflow-operator,app.kubernetes.io/name=promptflow-runtime";
+
+/// The Service of a runtime.
+pub fn runtime_service(runtime: &PromptFlowRuntime) -> Service {
+    let name = runtime.name_any();
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: runtime.namespace(),
+            labels: Some(labels(&name)),
+            owner_references: runtime.controller_owner_ref(&()).map(|owner| vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: Some(BTreeMap::from([
+                (RUNTIME_LABEL.to_owned(), name.clone()),
+                ("app.kubernetes.io/component".to_owned(), "runtime".to_owned()),
+            ])),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: PROXY_PORT,
+                target_port: Some(IntOrString::String(PROXY_PORT_NAME.into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The in-cluster URL clients use.
+pub fn url(runtime: &PromptFlowRuntime) -> String {
+    format!(
+        "http://{}.{}.svc:{PROXY_PORT}",
+        runtime.name_any(),
+        runtime.namespace().unwrap_or_default()
+    )
+}
+
+/// Whether a live Service already is what [`runtime_service`] builds (the fields the operator
+/// sets), so nothing needs writing.
+pub fn matches(live: &Service, desired: &Service) -> bool {
+    let spec = |s: &Service| {
+        s.spec
+            .as_ref()
+            .map(|spec| (spec.selector.clone(), spec.ports.clone().map(normalized_ports)))
+    };
+    live.metadata.labels == desired.metadata.labels && spec(live) == spec(desired)
+}
+
+/// Ports as the operator writes them, ignoring what the API server fills in (nodePort, defaults).
+fn normalized_ports(ports: Vec<ServicePort>) -> Vec<(Option<String>, i32, Option<IntOrString>)> {
+    ports.into_iter().map(|p| (p.name, p.port, p.target_port)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_selects_the_runtime_pod_on_the_proxy_port() {
+        let mut runtime = PromptFlowRuntime::new("chat", Default::default());
+        runtime.metadata.namespace = Some("team-a".into());
+        runtime.metadata.uid = Some("uid-1".into());
+        let service = runtime_service(&runtime);
+        assert_eq!(service.metadata.name.as_deref(), Some("chat"));
+        assert_eq!(service.metadata.owner_references.as_ref().unwrap()[0].name, "chat");
+        let spec = service.spec.as_ref().unwrap();
+        assert_eq!(spec.selector.as_ref().unwrap()[RUNTIME_LABEL], "chat");
+        let port = &spec.ports.as_ref().unwrap()[0];
+        assert_eq!(
+            (port.port, port.target_port.clone()),
+            (8081, Some(IntOrString::String("proxy".into())))
+        );
+        assert_eq!(url(&runtime), "http://chat.team-a.svc:8081");
+        let mut live = service.clone();
+        live.spec.as_mut().unwrap().cluster_ip = Some("10.0.0.7".into());
+        assert!(matches(&live, &service), "fields the API server fills in do not count");
+        live.spec.as_mut().unwrap().selector = None;
+        assert!(!matches(&live, &service));
+    }
+}
