@@ -7,6 +7,7 @@ use std::time::Instant;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -35,6 +36,16 @@ pub struct CullLabels {
     pub action: &'static str,
 }
 
+/// Labels of the runtimes gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// `Running` or `Not available`; `Stopped` for runtimes stopped idle or by the user.
+    pub phase: &'static str,
+}
+
+/// Counts runtimes by phase from the controller's cache, when /metrics is read.
+pub type PhaseCounter = Box<dyn Fn() -> Vec<(&'static str, i64)> + Send + Sync>;
+
 /// The operator's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -46,6 +57,8 @@ pub struct Metrics {
     culls: Family<CullLabels, Counter>,
     idle_warnings: Counter,
     activity_query_failures: Counter,
+    runtimes: Family<PhaseLabels, Gauge>,
+    phase_counter: std::sync::OnceLock<PhaseCounter>,
 }
 
 impl Default for Metrics {
@@ -76,6 +89,8 @@ impl Default for Metrics {
             culls.clone(),
         );
         registry.register("idle_warnings", "IdleSoon warnings given", idle_warnings.clone());
+        let runtimes = Family::<PhaseLabels, Gauge>::default();
+        registry.register("runtimes", "Runtimes by phase", runtimes.clone());
         registry.register(
             "activity_query_failures",
             "Activity proxies that could not be asked at a deadline",
@@ -91,6 +106,8 @@ impl Default for Metrics {
             culls,
             idle_warnings,
             activity_query_failures,
+            runtimes,
+            phase_counter: std::sync::OnceLock::new(),
         }
     }
 }
@@ -162,8 +179,21 @@ impl Metrics {
         self.writes.load(Ordering::Relaxed)
     }
 
+    /// Sets where runtimes are counted by phase (the controller's runtime cache).
+    pub fn count_phases_with(&self, counter: PhaseCounter) {
+        let _ = self.phase_counter.set(counter);
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        if let Some(count) = self.phase_counter.get() {
+            for phase in ["Running", "Not available", "Stopped"] {
+                self.runtimes.get_or_create(&PhaseLabels { phase }).set(0);
+            }
+            for (phase, n) in count() {
+                self.runtimes.get_or_create(&PhaseLabels { phase }).set(n);
+            }
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out

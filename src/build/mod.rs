@@ -1,4 +1,5 @@
 //! Pure builders of the Kubernetes objects the operator owns. Builders never call the API.
 
 pub mod pod;
+pub mod proxy;
 pub mod service;

@@ -7,7 +7,6 @@ use k8s_openapi::api::core::v1::{
     LocalObjectReference, Pod, PodSecurityContext, PodSpec, Probe, ResourceRequirements, SeccompProfile,
     SecurityContext, Volume, VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
@@ -17,6 +16,9 @@ use crate::api::PromptFlowRuntime;
 use crate::catalog::InstanceType;
 use crate::flow::{FlowEnvironment, hex};
 use crate::identity::PullIdentity;
+
+pub use super::proxy::{ACTIVITY_PORT, PROXY_CONTAINER, PROXY_PORT, PROXY_PORT_NAME};
+use super::proxy::{proxy_container, proxy_resources};
 
 /// The label every object the operator manages carries (`app.kubernetes.io/managed-by`).
 pub const MANAGED_BY: &str = "promptflow-operator";
@@ -35,16 +37,6 @@ pub const OWNED_POD_SELECTOR: &str =
     "app.kubernetes.io/managed-by=promptflow-operator,app.kubernetes.io/name=promptflow-runtime";
 /// The port the runtime serves on (`/health`, `/score`, `/submit`).
 pub const RUNTIME_PORT: i32 = 8080;
-/// The activity proxy's port: client traffic, through the runtime's Service.
-pub const PROXY_PORT: i32 = 8081;
-/// The name of the activity proxy's port (the Service targets it by name).
-pub const PROXY_PORT_NAME: &str = "proxy";
-/// The activity proxy's report port (`GET /activity`).
-pub const ACTIVITY_PORT: i32 = 8082;
-/// The activity proxy's container name.
-pub const PROXY_CONTAINER: &str = "activity-proxy";
-/// The user id the activity proxy runs as.
-const PROXY_USER: i64 = 65532;
 
 const FLOW_MOUNT: &str = "/flow";
 /// The flow's requirements are installed here as Python's user base (`PYTHONUSERBASE`, `pip
@@ -326,70 +318,10 @@ pub fn merged_resources(size: &InstanceType, runtime: &PromptFlowRuntime) -> Res
     resources
 }
 
-/// What the activity proxy asks for: little, with limits on both cpu and memory so quotas that
-/// track limits admit the pod.
-fn proxy_resources() -> ResourceRequirements {
-    ResourceRequirements {
-        requests: Some(BTreeMap::from([
-            ("cpu".to_owned(), Quantity("10m".into())),
-            ("memory".to_owned(), Quantity("16Mi".into())),
-        ])),
-        limits: Some(BTreeMap::from([
-            ("cpu".to_owned(), Quantity("100m".into())),
-            ("memory".to_owned(), Quantity("64Mi".into())),
-        ])),
-        ..Default::default()
-    }
-}
-
 /// The resources of every container of a runtime pod of `size` (the runtime's, then the
 /// proxy's): what quotas count.
 pub fn pod_resources(size: &InstanceType, runtime: &PromptFlowRuntime) -> Vec<ResourceRequirements> {
     vec![merged_resources(size, runtime), proxy_resources()]
-}
-
-/// The activity proxy sidecar: the operator binary's `activity-proxy` subcommand, always under
-/// the restricted profile (it needs nothing else), a few MiB of memory.
-fn proxy_container(image: &str) -> Container {
-    let port = |name: &str, number: i32| ContainerPort {
-        name: Some(name.to_owned()),
-        container_port: number,
-        protocol: Some("TCP".into()),
-        ..Default::default()
-    };
-    Container {
-        name: PROXY_CONTAINER.into(),
-        image: Some(image.to_owned()),
-        args: Some(vec![
-            "activity-proxy".into(),
-            format!("--listen=0.0.0.0:{PROXY_PORT}"),
-            format!("--upstream=127.0.0.1:{RUNTIME_PORT}"),
-            format!("--activity-listen=0.0.0.0:{ACTIVITY_PORT}"),
-        ]),
-        ports: Some(vec![port(PROXY_PORT_NAME, PROXY_PORT), port("activity", ACTIVITY_PORT)]),
-        readiness_probe: Some(Probe {
-            http_get: Some(HTTPGetAction {
-                path: Some("/healthz".into()),
-                port: IntOrString::String("activity".into()),
-                ..Default::default()
-            }),
-            period_seconds: Some(10),
-            ..Default::default()
-        }),
-        resources: Some(proxy_resources()),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            run_as_user: Some(PROXY_USER),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 fn container_security(security: &PodSecurity) -> Option<SecurityContext> {

@@ -19,7 +19,8 @@ use tracing::{info, warn};
 use self::index::{Dependency, DependencyIndex};
 use self::runtime::Context;
 use self::watch_health::WatchHealth;
-use crate::api::PromptFlowRuntime;
+use crate::api::conditions::reasons;
+use crate::api::{PromptFlowRuntime, RuntimePhase};
 use crate::build::pod::{OWNED_POD_SELECTOR, PodTemplate};
 use crate::build::service::OWNED_SERVICE_SELECTOR;
 use crate::catalog::Catalog;
@@ -208,7 +209,24 @@ pub async fn run(
 
     // The runtime watch is ours (not the controller's) so a deleted runtime's entries in the
     // index and the write memory are dropped: reconciles never see deletions without a finalizer.
-    let (runtime_store, runtime_writer) = reflector::store();
+    let (runtime_store, runtime_writer) = reflector::store::<PromptFlowRuntime>();
+    let counted = runtime_store.clone();
+    context.metrics.count_phases_with(Box::new(move || {
+        let mut counts = std::collections::BTreeMap::<&'static str, i64>::new();
+        for runtime in counted.state() {
+            let status = runtime.status.as_ref();
+            let stopped = status
+                .and_then(|s| s.reason.as_deref())
+                .is_some_and(|r| [reasons::STOPPED_IDLE, reasons::STOPPED_BY_USER].contains(&r));
+            let phase = match status.map(|s| s.phase) {
+                _ if stopped => "Stopped",
+                Some(RuntimePhase::Running) => "Running",
+                _ => "Not available",
+            };
+            *counts.entry(phase).or_default() += 1;
+        }
+        counts.into_iter().collect()
+    }));
     let forgetting = context.clone();
     let runtime_stream = watcher(scoped::<PromptFlowRuntime>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())

@@ -203,7 +203,7 @@ async fn requests_through_the_proxy_keep_a_real_flow_alive_and_silence_stops_it(
 #[tokio::test]
 async fn staggered_deadlines_are_met_and_the_edges_hold() {
     with_namespace("pf-idle-many", |ns| async move {
-        let _operator = OperatorProcess::for_namespace(&ns.name);
+        let operator = OperatorProcess::for_namespace(&ns.name);
         let runtimes = ns.api::<PromptFlowRuntime>();
         let lag_names: Vec<String> = (0..20).map(|i| format!("lag-{i:02}")).collect();
         let mut seen_running: BTreeMap<String, Instant> = BTreeMap::new();
@@ -290,6 +290,22 @@ async fn staggered_deadlines_are_met_and_the_edges_hold() {
         )
         .await;
         assert!(postponed.status.is_some());
+
+        // The metrics tell the same story.
+        let metrics = operator.metrics().await;
+        let value = |line_start: &str| {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(line_start))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{line_start} not in:\n{metrics}"))
+        };
+        assert!(value("promptflow_operator_idle_culls_total{action=\"stop\"}") >= 21.0);
+        assert!(value("promptflow_operator_idle_culls_total{action=\"delete\"}") >= 1.0);
+        assert!(value("promptflow_operator_idle_warnings_total") >= 21.0);
+        assert!(value("promptflow_operator_activity_query_failures_total") >= 1.0);
+        assert!(value("promptflow_operator_runtimes{phase=\"Stopped\"}") >= 20.0, "the cache may not show the last stop yet");
+        assert!(value("promptflow_operator_runtimes{phase=\"Running\"}") >= 2.0);
         for process in &mut processes {
             process.stop().await;
         }
