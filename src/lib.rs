@@ -8,6 +8,8 @@ pub mod catalog;
 pub mod controller;
 pub mod crd;
 pub mod error;
+#[cfg(test)]
+pub mod fixtures;
 pub mod flow;
 pub mod identity;
 pub mod idle;

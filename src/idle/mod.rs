@@ -147,14 +147,7 @@ pub fn until(now: Timestamp, then: Timestamp) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn runtime(spec: serde_json::Value, annotations: serde_json::Value) -> PromptFlowRuntime {
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime",
-            "metadata": {"name": "chat", "namespace": "a", "annotations": annotations}, "spec": spec
-        }))
-        .unwrap()
-    }
+    use crate::fixtures::runtime;
 
     fn at(seconds: i64) -> Timestamp {
         Timestamp::from_second(seconds).unwrap()

@@ -55,14 +55,7 @@ pub fn not_supported_yet(runtime: &PromptFlowRuntime) -> Vec<ConditionState> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn runtime(spec: serde_json::Value, annotations: serde_json::Value) -> PromptFlowRuntime {
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime",
-            "metadata": {"name": "chat", "namespace": "a", "annotations": annotations}, "spec": spec
-        }))
-        .unwrap()
-    }
+    use crate::fixtures::runtime;
 
     #[test]
     fn a_pinned_runtime_asks_for_nothing_unbuilt() {

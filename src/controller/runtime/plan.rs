@@ -194,17 +194,11 @@ mod tests {
     use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
 
     use super::*;
-    use crate::controller::runtime::observe::FlowSource;
 
     fn runtime(spec: serde_json::Value) -> PromptFlowRuntime {
-        let mut runtime: PromptFlowRuntime = serde_json::from_value(serde_json::json!({
-            "apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime",
-            "metadata": {"name": "chat", "namespace": "a"}, "spec": spec
-        }))
-        .unwrap();
-        runtime.metadata.uid = Some("uid-1".into());
-        runtime
+        crate::fixtures::runtime(spec, serde_json::json!({}))
     }
+    use crate::controller::runtime::observe::FlowSource;
 
     fn observed(account: bool, flow: Option<&str>) -> Observed {
         Observed {

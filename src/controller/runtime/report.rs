@@ -8,11 +8,11 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use tracing::warn;
 
-use super::plan::PodFacts;
-use super::status::{self, ConditionState, StatusInputs, Verdict};
+use super::status;
+pub use super::status::Report;
 use super::{Context, MANAGER};
 use crate::api::conditions::{self, reasons};
-use crate::api::{HandledActions, PromptFlowRuntime, PromptFlowRuntimeStatus, RuntimePhase};
+use crate::api::{PromptFlowRuntime, PromptFlowRuntimeStatus, RuntimePhase};
 use crate::error::Result;
 
 /// An event to tell the user.
@@ -46,41 +46,12 @@ impl Notice {
     }
 }
 
-/// Everything the status is written from.
-pub struct Report<'a> {
-    /// The verdict: phase, reason, message.
-    pub verdict: &'a Verdict,
-    /// The conditions besides `Ready`.
-    pub conditions: &'a [ConditionState],
-    /// `Serverless` or the instance's name.
-    pub compute: &'a str,
-    /// Image, version and size, once a pod was planned.
-    pub facts: Option<&'a PodFacts>,
-    /// Action values just handled.
-    pub handled: &'a HandledActions,
-    /// The Service's URL.
-    pub url: Option<&'a str>,
-    /// Newer activity to record in `status.lastActivityTime`.
-    pub last_activity: Option<&'a Time>,
-}
-
 /// Composes the status, patches it only on difference, and announces transitions.
 pub async fn write_status(runtime: &PromptFlowRuntime, ctx: &Context, report: &Report<'_>) -> Result<()> {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let baseline = ctx.own_writes.status_baseline(runtime);
     let previous = baseline.as_ref();
-    let new = status::compose(&StatusInputs {
-        previous,
-        verdict: report.verdict,
-        conditions: report.conditions,
-        compute: report.compute,
-        facts: report.facts,
-        handled: report.handled,
-        url: report.url,
-        last_activity: report.last_activity,
-        generation: runtime.metadata.generation,
-        now: &now,
-    });
+    let new = status::compose(previous, report, runtime.metadata.generation, &now);
     if previous == Some(&new) {
         return Ok(());
     }

@@ -98,11 +98,7 @@ mod tests {
     use super::*;
 
     fn runtime(spec: serde_json::Value) -> PromptFlowRuntime {
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime",
-            "metadata": {"name": "chat", "namespace": "a"}, "spec": spec
-        }))
-        .unwrap()
+        crate::fixtures::runtime(spec, serde_json::json!({}))
     }
 
     fn quota(hard_cpu: &str, used_cpu: &str) -> ResourceQuota {

@@ -116,11 +116,10 @@ fn condition(state: &ConditionState, generation: Option<i64>, now: &Time) -> Con
     }
 }
 
-/// Everything the status is composed from. Fields this controller owns are replaced; fields other
-/// parts of the operator own (versions, activity, other handled actions) are carried over.
-pub struct StatusInputs<'a> {
-    /// The status now.
-    pub previous: Option<&'a PromptFlowRuntimeStatus>,
+/// What a reconcile reports: the status is composed from it. Fields this controller owns are
+/// replaced; fields other parts of the operator own (versions, other handled actions) are
+/// carried over.
+pub struct Report<'a> {
     /// The verdict: phase, reason, message, and the `Ready` condition.
     pub verdict: &'a Verdict,
     /// Every other condition this controller reports; conditions not listed are dropped.
@@ -135,15 +134,16 @@ pub struct StatusInputs<'a> {
     pub url: Option<&'a str>,
     /// Newer activity the proxy reported, to record.
     pub last_activity: Option<&'a Time>,
-    /// `metadata.generation`.
-    pub generation: Option<i64>,
-    /// The time used for new transitions.
-    pub now: &'a Time,
 }
 
-/// The status to write.
-pub fn compose(inputs: &StatusInputs<'_>) -> PromptFlowRuntimeStatus {
-    let previous = inputs.previous.cloned().unwrap_or_default();
+/// The status to write over `previous` for a runtime at `generation`; new transitions at `now`.
+pub fn compose(
+    previous: Option<&PromptFlowRuntimeStatus>,
+    inputs: &Report<'_>,
+    generation: Option<i64>,
+    now: &Time,
+) -> PromptFlowRuntimeStatus {
+    let previous = previous.cloned().unwrap_or_default();
     let verdict = inputs.verdict;
     let ready = ConditionState::new(
         conditions::READY,
@@ -153,11 +153,7 @@ pub fn compose(inputs: &StatusInputs<'_>) -> PromptFlowRuntimeStatus {
     );
     let mut conditions = vec![];
     for state in std::iter::once(&ready).chain(inputs.conditions) {
-        set_condition(
-            &mut conditions,
-            &previous.conditions,
-            condition(state, inputs.generation, inputs.now),
-        );
+        set_condition(&mut conditions, &previous.conditions, condition(state, generation, now));
     }
     conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
     let handled_actions = merge_handled(previous.handled_actions.clone(), inputs.handled);
@@ -165,7 +161,7 @@ pub fn compose(inputs: &StatusInputs<'_>) -> PromptFlowRuntimeStatus {
         phase: verdict.phase,
         reason: Some(verdict.reason.clone()),
         message: Some(verdict.message.clone()),
-        observed_generation: inputs.generation,
+        observed_generation: generation,
         compute: Some(inputs.compute.to_owned()),
         instance_type: inputs.facts.map(|f| f.size.clone()).or(previous.instance_type),
         image: inputs.facts.map(|f| f.image.clone()).or(previous.image),
@@ -219,8 +215,7 @@ mod tests {
             size: "Standard_D2s_v3".into(),
         };
         let none = HandledActions::default();
-        let inputs = |previous, verdict, now| StatusInputs {
-            previous,
+        let report = |verdict| Report {
             verdict,
             conditions: &others,
             compute: "Serverless",
@@ -228,15 +223,13 @@ mod tests {
             handled: &none,
             url: None,
             last_activity: None,
-            generation: Some(1),
-            now,
         };
-        let first = compose(&inputs(None, &starting, &t0));
-        let again = compose(&inputs(Some(&first), &starting, &t1));
+        let first = compose(None, &report(&starting), Some(1), &t0);
+        let again = compose(Some(&first), &report(&starting), Some(1), &t1);
         assert_eq!(first, again, "an unchanged verdict must give an identical status");
 
         let failed = Verdict::not_available(reasons::ERR_IMAGE_PULL, "cannot pull");
-        let changed = compose(&inputs(Some(&first), &failed, &t1));
+        let changed = compose(Some(&first), &report(&failed), Some(1), &t1);
         let ready = changed.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!(
             ready.last_transition_time, t0,
@@ -250,7 +243,7 @@ mod tests {
             message: "up".into(),
             problem: false,
         };
-        let up = compose(&inputs(Some(&changed), &running, &t1));
+        let up = compose(Some(&changed), &report(&running), Some(1), &t1);
         let ready = up.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!((ready.status.as_str(), &ready.last_transition_time), ("True", &t1));
     }
@@ -267,8 +260,7 @@ mod tests {
             ..Default::default()
         };
         let others = identity();
-        let status = compose(&StatusInputs {
-            previous: Some(&previous),
+        let report = Report {
             verdict: &Verdict::not_available("Pending", "x"),
             conditions: &others,
             compute: "Serverless",
@@ -279,9 +271,8 @@ mod tests {
             },
             url: Some("http://chat.a.svc:8081"),
             last_activity: None,
-            generation: Some(2),
-            now: &now,
-        });
+        };
+        let status = compose(Some(&previous), &report, Some(2), &now);
         assert_eq!(status.latest_version.as_deref(), Some("20250101.v1"));
         assert_eq!(status.url.as_deref(), Some("http://chat.a.svc:8081"));
         assert_eq!(status.observed_generation, Some(2));
