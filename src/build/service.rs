@@ -1,5 +1,5 @@
-//! The runtime's Service: the way in for clients. Named after the runtime, owned by it, selecting
-//! its pod, port 8081 onto the activity proxy, so every request counts as activity.
+//! The runtime's Service: the way in for clients. Named after the runtime, owned by it, headless,
+//! selecting its pod, port 8081 onto the activity proxy, so every request counts as activity.
 
 use std::collections::BTreeMap;
 
@@ -27,6 +27,9 @@ pub fn runtime_service(runtime: &PromptFlowRuntime) -> Service {
             ..Default::default()
         },
         spec: Some(ServiceSpec {
+            // Headless: DNS answers the pod IP, so no cluster IP is allocated and kube-proxy
+            // programs nothing per runtime (thousands of runtimes would exhaust a service range).
+            cluster_ip: Some("None".into()),
             selector: Some(BTreeMap::from([
                 (RUNTIME_LABEL.to_owned(), name.clone()),
                 ("app.kubernetes.io/component".to_owned(), "runtime".to_owned()),
@@ -57,9 +60,13 @@ pub fn url(runtime: &PromptFlowRuntime) -> String {
 /// sets), so nothing needs writing.
 pub fn matches(live: &Service, desired: &Service) -> bool {
     let spec = |s: &Service| {
-        s.spec
-            .as_ref()
-            .map(|spec| (spec.selector.clone(), spec.ports.clone().map(normalized_ports)))
+        s.spec.as_ref().map(|spec| {
+            (
+                spec.cluster_ip.clone(),
+                spec.selector.clone(),
+                spec.ports.clone().map(normalized_ports),
+            )
+        })
     };
     live.metadata.labels == desired.metadata.labels && spec(live) == spec(desired)
 }
@@ -90,8 +97,14 @@ mod tests {
         );
         assert_eq!(url(&runtime), "http://chat.team-a.svc:8081");
         let mut live = service.clone();
-        live.spec.as_mut().unwrap().cluster_ip = Some("10.0.0.7".into());
+        live.spec.as_mut().unwrap().cluster_ips = Some(vec!["None".into()]);
+        live.spec.as_mut().unwrap().session_affinity = Some("None".into());
         assert!(matches(&live, &service), "fields the API server fills in do not count");
+        assert_eq!(
+            service.spec.as_ref().unwrap().cluster_ip.as_deref(),
+            Some("None"),
+            "headless"
+        );
         live.spec.as_mut().unwrap().selector = None;
         assert!(!matches(&live, &service));
     }

@@ -85,7 +85,13 @@ async fn requests_through_the_proxy_keep_a_real_flow_alive_and_silence_stops_it(
             Some(&*format!("http://chat.{}.svc:8081", ns.name))
         );
         let service = ns.api::<Service>().get("chat").await.unwrap();
-        assert_eq!(service.spec.unwrap().ports.unwrap()[0].port, 8081);
+        let service_spec = service.spec.unwrap();
+        assert_eq!(
+            service_spec.cluster_ip.as_deref(),
+            Some("None"),
+            "headless: DNS answers the pod IP"
+        );
+        assert_eq!(service_spec.ports.unwrap()[0].port, 8081);
 
         // The pod's containers, for real: the flow from the runtime's ConfigMap, served by
         // promptflow, behind the activity proxy.

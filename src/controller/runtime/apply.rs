@@ -238,15 +238,17 @@ pub async fn delete_pod(ctx: &Context, live: &Pod) -> Result<bool> {
     Ok(true)
 }
 
-/// Creates or corrects the runtime's Service; writes nothing when the live one matches.
-pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime) -> Result<()> {
+/// Creates or corrects the runtime's Service; writes nothing when the live one matches. Returns
+/// whether the Service is in place. A Service that cannot be written never keeps the runtime
+/// from running: the failure is logged and the runtime has no `status.url` until it succeeds.
+pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime) -> Result<bool> {
     let desired = service::runtime_service(runtime);
     let namespace = runtime.namespace().unwrap_or_default();
     let service_ref = ObjectRef::new(&runtime.name_any()).within(&namespace);
     let live = ctx.services.get(&service_ref);
     let as_wanted = live.as_deref().is_some_and(|live| service::matches(live, &desired));
     if as_wanted || ctx.own_writes.service_pending(&service_ref, as_wanted) {
-        return Ok(());
+        return Ok(true);
     }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
     match services
@@ -259,12 +261,13 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime) -> Result
     {
         Ok(_) => {
             ctx.own_writes.applied_service(service_ref);
-            Ok(())
+            Ok(true)
         }
-        // A Service of that name that another owner holds: say so rather than take it over.
-        Err(kube::Error::Api(status)) if status.code == 409 || status.code == 422 => {
+        // Refused (another owner's Service of that name, an admission policy, a full range):
+        // say so and go on; the next change of the runtime or its Service tries again.
+        Err(kube::Error::Api(status)) => {
             warn!(name = %runtime.name_any(), %namespace, error = %status.message, "cannot apply the runtime's Service");
-            Ok(())
+            Ok(false)
         }
         Err(err) => Err(err.into()),
     }

@@ -188,11 +188,10 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     }
 
     // The Service is the way in, running or stopped.
-    apply::apply_service(ctx, runtime).await?;
-    let url = service::url(runtime);
+    let url = apply::apply_service(ctx, runtime).await?.then(|| service::url(runtime));
     let start = match lifecycle::decide(runtime) {
         Lifecycle::Run { start } => start,
-        stopped => return stay_stopped(runtime, ctx, stopped, &url).await,
+        stopped => return stay_stopped(runtime, ctx, stopped, url.as_deref()).await,
     };
 
     let observed = observe::observe(runtime, ctx, &namespace, &key).await?;
@@ -263,7 +262,7 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         compute: "Serverless",
         facts,
         handled: &handled,
-        url: Some(&url),
+        url: url.as_deref(),
         last_activity: last_activity.as_ref(),
     };
     report::write_status(runtime, ctx, &report).await?;
@@ -283,7 +282,12 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
 
 /// A stopped runtime (idle, or by `promptflow.dev/stop`): no pod, the object and its Service
 /// kept, the status saying how to start it again.
-async fn stay_stopped(runtime: &PromptFlowRuntime, ctx: &Context, lifecycle: Lifecycle, url: &str) -> Result<Action> {
+async fn stay_stopped(
+    runtime: &PromptFlowRuntime,
+    ctx: &Context,
+    lifecycle: Lifecycle,
+    url: Option<&str>,
+) -> Result<Action> {
     let namespace = runtime.namespace().unwrap_or_default();
     if let Some(live) = ctx.pods.get(&apply::pod_ref(&runtime.name_any(), &namespace)) {
         apply::delete_pod(ctx, &live).await?;
@@ -325,7 +329,7 @@ async fn stay_stopped(runtime: &PromptFlowRuntime, ctx: &Context, lifecycle: Lif
         compute: "Serverless",
         facts: None,
         handled: &handled,
-        url: Some(url),
+        url,
         last_activity: None,
     };
     report::write_status(runtime, ctx, &report).await?;
