@@ -353,3 +353,52 @@ async fn an_operator_restart_before_the_deadline_does_not_stop_early() {
     })
     .await;
 }
+
+const STREAMING_NODE: &str = "import time\n\nfrom promptflow.core import tool\n\n\n@tool\ndef echo(question: str):\n    def stream():\n        for word in [\"one\", \"two\", \"three\"]:\n            yield word + \" \"\n            time.sleep(1)\n\n    return stream()\n";
+
+#[tokio::test]
+async fn a_streamed_answer_passes_through_the_proxy_as_it_is_produced() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    with_namespace("pf-idle-stream", |ns| async move {
+        let _operator = OperatorProcess::for_namespace(&ns.name);
+        let data = json!({"flow.dag.yaml": DAG, "echo.py": STREAMING_NODE});
+        create(&ns.api::<ConfigMap>(), json!({"metadata": {"name": "stream-flow"}, "data": data})).await;
+        create_runtime(&ns, "chat", json!({"flow": {"configMapName": "stream-flow"}})).await;
+        wait_status(&ns, "chat", "Running", None).await;
+        let ip = pod_ip(&ns, "chat").await;
+        let flow_dir = std::env::temp_dir().join(format!("pf-flow-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&flow_dir).unwrap();
+        for (file, content) in ns.api::<ConfigMap>().get("stream-flow").await.unwrap().data.unwrap_or_default() {
+            std::fs::write(flow_dir.join(file), content).unwrap();
+        }
+        let mut processes = PodProcesses::proxy(&ip).await.with_flow(&ip, &flow_dir).await;
+
+        // A chat client asking for server-sent events, through the proxy.
+        let body = r#"{"question":"count"}"#;
+        let mut stream = tokio::net::TcpStream::connect(format!("{ip}:8081")).await.unwrap();
+        let request = format!(
+            "POST /score HTTP/1.1\r\nHost: {ip}\r\nAccept: text/event-stream\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let started = Instant::now();
+        let mut lines = BufReader::new(stream).lines();
+        let mut events = vec![];
+        while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await {
+            if line.starts_with("data:") {
+                events.push((started.elapsed(), line));
+            }
+        }
+        processes.stop().await;
+        std::fs::remove_dir_all(&flow_dir).ok();
+        println!("idle: streamed events through the proxy at {:?}", events.iter().map(|(t, _)| t.as_secs_f64()).collect::<Vec<_>>());
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert!(events[0].1.contains("one") && events[2].1.contains("three"), "{events:?}");
+        // The flow sleeps a second between words: unbuffered, the first arrives ~2 s before the last.
+        assert!(
+            events[2].0 - events[0].0 >= Duration::from_millis(1500),
+            "the answer was buffered: {events:?}"
+        );
+    })
+    .await;
+}
