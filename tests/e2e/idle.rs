@@ -49,6 +49,23 @@ async fn reasons_of(events: &Api<Event>, name: &str) -> Vec<String> {
     list.into_iter().filter_map(|e| e.reason).collect()
 }
 
+/// The flow folder a runtime pod would mount, written from its ConfigMap to a temporary folder.
+async fn flow_folder(ns: &TestNamespace, config_map: &str) -> std::path::PathBuf {
+    let folder = std::env::temp_dir().join(format!("pf-flow-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&folder).unwrap();
+    let files = ns
+        .api::<ConfigMap>()
+        .get(config_map)
+        .await
+        .unwrap()
+        .data
+        .unwrap_or_default();
+    for (file, content) in files {
+        std::fs::write(folder.join(file), content).unwrap();
+    }
+    folder
+}
+
 /// Status writes the operator made for `runtime` so far (from its write log).
 fn status_writes(operator: &OperatorProcess, runtime: &str) -> usize {
     let path = format!("/promptflowruntimes/{runtime}/status");
@@ -96,12 +113,7 @@ async fn requests_through_the_proxy_keep_a_real_flow_alive_and_silence_stops_it(
         // The pod's containers, for real: the flow from the runtime's ConfigMap, served by
         // promptflow, behind the activity proxy.
         let ip = pod_ip(&ns, "chat").await;
-        let flow_dir = std::env::temp_dir().join(format!("pf-flow-{:08x}", rand::random::<u32>()));
-        std::fs::create_dir_all(&flow_dir).unwrap();
-        let config_map = ns.api::<ConfigMap>().get("chat-flow").await.unwrap();
-        for (file, content) in config_map.data.unwrap_or_default() {
-            std::fs::write(flow_dir.join(file), content).unwrap();
-        }
+        let flow_dir = flow_folder(&ns, "chat-flow").await;
         let mut processes = PodProcesses::proxy(&ip).await.with_flow(&ip, &flow_dir).await;
         let pod_uid = ns.api::<Pod>().get("chat-runtime").await.unwrap().uid();
 
@@ -366,11 +378,7 @@ async fn a_streamed_answer_passes_through_the_proxy_as_it_is_produced() {
         create_runtime(&ns, "chat", json!({"flow": {"configMapName": "stream-flow"}})).await;
         wait_status(&ns, "chat", "Running", None).await;
         let ip = pod_ip(&ns, "chat").await;
-        let flow_dir = std::env::temp_dir().join(format!("pf-flow-{:08x}", rand::random::<u32>()));
-        std::fs::create_dir_all(&flow_dir).unwrap();
-        for (file, content) in ns.api::<ConfigMap>().get("stream-flow").await.unwrap().data.unwrap_or_default() {
-            std::fs::write(flow_dir.join(file), content).unwrap();
-        }
+        let flow_dir = flow_folder(&ns, "stream-flow").await;
         let mut processes = PodProcesses::proxy(&ip).await.with_flow(&ip, &flow_dir).await;
 
         // A chat client asking for server-sent events, through the proxy.

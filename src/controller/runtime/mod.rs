@@ -227,7 +227,7 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         Some(current) => conditions.push(template_condition(current)),
         // Not judged this time (no pod was planned): what was last known stays.
         None => conditions.extend(
-            status::carried(&runtime.status.clone().unwrap_or_default().conditions)
+            status::carried(runtime.status.as_ref().map_or(&[], |s| s.conditions.as_slice()))
                 .into_iter()
                 .filter(|c| c.type_ == conditions::TEMPLATE_CURRENT),
         ),
