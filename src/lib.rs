@@ -13,6 +13,7 @@ pub mod fixtures;
 pub mod flow;
 pub mod identity;
 pub mod idle;
+pub mod instance;
 pub mod leader;
 pub mod metrics;
 pub mod preflight;

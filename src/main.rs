@@ -14,6 +14,7 @@ use clap::Parser;
 use promptflow_operator::admin::{self, AdminState};
 use promptflow_operator::build::pod::{PodSecurity, PodTemplate};
 use promptflow_operator::catalog::Catalog;
+use promptflow_operator::controller::context::InstanceSettings;
 use promptflow_operator::controller::watch_health::WatchHealth;
 use promptflow_operator::controller::{self, Settings};
 use promptflow_operator::error::Error;
@@ -65,6 +66,17 @@ struct Args {
     /// … and at most this many seconds before it.
     #[arg(long, env = "PF_IDLE_WARNING_MAX_SECONDS", default_value_t = 600)]
     idle_warning_max_seconds: u64,
+    /// The image of a compute instance pod's primary container.
+    #[arg(long, env = "PF_INSTANCE_IMAGE", default_value = promptflow_operator::build::instance::DEFAULT_INSTANCE_IMAGE)]
+    instance_image: String,
+    /// Attach and detach changes on a compute instance seen within this many seconds of the first
+    /// one restart it once, together.
+    #[arg(long, env = "PF_INSTANCE_RESTART_BATCH_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=600))]
+    instance_restart_batch_seconds: u64,
+    /// The shortest idle shutdown time of a compute instance (Go duration); shorter
+    /// `idleTimeBeforeShutdown` values are raised to it. Lower it only for tests.
+    #[arg(long, env = "PF_INSTANCE_MIN_IDLE", default_value = "15m", value_parser = parse_go_duration)]
+    instance_min_idle: Duration,
     /// Watch only this namespace (a namespaced install); absent: every namespace.
     #[arg(long, env = "PF_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -172,6 +184,11 @@ async fn run(args: Args) -> Result<(), Error> {
         },
         concurrency: args.concurrency,
         namespace: args.watch_namespace,
+        instances: InstanceSettings {
+            image: args.instance_image,
+            batch: Duration::from_secs(args.instance_restart_batch_seconds),
+            min_idle: args.instance_min_idle,
+        },
     };
     // One shutdown signal for every phase, so a SIGTERM is never lost between them.
     let shutdown = shutdown_signal().shared();
@@ -224,4 +241,10 @@ async fn shutdown_signal() {
         _ = term.recv() => info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
     }
+}
+
+/// A Go duration flag (`15m`, `90s`).
+fn parse_go_duration(text: &str) -> Result<Duration, String> {
+    promptflow_operator::idle::parse_duration(text)
+        .ok_or_else(|| format!("{text:?} is not a Go duration such as 15m or 90s"))
 }

@@ -51,13 +51,15 @@ pub struct ComputeInstanceSpec {
     #[x_kube(validation = validation::matches(DNS1123_SUBDOMAIN, "spec.serviceAccountName must be a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')"))]
     pub service_account_name: String,
 
-    /// Stop the instance after this long without activity, as a Go duration between 15m and 72h
-    /// (three days). Absent: never stopped for idleness.
+    /// Stop the instance after this long without activity on any of its runtimes, as a Go
+    /// duration up to 72h (three days). The operator's minimum (15m unless its
+    /// `--instance-min-idle` flag says otherwise, for tests) applies to shorter values. Absent:
+    /// never stopped for idleness.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
     #[x_kube(
         validation = validation::matches(GO_DURATION, "spec.idleTimeBeforeShutdown must be a Go duration such as 15m, 60m or 72h"),
-        validation = validation::duration_between("15m", "72h", false, "spec.idleTimeBeforeShutdown must be between 15m and 72h (3 days)"),
+        validation = validation::duration_between("1s", "72h", false, "spec.idleTimeBeforeShutdown must be between 1s and 72h (3 days)"),
     )]
     pub idle_time_before_shutdown: Option<String>,
 
@@ -171,7 +173,14 @@ pub struct ComputeInstanceStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Conditions: `Ready`, `Accepted`.
+    /// The latest activity known on any of the instance's runtimes (or its start): the idle clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activity_time: Option<Time>,
+    /// The values of the action annotations (`promptflow.dev/start`, `promptflow.dev/stop`)
+    /// already handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_actions: Option<super::HandledActions>,
+    /// Conditions: `Ready`, `Idle`, `SchedulesValid`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

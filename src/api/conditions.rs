@@ -14,7 +14,8 @@ pub const TEMPLATE_CURRENT: &str = "TemplateCurrent";
 pub const UPDATE_AVAILABLE: &str = "UpdateAvailable";
 /// The runtime saw no activity for its idle timeout.
 pub const IDLE: &str = "Idle";
-/// A ComputeInstance accepted its spec (instance type, schedules, time zones).
+/// A ComputeInstance accepted its spec: `False` names the schedule whose cron or time zone
+/// cannot be used (the others still apply).
 pub const ACCEPTED: &str = "Accepted";
 
 /// Reasons for `status.reason` and condition reasons (CamelCase, stable).
@@ -95,6 +96,31 @@ pub mod reasons {
     pub const ACTIVITY_UNKNOWN: &str = "ActivityUnknown";
     /// Idle stop does not apply (`timeout: "0"`).
     pub const NEVER_IDLE: &str = "NeverIdle";
+
+    /// The runtime's instance has not restarted yet to take the runtime's container.
+    pub const WAITING_FOR_INSTANCE_RESTART: &str = "WaitingForInstanceRestart";
+    /// The runtime's ComputeInstance is stopped or stopping.
+    pub const COMPUTE_INSTANCE_STOPPED: &str = "ComputeInstanceStopped";
+    /// The instance restarts because runtimes were attached, detached or changed.
+    pub const RUNTIMES_CHANGED: &str = "RuntimesChanged";
+    /// A schedule stopped the instance.
+    pub const SCHEDULED_STOP: &str = "ScheduledStop";
+    /// A schedule started the instance.
+    pub const SCHEDULED_START: &str = "ScheduledStart";
+    /// No runtime on the instance had activity for `idleTimeBeforeShutdown`.
+    pub const IDLE_SHUTDOWN: &str = "IdleShutdown";
+    /// A schedule's cron expression or time zone cannot be used.
+    pub const INVALID_SCHEDULE: &str = "InvalidSchedule";
+    /// The spec is accepted.
+    pub const ACCEPTED: &str = "Accepted";
+    /// The instance runs and is watched for idleness.
+    pub const IDLE_WATCHED: &str = "IdleWatched";
+    /// `idleTimeBeforeShutdown` is below the operator's minimum, which applies instead.
+    pub const IDLE_TIME_RAISED: &str = "IdleTimeRaised";
+    /// The instance starts (`spec.state` back to Running, or `promptflow.dev/start`).
+    pub const STARTING: &str = "Starting";
+    /// The instance is being stopped.
+    pub const STOPPING: &str = "Stopping";
 
     /// Reasons that ask the user to act: a transition into one of them is a Warning event.
     pub const PROBLEMS: [&str; 16] = [

@@ -46,3 +46,7 @@ pub mod annotations {
     /// An RFC 3339 time at which a client last used the runtime; resets the idle clock.
     pub const LAST_ACTIVITY: &str = "promptflow.dev/last-activity";
 }
+
+/// The finalizer on runtimes that run on a ComputeInstance: removed once the instance no longer
+/// carries the runtime's container (or is gone, stopped or being deleted).
+pub const DETACH_FINALIZER: &str = "promptflow.dev/detach";

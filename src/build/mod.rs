@@ -1,5 +1,6 @@
 //! Pure builders of the Kubernetes objects the operator owns. Builders never call the API.
 
+pub mod instance;
 pub mod pod;
 pub mod proxy;
 pub mod service;

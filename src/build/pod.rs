@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use crate::api::PromptFlowRuntime;
+use crate::api::{PromptFlowRuntime, ResourceOverrides};
 use crate::catalog::InstanceType;
 use crate::flow::{FlowEnvironment, hex};
 use crate::identity::PullIdentity;
@@ -33,8 +33,7 @@ pub const INPUTS_HASH_ANNOTATION: &str = "promptflow.dev/inputs-hash";
 /// Annotation: the instance type the pod was sized from.
 pub const INSTANCE_TYPE_ANNOTATION: &str = "promptflow.dev/instance-type";
 /// The label selector of the pods the operator owns.
-pub const OWNED_POD_SELECTOR: &str =
-    "app.kubernetes.io/managed-by=promptflow-operator,app.kubernetes.io/name=promptflow-runtime";
+pub const OWNED_POD_SELECTOR: &str = "app.kubernetes.io/managed-by=promptflow-operator,app.kubernetes.io/name in (promptflow-runtime,promptflow-compute-instance)";
 /// The port the runtime serves on (`/health`, `/score`, `/submit`).
 pub const RUNTIME_PORT: i32 = 8080;
 
@@ -122,48 +121,146 @@ pub fn runtime_name(pod_name: &str) -> &str {
 
 const POD_SUFFIX: &str = "-runtime";
 
-/// Builds the runtime pod, its spec hash annotation included.
-pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
-    let runtime = inputs.runtime;
-    let name = runtime.name_any();
-    let resources = merged_resources(inputs.size, runtime);
+/// Where one runtime's containers sit in their pod: their names and ports. A serverless runtime
+/// has its pod to itself (fixed names, named ports); on a compute instance several runtimes share
+/// one pod and network, so each gets its own container names and ports (numbers only: port names
+/// must be unique in a pod).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placement {
+    /// The runtime's name in container and volume names on an instance; `None` when serverless.
+    pub suffix: Option<String>,
+    /// The port the runtime listens on.
+    pub runtime_port: i32,
+    /// The activity proxy's port, which the runtime's Service targets.
+    pub proxy_port: i32,
+    /// The port the proxy reports activity on.
+    pub activity_port: i32,
+}
 
-    let mut volumes = vec![];
+/// The first port of the runtime slots on a compute instance; slot `i` uses the ten ports from
+/// `INSTANCE_PORT_BASE + 10 * i` (runtime, proxy, activity).
+pub const INSTANCE_PORT_BASE: i32 = 8100;
+
+impl Placement {
+    /// A serverless runtime's pod.
+    pub fn serverless() -> Self {
+        Self {
+            suffix: None,
+            runtime_port: RUNTIME_PORT,
+            proxy_port: PROXY_PORT,
+            activity_port: ACTIVITY_PORT,
+        }
+    }
+
+    /// Slot `slot` of a compute instance's pod, for the runtime `runtime_name`.
+    pub fn on_instance(runtime_name: &str, slot: usize) -> Self {
+        let base = INSTANCE_PORT_BASE + 10 * i32::try_from(slot).unwrap_or(i32::MAX / 20);
+        Self {
+            suffix: Some(runtime_name.to_owned()),
+            runtime_port: base,
+            proxy_port: base + 1,
+            activity_port: base + 2,
+        }
+    }
+
+    /// A container or volume name: the serverless `name`, or `short-<runtime>` on an instance.
+    pub fn name(&self, name: &str, short: &str) -> String {
+        match &self.suffix {
+            None => name.to_owned(),
+            Some(runtime) => format!("{short}-{runtime}"),
+        }
+    }
+
+    /// The name of the runtime's own container.
+    pub fn runtime_container(&self) -> String {
+        self.name("runtime", "rt")
+    }
+
+    fn port(&self, name: &str, number: i32) -> (Option<String>, IntOrString) {
+        match self.suffix {
+            None => (Some(name.to_owned()), IntOrString::String(name.to_owned())),
+            Some(_) => (None, IntOrString::Int(number)),
+        }
+    }
+}
+
+/// What one runtime adds to a pod: its container and proxy, the init container that installs its
+/// requirements, and the volumes they mount.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RuntimeParts {
+    /// The runtime's container, then its activity proxy.
+    pub containers: Vec<Container>,
+    /// The requirements installer, when the flow has requirements.
+    pub init_containers: Vec<Container>,
+    /// The flow and package volumes.
+    pub volumes: Vec<Volume>,
+}
+
+/// Everything one runtime's containers are built from.
+pub struct PartsInputs<'a> {
+    /// The runtime's name.
+    pub runtime_name: &'a str,
+    /// The image reference to run.
+    pub image: &'a str,
+    /// The runtime container's requests and limits.
+    pub resources: ResourceRequirements,
+    /// The flow ConfigMap's name and environment, when the runtime has a flow.
+    pub flow: Option<(&'a str, &'a FlowEnvironment)>,
+    /// The operator's side of the template.
+    pub template: &'a PodTemplate,
+    /// Names and ports.
+    pub placement: &'a Placement,
+}
+
+/// Builds one runtime's containers, init container and volumes.
+pub fn runtime_parts(inputs: &PartsInputs<'_>) -> RuntimeParts {
+    let placement = inputs.placement;
+    let flow_volume = placement.name("flow", "flow");
+    let packages_volume = placement.name("packages", "pkg");
+    let mut parts = RuntimeParts::default();
     let mut mounts = vec![];
     let mut env = vec![EnvVar {
         name: "PROMPTFLOW_RUNTIME_NAME".into(),
-        value: Some(name.clone()),
+        value: Some(inputs.runtime_name.to_owned()),
         ..Default::default()
     }];
-    let mut init_containers = vec![];
+    if placement.suffix.is_some() {
+        // Runtimes sharing an instance share its network: each listens on its own port.
+        env.push(EnvVar {
+            name: "PORT".into(),
+            value: Some(placement.runtime_port.to_string()),
+            ..Default::default()
+        });
+    }
     if let Some((config_map, flow)) = inputs.flow {
-        volumes.push(Volume {
-            name: "flow".into(),
+        parts.volumes.push(Volume {
+            name: flow_volume.clone(),
             config_map: Some(ConfigMapVolumeSource {
                 name: config_map.to_owned(),
                 ..Default::default()
             }),
             ..Default::default()
         });
-        mounts.push(VolumeMount {
-            name: "flow".into(),
+        let flow_mount = VolumeMount {
+            name: flow_volume.clone(),
             mount_path: FLOW_MOUNT.into(),
             read_only: Some(true),
             ..Default::default()
-        });
+        };
+        mounts.push(flow_mount.clone());
         env.push(EnvVar {
             name: "PROMPTFLOW_FLOW_DIR".into(),
             value: Some(FLOW_MOUNT.into()),
             ..Default::default()
         });
         if let Some(requirements) = &flow.requirements_file {
-            volumes.push(Volume {
-                name: "packages".into(),
+            parts.volumes.push(Volume {
+                name: packages_volume.clone(),
                 empty_dir: Some(EmptyDirVolumeSource::default()),
                 ..Default::default()
             });
             let packages = VolumeMount {
-                name: "packages".into(),
+                name: packages_volume,
                 mount_path: PACKAGES_MOUNT.into(),
                 ..Default::default()
             };
@@ -174,8 +271,8 @@ pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
                 ..Default::default()
             };
             env.push(user_base.clone());
-            init_containers.push(Container {
-                name: "install-requirements".into(),
+            parts.init_containers.push(Container {
+                name: placement.name("install-requirements", "req"),
                 image: Some(inputs.image.to_owned()),
                 command: Some(vec![
                     "python".into(),
@@ -187,39 +284,32 @@ pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
                     "-r".into(),
                     format!("{FLOW_MOUNT}/{requirements}"),
                 ]),
-                volume_mounts: Some(vec![
-                    VolumeMount {
-                        name: "flow".into(),
-                        mount_path: FLOW_MOUNT.into(),
-                        read_only: Some(true),
-                        ..Default::default()
-                    },
-                    packages,
-                ]),
+                volume_mounts: Some(vec![flow_mount, packages]),
                 env: Some(vec![user_base]),
-                resources: Some(resources.clone()),
+                resources: Some(inputs.resources.clone()),
                 security_context: container_security(&inputs.template.security),
                 ..Default::default()
             });
         }
     }
 
+    let (port_name, probe_port) = placement.port("http", placement.runtime_port);
     let probe = |period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some("/health".into()),
-            port: IntOrString::String("http".into()),
+            port: probe_port.clone(),
             ..Default::default()
         }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),
         ..Default::default()
     };
-    let container = Container {
-        name: "runtime".into(),
+    parts.containers.push(Container {
+        name: placement.runtime_container(),
         image: Some(inputs.image.to_owned()),
         ports: Some(vec![ContainerPort {
-            name: Some("http".into()),
-            container_port: RUNTIME_PORT,
+            name: port_name,
+            container_port: placement.runtime_port,
             protocol: Some("TCP".into()),
             ..Default::default()
         }]),
@@ -227,30 +317,72 @@ pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
         startup_probe: Some(probe(10, (inputs.template.startup_seconds / 10).max(1))),
         readiness_probe: Some(probe(5, 3)),
         liveness_probe: Some(probe(10, 6)),
-        resources: Some(resources),
+        resources: Some(inputs.resources.clone()),
         env: Some(env),
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
         security_context: container_security(&inputs.template.security),
         ..Default::default()
+    });
+    parts
+        .containers
+        .push(proxy_container(&inputs.template.proxy_image, placement));
+    parts
+}
+
+/// Builds the runtime pod, its spec hash annotation included.
+pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
+    let runtime = inputs.runtime;
+    let name = runtime.name_any();
+    let parts = runtime_parts(&PartsInputs {
+        runtime_name: &name,
+        image: inputs.image,
+        resources: merged_resources(inputs.size, runtime),
+        flow: inputs.flow,
+        template: inputs.template,
+        placement: &Placement::serverless(),
+    });
+    let spec = PodSpec {
+        containers: parts.containers,
+        init_containers: (!parts.init_containers.is_empty()).then_some(parts.init_containers),
+        volumes: (!parts.volumes.is_empty()).then_some(parts.volumes),
+        node_selector: (!inputs.size.node_selector.is_empty()).then(|| inputs.size.node_selector.clone()),
+        ..pod_spec_base(inputs.identity, &inputs.template.security)
     };
 
-    let security = &inputs.template.security;
-    let spec = PodSpec {
-        containers: vec![container, proxy_container(&inputs.template.proxy_image)],
-        init_containers: (!init_containers.is_empty()).then_some(init_containers),
-        volumes: (!volumes.is_empty()).then_some(volumes),
-        service_account_name: Some(inputs.identity.service_account.clone()),
+    let flow_hash = inputs.flow.map(|(_, flow)| flow.content_hash.as_str());
+    let hash = spec_hash(&spec, flow_hash);
+    let decided = inputs_digest(runtime, inputs.image, inputs.identity, flow_hash, &inputs.size.name);
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(pod_name(&name)),
+            namespace: runtime.namespace(),
+            labels: Some(labels(&name)),
+            annotations: Some(BTreeMap::from([
+                (SPEC_HASH_ANNOTATION.to_owned(), hash),
+                (INPUTS_HASH_ANNOTATION.to_owned(), decided),
+                (INSTANCE_TYPE_ANNOTATION.to_owned(), inputs.size.name.clone()),
+            ])),
+            owner_references: runtime.controller_owner_ref(&()).map(|owner| vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+/// What every operator pod shares: the identity, the restricted profile, no API token.
+pub fn pod_spec_base(identity: &PullIdentity, security: &PodSecurity) -> PodSpec {
+    PodSpec {
+        service_account_name: Some(identity.service_account.clone()),
         image_pull_secrets: Some(
-            inputs
-                .identity
+            identity
                 .pull_secrets
                 .iter()
                 .map(|name| LocalObjectReference { name: name.clone() })
                 .collect(),
         ),
-        // The runtime serves flows; it never talks to the Kubernetes API.
+        // Runtimes serve flows; they never talk to the Kubernetes API.
         automount_service_account_token: Some(false),
-        node_selector: (!inputs.size.node_selector.is_empty()).then(|| inputs.size.node_selector.clone()),
         restart_policy: Some("Always".into()),
         security_context: security.restricted.then(|| PodSecurityContext {
             run_as_non_root: Some(true),
@@ -262,25 +394,6 @@ pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
             ..Default::default()
         }),
         ..Default::default()
-    };
-
-    let flow_hash = inputs.flow.map(|(_, flow)| flow.content_hash.as_str());
-    let hash = spec_hash(&spec, flow_hash);
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(pod_name(&name)),
-            namespace: runtime.namespace(),
-            labels: Some(labels(&name)),
-            annotations: Some(BTreeMap::from([
-                (SPEC_HASH_ANNOTATION.to_owned(), hash),
-                (INPUTS_HASH_ANNOTATION.to_owned(), inputs_hash(inputs, flow_hash)),
-                (INSTANCE_TYPE_ANNOTATION.to_owned(), inputs.size.name.clone()),
-            ])),
-            owner_references: runtime.controller_owner_ref(&()).map(|owner| vec![owner]),
-            ..Default::default()
-        },
-        spec: Some(spec),
-        status: None,
     }
 }
 
@@ -297,14 +410,18 @@ pub fn labels(runtime_name: &str) -> BTreeMap<String, String> {
 
 /// The size's requests and limits, with the runtime's `resources` override on top, key by key.
 pub fn merged_resources(size: &InstanceType, runtime: &PromptFlowRuntime) -> ResourceRequirements {
-    let mut resources = size.resources();
-    let Some(custom) = runtime
+    let custom = runtime
         .spec
         .compute
         .serverless
         .as_ref()
-        .and_then(|s| s.resources.as_ref())
-    else {
+        .and_then(|s| s.resources.as_ref());
+    with_overrides(size.resources(), custom)
+}
+
+/// `resources` with `custom` on top, resource by resource.
+pub fn with_overrides(mut resources: ResourceRequirements, custom: Option<&ResourceOverrides>) -> ResourceRequirements {
+    let Some(custom) = custom else {
         return resources;
     };
     for (target, source) in [
@@ -324,7 +441,7 @@ pub fn pod_resources(size: &InstanceType, runtime: &PromptFlowRuntime) -> Vec<Re
     vec![merged_resources(size, runtime), proxy_resources()]
 }
 
-fn container_security(security: &PodSecurity) -> Option<SecurityContext> {
+pub fn container_security(security: &PodSecurity) -> Option<SecurityContext> {
     security.restricted.then(|| SecurityContext {
         allow_privilege_escalation: Some(false),
         capabilities: Some(Capabilities {
@@ -337,7 +454,7 @@ fn container_security(security: &PodSecurity) -> Option<SecurityContext> {
 
 /// A stable digest of the pod spec and the flow content: equal inputs give equal hashes across
 /// operator restarts and versions of this crate's dependencies.
-fn spec_hash(spec: &PodSpec, flow_hash: Option<&str>) -> String {
+pub fn spec_hash(spec: &PodSpec, flow_hash: Option<&str>) -> String {
     let mut hasher = Sha256::new();
     hasher.update(serde_json::to_vec(spec).expect("a PodSpec serializes"));
     if let Some(flow_hash) = flow_hash {
@@ -346,23 +463,33 @@ fn spec_hash(spec: &PodSpec, flow_hash: Option<&str>) -> String {
     hex(&hasher.finalize()[..8])
 }
 
-/// A stable digest of what the user decides about the pod; the operator's template is left out.
-fn inputs_hash(inputs: &RuntimePodInputs<'_>, flow_hash: Option<&str>) -> String {
-    let spec = &inputs.runtime.spec;
+/// A stable digest of what the user decides about a runtime's containers; the operator's template
+/// is left out.
+pub fn inputs_digest(
+    runtime: &PromptFlowRuntime,
+    image: &str,
+    identity: &PullIdentity,
+    flow_hash: Option<&str>,
+    instance_type: &str,
+) -> String {
+    let spec = &runtime.spec;
     let decided = serde_json::json!({
         "compute": spec.compute,
         "image": spec.image,
         "flow": spec.flow,
         "identity": spec.identity,
-        "resolvedImage": inputs.image,
-        "serviceAccount": inputs.identity.service_account,
-        "pullSecrets": inputs.identity.pull_secrets,
+        "resolvedImage": image,
+        "serviceAccount": identity.service_account,
+        "pullSecrets": identity.pull_secrets,
         "flowContent": flow_hash,
-        "instanceType": inputs.size.name,
+        "instanceType": instance_type,
     });
-    let mut hasher = Sha256::new();
-    hasher.update(decided.to_string().as_bytes());
-    hex(&hasher.finalize()[..8])
+    digest(decided.to_string().as_bytes())
+}
+
+/// The first 16 hex digits of a SHA-256.
+pub fn digest(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes)[..8])
 }
 
 /// The inputs hash a live pod was built with (absent on pods made before it existed).

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::pod::RUNTIME_PORT;
+use super::pod::Placement;
 
 /// The activity proxy's port: client traffic, through the runtime's Service.
 pub const PROXY_PORT: i32 = 8081;
@@ -41,27 +41,36 @@ pub fn proxy_resources() -> ResourceRequirements {
 
 /// The activity proxy sidecar: the operator binary's `activity-proxy` subcommand, always under
 /// the restricted profile (it needs nothing else), a few MiB of memory.
-pub fn proxy_container(image: &str) -> Container {
+pub fn proxy_container(image: &str, placement: &Placement) -> Container {
+    let named = placement.suffix.is_none();
     let port = |name: &str, number: i32| ContainerPort {
-        name: Some(name.to_owned()),
+        name: named.then(|| name.to_owned()),
         container_port: number,
         protocol: Some("TCP".into()),
         ..Default::default()
     };
+    let activity_port = if named {
+        IntOrString::String("activity".into())
+    } else {
+        IntOrString::Int(placement.activity_port)
+    };
     Container {
-        name: PROXY_CONTAINER.into(),
+        name: placement.name(PROXY_CONTAINER, "px"),
         image: Some(image.to_owned()),
         args: Some(vec![
             "activity-proxy".into(),
-            format!("--listen=0.0.0.0:{PROXY_PORT}"),
-            format!("--upstream=127.0.0.1:{RUNTIME_PORT}"),
-            format!("--activity-listen=0.0.0.0:{ACTIVITY_PORT}"),
+            format!("--listen=0.0.0.0:{}", placement.proxy_port),
+            format!("--upstream=127.0.0.1:{}", placement.runtime_port),
+            format!("--activity-listen=0.0.0.0:{}", placement.activity_port),
         ]),
-        ports: Some(vec![port(PROXY_PORT_NAME, PROXY_PORT), port("activity", ACTIVITY_PORT)]),
+        ports: Some(vec![
+            port(PROXY_PORT_NAME, placement.proxy_port),
+            port("activity", placement.activity_port),
+        ]),
         readiness_probe: Some(Probe {
             http_get: Some(HTTPGetAction {
                 path: Some("/healthz".into()),
-                port: IntOrString::String("activity".into()),
+                port: activity_port,
                 ..Default::default()
             }),
             period_seconds: Some(10),

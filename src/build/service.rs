@@ -8,6 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
+use super::instance::INSTANCE_LABEL;
 use super::pod::{PROXY_PORT, PROXY_PORT_NAME, RUNTIME_LABEL, labels};
 use crate::api::PromptFlowRuntime;
 
@@ -15,9 +16,46 @@ use crate::api::PromptFlowRuntime;
 pub const OWNED_SERVICE_SELECTOR: &str =
     "app.kubernetes.io/managed-by=promptflow-operator,app.kubernetes.io/name=promptflow-runtime";
 
+/// What a runtime's Service selects: its own pod, or the compute instance pod it runs on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Target<'a> {
+    /// The serverless runtime's own pod, on the proxy's named port.
+    Serverless,
+    /// The pod of compute instance `instance`, on the runtime's proxy port there.
+    Instance {
+        /// The instance's name.
+        instance: &'a str,
+        /// The runtime's proxy port in the instance pod.
+        port: i32,
+    },
+}
+
+impl Target<'_> {
+    /// The port clients connect to (a headless Service does not translate ports).
+    pub fn port(&self) -> i32 {
+        match self {
+            Target::Serverless => PROXY_PORT,
+            Target::Instance { port, .. } => *port,
+        }
+    }
+}
+
 /// The Service of a runtime.
-pub fn runtime_service(runtime: &PromptFlowRuntime) -> Service {
+pub fn runtime_service(runtime: &PromptFlowRuntime, target: Target<'_>) -> Service {
     let name = runtime.name_any();
+    let (selector, target_port) = match target {
+        Target::Serverless => (
+            BTreeMap::from([
+                (RUNTIME_LABEL.to_owned(), name.clone()),
+                ("app.kubernetes.io/component".to_owned(), "runtime".to_owned()),
+            ]),
+            IntOrString::String(PROXY_PORT_NAME.into()),
+        ),
+        Target::Instance { instance, port } => (
+            BTreeMap::from([(INSTANCE_LABEL.to_owned(), instance.to_owned())]),
+            IntOrString::Int(port),
+        ),
+    };
     Service {
         metadata: ObjectMeta {
             name: Some(name.clone()),
@@ -30,14 +68,11 @@ pub fn runtime_service(runtime: &PromptFlowRuntime) -> Service {
             // Headless: DNS answers the pod IP, so no cluster IP is allocated and kube-proxy
             // programs nothing per runtime (thousands of runtimes would exhaust a service range).
             cluster_ip: Some("None".into()),
-            selector: Some(BTreeMap::from([
-                (RUNTIME_LABEL.to_owned(), name.clone()),
-                ("app.kubernetes.io/component".to_owned(), "runtime".to_owned()),
-            ])),
+            selector: Some(selector),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
-                port: PROXY_PORT,
-                target_port: Some(IntOrString::String(PROXY_PORT_NAME.into())),
+                port: target.port(),
+                target_port: Some(target_port),
                 protocol: Some("TCP".into()),
                 ..Default::default()
             }]),
@@ -48,11 +83,12 @@ pub fn runtime_service(runtime: &PromptFlowRuntime) -> Service {
 }
 
 /// The in-cluster URL clients use.
-pub fn url(runtime: &PromptFlowRuntime) -> String {
+pub fn url(runtime: &PromptFlowRuntime, target: Target<'_>) -> String {
     format!(
-        "http://{}.{}.svc:{PROXY_PORT}",
+        "http://{}.{}.svc:{}",
         runtime.name_any(),
-        runtime.namespace().unwrap_or_default()
+        runtime.namespace().unwrap_or_default(),
+        target.port()
     )
 }
 
@@ -85,7 +121,7 @@ mod tests {
         let mut runtime = PromptFlowRuntime::new("chat", Default::default());
         runtime.metadata.namespace = Some("team-a".into());
         runtime.metadata.uid = Some("uid-1".into());
-        let service = runtime_service(&runtime);
+        let service = runtime_service(&runtime, Target::Serverless);
         assert_eq!(service.metadata.name.as_deref(), Some("chat"));
         assert_eq!(service.metadata.owner_references.as_ref().unwrap()[0].name, "chat");
         let spec = service.spec.as_ref().unwrap();
@@ -95,7 +131,20 @@ mod tests {
             (port.port, port.target_port.clone()),
             (8081, Some(IntOrString::String("proxy".into())))
         );
-        assert_eq!(url(&runtime), "http://chat.team-a.svc:8081");
+        assert_eq!(url(&runtime, Target::Serverless), "http://chat.team-a.svc:8081");
+        let on_instance = runtime_service(
+            &runtime,
+            Target::Instance {
+                instance: "ci",
+                port: 8111,
+            },
+        );
+        let spec = on_instance.spec.as_ref().unwrap();
+        assert_eq!(spec.selector.as_ref().unwrap()[INSTANCE_LABEL], "ci");
+        assert_eq!(
+            spec.ports.as_ref().unwrap()[0].target_port,
+            Some(IntOrString::Int(8111))
+        );
         let mut live = service.clone();
         live.spec.as_mut().unwrap().cluster_ips = Some(vec!["None".into()]);
         live.spec.as_mut().unwrap().session_affinity = Some("None".into());

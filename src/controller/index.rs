@@ -1,13 +1,12 @@
-//! Which runtimes depend on which objects: recorded by each reconcile from what it read, so an
-//! event on a ServiceAccount, ConfigMap or ResourceQuota wakes exactly the runtimes that
-//! read it — a map lookup, never an API list.
+//! Which runtimes (or compute instances) depend on which objects: recorded by each reconcile
+//! from what it read, so an event on a ServiceAccount, ConfigMap, ResourceQuota or
+//! ComputeInstance wakes exactly the objects that read it — a map lookup, never an API list.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
+use kube::Resource;
 use kube::runtime::reflector::ObjectRef;
-
-use crate::api::PromptFlowRuntime;
 
 /// An object a runtime's reconcile read (or waits for).
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -18,23 +17,35 @@ pub enum Dependency {
     ConfigMap(String, String),
     /// The ResourceQuotas of a namespace (a runtime waiting for quota headroom).
     Quotas(String),
+    /// A ComputeInstance (and its pod), by namespace and name.
+    Instance(String, String),
 }
 
-#[derive(Default)]
-struct Maps {
-    dependents: HashMap<Dependency, HashSet<ObjectRef<PromptFlowRuntime>>>,
-    dependencies: HashMap<ObjectRef<PromptFlowRuntime>, Vec<Dependency>>,
+struct Maps<K: Resource<DynamicType = ()>> {
+    dependents: HashMap<Dependency, HashSet<ObjectRef<K>>>,
+    dependencies: HashMap<ObjectRef<K>, Vec<Dependency>>,
 }
 
-/// The dependency index, shared by the reconciler (writer) and the watch mappers (readers).
-#[derive(Default)]
-pub struct DependencyIndex {
-    maps: Mutex<Maps>,
+/// The dependency index of one kind of object, shared by its reconciler (writer) and the watch
+/// mappers (readers).
+pub struct DependencyIndex<K: Resource<DynamicType = ()>> {
+    maps: Mutex<Maps<K>>,
 }
 
-impl DependencyIndex {
+impl<K: Resource<DynamicType = ()>> Default for DependencyIndex<K> {
+    fn default() -> Self {
+        Self {
+            maps: Mutex::new(Maps {
+                dependents: HashMap::new(),
+                dependencies: HashMap::new(),
+            }),
+        }
+    }
+}
+
+impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
     /// Replaces what `runtime` depends on.
-    pub fn record(&self, runtime: ObjectRef<PromptFlowRuntime>, dependencies: Vec<Dependency>) {
+    pub fn record(&self, runtime: ObjectRef<K>, dependencies: Vec<Dependency>) {
         let mut maps = self.maps.lock().expect("index lock");
         Self::unlink(&mut maps, &runtime);
         for dependency in &dependencies {
@@ -47,13 +58,13 @@ impl DependencyIndex {
     }
 
     /// Forgets a runtime that no longer exists.
-    pub fn forget(&self, runtime: &ObjectRef<PromptFlowRuntime>) {
+    pub fn forget(&self, runtime: &ObjectRef<K>) {
         let mut maps = self.maps.lock().expect("index lock");
         Self::unlink(&mut maps, runtime);
     }
 
     /// The runtimes that depend on `dependency`.
-    pub fn dependents(&self, dependency: &Dependency) -> Vec<ObjectRef<PromptFlowRuntime>> {
+    pub fn dependents(&self, dependency: &Dependency) -> Vec<ObjectRef<K>> {
         let maps = self.maps.lock().expect("index lock");
         maps.dependents
             .get(dependency)
@@ -62,7 +73,7 @@ impl DependencyIndex {
     }
 
     /// Keeps only the runtimes for which `keep` holds.
-    pub fn retain(&self, keep: impl Fn(&ObjectRef<PromptFlowRuntime>) -> bool) {
+    pub fn retain(&self, keep: impl Fn(&ObjectRef<K>) -> bool) {
         let mut maps = self.maps.lock().expect("index lock");
         let gone: Vec<_> = maps.dependencies.keys().filter(|key| !keep(key)).cloned().collect();
         for runtime in gone {
@@ -80,7 +91,7 @@ impl DependencyIndex {
         self.len() == 0
     }
 
-    fn unlink(maps: &mut Maps, runtime: &ObjectRef<PromptFlowRuntime>) {
+    fn unlink(maps: &mut Maps<K>, runtime: &ObjectRef<K>) {
         for dependency in maps.dependencies.remove(runtime).unwrap_or_default() {
             if let Some(set) = maps.dependents.get_mut(&dependency) {
                 set.remove(runtime);
@@ -95,6 +106,7 @@ impl DependencyIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::PromptFlowRuntime;
 
     fn runtime(name: &str) -> ObjectRef<PromptFlowRuntime> {
         ObjectRef::new(name).within("team-a")
@@ -106,7 +118,7 @@ mod tests {
 
     #[test]
     fn dependents_follow_the_latest_record() {
-        let index = DependencyIndex::default();
+        let index = DependencyIndex::<PromptFlowRuntime>::default();
         index.record(
             runtime("a"),
             vec![account("puller"), Dependency::Quotas("team-a".into())],
@@ -124,7 +136,7 @@ mod tests {
 
     #[test]
     fn forgotten_runtimes_leave_no_entries() {
-        let index = DependencyIndex::default();
+        let index = DependencyIndex::<PromptFlowRuntime>::default();
         index.record(runtime("a"), vec![account("puller")]);
         index.forget(&runtime("a"));
         assert!(index.dependents(&account("puller")).is_empty());

@@ -1,13 +1,15 @@
 //! The controllers and their wiring: watches, caches, the dependency index, and the client
 //! whose requests are counted.
 
+pub mod context;
 pub mod index;
+pub mod instance;
 pub mod runtime;
 pub mod watch_health;
 
 use std::sync::Arc;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, ResourceQuota, Service, ServiceAccount};
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
@@ -16,11 +18,13 @@ use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
+use self::context::{Context, InstanceSettings};
 use self::index::{Dependency, DependencyIndex};
-use self::runtime::Context;
 use self::watch_health::WatchHealth;
 use crate::api::conditions::reasons;
-use crate::api::{PromptFlowRuntime, RuntimePhase};
+use crate::api::{ComputeInstance, PromptFlowRuntime, RuntimePhase};
+use crate::build::instance::INSTANCE_LABEL;
+use crate::build::pod::RUNTIME_LABEL;
 use crate::build::pod::{OWNED_POD_SELECTOR, PodTemplate};
 use crate::build::service::OWNED_SERVICE_SELECTOR;
 use crate::catalog::Catalog;
@@ -38,6 +42,8 @@ pub struct Settings {
     pub namespace: Option<String>,
     /// Idle-stop settings.
     pub idle: crate::idle::IdleSettings,
+    /// Compute-instance settings.
+    pub instances: InstanceSettings,
 }
 
 /// An API for every namespace, or for the one the operator is limited to.
@@ -108,7 +114,7 @@ fn trim<K: Resource>(object: &mut K) {
     }
 }
 
-/// Runs the PromptFlowRuntime controller until `shutdown` resolves.
+/// Runs the PromptFlowRuntime and ComputeInstance controllers until `shutdown` resolves.
 pub async fn run(
     client: Client,
     settings: Settings,
@@ -122,6 +128,11 @@ pub async fn run(
     let (services, service_writer) = reflector::store();
     let (accounts, account_writer) = reflector::store();
     let (quotas, quota_writer) = reflector::store();
+    let (runtime_store, runtime_writer) = reflector::store::<PromptFlowRuntime>();
+    let (instance_store, instance_writer) = reflector::store::<ComputeInstance>();
+    let (wake_instances, instance_wakes) = futures::channel::mpsc::unbounded();
+    let (wake_runtimes, runtime_wakes) = futures::channel::mpsc::unbounded();
+    let shutdown = shutdown.shared();
 
     let pod_stream = watcher(
         scoped::<Pod>(&client, scope),
@@ -168,6 +179,10 @@ pub async fn run(
     // stores and broadcasts readiness to every reconcile.
     // /readyz turns ready with them.
     let (ready_tx, caches_ready) = tokio::sync::watch::channel(false);
+    // The runtime and instance stores are waited on by their controllers, so their first full
+    // list is signalled from their streams instead.
+    let (runtimes_listed, mut runtimes_listed_rx) = tokio::sync::watch::channel(false);
+    let (instances_listed, mut instances_listed_rx) = tokio::sync::watch::channel(false);
     let waiting = (pods.clone(), services.clone(), accounts.clone(), quotas.clone());
     tokio::spawn(async move {
         let (pods, services, accounts, quotas) = waiting;
@@ -175,6 +190,8 @@ pub async fn run(
             && services.wait_until_ready().await.is_ok()
             && accounts.wait_until_ready().await.is_ok()
             && quotas.wait_until_ready().await.is_ok()
+            && runtimes_listed_rx.wait_for(|listed| *listed).await.is_ok()
+            && instances_listed_rx.wait_for(|listed| *listed).await.is_ok()
         {
             info!("caches filled");
             ready.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -203,13 +220,19 @@ pub async fn run(
         own_writes: Default::default(),
         failures: Default::default(),
         pull_secret_waits: Default::default(),
+        runtimes: runtime_store.clone(),
+        instances: instance_store.clone(),
+        instance_index: DependencyIndex::default(),
+        instance_settings: settings.instances,
+        instance_memory: Default::default(),
+        wake_instances,
+        wake_runtimes,
     });
     // The reconciler records into the context's index; the mappers read the same one.
     let dependents = Dependents(context.clone());
 
     // The runtime watch is ours (not the controller's) so a deleted runtime's entries in the
     // index and the write memory are dropped: reconciles never see deletions without a finalizer.
-    let (runtime_store, runtime_writer) = reflector::store::<PromptFlowRuntime>();
     let counted = runtime_store.clone();
     context.metrics.count_phases_with(Box::new(move || {
         let mut counts = std::collections::BTreeMap::<&'static str, i64>::new();
@@ -236,17 +259,50 @@ pub async fn run(
         .inspect_ok({
             let store = runtime_store.clone();
             move |event| match event {
-                watcher::Event::Delete(runtime) => runtime::forget(&forgetting, runtime),
-                watcher::Event::InitDone => runtime::forget_missing(&forgetting, |key| store.get(key).is_some()),
-                _ => {}
+                watcher::Event::Delete(runtime) => {
+                    wake_instances_of(&forgetting, runtime);
+                    runtime::forget(&forgetting, runtime);
+                }
+                watcher::Event::Apply(runtime) | watcher::Event::InitApply(runtime) => {
+                    wake_instances_of(&forgetting, runtime);
+                }
+                watcher::Event::InitDone => {
+                    runtimes_listed.send_replace(true);
+                    runtime::forget_missing(&forgetting, |key| store.get(key).is_some());
+                }
+                watcher::Event::Init => {}
             }
+        })
+        .applied_objects();
+    let instance_context = context.clone();
+    let instance_stream = watcher(scoped::<ComputeInstance>(&client, scope), watcher::Config::default())
+        .backoff(watch_backoff())
+        .filter(tracked(&health, "compute instances"))
+        .modify(trim)
+        .reflect(instance_writer)
+        .inspect_ok(move |event| match event {
+            watcher::Event::Apply(instance) | watcher::Event::InitApply(instance) => {
+                instance_context.wake_runtimes_of(&instance_dependency(instance));
+            }
+            watcher::Event::Delete(instance) => {
+                instance_context.wake_runtimes_of(&instance_dependency(instance));
+                instance::forget(&instance_context, instance);
+            }
+            watcher::Event::InitDone => {
+                instances_listed.send_replace(true);
+            }
+            watcher::Event::Init => {}
         })
         .applied_objects();
     let controller = Controller::for_stream(runtime_stream, runtime_store)
         .with_config(controller::Config::default().concurrency(settings.concurrency))
         .trigger_backoff(watch_backoff())
-        .owns_stream(pod_stream)
+        .watches_stream(pod_stream, {
+            let dependents = dependents.clone();
+            move |pod: Pod| dependents.of_pod(&pod)
+        })
         .owns_stream(service_stream)
+        .reconcile_on(runtime_wakes)
         .watches_stream(account_stream, dependents.of(Dependency::ServiceAccount))
         .watches_stream(
             config_map_stream,
@@ -254,31 +310,57 @@ pub async fn run(
         )
         .watches_stream(quota_stream, {
             let dependents = dependents.clone();
-            move |quota: ResourceQuota| {
-                quota
-                    .namespace()
-                    .map(|ns| dependents.0.index.dependents(&Dependency::Quotas(ns)))
-                    .unwrap_or_default()
+            move |quota: ResourceQuota| match quota.namespace() {
+                Some(ns) => dependents.lookup(&Dependency::Quotas(ns)),
+                None => vec![],
             }
         })
+        .graceful_shutdown_on(shutdown.clone());
+    let instance_controller = Controller::for_stream(instance_stream, instance_store)
+        .with_config(controller::Config::default().concurrency(settings.concurrency))
+        .trigger_backoff(watch_backoff())
+        .reconcile_on(instance_wakes)
         .graceful_shutdown_on(shutdown);
     info!(
         concurrency = settings.concurrency,
         namespace = scope.unwrap_or("(all)"),
         "PromptFlowRuntime controller running"
     );
-    controller
-        .run(runtime::reconcile, runtime::error_policy, context)
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                match err {
-                    controller::Error::ObjectNotFound(_) => {}
-                    other => warn!(error = %other, "controller"),
-                }
-            }
-        })
-        .await;
-    info!("PromptFlowRuntime controller stopped");
+    let runtimes = controller
+        .run(runtime::reconcile, runtime::error_policy, context.clone())
+        .for_each(|result| async move { log_failure(result.err()) });
+    let instances = instance_controller
+        .run(instance::reconcile, instance::error_policy, context)
+        .for_each(|result| async move { log_failure(result.err()) });
+    futures::join!(runtimes, instances);
+    info!("controllers stopped");
+}
+
+fn log_failure(err: Option<controller::Error<crate::error::Error, watcher::Error>>) {
+    match err {
+        None | Some(controller::Error::ObjectNotFound(_)) => {}
+        Some(other) => warn!(error = %other, "controller"),
+    }
+}
+
+/// The dependency a compute instance is to the runtimes on it.
+fn instance_dependency(instance: &ComputeInstance) -> Dependency {
+    Dependency::Instance(instance.namespace().unwrap_or_default(), instance.name_any())
+}
+
+/// Wakes the instances a runtime event concerns: the one it asks for, and the one its status
+/// last named (a runtime moving away must be detached there).
+fn wake_instances_of(ctx: &Context, runtime: &PromptFlowRuntime) {
+    let namespace = runtime.namespace().unwrap_or_default();
+    let asked = runtime.spec.compute.instance.as_ref().map(|i| i.name.as_str());
+    let last = runtime
+        .status
+        .as_ref()
+        .and_then(|s| s.compute.as_deref())
+        .filter(|c| *c != "Serverless");
+    for name in [asked, last].into_iter().flatten() {
+        ctx.wake_instance(ObjectRef::new(name).within(&namespace));
+    }
 }
 
 /// Looks up, for a watched object, the runtimes whose last reconcile read it (the context's
@@ -287,6 +369,14 @@ pub async fn run(
 struct Dependents(Arc<Context>);
 
 impl Dependents {
+    /// The runtimes that read `dependency`; the compute instances that read it are woken too.
+    fn lookup(&self, dependency: &Dependency) -> Vec<ObjectRef<PromptFlowRuntime>> {
+        for instance in self.0.instance_index.dependents(dependency) {
+            self.0.wake_instance(instance);
+        }
+        self.0.index.dependents(dependency)
+    }
+
     /// A watch mapper: an object of kind `K`, keyed by `dependency`, to the runtimes that read it.
     fn of<K: Resource>(
         &self,
@@ -294,11 +384,25 @@ impl Dependents {
     ) -> impl Fn(K) -> Vec<ObjectRef<PromptFlowRuntime>> + Send + Sync + 'static {
         let handle = self.clone();
         move |object: K| match object.meta().namespace.clone() {
-            Some(namespace) => handle
-                .0
-                .index
-                .dependents(&dependency(namespace, object.meta().name.clone().unwrap_or_default())),
+            Some(namespace) => handle.lookup(&dependency(namespace, object.meta().name.clone().unwrap_or_default())),
             None => vec![],
         }
+    }
+
+    /// A runtime's own pod wakes it; an instance pod wakes its instance and the runtimes on it.
+    fn of_pod(&self, pod: &Pod) -> Vec<ObjectRef<PromptFlowRuntime>> {
+        let namespace = pod.namespace().unwrap_or_default();
+        let labels = pod.labels();
+        if let Some(instance) = labels.get(INSTANCE_LABEL) {
+            self.0.wake_instance(ObjectRef::new(instance).within(&namespace));
+            return self
+                .0
+                .index
+                .dependents(&Dependency::Instance(namespace, instance.clone()));
+        }
+        labels
+            .get(RUNTIME_LABEL)
+            .map(|runtime| vec![ObjectRef::new(runtime).within(&namespace)])
+            .unwrap_or_default()
     }
 }

@@ -134,7 +134,8 @@ pub fn due(policy: &IdlePolicy, last: Timestamp, now: Timestamp) -> IdleDue {
     }
 }
 
-fn add(time: Timestamp, duration: Duration) -> Timestamp {
+/// `time` plus `duration`, saturating.
+pub fn add(time: Timestamp, duration: Duration) -> Timestamp {
     let signed = SignedDuration::try_from(duration).unwrap_or(SignedDuration::MAX);
     time.checked_add(signed).unwrap_or(Timestamp::MAX)
 }
@@ -142,6 +143,23 @@ fn add(time: Timestamp, duration: Duration) -> Timestamp {
 /// How long from `now` until `then` (zero when past).
 pub fn until(now: Timestamp, then: Timestamp) -> Duration {
     Duration::try_from(then.duration_since(now)).unwrap_or(Duration::ZERO)
+}
+
+/// `1h30m`, `45m`, `90s`: the way the spec writes durations.
+pub fn format_duration(duration: Duration) -> String {
+    let seconds = duration.as_secs();
+    let (hours, minutes, rest) = (seconds / 3600, seconds % 3600 / 60, seconds % 60);
+    let mut text = String::new();
+    if hours > 0 {
+        text.push_str(&format!("{hours}h"));
+    }
+    if minutes > 0 {
+        text.push_str(&format!("{minutes}m"));
+    }
+    if rest > 0 || text.is_empty() {
+        text.push_str(&format!("{rest}s"));
+    }
+    text
 }
 
 #[cfg(test)]
@@ -242,5 +260,12 @@ mod tests {
         assert_eq!(due(&policy, last, at(10_600)), IdleDue::Stop);
         assert_eq!(until(at(10), at(25)).as_secs(), 15);
         assert_eq!(until(at(25), at(10)), Duration::ZERO);
+    }
+    #[test]
+    fn durations_read_like_the_spec() {
+        assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
+        assert_eq!(format_duration(Duration::from_secs(60)), "1m");
+        assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
+        assert_eq!(format_duration(Duration::ZERO), "0s");
     }
 }

@@ -34,7 +34,13 @@ impl Default for ActivityProbe {
 impl ActivityProbe {
     /// The activity the proxy at `pod_ip` reports; an error says why it could not be read.
     pub async fn read(&self, pod_ip: &str) -> Result<ActivityReport, String> {
-        let uri = format!("http://{pod_ip}:{ACTIVITY_PORT}/activity");
+        self.read_port(pod_ip, ACTIVITY_PORT).await
+    }
+
+    /// The activity the proxy listening on `port` at `pod_ip` reports (runtimes on a compute
+    /// instance each have their own).
+    pub async fn read_port(&self, pod_ip: &str, port: i32) -> Result<ActivityReport, String> {
+        let uri = format!("http://{pod_ip}:{port}/activity");
         let request = http::Request::get(&uri).body(Empty::new()).map_err(|e| e.to_string())?;
         let response = tokio::time::timeout(TIMEOUT, self.client.request(request))
             .await

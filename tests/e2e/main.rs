@@ -11,6 +11,7 @@ mod crds;
 mod faults;
 mod hardening;
 mod idle;
+mod instance;
 mod leader;
 mod operator;
 mod runtime;

@@ -241,8 +241,8 @@ pub async fn delete_pod(ctx: &Context, live: &Pod) -> Result<bool> {
 /// Creates or corrects the runtime's Service; writes nothing when the live one matches. Returns
 /// whether the Service is in place. A Service that cannot be written never keeps the runtime
 /// from running: the failure is logged and the runtime has no `status.url` until it succeeds.
-pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime) -> Result<bool> {
-    let desired = service::runtime_service(runtime);
+pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: service::Target<'_>) -> Result<bool> {
+    let desired = service::runtime_service(runtime, target);
     let namespace = runtime.namespace().unwrap_or_default();
     let service_ref = ObjectRef::new(&runtime.name_any()).within(&namespace);
     let live = ctx.services.get(&service_ref);

@@ -85,7 +85,7 @@ pub async fn idle_step(runtime: &PromptFlowRuntime, ctx: &Context, live: &Pod) -
             }
         }
     }
-    let timeout = format_duration(policy.timeout);
+    let timeout = idle::format_duration(policy.timeout);
     match due {
         IdleDue::Nothing { look_at, .. } => Ok(IdleOutcome {
             condition: Some(ConditionState::new(
@@ -170,34 +170,5 @@ async fn cull(
                 ..Default::default()
             })
         }
-    }
-}
-
-/// `1h30m`, `45m`, `90s`: the way the spec writes durations.
-fn format_duration(duration: Duration) -> String {
-    let seconds = duration.as_secs();
-    let (hours, minutes, rest) = (seconds / 3600, seconds % 3600 / 60, seconds % 60);
-    let mut text = String::new();
-    if hours > 0 {
-        text.push_str(&format!("{hours}h"));
-    }
-    if minutes > 0 {
-        text.push_str(&format!("{minutes}m"));
-    }
-    if rest > 0 || text.is_empty() {
-        text.push_str(&format!("{rest}s"));
-    }
-    text
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn durations_read_like_the_spec() {
-        use std::time::Duration;
-        assert_eq!(super::format_duration(Duration::from_secs(5400)), "1h30m");
-        assert_eq!(super::format_duration(Duration::from_secs(60)), "1m");
-        assert_eq!(super::format_duration(Duration::from_secs(90)), "1m30s");
-        assert_eq!(super::format_duration(Duration::ZERO), "0s");
     }
 }

@@ -3,26 +3,25 @@
 //! pod) → [`apply`] (create, replace or keep the pod) → [`report`] (compose the status, patch only
 //! on difference, one event per transition).
 
-mod apply;
+pub(crate) mod apply;
 mod backoff;
 mod idle;
 mod lifecycle;
 mod not_yet;
-mod observe;
+pub(crate) mod observe;
+mod on_instance;
 mod own_writes;
-mod plan;
-mod pod_state;
-mod report;
+pub(crate) mod plan;
+pub(crate) mod pod_state;
+pub(crate) mod report;
 mod size;
 pub mod status;
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, ResourceQuota, Service, ServiceAccount};
 use kube::runtime::controller::Action;
-use kube::runtime::events::Recorder;
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, Resource, ResourceExt};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
 pub use self::backoff::Backoff;
@@ -30,57 +29,12 @@ use self::lifecycle::Lifecycle;
 pub use self::own_writes::OwnWrites;
 use self::report::{Notice, Report};
 use self::status::{ConditionState, Verdict};
-use super::index::DependencyIndex;
 use crate::api::conditions::{self, reasons};
 use crate::api::{HandledActions, PromptFlowRuntime, RuntimePhase};
-use crate::build::pod::PodTemplate;
 use crate::build::service;
-use crate::catalog::Catalog;
 use crate::error::{Error, Result};
-use crate::idle::IdleSettings;
-use crate::idle::probe::ActivityProbe;
-use crate::metrics::Metrics;
 
-/// The field manager of every write the operator makes.
-pub const MANAGER: &str = "promptflow-operator";
-
-/// What every reconcile shares.
-pub struct Context {
-    /// The API client.
-    pub client: Client,
-    /// The instance-type catalog.
-    pub catalog: Catalog,
-    /// The operator's side of the runtime pod template.
-    pub template: PodTemplate,
-    /// Publishes events.
-    pub recorder: Recorder,
-    /// Owned pods.
-    pub pods: Store<Pod>,
-    /// Owned Services.
-    pub services: Store<Service>,
-    /// Asks activity proxies.
-    pub probe: ActivityProbe,
-    /// Idle-stop settings.
-    pub idle: IdleSettings,
-    /// When this operator process started: unknown activity counts from here.
-    pub started: k8s_openapi::jiff::Timestamp,
-    /// Service accounts.
-    pub accounts: Store<ServiceAccount>,
-    /// Resource quotas.
-    pub quotas: Store<ResourceQuota>,
-    /// Which runtimes read which objects.
-    pub index: DependencyIndex,
-    /// Counters and timings.
-    pub metrics: Arc<Metrics>,
-    /// Turns true once the pod, service-account and quota caches hold a full list.
-    pub caches_ready: tokio::sync::watch::Receiver<bool>,
-    /// What this operator last wrote, for reconciles that run before the caches saw the write.
-    pub own_writes: OwnWrites,
-    /// Backoff of runtimes whose reconcile failed.
-    pub failures: Backoff,
-    /// Backoff of runtimes blocked by a pull secret (secrets are not watched).
-    pub pull_secret_waits: Backoff,
-}
+pub use super::context::{Context, MANAGER};
 
 /// Reconciles one runtime from its full state. Whatever goes wrong, a runtime the operator has
 /// seen gets a status with a reason: an error before the first status is written becomes
@@ -134,11 +88,7 @@ fn compute_name(runtime: &PromptFlowRuntime) -> &str {
 async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result<Action> {
     // Decisions need complete caches (a service account missing from a half-filled cache is not
     // missing). One task waits on the stores; reconciles wait on its signal, which wakes them all.
-    ctx.caches_ready
-        .clone()
-        .wait_for(|ready| *ready)
-        .await
-        .map_err(|_| Error::StoreClosed)?;
+    ctx.caches_filled().await?;
     // Decide from the status this operator last wrote when the cache has not caught up with it
     // (a runtime just stopped must not read as running and be started again).
     let own_view;
@@ -154,47 +104,32 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     };
     let key = ObjectRef::from_obj(runtime);
     if runtime.meta().deletion_timestamp.is_some() {
-        // The garbage collector deletes the pod through its owner reference.
+        // The garbage collector deletes the pod through its owner reference; a runtime on a
+        // compute instance waits for the instance to let go of its container.
+        on_instance::release(ctx, runtime).await?;
         return Ok(Action::await_change());
     }
     let namespace = runtime.namespace().ok_or(Error::NotNamespaced)?;
     let name = runtime.name_any();
 
-    if let Some(instance) = &runtime.spec.compute.instance {
-        let verdict = Verdict::not_available(
-            reasons::COMPUTE_INSTANCE_UNSUPPORTED,
-            format!(
-                "runtimes on ComputeInstance {} are not supported by this operator version yet; use spec.compute.serverless",
-                instance.name
-            ),
-        );
-        let identity = ConditionState::unknown(
-            conditions::IDENTITY_RESOLVED,
-            reasons::PENDING,
-            "not resolved: the runtime has no compute to run on",
-        );
-        let report = Report {
-            verdict: &verdict,
-            conditions: &[identity],
-            compute: &instance.name,
-            facts: None,
-            handled: &HandledActions::default(),
-            url: None,
-            last_activity: None,
-        };
-        report::write_status(runtime, ctx, &report).await?;
-        ctx.index.record(key, vec![]);
-        return Ok(Action::await_change());
+    if let Some(asked) = &runtime.spec.compute.instance {
+        return on_instance::reconcile(runtime, ctx, asked).await;
     }
+    // Moved off a compute instance: the finalizer goes once the instance let go (its pod
+    // changes wake this runtime: observe records the instance its status last named).
+    on_instance::release(ctx, runtime).await?;
 
     // The Service is the way in, running or stopped.
-    let url = apply::apply_service(ctx, runtime).await?.then(|| service::url(runtime));
+    let target = service::Target::Serverless;
+    let url = apply::apply_service(ctx, runtime, target)
+        .await?
+        .then(|| service::url(runtime, target));
     let start = match lifecycle::decide(runtime) {
         Lifecycle::Run { start } => start,
         stopped => return stay_stopped(runtime, ctx, stopped, url.as_deref()).await,
     };
 
-    let observed = observe::observe(runtime, ctx, &namespace, &key).await?;
+    let observed = observe::observe(runtime, ctx, &namespace, |deps| ctx.index.record(key.clone(), deps)).await?;
     let plan = plan::plan(runtime, &observed, &ctx.catalog, &ctx.template);
     let live = observed.pod.as_deref();
     let mut conditions = vec![plan.identity.clone()];

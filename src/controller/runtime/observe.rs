@@ -43,12 +43,13 @@ pub struct FlowSource {
     pub found: Option<ConfigMap>,
 }
 
-/// Reads everything `runtime` points to.
+/// Reads everything `runtime` points to; what it is about to read goes to `record` first.
+/// A runtime on a compute instance has no pod of its own and is never sized.
 pub async fn observe(
     runtime: &PromptFlowRuntime,
     ctx: &Context,
     namespace: &str,
-    key: &ObjectRef<PromptFlowRuntime>,
+    record: impl FnOnce(Vec<Dependency>),
 ) -> Result<Observed> {
     let account_name = runtime
         .spec
@@ -57,19 +58,35 @@ pub async fn observe(
         .and_then(|i| i.service_account_name.clone())
         .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_owned());
     let flow_name = runtime.spec.flow.as_ref().and_then(|f| f.config_map_name.clone());
+    let serverless = runtime.spec.compute.serverless.is_some();
     let pod = ctx
         .pods
-        .get(&ObjectRef::new(&pod::pod_name(&runtime.name_any())).within(namespace));
+        .get(&ObjectRef::new(&pod::pod_name(&runtime.name_any())).within(namespace))
+        .filter(|_| serverless);
 
     let mut dependencies = vec![Dependency::ServiceAccount(namespace.to_owned(), account_name.clone())];
     if let Some(cm) = &flow_name {
         dependencies.push(Dependency::ConfigMap(namespace.to_owned(), cm.clone()));
     }
-    let sizing = size::needs_sizing(runtime, pod.as_deref());
+    let sizing = serverless && size::needs_sizing(runtime, pod.as_deref());
     if sizing {
         dependencies.push(Dependency::Quotas(namespace.to_owned()));
     }
-    ctx.index.record(key.clone(), dependencies);
+    // The instance asked for, and the one the status last named (a runtime moving away waits
+    // for that one to let go).
+    let last_instance = runtime
+        .status
+        .as_ref()
+        .and_then(|s| s.compute.clone())
+        .filter(|c| c != "Serverless");
+    let asked = runtime.spec.compute.instance.as_ref().map(|i| i.name.clone());
+    for instance in [asked, last_instance].into_iter().flatten() {
+        let dependency = Dependency::Instance(namespace.to_owned(), instance);
+        if !dependencies.contains(&dependency) {
+            dependencies.push(dependency);
+        }
+    }
+    record(dependencies);
 
     let account = ctx.accounts.get(&ObjectRef::new(&account_name).within(namespace));
     let secret_names = account.as_deref().map(identity::pull_secret_names).unwrap_or_default();
@@ -110,7 +127,7 @@ pub async fn observe(
 /// Reads one Secret. Parsed here rather than by the client library, which logs the whole response
 /// body at warn when it cannot parse it; this never puts the body, or a parser message quoting
 /// it, anywhere.
-async fn read_secret(client: &kube::Client, namespace: &str, name: &str) -> Result<Option<Secret>> {
+pub(crate) async fn read_secret(client: &kube::Client, namespace: &str, name: &str) -> Result<Option<Secret>> {
     let request = kube::core::Request::new(format!("/api/v1/namespaces/{namespace}/secrets"))
         .get(name, &kube::api::GetParams::default())
         .map_err(|e| Error::Kube(kube::Error::BuildRequest(e)))?;

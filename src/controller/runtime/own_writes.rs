@@ -161,6 +161,12 @@ impl OwnWrites {
         });
     }
 
+    /// Drops what is kept for a pod whose owner was deleted.
+    pub fn forget_pod(&self, pod: &ObjectRef<Pod>) {
+        self.pods.lock().expect("own writes lock").remove(pod);
+        self.deleted.lock().expect("own writes lock").remove(pod);
+    }
+
     /// Drops what is kept for a deleted runtime.
     pub fn forget(&self, runtime: &ObjectRef<PromptFlowRuntime>, pod: &ObjectRef<Pod>) {
         self.statuses.lock().expect("own writes lock").remove(runtime);

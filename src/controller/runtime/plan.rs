@@ -70,11 +70,25 @@ pub struct Plan {
     pub pod: Result<DesiredPod, Problem>,
 }
 
-/// Decides the runtime's pod from what was observed.
-pub fn plan(runtime: &PromptFlowRuntime, observed: &Observed, catalog: &Catalog, template: &PodTemplate) -> Plan {
+/// What a runtime's containers are made of, wherever they run: image, pull identity, flow.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// The image reference to run.
+    pub image: String,
+    /// Its version.
+    pub version: String,
+    /// The pull identity.
+    pub identity: PullIdentity,
+    /// The flow ConfigMap's name and environment.
+    pub flow: Option<(String, FlowEnvironment)>,
+}
+
+/// Resolves the runtime's image, identity and flow: the `IdentityResolved` condition, and what
+/// its containers are made of or the problem that keeps it from having them.
+pub fn resolve(runtime: &PromptFlowRuntime, observed: &Observed) -> (ConditionState, Result<Resolved, Problem>) {
     let flow = observed.flow.as_ref().map(|source| {
         (
-            source.config_map.as_str(),
+            source.config_map.clone(),
             flow::read(&source.config_map, source.found.as_ref()),
         )
     });
@@ -87,7 +101,7 @@ pub fn plan(runtime: &PromptFlowRuntime, observed: &Observed, catalog: &Catalog,
         &observed.secrets,
         &registry,
     );
-    let identity = match &resolved {
+    let condition = match &resolved {
         Ok(found) => ConditionState::new(
             conditions::IDENTITY_RESOLVED,
             true,
@@ -101,49 +115,49 @@ pub fn plan(runtime: &PromptFlowRuntime, observed: &Observed, catalog: &Catalog,
             problem.to_string(),
         ),
     };
-    let pod = desired_pod(
-        runtime,
-        observed,
-        catalog,
-        template,
-        resolved.as_ref(),
-        flow.as_ref(),
-        image,
-        version,
-    );
+    let outcome = resolved.map_err(|p| Problem::from(&p)).and_then(|identity| {
+        let flow = match flow {
+            None => None,
+            Some((config_map, read)) => Some((config_map, read.map_err(|p| Problem::from(&p))?)),
+        };
+        Ok(Resolved {
+            image,
+            version,
+            identity,
+            flow,
+        })
+    });
+    (condition, outcome)
+}
+
+/// Decides a serverless runtime's pod from what was observed.
+pub fn plan(runtime: &PromptFlowRuntime, observed: &Observed, catalog: &Catalog, template: &PodTemplate) -> Plan {
+    let (identity, resolved) = resolve(runtime, observed);
+    let pod = resolved.and_then(|resolved| desired_pod(runtime, observed, catalog, template, resolved));
     Plan { identity, pod }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn desired_pod(
     runtime: &PromptFlowRuntime,
     observed: &Observed,
     catalog: &Catalog,
     template: &PodTemplate,
-    identity: Result<&PullIdentity, &IdentityProblem>,
-    flow: Option<&(&str, Result<FlowEnvironment, FlowProblem>)>,
-    image: String,
-    version: String,
+    resolved: Resolved,
 ) -> Result<DesiredPod, Problem> {
-    let identity = identity.map_err(Problem::from)?;
-    let flow = match flow {
-        None => None,
-        Some((config_map, read)) => Some((*config_map, read.as_ref().map_err(Problem::from)?)),
-    };
     let size = size::choose(runtime, observed.pod.as_deref(), &observed.quotas, catalog)?;
     let pod = pod::runtime_pod(&RuntimePodInputs {
         runtime,
-        image: &image,
+        image: &resolved.image,
         size,
-        identity,
-        flow,
+        identity: &resolved.identity,
+        flow: resolved.flow.as_ref().map(|(cm, env)| (cm.as_str(), env)),
         template,
     });
     Ok(DesiredPod {
         pod,
         facts: PodFacts {
-            image,
-            version,
+            image: resolved.image,
+            version: resolved.version,
             size: size.name.clone(),
         },
     })

@@ -105,7 +105,8 @@ pub fn set_condition(conditions: &mut Vec<Condition>, previous: &[Condition], mu
     conditions.push(condition);
 }
 
-fn condition(state: &ConditionState, generation: Option<i64>, now: &Time) -> Condition {
+/// The condition `state` describes, observed at `generation`, changed at `now`.
+pub fn condition(state: &ConditionState, generation: Option<i64>, now: &Time) -> Condition {
     Condition {
         type_: state.type_.to_owned(),
         status: state.status.to_owned(),

@@ -1,0 +1,317 @@
+//! The compute instance pod: one per running ComputeInstance, deterministic name, owned by the
+//! instance. Its primary container holds the machine's size; every attached runtime adds its
+//! containers (runtime and activity proxy, as serverless runtimes have) on ports of its own slot.
+//! A pod's containers cannot change, which is why attaching or detaching restarts the instance.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{Resource, ResourceExt};
+
+use super::pod::{
+    INPUTS_HASH_ANNOTATION, INSTANCE_TYPE_ANNOTATION, MANAGED_BY, PartsInputs, Placement, PodTemplate,
+    SPEC_HASH_ANNOTATION, container_security, digest, inputs_digest, pod_spec_base, runtime_parts, spec_hash,
+    with_overrides,
+};
+use crate::api::{ComputeInstance, PromptFlowRuntime};
+use crate::catalog::InstanceType;
+use crate::flow::FlowEnvironment;
+use crate::identity::PullIdentity;
+
+/// Label: the compute instance a pod belongs to (and the selector of its runtimes' Services).
+pub const INSTANCE_LABEL: &str = "promptflow.dev/compute-instance";
+/// Annotation: the attached runtimes, by name, in slot order (comma-separated).
+pub const RUNTIMES_ANNOTATION: &str = "promptflow.dev/runtimes";
+/// The primary container's name.
+pub const INSTANCE_CONTAINER: &str = "instance";
+/// The image of the primary container unless the operator is told otherwise.
+pub const DEFAULT_INSTANCE_IMAGE: &str = "mcr.microsoft.com/azureml/promptflow/promptflow-runtime-stable:latest";
+
+/// The instance pod's name for an instance.
+pub fn pod_name(instance_name: &str) -> String {
+    format!("{instance_name}{POD_SUFFIX}")
+}
+
+/// The instance a pod of [`pod_name`] belongs to.
+pub fn instance_name(pod_name: &str) -> &str {
+    pod_name.strip_suffix(POD_SUFFIX).unwrap_or(pod_name)
+}
+
+const POD_SUFFIX: &str = "-instance";
+
+/// The labels of an instance's pod.
+pub fn labels(instance_name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "promptflow-compute-instance".to_owned(),
+        ),
+        ("app.kubernetes.io/instance".to_owned(), instance_name.to_owned()),
+        ("app.kubernetes.io/component".to_owned(), "compute-instance".to_owned()),
+        ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+        (INSTANCE_LABEL.to_owned(), instance_name.to_owned()),
+    ])
+}
+
+/// One runtime to run on the instance, resolved as a serverless runtime's pod would be.
+pub struct AttachedRuntime<'a> {
+    /// The runtime.
+    pub runtime: &'a PromptFlowRuntime,
+    /// The image reference to run.
+    pub image: String,
+    /// The runtime's own pull identity (its pull secrets join the pod's).
+    pub identity: PullIdentity,
+    /// The flow ConfigMap's name and environment.
+    pub flow: Option<(String, FlowEnvironment)>,
+}
+
+/// Everything the instance pod is built from.
+pub struct InstancePodInputs<'a> {
+    /// The instance.
+    pub instance: &'a ComputeInstance,
+    /// Its size.
+    pub size: &'a InstanceType,
+    /// Its pull identity (`spec.serviceAccountName`).
+    pub identity: &'a PullIdentity,
+    /// The primary container's image.
+    pub image: &'a str,
+    /// The runtimes to run, sorted by name: the order gives the slots.
+    pub runtimes: &'a [AttachedRuntime<'a>],
+    /// The operator's side of the template.
+    pub template: &'a PodTemplate,
+}
+
+/// What a runtime container on an instance asks for: a small request of its own, and up to the
+/// instance's limits (runtimes share the machine, as on a real compute instance).
+pub fn runtime_resources(instance: &ResourceRequirements) -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity("100m".into())),
+            ("memory".to_owned(), Quantity("256Mi".into())),
+        ])),
+        limits: instance.limits.clone(),
+        ..Default::default()
+    }
+}
+
+/// Builds the instance pod, hashes included.
+pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
+    let instance = inputs.instance;
+    let name = instance.name_any();
+    let resources = with_overrides(inputs.size.resources(), instance.spec.resources.as_ref());
+    let mut containers = vec![Container {
+        name: INSTANCE_CONTAINER.into(),
+        image: Some(inputs.image.to_owned()),
+        command: Some(vec!["sleep".into(), "infinity".into()]),
+        resources: Some(resources.clone()),
+        security_context: container_security(&inputs.template.security),
+        ..Default::default()
+    }];
+    let mut init_containers = vec![];
+    let mut volumes = vec![];
+    let mut pull_secrets = inputs.identity.pull_secrets.clone();
+    let mut runtime_digests = vec![];
+    for (slot, attached) in inputs.runtimes.iter().enumerate() {
+        let runtime_name = attached.runtime.name_any();
+        let flow = attached.flow.as_ref().map(|(cm, env)| (cm.as_str(), env));
+        let parts = runtime_parts(&PartsInputs {
+            runtime_name: &runtime_name,
+            image: &attached.image,
+            resources: runtime_resources(&resources),
+            flow,
+            template: inputs.template,
+            placement: &Placement::on_instance(&runtime_name, slot),
+        });
+        containers.extend(parts.containers);
+        init_containers.extend(parts.init_containers);
+        volumes.extend(parts.volumes);
+        for secret in &attached.identity.pull_secrets {
+            if !pull_secrets.contains(secret) {
+                pull_secrets.push(secret.clone());
+            }
+        }
+        let flow_hash = flow.map(|(_, env)| env.content_hash.as_str());
+        runtime_digests.push(serde_json::json!({
+            "name": runtime_name,
+            "inputs": inputs_digest(attached.runtime, &attached.image, &attached.identity, flow_hash, &inputs.size.name),
+            "flowContent": flow_hash,
+        }));
+    }
+    let identity = PullIdentity {
+        pull_secrets,
+        ..inputs.identity.clone()
+    };
+    let spec = PodSpec {
+        containers,
+        init_containers: (!init_containers.is_empty()).then_some(init_containers),
+        volumes: (!volumes.is_empty()).then_some(volumes),
+        node_selector: (!inputs.size.node_selector.is_empty()).then(|| inputs.size.node_selector.clone()),
+        ..pod_spec_base(&identity, &inputs.template.security)
+    };
+    let attached: Vec<String> = inputs.runtimes.iter().map(|a| a.runtime.name_any()).collect();
+    let decided = serde_json::json!({
+        "instanceType": inputs.size.name,
+        "resources": instance.spec.resources,
+        "serviceAccount": identity.service_account,
+        "pullSecrets": identity.pull_secrets,
+        "image": inputs.image,
+        "runtimes": runtime_digests,
+    });
+    let runtime_hashes = decided["runtimes"].to_string();
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(pod_name(&name)),
+            namespace: instance.namespace(),
+            labels: Some(labels(&name)),
+            annotations: Some(BTreeMap::from([
+                (SPEC_HASH_ANNOTATION.to_owned(), spec_hash(&spec, Some(&runtime_hashes))),
+                (
+                    INPUTS_HASH_ANNOTATION.to_owned(),
+                    digest(decided.to_string().as_bytes()),
+                ),
+                (INSTANCE_TYPE_ANNOTATION.to_owned(), inputs.size.name.clone()),
+                (RUNTIMES_ANNOTATION.to_owned(), attached.join(",")),
+            ])),
+            owner_references: instance.controller_owner_ref(&()).map(|owner| vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+/// The runtimes a live instance pod carries, in slot order.
+pub fn attached(pod: &Pod) -> Vec<&str> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(RUNTIMES_ANNOTATION))
+        .map(|list| list.split(',').filter(|name| !name.is_empty()).collect())
+        .unwrap_or_default()
+}
+
+/// Where a runtime sits in a live instance pod, when the pod carries it.
+pub fn placement_in(pod: &Pod, runtime_name: &str) -> Option<Placement> {
+    let slot = attached(pod).iter().position(|name| *name == runtime_name)?;
+    Some(Placement::on_instance(runtime_name, slot))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+
+    fn instance() -> ComputeInstance {
+        let mut instance: ComputeInstance = serde_norway::from_str(
+            "apiVersion: promptflow.dev/v1alpha1\nkind: ComputeInstance\nmetadata: {name: ci, namespace: team-a, uid: u1}\nspec: {instanceType: Standard_DS3_v2}\n",
+        )
+        .unwrap();
+        instance.metadata.uid = Some("u1".into());
+        instance
+    }
+
+    fn runtime(name: &str) -> PromptFlowRuntime {
+        let mut runtime = crate::fixtures::runtime(
+            serde_json::json!({"compute": {"instance": {"name": "ci", "acknowledgeRestart": true}}}),
+            serde_json::json!({}),
+        );
+        runtime.metadata.name = Some(name.into());
+        runtime
+    }
+
+    fn identity(secrets: &[&str]) -> PullIdentity {
+        PullIdentity {
+            service_account: "default".into(),
+            pull_secrets: secrets.iter().map(|s| (*s).to_owned()).collect(),
+            has_registry_credentials: !secrets.is_empty(),
+        }
+    }
+
+    fn build(runtimes: &[AttachedRuntime<'_>]) -> Pod {
+        let catalog = Catalog::builtin();
+        let instance = instance();
+        instance_pod(&InstancePodInputs {
+            instance: &instance,
+            size: catalog.get("Standard_DS3_v2").unwrap(),
+            identity: &identity(&["shared"]),
+            image: DEFAULT_INSTANCE_IMAGE,
+            runtimes,
+            template: &PodTemplate::default(),
+        })
+    }
+
+    #[test]
+    fn each_runtime_gets_its_containers_on_its_own_ports() {
+        let (a, b) = (runtime("a"), runtime("b"));
+        let runtimes = [
+            AttachedRuntime {
+                runtime: &a,
+                image: "r.example/rt:1".into(),
+                identity: identity(&["shared", "team"]),
+                flow: None,
+            },
+            AttachedRuntime {
+                runtime: &b,
+                image: "r.example/rt:2".into(),
+                identity: identity(&[]),
+                flow: None,
+            },
+        ];
+        let pod = build(&runtimes);
+        assert_eq!(pod.metadata.name.as_deref(), Some("ci-instance"));
+        assert_eq!(
+            pod.metadata.owner_references.as_ref().unwrap()[0].kind,
+            "ComputeInstance"
+        );
+        let spec = pod.spec.as_ref().unwrap();
+        let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["instance", "rt-a", "px-a", "rt-b", "px-b"]);
+        let ports: Vec<i32> = spec.containers[1..]
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten().map(|p| p.container_port))
+            .collect();
+        assert_eq!(ports, [8100, 8101, 8102, 8110, 8111, 8112], "no port is used twice");
+        assert!(
+            spec.containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .all(|p| p.name.is_none()),
+            "port names would collide between runtimes"
+        );
+        let secrets: Vec<_> = spec
+            .image_pull_secrets
+            .iter()
+            .flatten()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(secrets, ["shared", "team"]);
+        assert_eq!(attached(&pod), ["a", "b"]);
+        assert_eq!(placement_in(&pod, "b").unwrap().proxy_port, 8111);
+        assert!(placement_in(&pod, "c").is_none());
+        let env = spec.containers[3].env.as_ref().unwrap();
+        assert!(
+            env.iter()
+                .any(|e| e.name == "PORT" && e.value.as_deref() == Some("8110"))
+        );
+    }
+
+    #[test]
+    fn attaching_a_runtime_changes_the_inputs_hash() {
+        let a = runtime("a");
+        let empty = build(&[]);
+        let with_a = build(&[AttachedRuntime {
+            runtime: &a,
+            image: "r.example/rt:1".into(),
+            identity: identity(&[]),
+            flow: None,
+        }]);
+        assert_ne!(
+            super::super::pod::live_inputs_hash(&empty),
+            super::super::pod::live_inputs_hash(&with_a)
+        );
+        assert!(attached(&empty).is_empty());
+        assert_eq!(build(&[]).metadata.annotations, empty.metadata.annotations, "stable");
+    }
+}

@@ -1,0 +1,124 @@
+//! What the controllers share: the client, the caches, the indexes, the memory of the
+//! operator's own writes, and the operator's settings.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::channel::mpsc::UnboundedSender;
+use k8s_openapi::api::core::v1::{Pod, ResourceQuota, Service, ServiceAccount};
+use kube::Client;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::{ObjectRef, Store};
+
+use super::index::DependencyIndex;
+use super::instance::InstanceMemory;
+use super::runtime::{Backoff, OwnWrites};
+use crate::api::{ComputeInstance, PromptFlowRuntime};
+use crate::build::pod::PodTemplate;
+use crate::catalog::Catalog;
+use crate::idle::IdleSettings;
+use crate::idle::probe::ActivityProbe;
+use crate::metrics::Metrics;
+
+/// The field manager of every write the operator makes.
+pub const MANAGER: &str = "promptflow-operator";
+
+/// What every reconcile shares.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// The instance-type catalog.
+    pub catalog: Catalog,
+    /// The operator's side of the runtime pod template.
+    pub template: PodTemplate,
+    /// Publishes events.
+    pub recorder: Recorder,
+    /// Owned pods.
+    pub pods: Store<Pod>,
+    /// Owned Services.
+    pub services: Store<Service>,
+    /// Asks activity proxies.
+    pub probe: ActivityProbe,
+    /// Idle-stop settings.
+    pub idle: IdleSettings,
+    /// When this operator process started: unknown activity counts from here.
+    pub started: k8s_openapi::jiff::Timestamp,
+    /// Service accounts.
+    pub accounts: Store<ServiceAccount>,
+    /// Resource quotas.
+    pub quotas: Store<ResourceQuota>,
+    /// Which runtimes read which objects.
+    pub index: DependencyIndex<PromptFlowRuntime>,
+    /// Counters and timings.
+    pub metrics: Arc<Metrics>,
+    /// Turns true once the pod, service-account and quota caches hold a full list.
+    pub caches_ready: tokio::sync::watch::Receiver<bool>,
+    /// What this operator last wrote, for reconciles that run before the caches saw the write.
+    pub own_writes: OwnWrites,
+    /// Backoff of runtimes whose reconcile failed.
+    pub failures: Backoff,
+    /// Backoff of runtimes blocked by a pull secret (secrets are not watched).
+    pub pull_secret_waits: Backoff,
+    /// Runtimes.
+    pub runtimes: Store<PromptFlowRuntime>,
+    /// Compute instances.
+    pub instances: Store<ComputeInstance>,
+    /// Which instances read which objects (their runtimes' flows and accounts included).
+    pub instance_index: DependencyIndex<ComputeInstance>,
+    /// Compute-instance settings.
+    pub instance_settings: InstanceSettings,
+    /// What the instance controller remembers between reconciles.
+    pub instance_memory: InstanceMemory,
+    /// Wakes compute instances (a runtime or a pod of theirs changed).
+    pub wake_instances: UnboundedSender<ObjectRef<ComputeInstance>>,
+    /// Wakes runtimes (their instance changed).
+    pub wake_runtimes: UnboundedSender<ObjectRef<PromptFlowRuntime>>,
+}
+
+/// Operator settings for compute instances.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceSettings {
+    /// The image of an instance pod's primary container.
+    pub image: String,
+    /// Attach and detach changes seen within this time of the first one restart the instance
+    /// once, together.
+    pub batch: Duration,
+    /// The shortest idle shutdown time; shorter `idleTimeBeforeShutdown` values are raised to it.
+    pub min_idle: Duration,
+}
+
+impl Default for InstanceSettings {
+    fn default() -> Self {
+        Self {
+            image: crate::build::instance::DEFAULT_INSTANCE_IMAGE.to_owned(),
+            batch: Duration::from_secs(5),
+            min_idle: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+impl Context {
+    /// Waits until the caches hold a full list: decisions need complete caches (a service
+    /// account missing from a half-filled cache is not missing). One task waits on the stores and
+    /// signals every reconcile at once.
+    pub async fn caches_filled(&self) -> crate::error::Result<()> {
+        self.caches_ready
+            .clone()
+            .wait_for(|ready| *ready)
+            .await
+            .map(|_| ())
+            .map_err(|_| crate::error::Error::StoreClosed)
+    }
+
+    /// Wakes the runtimes that depend on `dependency` (their instance changed).
+    pub fn wake_runtimes_of(&self, dependency: &super::index::Dependency) {
+        for runtime in self.index.dependents(dependency) {
+            let _ = self.wake_runtimes.unbounded_send(runtime);
+        }
+    }
+
+    /// Wakes a compute instance.
+    pub fn wake_instance(&self, instance: ObjectRef<ComputeInstance>) {
+        let _ = self.wake_instances.unbounded_send(instance);
+    }
+}

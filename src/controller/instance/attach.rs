@@ -1,0 +1,66 @@
+//! Attach: which runtimes the instance pod carries, each resolved (image, pull identity, flow)
+//! by the same code as a serverless runtime's pod. Runtimes are read from the runtime cache: the
+//! ones on this instance that acknowledged the restart and are not being deleted. A runtime whose
+//! identity or flow cannot be resolved is left out; it says why in its own status.
+
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+use std::sync::Arc;
+
+use crate::api::{ComputeInstance, PromptFlowRuntime};
+use crate::build::instance::AttachedRuntime;
+use crate::controller::context::Context;
+use crate::controller::index::Dependency;
+use crate::controller::runtime::{observe, plan};
+use crate::error::Result;
+
+/// Whether `runtime` asks to run on the instance `name` in `namespace` and may be attached.
+pub fn wants(runtime: &PromptFlowRuntime, namespace: &str, name: &str) -> bool {
+    runtime.namespace().as_deref() == Some(namespace)
+        && runtime.metadata.deletion_timestamp.is_none()
+        && runtime
+            .spec
+            .compute
+            .instance
+            .as_ref()
+            .is_some_and(|i| i.name == name && i.acknowledge_restart)
+}
+
+/// The runtimes to attach, sorted by name (the slot order), read and resolved. `dependencies`
+/// collects what was read, for the instance's dependency index.
+pub async fn runtimes(
+    instance: &ComputeInstance,
+    ctx: &Context,
+    dependencies: &mut Vec<Dependency>,
+) -> Result<Vec<(Arc<PromptFlowRuntime>, plan::Resolved)>> {
+    let namespace = instance.namespace().unwrap_or_default();
+    let name = instance.name_any();
+    let mut wanted = ctx.runtimes.state_filter(|rt| wants(rt, &namespace, &name));
+    wanted.sort_by_key(|rt| rt.name_any());
+    let key = ObjectRef::from_obj(instance);
+    let mut resolved = Vec::with_capacity(wanted.len());
+    for runtime in wanted {
+        let observed = observe::observe(&runtime, ctx, &namespace, |read| {
+            dependencies.extend(read.into_iter().filter(|d| !matches!(d, Dependency::Instance(..))));
+            ctx.instance_index.record(key.clone(), dependencies.clone());
+        })
+        .await?;
+        if let (_, Ok(found)) = plan::resolve(&runtime, &observed) {
+            resolved.push((runtime, found));
+        }
+    }
+    Ok(resolved)
+}
+
+/// The resolved runtimes as the pod builder takes them.
+pub fn as_attached(resolved: &[(Arc<PromptFlowRuntime>, plan::Resolved)]) -> Vec<AttachedRuntime<'_>> {
+    resolved
+        .iter()
+        .map(|(runtime, found)| AttachedRuntime {
+            runtime,
+            image: found.image.clone(),
+            identity: found.identity.clone(),
+            flow: found.flow.clone(),
+        })
+        .collect()
+}

@@ -1,0 +1,413 @@
+//! The ComputeInstance reconciler: one pod per running instance, carrying its primary container
+//! and every attached runtime's containers. The pipeline: validate (catalog, schedules) →
+//! decide whether it runs ([`crate::instance::decide`]: spec, schedules, action annotations,
+//! idleness) → attach (resolve the runtimes that asked for it) → apply (create the pod, or
+//! restart it once per batch of attach and detach changes) → report (status, one event per
+//! transition). Requeues at the next schedule trigger or idle deadline, never polls.
+
+mod attach;
+mod idle;
+mod report;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use tracing::{info, warn};
+
+use self::report::InstanceReport;
+use super::context::Context;
+use super::index::Dependency;
+use super::runtime::apply;
+use super::runtime::observe::read_secret;
+use super::runtime::plan::{DesiredPod, PodFacts};
+use super::runtime::pod_state::{self, PodState};
+use super::runtime::status::ConditionState;
+use crate::api::conditions::{self, reasons};
+use crate::api::{
+    ComputeInstance, ComputeInstanceStatus, HandledActions, InstanceState, RuntimePhase, ScheduledAction,
+};
+use crate::build::instance::{self as pod_builder, InstancePodInputs};
+use crate::build::pod::live_inputs_hash;
+use crate::error::{Error, Result};
+use crate::identity;
+use crate::instance::{self as decisions, Run, RunInputs, schedule};
+
+/// How long a failed instance reconcile waits before it is tried again.
+const RETRY: Duration = Duration::from_secs(10);
+
+/// What the instance controller remembers between reconciles: its own status writes (for
+/// reconciles that run before the cache shows them) and when a pending restart was first seen.
+#[derive(Default)]
+pub struct InstanceMemory {
+    statuses: Mutex<HashMap<ObjectRef<ComputeInstance>, OwnStatus>>,
+    pending: Mutex<HashMap<ObjectRef<ComputeInstance>, Instant>>,
+}
+
+struct OwnStatus {
+    /// The resource version the write replaced: a cache still showing it has not seen the write.
+    over: Option<String>,
+    status: ComputeInstanceStatus,
+}
+
+impl InstanceMemory {
+    fn wrote_status(
+        &self,
+        key: ObjectRef<ComputeInstance>,
+        over: Option<String>,
+        _produced: Option<String>,
+        status: ComputeInstanceStatus,
+    ) {
+        self.statuses
+            .lock()
+            .expect("instance memory lock")
+            .insert(key, OwnStatus { over, status });
+    }
+
+    /// The status to decide from: ours, when the cache still shows the version we wrote over.
+    fn baseline(&self, instance: &ComputeInstance) -> Option<ComputeInstanceStatus> {
+        let statuses = self.statuses.lock().expect("instance memory lock");
+        let own = statuses.get(&ObjectRef::from_obj(instance))?;
+        (own.over.is_some() && own.over == instance.metadata.resource_version).then(|| own.status.clone())
+    }
+
+    /// How long a restart first seen now (or earlier) still waits for more changes to join it.
+    fn batch_wait(&self, key: &ObjectRef<ComputeInstance>, window: Duration) -> Option<Duration> {
+        let mut pending = self.pending.lock().expect("instance memory lock");
+        let first = *pending.entry(key.clone()).or_insert_with(Instant::now);
+        window.checked_sub(first.elapsed()).filter(|left| !left.is_zero())
+    }
+
+    fn settled(&self, key: &ObjectRef<ComputeInstance>) {
+        self.pending.lock().expect("instance memory lock").remove(key);
+    }
+
+    /// Drops what is kept for a deleted instance.
+    pub fn forget(&self, key: &ObjectRef<ComputeInstance>) {
+        self.statuses.lock().expect("instance memory lock").remove(key);
+        self.settled(key);
+    }
+}
+
+/// Reconciles one compute instance from its full state.
+pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.caches_filled().await?;
+    let own_view;
+    let instance = match ctx.instance_memory.baseline(&instance) {
+        Some(baseline) if instance.status.as_ref() != Some(&baseline) => {
+            own_view = ComputeInstance {
+                status: Some(baseline),
+                ..(*instance).clone()
+            };
+            &own_view
+        }
+        _ => &*instance,
+    };
+    if instance.meta().deletion_timestamp.is_some() {
+        // The garbage collector deletes the pod; runtimes see the instance going and let go.
+        return Ok(Action::await_change());
+    }
+    let namespace = instance.namespace().ok_or(Error::NotNamespaced)?;
+    let name = instance.name_any();
+    let key = ObjectRef::from_obj(instance);
+    let now = Timestamp::now();
+    let previous = instance.status.clone().unwrap_or_default();
+    let live = ctx
+        .pods
+        .get(&ObjectRef::new(&pod_builder::pod_name(&name)).within(&namespace));
+
+    // Schedules: what fell due since the announced trigger, and what comes next.
+    let (compiled, problems) = schedule::compile(&instance.spec.schedules);
+    let fired = previous
+        .next_scheduled_action
+        .as_ref()
+        .filter(|announced| announced.time.0 <= now)
+        .and_then(|announced| {
+            let from = announced.time.0 - jiff::SignedDuration::from_secs(1);
+            schedule::latest_in(&compiled, from, now)
+        });
+    let next = schedule::next(&compiled, now).map(|(action, at)| ScheduledAction { action, time: Time(at) });
+    let accepted = match problems.first() {
+        None => ConditionState::new(conditions::ACCEPTED, true, reasons::ACCEPTED, "the spec is accepted"),
+        Some(_) => ConditionState::new(
+            conditions::ACCEPTED,
+            false,
+            reasons::INVALID_SCHEDULE,
+            format!(
+                "{}; the other schedules apply",
+                problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+            ),
+        ),
+    };
+    let mut conditions = vec![accepted];
+    let mut wake_at = next.as_ref().map(|n| crate::idle::until(now, n.time.0));
+
+    let Some(size) = ctx.catalog.get(&instance.spec.instance_type) else {
+        let message = format!(
+            "instance type {} is not in the catalog; set spec.instanceType to one of: {}",
+            instance.spec.instance_type,
+            ctx.catalog.names()
+        );
+        if let Some(live) = &live {
+            apply::delete_pod(&ctx, live).await?;
+        }
+        let failed = InstanceReport {
+            state: InstanceState::Failed,
+            reason: reasons::UNKNOWN_INSTANCE_TYPE.to_owned(),
+            message,
+            runtimes: vec![],
+            next,
+            conditions,
+            last_activity: None,
+            handled: HandledActions::default(),
+        };
+        report::write(instance, &ctx, &failed).await?;
+        return Ok(Action::await_change());
+    };
+
+    // Idle: asked only of a Running instance at its deadline.
+    let ready_pod = live
+        .as_deref()
+        .filter(|pod| matches!(pod_state::classify(pod), PodState::Ready { .. }));
+    let mut last_activity = None;
+    let mut idle_due = false;
+    if let (Some(pod), InstanceState::Running) = (ready_pod, previous.state) {
+        let carried: Vec<_> = pod_builder::attached(pod)
+            .into_iter()
+            .filter_map(|rt| ctx.runtimes.get(&ObjectRef::new(rt).within(&namespace)))
+            .collect();
+        let carried: Vec<_> = carried.iter().map(|rt| &**rt).collect();
+        let look = idle::look(instance, &ctx, pod, &carried, now).await;
+        conditions.extend(look.condition);
+        idle_due = look.due;
+        last_activity = look.last_activity;
+        wake_at = earliest(wake_at, look.requeue);
+    }
+
+    let run = decisions::decide(instance, &RunInputs { fired, idle_due });
+    let mut handled = HandledActions::default();
+    let mut start_cause = None;
+    let stopping = match run {
+        Run::No { reason, message, stop } => Some((reason, message, stop)),
+        Run::Yes { reason, start } => {
+            handled.start = start;
+            start_cause = reason;
+            if let Some(reason) = reason {
+                info!(%name, %namespace, %reason, "starting compute instance");
+            }
+            None
+        }
+    };
+    if let Some((reason, message, stop)) = stopping {
+        handled.stop = stop;
+        ctx.instance_memory.settled(&key);
+        let state = match &live {
+            Some(live) => {
+                apply::delete_pod(&ctx, live).await?;
+                InstanceState::Stopping
+            }
+            None => InstanceState::Stopped,
+        };
+        if state == InstanceState::Stopping && previous.state != InstanceState::Stopping {
+            info!(%name, %namespace, %reason, "stopping compute instance");
+        }
+        let stopped = InstanceReport {
+            state,
+            reason,
+            message,
+            runtimes: vec![],
+            next,
+            conditions,
+            last_activity,
+            handled,
+        };
+        report::write(instance, &ctx, &stopped).await?;
+        return Ok(wake_at.map_or_else(Action::await_change, Action::requeue));
+    }
+
+    // Runs: resolve the identity and the runtimes, then create, keep or restart the pod.
+    let mut dependencies = vec![
+        Dependency::ServiceAccount(namespace.clone(), instance.spec.service_account_name.clone()),
+        Dependency::Quotas(namespace.clone()),
+    ];
+    ctx.instance_index.record(key.clone(), dependencies.clone());
+    let account = ctx
+        .accounts
+        .get(&ObjectRef::new(&instance.spec.service_account_name).within(&namespace));
+    let mut secrets = std::collections::BTreeMap::new();
+    for secret in account.as_deref().map(identity::pull_secret_names).unwrap_or_default() {
+        let found = read_secret(&ctx.client, &namespace, &secret).await?;
+        secrets.insert(secret, found);
+    }
+    let image = ctx.instance_settings.image.clone();
+    let registry = identity::registry_host(&image);
+    let pull = match identity::resolve(
+        &instance.spec.service_account_name,
+        account.as_deref(),
+        &secrets,
+        &registry,
+    ) {
+        Ok(pull) => pull,
+        Err(problem) => {
+            let waiting = InstanceReport {
+                state: decisions::running_state(Some(previous.state), None),
+                reason: problem.reason().to_owned(),
+                message: problem.to_string(),
+                runtimes: live.as_deref().map(carried_names).unwrap_or_default(),
+                next,
+                conditions,
+                last_activity,
+                handled,
+            };
+            report::write(instance, &ctx, &waiting).await?;
+            return Ok(Action::requeue(earliest(wake_at, Some(RETRY)).unwrap_or(RETRY)));
+        }
+    };
+    let resolved = attach::runtimes(instance, &ctx, &mut dependencies).await?;
+    ctx.instance_index.record(key.clone(), dependencies);
+    let attached = attach::as_attached(&resolved);
+    let pod = pod_builder::instance_pod(&InstancePodInputs {
+        instance,
+        size,
+        identity: &pull,
+        image: &image,
+        runtimes: &attached,
+        template: &ctx.template,
+    });
+    let changes = live
+        .as_deref()
+        .filter(|live| live.metadata.deletion_timestamp.is_none())
+        .filter(|live| live_inputs_hash(live) != live_inputs_hash(&pod))
+        .map(|live| describe_changes(live, &pod));
+    if let Some(changes) = &changes {
+        // A restart waits a moment for more attach and detach changes to join it.
+        if let Some(wait) = ctx.instance_memory.batch_wait(&key, ctx.instance_settings.batch) {
+            let keep = InstanceReport {
+                state: previous.state,
+                reason: previous.reason.clone().unwrap_or_else(|| reasons::POD_READY.to_owned()),
+                message: previous.message.clone().unwrap_or_default(),
+                runtimes: live.as_deref().map(carried_names).unwrap_or_default(),
+                next,
+                conditions,
+                last_activity,
+                handled,
+            };
+            report::write(instance, &ctx, &keep).await?;
+            info!(%name, %namespace, %changes, wait_ms = wait.as_millis() as u64, "restart batched");
+            return Ok(Action::requeue(wait));
+        }
+    }
+    let desired = DesiredPod {
+        pod,
+        facts: PodFacts {
+            image: image.clone(),
+            version: String::new(),
+            size: size.name.clone(),
+        },
+    };
+    let outcome = apply::apply_pod(&ctx, &desired, live.as_deref(), None).await?;
+    if changes.is_some() {
+        ctx.instance_memory.settled(&key);
+    }
+    let verdict = outcome.verdict;
+    let pod_ready = verdict.phase == RuntimePhase::Running;
+    let (state, reason, message) = if verdict.reason == reasons::POD_REJECTED {
+        (InstanceState::Failed, verdict.reason, verdict.message)
+    } else if let Some(changes) = changes {
+        (
+            InstanceState::Restarting,
+            reasons::RUNTIMES_CHANGED.to_owned(),
+            format!("restarting to apply runtime changes: {changes}"),
+        )
+    } else {
+        let state = decisions::running_state(Some(previous.state), live.as_ref().map(|_| pod_ready));
+        let cause = [reasons::RUNTIMES_CHANGED, reasons::SCHEDULED_START, reasons::STARTING];
+        let carried_cause = previous
+            .reason
+            .clone()
+            .filter(|r| state == previous.state && state != InstanceState::Running && cause.contains(&r.as_str()))
+            .filter(|_| !reasons::PROBLEMS.contains(&verdict.reason.as_str()));
+        match (state, start_cause, carried_cause) {
+            (InstanceState::Running, _, _) => (state, reasons::POD_READY.to_owned(), verdict.message),
+            (_, Some(cause), _) => (state, cause.to_owned(), verdict.message),
+            (_, None, Some(carried)) => (state, carried, previous.message.clone().unwrap_or(verdict.message)),
+            _ => (state, verdict.reason, verdict.message),
+        }
+    };
+    let runtimes = live
+        .as_deref()
+        .filter(|_| state != InstanceState::Restarting)
+        .map(carried_names)
+        .unwrap_or_default();
+    let running = InstanceReport {
+        state,
+        reason,
+        message,
+        runtimes,
+        next,
+        conditions,
+        last_activity,
+        handled,
+    };
+    report::write(instance, &ctx, &running).await?;
+    info!(%name, %namespace, state = ?state, "reconciled compute instance");
+    Ok(earliest(wake_at, action_delay(&outcome.action)).map_or_else(Action::await_change, Action::requeue))
+}
+
+/// The runtimes a live pod carries.
+fn carried_names(pod: &Pod) -> Vec<String> {
+    pod_builder::attached(pod).into_iter().map(str::to_owned).collect()
+}
+
+/// "attach b; detach a": what a restart changes, for the event and the log.
+fn describe_changes(live: &Pod, desired: &Pod) -> String {
+    let (before, after) = (pod_builder::attached(live), pod_builder::attached(desired));
+    let attach: Vec<_> = after.iter().filter(|n| !before.contains(n)).copied().collect();
+    let detach: Vec<_> = before.iter().filter(|n| !after.contains(n)).copied().collect();
+    let mut parts = vec![];
+    if !attach.is_empty() {
+        parts.push(format!("attach {}", attach.join(", ")));
+    }
+    if !detach.is_empty() {
+        parts.push(format!("detach {}", detach.join(", ")));
+    }
+    if parts.is_empty() {
+        parts.push("update the runtimes' or the instance's containers".to_owned());
+    }
+    parts.join("; ")
+}
+
+fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// When `apply_pod` asked to look again (a pod it just created, a server error), look again soon.
+fn action_delay(action: &Action) -> Option<Duration> {
+    (*action != Action::await_change()).then_some(Duration::from_secs(5))
+}
+
+/// Failed reconciles are retried after a fixed delay.
+pub fn error_policy(instance: Arc<ComputeInstance>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(error);
+    warn!(name = %instance.name_any(), namespace = ?instance.namespace(), error = %error, retry_in = ?RETRY, "compute instance reconcile failed");
+    Action::requeue(RETRY)
+}
+
+/// Drops everything kept for an instance that was deleted.
+pub fn forget(ctx: &Context, instance: &ComputeInstance) {
+    let key = ObjectRef::from_obj(instance);
+    ctx.instance_index.forget(&key);
+    ctx.instance_memory.forget(&key);
+    let pod =
+        ObjectRef::new(&pod_builder::pod_name(&instance.name_any())).within(&instance.namespace().unwrap_or_default());
+    ctx.own_writes.forget_pod(&pod);
+}

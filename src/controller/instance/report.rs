@@ -1,0 +1,124 @@
+//! Report: the instance's status, written only when it differs from what is there (or what this
+//! operator last wrote, when the cache has not caught up), and one event per state transition.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use tracing::warn;
+
+use crate::api::conditions::{self, reasons};
+use crate::api::{ComputeInstance, ComputeInstanceStatus, HandledActions, InstanceState, ScheduledAction};
+use crate::controller::context::{Context, MANAGER};
+use crate::controller::runtime::status::{ConditionState, condition, set_condition};
+use crate::error::Result;
+
+/// What a reconcile reports about an instance.
+pub struct InstanceReport {
+    /// The state.
+    pub state: InstanceState,
+    /// Why, CamelCase.
+    pub reason: String,
+    /// For humans.
+    pub message: String,
+    /// The runtimes the live pod carries.
+    pub runtimes: Vec<String>,
+    /// The next scheduled action.
+    pub next: Option<ScheduledAction>,
+    /// Conditions besides `Ready`.
+    pub conditions: Vec<ConditionState>,
+    /// The idle clock, when it moved.
+    pub last_activity: Option<Time>,
+    /// Action values handled now.
+    pub handled: HandledActions,
+}
+
+/// The status over `previous` at `generation`; transitions at `now`.
+pub fn compose(
+    previous: Option<&ComputeInstanceStatus>,
+    report: &InstanceReport,
+    generation: Option<i64>,
+    now: &Time,
+) -> ComputeInstanceStatus {
+    let previous = previous.cloned().unwrap_or_default();
+    let ready = ConditionState::new(
+        conditions::READY,
+        report.state == InstanceState::Running,
+        &report.reason,
+        report.message.clone(),
+    );
+    let mut all = vec![];
+    for state in std::iter::once(&ready).chain(&report.conditions) {
+        set_condition(&mut all, &previous.conditions, condition(state, generation, now));
+    }
+    all.sort_by(|a, b| a.type_.cmp(&b.type_));
+    let handled = &report.handled;
+    let old = previous.handled_actions.clone().unwrap_or_default();
+    let handled_actions = HandledActions {
+        start: handled.start.clone().or(old.start),
+        stop: handled.stop.clone().or(old.stop),
+        ..old
+    };
+    ComputeInstanceStatus {
+        state: report.state,
+        runtimes: report.runtimes.clone(),
+        next_scheduled_action: report.next.clone(),
+        reason: Some(report.reason.clone()),
+        message: Some(report.message.clone()),
+        observed_generation: generation,
+        last_activity_time: report.last_activity.clone().or(previous.last_activity_time),
+        handled_actions: (handled_actions != HandledActions::default()).then_some(handled_actions),
+        conditions: all,
+    }
+}
+
+/// Writes the status when it changed, and publishes the state transition.
+pub async fn write(instance: &ComputeInstance, ctx: &Context, report: &InstanceReport) -> Result<()> {
+    let now = Time(jiff::Timestamp::now());
+    let previous = instance.status.as_ref();
+    let new = compose(previous, report, instance.metadata.generation, &now);
+    if previous == Some(&new) {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "apiVersion": ComputeInstance::api_version(&()),
+        "kind": ComputeInstance::kind(&()),
+        "status": new,
+    });
+    let api: Api<ComputeInstance> = Api::namespaced(ctx.client.clone(), &instance.namespace().unwrap_or_default());
+    let updated = api
+        .patch_status(
+            &instance.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    // One event per state transition, and one per new problem while the state holds.
+    let problem = new.state == InstanceState::Failed || reasons::PROBLEMS.contains(&report.reason.as_str());
+    let moved = previous.is_none_or(|p| p.state != new.state || (problem && p.reason != new.reason));
+    if moved {
+        publish(ctx, instance, problem, &report.reason, &report.message).await;
+    }
+    ctx.instance_memory.wrote_status(
+        ObjectRef::from_obj(instance),
+        instance.metadata.resource_version.clone(),
+        updated.metadata.resource_version,
+        new,
+    );
+    Ok(())
+}
+
+/// Publishes an event on the instance; a failure is logged, never fails the reconcile.
+pub async fn publish(ctx: &Context, instance: &ComputeInstance, warning: bool, reason: &str, note: &str) {
+    let event = Event {
+        type_: if warning { EventType::Warning } else { EventType::Normal },
+        reason: reason.to_owned(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, &instance.object_ref(&())).await {
+        warn!(name = %instance.name_any(), error = %err, "could not publish event");
+    }
+}

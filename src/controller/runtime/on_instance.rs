@@ -1,0 +1,274 @@
+//! A runtime on a compute instance: it has no pod of its own. It asks to be attached (only with
+//! `acknowledgeRestart`, since attaching restarts the instance), follows its own container's
+//! readiness in the instance pod, and points its Service at the instance pod on its port there.
+//! A finalizer keeps a deleted runtime until the instance has let go of its container.
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
+use tracing::info;
+
+use super::plan::{self, PodFacts};
+use super::report::{self, Report};
+use super::status::{ConditionState, Verdict};
+use super::{Context, apply, observe};
+use crate::api::conditions::{self, reasons};
+use crate::api::{
+    ComputeInstance, DETACH_FINALIZER, DesiredState, HandledActions, InstanceCompute, InstanceState, PromptFlowRuntime,
+    RuntimePhase, annotations,
+};
+use crate::build::instance::{self as instance_pod, placement_in};
+use crate::build::service::{self, Target};
+use crate::error::Result;
+
+/// Reconciles a runtime whose `spec.compute.instance` is `asked`.
+pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &InstanceCompute) -> Result<Action> {
+    let namespace = runtime.namespace().unwrap_or_default();
+    let name = runtime.name_any();
+    let key = ObjectRef::from_obj(runtime);
+    if !runtime.finalizers().iter().any(|f| f == DETACH_FINALIZER) {
+        let mut finalizers = runtime.finalizers().to_vec();
+        finalizers.push(DETACH_FINALIZER.to_owned());
+        set_finalizers(ctx, runtime, finalizers).await?;
+    }
+    // Moved here from serverless: its own pod goes.
+    if let Some(own) = ctx.pods.get(&apply::pod_ref(&name, &namespace)) {
+        apply::delete_pod(ctx, &own).await?;
+    }
+    let observed = observe::observe(runtime, ctx, &namespace, |deps| ctx.index.record(key.clone(), deps)).await?;
+    let (identity, resolved) = plan::resolve(runtime, &observed);
+    let instance = ctx.instances.get(&ObjectRef::new(&asked.name).within(&namespace));
+    let live = instance.as_ref().and_then(|_| {
+        ctx.pods
+            .get(&ObjectRef::new(&instance_pod::pod_name(&asked.name)).within(&namespace))
+    });
+    let placement = live.as_deref().and_then(|pod| placement_in(pod, &name));
+    let mut conditions = vec![identity];
+    let facts = resolved.as_ref().ok().map(|found| PodFacts {
+        image: found.image.clone(),
+        version: found.version.clone(),
+        size: instance
+            .as_ref()
+            .map(|i| i.spec.instance_type.clone())
+            .unwrap_or_default(),
+    });
+    match &resolved {
+        Ok(_) => conditions.push(ConditionState::new(
+            conditions::SPEC_APPLIED,
+            true,
+            reasons::SPEC_APPLIED,
+            "the runtime's containers are built from its current spec",
+        )),
+        Err(problem) => conditions.push(ConditionState::new(
+            conditions::SPEC_APPLIED,
+            false,
+            problem.reason,
+            problem.message.clone(),
+        )),
+    }
+    conditions.extend(super::not_yet::not_supported_yet(runtime));
+    conditions.extend(actions_not_supported(runtime, &asked.name));
+    let verdict = match (&resolved, instance.as_deref()) {
+        _ if !asked.acknowledge_restart => Verdict::not_available(
+            reasons::RESTART_NOT_ACKNOWLEDGED,
+            format!(
+                "attaching this runtime restarts compute instance {}; set spec.compute.instance.acknowledgeRestart to true to proceed",
+                asked.name
+            ),
+        ),
+        (Err(problem), _) => Verdict::not_available(problem.reason, problem.message.clone()),
+        (_, None) => Verdict::not_available(
+            reasons::COMPUTE_INSTANCE_NOT_FOUND,
+            format!(
+                "compute instance {} does not exist in namespace {namespace}; create it or change spec.compute.instance.name",
+                asked.name
+            ),
+        ),
+        (_, Some(instance)) => instance_verdict(instance, live.as_deref(), &name, ctx),
+    };
+    let url = match &placement {
+        Some(placement) => {
+            let target = Target::Instance {
+                instance: &asked.name,
+                port: placement.proxy_port,
+            };
+            apply::apply_service(ctx, runtime, target)
+                .await?
+                .then(|| service::url(runtime, target))
+        }
+        None => None,
+    };
+    let report = Report {
+        verdict: &verdict,
+        conditions: &conditions,
+        compute: &asked.name,
+        facts: facts.as_ref(),
+        handled: &HandledActions::default(),
+        url: url.as_deref(),
+        last_activity: None,
+    };
+    report::write_status(runtime, ctx, &report).await?;
+    info!(%name, %namespace, instance = %asked.name, phase = ?verdict.phase, reason = %verdict.reason, "reconciled");
+    Ok(Action::await_change())
+}
+
+/// The runtime action annotations do not act on a runtime on a compute instance yet: its
+/// lifecycle is the instance's. Said in the `Idle` condition instead of silently ignored.
+fn actions_not_supported(runtime: &PromptFlowRuntime, instance: &str) -> Option<ConditionState> {
+    let asked: Vec<&str> = [annotations::STOP, annotations::START, annotations::RESTART]
+        .into_iter()
+        .filter(|a| runtime.annotations().contains_key(*a))
+        .collect();
+    (!asked.is_empty()).then(|| {
+        ConditionState::unknown(
+            conditions::IDLE,
+            reasons::NOT_SUPPORTED_YET,
+            format!(
+                "{} on a runtime that runs on a compute instance is not supported yet: stop or start compute instance {instance} instead",
+                asked.join(", ")
+            ),
+        )
+    })
+}
+
+/// The runtime's verdict from its instance and the instance's pod.
+fn instance_verdict(instance: &ComputeInstance, live: Option<&Pod>, name: &str, ctx: &Context) -> Verdict {
+    let instance_name = instance.name_any();
+    let status = instance.status.clone().unwrap_or_default();
+    if instance.metadata.deletion_timestamp.is_some() {
+        return Verdict::not_available(
+            reasons::COMPUTE_INSTANCE_NOT_FOUND,
+            format!("compute instance {instance_name} is being deleted"),
+        );
+    }
+    if instance.spec.state == DesiredState::Stopped
+        || matches!(status.state, InstanceState::Stopped | InstanceState::Stopping)
+    {
+        return Verdict::not_available(
+            reasons::COMPUTE_INSTANCE_STOPPED,
+            format!(
+                "compute instance {instance_name} is {:?} ({}); the runtime runs when it starts",
+                status.state,
+                status.reason.unwrap_or_default()
+            ),
+        );
+    }
+    let Some(pod) = live.filter(|pod| pod.metadata.deletion_timestamp.is_none()) else {
+        return Verdict::not_available(
+            reasons::WAITING_FOR_INSTANCE_RESTART,
+            format!("waiting for compute instance {instance_name} to start with this runtime"),
+        );
+    };
+    let Some(placement) = placement_in(pod, name) else {
+        return Verdict::not_available(
+            reasons::WAITING_FOR_INSTANCE_RESTART,
+            format!(
+                "waiting for compute instance {instance_name} to restart and take this runtime (restarts wait up to {}s to take several runtimes at once)",
+                ctx.instance_settings.batch.as_secs()
+            ),
+        );
+    };
+    let container = placement.runtime_container();
+    let pod_name = pod.name_any();
+    let found = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|all| all.iter().find(|c| c.name == container));
+    match found {
+        Some(state) if state.ready => Verdict {
+            phase: RuntimePhase::Running,
+            reason: reasons::POD_READY.to_owned(),
+            message: format!("container {container} of pod {pod_name} is ready"),
+            problem: false,
+        },
+        Some(state) => {
+            let waiting = state.state.as_ref().and_then(|s| s.waiting.as_ref());
+            match waiting
+                .and_then(|w| w.reason.clone())
+                .filter(|r| r != "ContainerCreating")
+            {
+                Some(reason) => Verdict::not_available(
+                    &reason,
+                    format!(
+                        "container {container} of pod {pod_name}: {}",
+                        waiting
+                            .and_then(|w| w.message.clone())
+                            .unwrap_or_else(|| reason.clone())
+                    ),
+                ),
+                None => Verdict::not_available(
+                    reasons::POD_STARTING,
+                    format!("waiting for container {container} of pod {pod_name} to be ready"),
+                ),
+            }
+        }
+        None => Verdict::not_available(
+            reasons::POD_STARTING,
+            format!("waiting for container {container} of pod {pod_name} to start"),
+        ),
+    }
+}
+
+/// Whether the instance has let go of the runtime `name`: gone, being deleted, stopped, or its
+/// pod no longer carries the runtime's container.
+pub fn detached(ctx: &Context, runtime: &PromptFlowRuntime) -> bool {
+    let namespace = runtime.namespace().unwrap_or_default();
+    let Some(asked) = runtime
+        .status
+        .as_ref()
+        .and_then(|s| s.compute.clone())
+        .filter(|c| c != "Serverless")
+        .or_else(|| runtime.spec.compute.instance.as_ref().map(|i| i.name.clone()))
+    else {
+        return true;
+    };
+    let instance = ctx
+        .instances
+        .get(&ObjectRef::<ComputeInstance>::new(&asked).within(&namespace));
+    if instance.is_none_or(|i| i.metadata.deletion_timestamp.is_some()) {
+        return true;
+    }
+    ctx.pods
+        .get(&ObjectRef::new(&instance_pod::pod_name(&asked)).within(&namespace))
+        .is_none_or(|pod| placement_in(&pod, &runtime.name_any()).is_none())
+}
+
+/// Removes the detach finalizer once the instance let go (a deleted runtime, or one that moved
+/// to serverless). Returns whether the runtime may go on (no finalizer is left to wait for).
+pub async fn release(ctx: &Context, runtime: &PromptFlowRuntime) -> Result<bool> {
+    if !runtime.finalizers().iter().any(|f| f == DETACH_FINALIZER) {
+        return Ok(true);
+    }
+    if !detached(ctx, runtime) {
+        return Ok(false);
+    }
+    let finalizers = runtime
+        .finalizers()
+        .iter()
+        .filter(|f| *f != DETACH_FINALIZER)
+        .cloned()
+        .collect();
+    set_finalizers(ctx, runtime, finalizers).await?;
+    info!(name = %runtime.name_any(), namespace = ?runtime.namespace(), "detached from its compute instance");
+    Ok(true)
+}
+
+/// Writes the finalizer list, guarded by the resource version (a conflict retries).
+async fn set_finalizers(ctx: &Context, runtime: &PromptFlowRuntime, finalizers: Vec<String>) -> Result<()> {
+    let api: Api<PromptFlowRuntime> = Api::namespaced(ctx.client.clone(), &runtime.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": runtime.resource_version()},
+    });
+    match api
+        .patch(&runtime.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Gone already: nothing holds it.
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(err) => Err(err.into()),
+    }
+}
