@@ -99,6 +99,8 @@ pub mod reasons {
 
     /// The runtime's instance has not restarted yet to take the runtime's container.
     pub const WAITING_FOR_INSTANCE_RESTART: &str = "WaitingForInstanceRestart";
+    /// The instance is stopped because its `spec.state` is `Stopped`.
+    pub const STOPPED_BY_SPEC: &str = "StoppedBySpec";
     /// The runtime's ComputeInstance is stopped or stopping.
     pub const COMPUTE_INSTANCE_STOPPED: &str = "ComputeInstanceStopped";
     /// The instance restarts because runtimes were attached, detached or changed.

@@ -22,7 +22,7 @@ pub enum Run {
     },
     /// Stop (or stay stopped).
     No {
-        /// `StoppedByUser`, `ScheduledStop` or `IdleShutdown`.
+        /// `StoppedBySpec`, `StoppedByUser`, `ScheduledStop` or `IdleShutdown`.
         reason: String,
         /// For humans.
         message: String,
@@ -59,7 +59,7 @@ pub fn decide(instance: &ComputeInstance, inputs: &RunInputs) -> Run {
     };
     if instance.spec.state == DesiredState::Stopped {
         return stop(
-            reasons::STOPPED_BY_USER,
+            reasons::STOPPED_BY_SPEC,
             "spec.state is Stopped; set it to Running to start the instance".to_owned(),
             None,
         );
@@ -112,6 +112,8 @@ pub fn decide(instance: &ComputeInstance, inputs: &RunInputs) -> Run {
             None,
         );
     }
+    // A stop by `spec.state` (StoppedBySpec) ends when the spec says Running again; the others
+    // stay until a start.
     let down = matches!(status.state, InstanceState::Stopped | InstanceState::Stopping);
     let sticky = [
         reasons::SCHEDULED_STOP,
@@ -119,15 +121,7 @@ pub fn decide(instance: &ComputeInstance, inputs: &RunInputs) -> Run {
         reasons::STOPPED_BY_USER,
     ];
     match status.reason.as_deref() {
-        // A stop by `spec.state` ends when the spec says Running again; the others stay.
-        Some(reason)
-            if down
-                && sticky.contains(&reason)
-                && (reason != reasons::STOPPED_BY_USER
-                    || handled
-                        .stop
-                        .is_some_and(|v| instance.annotations().get(annotations::STOP) == Some(&v))) =>
-        {
+        Some(reason) if down && sticky.contains(&reason) => {
             stop(reason, status.message.clone().unwrap_or_default(), None)
         }
         _ => Run::Yes {
@@ -195,7 +189,7 @@ mod tests {
         let back = instance(
             "Running",
             serde_json::json!({}),
-            stopped(reasons::STOPPED_BY_USER, None),
+            stopped(reasons::STOPPED_BY_SPEC, None),
         );
         assert_eq!(
             decide(&back, &QUIET),
@@ -254,6 +248,21 @@ mod tests {
             stopped(reasons::STOPPED_BY_USER, Some("a")),
         );
         assert!(matches!(decide(&handled, &QUIET), Run::No { stop: None, .. }));
+    }
+
+    #[test]
+    fn a_spec_stop_ends_when_the_spec_says_running_even_after_an_earlier_stop_annotation() {
+        let annotations = serde_json::json!({"promptflow.dev/stop": "a", "promptflow.dev/start": "b"});
+        let spec_stopped = instance(
+            "Stopped",
+            annotations.clone(),
+            stopped(reasons::STOPPED_BY_USER, Some("a")),
+        );
+        assert!(matches!(decide(&spec_stopped, &QUIET), Run::No { reason, .. } if reason == reasons::STOPPED_BY_SPEC));
+        let mut handled = stopped(reasons::STOPPED_BY_SPEC, Some("a"));
+        handled.as_mut().unwrap().handled_actions.as_mut().unwrap().start = Some("b".into());
+        let back = instance("Running", annotations, handled);
+        assert!(runs(&decide(&back, &QUIET)));
     }
 
     #[test]

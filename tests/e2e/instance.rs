@@ -470,7 +470,7 @@ async fn stop_and_start_the_instance() {
         let pod_uid = ns.api::<Pod>().get(POD).await.unwrap().uid().unwrap();
 
         merge(&instances, "ci", json!({"spec": {"state": "Stopped"}})).await;
-        wait_state(&ns, "ci", InstanceState::Stopped, Some("StoppedByUser")).await;
+        wait_state(&ns, "ci", InstanceState::Stopped, Some("StoppedBySpec")).await;
         harness::wait_deleted(&ns.api::<Pod>(), POD, &pod_uid, WAIT).await;
         wait_runtime(&ns, "chat", RuntimePhase::NotAvailable, Some("ComputeInstanceStopped")).await;
 

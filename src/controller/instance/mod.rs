@@ -255,8 +255,11 @@ pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Res
     ) {
         Ok(pull) => pull,
         Err(problem) => {
+            let ready = live
+                .as_deref()
+                .map(|pod| matches!(pod_state::classify(pod), PodState::Ready { .. }));
             let waiting = InstanceReport {
-                state: decisions::running_state(Some(previous.state), None),
+                state: decisions::running_state(Some(previous.state), ready),
                 reason: problem.reason().to_owned(),
                 message: problem.to_string(),
                 runtimes: live.as_deref().map(carried_names).unwrap_or_default(),
@@ -285,6 +288,10 @@ pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Res
         .filter(|live| live.metadata.deletion_timestamp.is_none())
         .filter(|live| live_inputs_hash(live) != live_inputs_hash(&pod))
         .map(|live| describe_changes(live, &pod));
+    if changes.is_none() {
+        // Nothing to restart for (any more): a later change starts a fresh batch window.
+        ctx.instance_memory.settled(&key);
+    }
     if let Some(changes) = &changes {
         // A restart waits a moment for more attach and detach changes to join it.
         if let Some(wait) = ctx.instance_memory.batch_wait(&key, ctx.instance_settings.batch) {

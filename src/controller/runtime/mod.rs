@@ -106,7 +106,10 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     if runtime.meta().deletion_timestamp.is_some() {
         // The garbage collector deletes the pod through its owner reference; a runtime on a
         // compute instance waits for the instance to let go of its container.
-        on_instance::release(ctx, runtime).await?;
+        if !on_instance::release(ctx, runtime).await? {
+            // Woken when an instance pod changes (also right after an operator restart).
+            ctx.index.record(key.clone(), on_instance::instances_watched(runtime));
+        }
         return Ok(Action::await_change());
     }
     let namespace = runtime.namespace().ok_or(Error::NotNamespaced)?;

@@ -74,18 +74,7 @@ pub async fn observe(
     }
     // The instance asked for, and the one the status last named (a runtime moving away waits
     // for that one to let go).
-    let last_instance = runtime
-        .status
-        .as_ref()
-        .and_then(|s| s.compute.clone())
-        .filter(|c| c != "Serverless");
-    let asked = runtime.spec.compute.instance.as_ref().map(|i| i.name.clone());
-    for instance in [asked, last_instance].into_iter().flatten() {
-        let dependency = Dependency::Instance(namespace.to_owned(), instance);
-        if !dependencies.contains(&dependency) {
-            dependencies.push(dependency);
-        }
-    }
+    dependencies.extend(super::on_instance::instances_watched(runtime));
     record(dependencies);
 
     let account = ctx.accounts.get(&ObjectRef::new(&account_name).within(namespace));

@@ -21,6 +21,7 @@ use crate::api::{
 };
 use crate::build::instance::{self as instance_pod, placement_in};
 use crate::build::service::{self, Target};
+use crate::controller::index::Dependency;
 use crate::error::Result;
 
 /// Reconciles a runtime whose `spec.compute.instance` is `asked`.
@@ -111,6 +112,14 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
     };
     report::write_status(runtime, ctx, &report).await?;
     info!(%name, %namespace, instance = %asked.name, phase = ?verdict.phase, reason = %verdict.reason, "reconciled");
+    // Secrets are not watched: a runtime waiting for a pull secret looks again with backoff.
+    let waits_for_secret = resolved
+        .as_ref()
+        .is_err_and(|p| [reasons::PULL_SECRET_NOT_FOUND, reasons::PULL_SECRET_INVALID].contains(&p.reason));
+    if waits_for_secret {
+        return Ok(Action::requeue(ctx.pull_secret_waits.next(&key)));
+    }
+    ctx.pull_secret_waits.reset(&key);
     Ok(Action::await_change())
 }
 
@@ -212,28 +221,43 @@ fn instance_verdict(instance: &ComputeInstance, live: Option<&Pod>, name: &str, 
     }
 }
 
-/// Whether the instance has let go of the runtime `name`: gone, being deleted, stopped, or its
-/// pod no longer carries the runtime's container.
+/// Whether no compute instance holds the runtime any more: no instance pod in its namespace
+/// carries its container (an instance that is gone, stopped or being deleted carries nothing).
+/// Every instance pod is looked at, not only the one the status names: a runtime that moved
+/// away must wait for the instance it left.
 pub fn detached(ctx: &Context, runtime: &PromptFlowRuntime) -> bool {
     let namespace = runtime.namespace().unwrap_or_default();
-    let Some(asked) = runtime
+    let name = runtime.name_any();
+    let carrying = ctx.pods.state_filter(|pod| {
+        pod.namespace().as_deref() == Some(namespace.as_str())
+            && pod.labels().contains_key(instance_pod::INSTANCE_LABEL)
+            && placement_in(pod, &name).is_some()
+    });
+    carrying.iter().all(|pod| {
+        let instance = instance_pod::instance_name(&pod.name_any()).to_owned();
+        ctx.instances
+            .get(&ObjectRef::<ComputeInstance>::new(&instance).within(&namespace))
+            .is_none_or(|i| i.metadata.deletion_timestamp.is_some())
+    })
+}
+
+/// The instances a runtime waits on: the one it asks for and the one its status last named.
+pub fn instances_watched(runtime: &PromptFlowRuntime) -> Vec<Dependency> {
+    let namespace = runtime.namespace().unwrap_or_default();
+    let last = runtime
         .status
         .as_ref()
         .and_then(|s| s.compute.clone())
-        .filter(|c| c != "Serverless")
-        .or_else(|| runtime.spec.compute.instance.as_ref().map(|i| i.name.clone()))
-    else {
-        return true;
-    };
-    let instance = ctx
-        .instances
-        .get(&ObjectRef::<ComputeInstance>::new(&asked).within(&namespace));
-    if instance.is_none_or(|i| i.metadata.deletion_timestamp.is_some()) {
-        return true;
+        .filter(|c| c != "Serverless");
+    let asked = runtime.spec.compute.instance.as_ref().map(|i| i.name.clone());
+    let mut watched = vec![];
+    for instance in [asked, last].into_iter().flatten() {
+        let dependency = Dependency::Instance(namespace.clone(), instance);
+        if !watched.contains(&dependency) {
+            watched.push(dependency);
+        }
     }
-    ctx.pods
-        .get(&ObjectRef::new(&instance_pod::pod_name(&asked)).within(&namespace))
-        .is_none_or(|pod| placement_in(&pod, &runtime.name_any()).is_none())
+    watched
 }
 
 /// Removes the detach finalizer once the instance let go (a deleted runtime, or one that moved
