@@ -131,9 +131,27 @@ where
     }
     if std::env::var("PF_E2E_KEEP").as_deref() != Ok("1") {
         let _ = namespaces.delete(&name, &DeleteParams::background()).await;
+        release_finalizers(&client, &name).await;
     }
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
+    }
+}
+
+/// The test's operator has stopped by now, so nothing removes the `promptflow.dev/detach`
+/// finalizer of runtimes on compute instances: remove it as a user who uninstalled the operator
+/// would (README, Troubleshooting), or the namespace stays Terminating and its leftovers load the
+/// cluster for every later test.
+async fn release_finalizers(client: &Client, namespace: &str) {
+    let runtimes: Api<PromptFlowRuntime> = Api::namespaced(client.clone(), namespace);
+    let Ok(list) = runtimes.list(&ListParams::default()).await else {
+        return;
+    };
+    let release = serde_json::json!({"metadata": {"finalizers": null}});
+    for runtime in list.items.iter().filter(|r| !r.finalizers().is_empty()) {
+        let _ = runtimes
+            .patch(&runtime.name_any(), &PatchParams::default(), &Patch::Merge(&release))
+            .await;
     }
 }
 
