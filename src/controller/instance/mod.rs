@@ -261,7 +261,12 @@ pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Res
             let waiting = InstanceReport {
                 state: decisions::running_state(Some(previous.state), ready),
                 reason: problem.reason().to_owned(),
-                message: problem.to_string(),
+                message: match &problem {
+                    identity::IdentityProblem::ServiceAccountNotFound(account) => format!(
+                        "service account {account} does not exist in the instance's namespace; create it or set spec.serviceAccountName"
+                    ),
+                    other => other.to_string(),
+                },
                 runtimes: live.as_deref().map(carried_names).unwrap_or_default(),
                 next,
                 conditions,
@@ -341,7 +346,16 @@ pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Res
             .filter(|r| state == previous.state && state != InstanceState::Running && cause.contains(&r.as_str()))
             .filter(|_| !reasons::PROBLEMS.contains(&verdict.reason.as_str()));
         match (state, start_cause, carried_cause) {
-            (InstanceState::Running, _, _) => (state, reasons::POD_READY.to_owned(), verdict.message),
+            (InstanceState::Running, _, _) => {
+                let carried = live.as_deref().map(carried_names).unwrap_or_default();
+                let runtimes = if carried.is_empty() {
+                    "no runtimes attached".to_owned()
+                } else {
+                    format!("runtimes {}", carried.join(", "))
+                };
+                let message = format!("pod {} is Ready with {runtimes}", pod_builder::pod_name(&name));
+                (state, reasons::POD_READY.to_owned(), message)
+            }
             (_, Some(cause), _) => (state, cause.to_owned(), verdict.message),
             (_, None, Some(carried)) => (state, carried, previous.message.clone().unwrap_or(verdict.message)),
             _ => (state, verdict.reason, verdict.message),
