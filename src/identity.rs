@@ -130,6 +130,63 @@ fn registry_hosts(secret: &Secret) -> Result<Vec<String>, String> {
     Ok(config.auths.keys().map(|key| normalize_host(key)).collect())
 }
 
+/// A registry login from a dockerconfigjson secret. Never printed: `Debug` hides it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Credential {
+    /// The user name.
+    pub username: String,
+    /// The password or token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential(..)")
+    }
+}
+
+#[derive(Deserialize)]
+struct AuthEntry {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+}
+
+/// The login for `registry_host` from the first of `secrets` (in the account's order) that holds
+/// one: the `auth` field (base64 of `user:password`) or `username` and `password`.
+pub fn credential(secrets: &[Option<&Secret>], registry_host: &str) -> Option<Credential> {
+    secrets.iter().flatten().find_map(|secret| {
+        let data = secret.data.as_ref()?.get(".dockerconfigjson")?;
+        let config: BTreeMap<String, BTreeMap<String, AuthEntry>> = serde_json::from_slice(&data.0).ok()?;
+        let (_, entry) = config
+            .get("auths")?
+            .iter()
+            .find(|(key, _)| normalize_host(key) == registry_host)?;
+        entry_credential(entry)
+    })
+}
+
+fn entry_credential(entry: &AuthEntry) -> Option<Credential> {
+    use base64::Engine as _;
+    if let (Some(username), Some(password)) = (&entry.username, &entry.password) {
+        return Some(Credential {
+            username: username.clone(),
+            password: password.clone(),
+        });
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(entry.auth.as_deref()?.trim())
+        .ok()?;
+    let (username, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some(Credential {
+        username: username.to_owned(),
+        password: password.to_owned(),
+    })
+}
+
 /// `https://host:port/v1/` and `host:port` name the same registry.
 fn normalize_host(key: &str) -> String {
     let without_scheme = key.split_once("://").map_or(key, |(_, rest)| rest);
@@ -221,5 +278,44 @@ mod tests {
         assert_eq!(registry_host("library/python:3"), "docker.io");
         assert_eq!(registry_host("python"), "docker.io");
         assert_eq!(normalize_host("https://index.docker.io/v1/"), "docker.io");
+    }
+
+    #[test]
+    fn credentials_come_from_the_entry_for_the_registry_host_in_either_form() {
+        // "c2VjcmV0OnRva2Vu" is base64 of "secret:token".
+        let by_auth = secret(DOCKER_CONFIG_JSON, AUTH);
+        let found = credential(&[Some(&by_auth)], "127.0.0.1:5000").unwrap();
+        assert_eq!((found.username.as_str(), found.password.as_str()), ("secret", "token"));
+        assert_eq!(format!("{found:?}"), "Credential(..)", "never printed");
+        assert!(credential(&[Some(&by_auth)], "mcr.microsoft.com").is_none());
+        let by_fields = secret(
+            DOCKER_CONFIG_JSON,
+            r#"{"auths":{"r.example":{"username":"u","password":"p"}}}"#,
+        );
+        let found = credential(&[None, Some(&by_auth), Some(&by_fields)], "r.example").unwrap();
+        assert_eq!((found.username.as_str(), found.password.as_str()), ("u", "p"));
+        let broken = secret(DOCKER_CONFIG_JSON, r#"{"auths":{"r.example":{"auth":"not base64!"}}}"#);
+        assert!(credential(&[Some(&broken)], "r.example").is_none());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_secret_payload_parses_without_panicking(payload in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let text = String::from_utf8_lossy(&payload).into_owned();
+            let garbage = secret(DOCKER_CONFIG_JSON, &text);
+            let _ = credential(&[Some(&garbage)], "r.example");
+            let secrets = BTreeMap::from([("regcred".to_owned(), Some(garbage))]);
+            let _ = resolve("pf-puller", Some(&account(&["regcred"])), &secrets, "r.example");
+        }
+
+        #[test]
+        fn any_user_and_password_round_trip_through_auth(user in "[^:]{0,20}", password in "\\PC{0,30}") {
+            use base64::Engine as _;
+            let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            let payload = serde_json::json!({"auths": {"r.example": {"auth": auth}}}).to_string();
+            let found = credential(&[Some(&secret(DOCKER_CONFIG_JSON, &payload))], "r.example").unwrap();
+            proptest::prop_assert_eq!(found.username, user);
+            proptest::prop_assert_eq!(found.password, password);
+        }
     }
 }

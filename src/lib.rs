@@ -19,4 +19,5 @@ pub mod metrics;
 pub mod preflight;
 pub mod proxy;
 pub mod quota;
+pub mod registry;
 pub mod telemetry;

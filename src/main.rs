@@ -21,6 +21,7 @@ use promptflow_operator::error::Error;
 use promptflow_operator::idle::IdleSettings;
 use promptflow_operator::leader::{self, LeaseSettings};
 use promptflow_operator::metrics::Metrics;
+use promptflow_operator::registry::RegistrySettings;
 use promptflow_operator::{preflight, proxy, telemetry};
 use tracing::{error, info};
 
@@ -77,6 +78,23 @@ struct Args {
     /// `idleTimeBeforeShutdown` values are raised to it. Lower it only for tests.
     #[arg(long, env = "PF_INSTANCE_MIN_IDLE", default_value = "15m", value_parser = parse_go_duration)]
     instance_min_idle: Duration,
+    /// A PEM bundle of CAs trusted for registries besides the system's (repeatable).
+    #[arg(long, env = "PF_REGISTRY_CA_FILE", value_delimiter = ',')]
+    registry_ca_file: Vec<std::path::PathBuf>,
+    /// A registry host (`host:port`) reached over plain HTTP (repeatable; none by default).
+    #[arg(long, env = "PF_INSECURE_REGISTRY", value_delimiter = ',')]
+    insecure_registry: Vec<String>,
+    /// Versions never pinned or offered (comma-separated): upstream marked them "do not use".
+    #[arg(
+        long,
+        env = "PF_DENIED_VERSIONS",
+        value_delimiter = ',',
+        default_value = "20241214.v1"
+    )]
+    denied_versions: Vec<String>,
+    /// How often a runtime's registry is asked for newer versions (Go duration; jittered ±10%).
+    #[arg(long, env = "PF_VERSION_CHECK_INTERVAL", default_value = "1h", value_parser = parse_go_duration)]
+    version_check_interval: Duration,
     /// Watch only this namespace (a namespaced install); absent: every namespace.
     #[arg(long, env = "PF_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -184,6 +202,12 @@ async fn run(args: Args) -> Result<(), Error> {
         },
         concurrency: args.concurrency,
         namespace: args.watch_namespace,
+        registry: RegistrySettings {
+            ca_bundles: read_ca_files(&args.registry_ca_file)?,
+            insecure_hosts: args.insecure_registry,
+        },
+        version_interval: args.version_check_interval,
+        denied_versions: args.denied_versions,
         instances: InstanceSettings {
             image: args.instance_image,
             batch: Duration::from_secs(args.instance_restart_batch_seconds),
@@ -247,4 +271,18 @@ async fn shutdown_signal() {
 fn parse_go_duration(text: &str) -> Result<Duration, String> {
     promptflow_operator::idle::parse_duration(text)
         .ok_or_else(|| format!("{text:?} is not a Go duration such as 15m or 90s"))
+}
+
+/// Reads the registry CA bundles; a missing or unreadable file stops the operator at start.
+fn read_ca_files(paths: &[PathBuf]) -> Result<Vec<Vec<u8>>, Error> {
+    paths
+        .iter()
+        .map(|path| {
+            std::fs::read(path).map_err(|e| Error::Unreadable {
+                kind: "registry CA file",
+                name: path.display().to_string(),
+                why: e.to_string(),
+            })
+        })
+        .collect()
 }

@@ -29,6 +29,12 @@ pub struct ErrorLabels {
     pub error: &'static str,
 }
 
+/// Labels of the registry request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegistryLabels {
+    kind: &'static str,
+}
+
 /// Labels of the idle cull counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CullLabels {
@@ -57,6 +63,7 @@ pub struct Metrics {
     culls: Family<CullLabels, Counter>,
     idle_warnings: Counter,
     activity_query_failures: Counter,
+    registry_requests: Family<RegistryLabels, Counter>,
     runtimes: Family<PhaseLabels, Gauge>,
     phase_counter: std::sync::OnceLock<PhaseCounter>,
 }
@@ -96,7 +103,14 @@ impl Default for Metrics {
             "Activity proxies that could not be asked at a deadline",
             activity_query_failures.clone(),
         );
+        let registry_requests = Family::<RegistryLabels, Counter>::default();
+        registry.register(
+            "registry_requests",
+            "Requests sent to image registries for version checks, by kind (tags, manifest)",
+            registry_requests.clone(),
+        );
         Self {
+            registry_requests,
             registry,
             reconciles,
             failures,
@@ -167,6 +181,11 @@ impl Metrics {
     /// An IdleSoon warning was given.
     pub fn idle_warning(&self) {
         self.idle_warnings.inc();
+    }
+
+    /// A registry request for a version check was sent.
+    pub fn registry_request(&self, kind: &'static str) {
+        self.registry_requests.get_or_create(&RegistryLabels { kind }).inc();
     }
 
     /// An activity proxy could not be asked.

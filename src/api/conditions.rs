@@ -97,6 +97,16 @@ pub mod reasons {
     /// Idle stop does not apply (`timeout: "0"`).
     pub const NEVER_IDLE: &str = "NeverIdle";
 
+    /// The registry refused the credentials of the runtime's pull identity.
+    pub const UNAUTHORIZED: &str = "Unauthorized";
+    /// The image's repository or tag does not exist in the registry.
+    pub const IMAGE_NOT_FOUND: &str = "ImageNotFound";
+    /// The registry's answer did not parse.
+    pub const REGISTRY_INVALID: &str = "RegistryInvalid";
+    /// The image's tags do not follow the `YYYYMMDD.vN` scheme, so no newer version is known.
+    pub const NOT_VERSIONED: &str = "NotVersioned";
+    /// The runtime is being moved to a newer version.
+    pub const UPDATING: &str = "Updating";
     /// The runtime's instance has not restarted yet to take the runtime's container.
     pub const WAITING_FOR_INSTANCE_RESTART: &str = "WaitingForInstanceRestart";
     /// The instance is stopped because its `spec.state` is `Stopped`.

@@ -73,6 +73,8 @@ pub struct Context {
     pub wake_instances: UnboundedSender<ObjectRef<ComputeInstance>>,
     /// Wakes runtimes (their instance changed).
     pub wake_runtimes: UnboundedSender<ObjectRef<PromptFlowRuntime>>,
+    /// Registry answers about versions, shared by every runtime.
+    pub versions: Arc<crate::registry::VersionCache>,
 }
 
 /// Operator settings for compute instances.

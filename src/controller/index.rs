@@ -19,6 +19,8 @@ pub enum Dependency {
     Quotas(String),
     /// A ComputeInstance (and its pod), by namespace and name.
     Instance(String, String),
+    /// An image repository whose versions the runtime checks.
+    Repository(String),
 }
 
 struct Maps<K: Resource<DynamicType = ()>> {
@@ -55,6 +57,17 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
                 .insert(runtime.clone());
         }
         maps.dependencies.insert(runtime, dependencies);
+    }
+
+    /// Adds one dependency to what `object` depends on.
+    pub fn add(&self, object: &ObjectRef<K>, dependency: Dependency) {
+        let mut maps = self.maps.lock().expect("index lock");
+        let list = maps.dependencies.entry(object.clone()).or_default();
+        if list.contains(&dependency) {
+            return;
+        }
+        list.push(dependency.clone());
+        maps.dependents.entry(dependency).or_default().insert(object.clone());
     }
 
     /// Forgets a runtime that no longer exists.

@@ -44,6 +44,12 @@ pub struct Settings {
     pub idle: crate::idle::IdleSettings,
     /// Compute-instance settings.
     pub instances: InstanceSettings,
+    /// How the registry is reached.
+    pub registry: crate::registry::RegistrySettings,
+    /// How often versions are checked.
+    pub version_interval: std::time::Duration,
+    /// Versions never pinned or offered.
+    pub denied_versions: Vec<String>,
 }
 
 /// An API for every namespace, or for the one the operator is limited to.
@@ -198,6 +204,17 @@ pub async fn run(
             let _ = ready_tx.send(true);
         }
     });
+    let (answered_tx, mut answered) = futures::channel::mpsc::unbounded::<String>();
+    let counting = metrics.clone();
+    let versions = Arc::new(crate::registry::VersionCache::new(
+        crate::registry::Registry::new(&settings.registry),
+        settings.version_interval,
+        settings.denied_versions,
+        Arc::new(move |kind| counting.registry_request(kind)),
+        Arc::new(move |repository: &str| {
+            let _ = answered_tx.unbounded_send(repository.to_owned());
+        }),
+    ));
     let reporter = Reporter {
         controller: runtime::MANAGER.into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -227,6 +244,14 @@ pub async fn run(
         instance_memory: Default::default(),
         wake_instances,
         wake_runtimes,
+        versions,
+    });
+    // A first or changed registry answer wakes the runtimes of that repository.
+    let waking = context.clone();
+    tokio::spawn(async move {
+        while let Some(repository) = answered.next().await {
+            waking.wake_runtimes_of(&Dependency::Repository(repository));
+        }
     });
     // The reconciler records into the context's index; the mappers read the same one.
     let dependents = Dependents(context.clone());

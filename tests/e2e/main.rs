@@ -15,3 +15,4 @@ mod instance;
 mod leader;
 mod operator;
 mod runtime;
+mod versions;

@@ -11,7 +11,7 @@ use crate::api::{ComputeInstance, PromptFlowRuntime};
 use crate::build::instance::AttachedRuntime;
 use crate::controller::context::Context;
 use crate::controller::index::Dependency;
-use crate::controller::runtime::{observe, plan};
+use crate::controller::runtime::{observe, plan, versions};
 use crate::error::Result;
 
 /// Whether `runtime` asks to run on the instance `name` in `namespace` and may be attached.
@@ -45,8 +45,15 @@ pub async fn runtimes(
             ctx.instance_index.record(key.clone(), dependencies.clone());
         })
         .await?;
-        if let (_, Ok(found)) = plan::resolve(&runtime, &observed) {
-            resolved.push((runtime, found));
+        if let (_, Ok(mut found)) = plan::resolve(&runtime, &observed) {
+            // The version the runtime's own reconcile pinned; a runtime not pinned yet waits.
+            versions::apply_pin(&runtime, &mut found);
+            if runtime.spec.image.version.is_some()
+                || found.from_flow
+                || versions::pinned(&runtime, &found.repository).is_some()
+            {
+                resolved.push((runtime, found));
+            }
         }
     }
     Ok(resolved)

@@ -7,7 +7,6 @@ pub(crate) mod apply;
 mod backoff;
 mod idle;
 mod lifecycle;
-mod not_yet;
 pub(crate) mod observe;
 mod on_instance;
 mod own_writes;
@@ -16,8 +15,10 @@ pub(crate) mod pod_state;
 pub(crate) mod report;
 mod size;
 pub mod status;
+pub(crate) mod versions;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
@@ -29,6 +30,7 @@ use self::lifecycle::Lifecycle;
 pub use self::own_writes::OwnWrites;
 use self::report::{Notice, Report};
 use self::status::{ConditionState, Verdict};
+use super::index::Dependency;
 use crate::api::conditions::{self, reasons};
 use crate::api::{HandledActions, PromptFlowRuntime, RuntimePhase};
 use crate::build::service;
@@ -65,6 +67,7 @@ pub async fn reconcile(runtime: Arc<PromptFlowRuntime>, ctx: Arc<Context>) -> Re
                     handled: &HandledActions::default(),
                     url: None,
                     last_activity: None,
+                    latest: None,
                 };
                 if let Err(write) = report::write_status(&runtime, &ctx, &report).await {
                     warn!(name = %runtime.name_any(), error = %write, "could not report the failure in the status");
@@ -133,7 +136,20 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     };
 
     let observed = observe::observe(runtime, ctx, &namespace, |deps| ctx.index.record(key.clone(), deps)).await?;
-    let plan = plan::plan(runtime, &observed, &ctx.catalog, &ctx.template);
+    let (identity, mut resolved) = plan::resolve(runtime, &observed);
+    let versions = match &mut resolved {
+        Ok(resolved) => {
+            ctx.index.add(&key, Dependency::Repository(resolved.repository.clone()));
+            Some(versions::step(runtime, ctx, resolved))
+        }
+        Err(_) => None,
+    };
+    if versions.as_ref().is_some_and(|v| v.waiting) {
+        // First start: the registry is being asked for the version to pin; its answer wakes
+        // this runtime (the requeue is a safety net).
+        return Ok(Action::requeue(Duration::from_secs(15)));
+    }
+    let plan = plan::finish(runtime, &observed, &ctx.catalog, &ctx.template, identity, resolved);
     let live = observed.pod.as_deref();
     let mut conditions = vec![plan.identity.clone()];
     let (outcome, facts) = match &plan.pod {
@@ -171,6 +187,8 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         ),
     }
     let (mut verdict, mut action, mut last_activity) = (outcome.verdict, outcome.action, None);
+    // The idle step's next look, when it has one (kube's `Action` does not expose its delay).
+    let mut idle_look = None;
     if let (RuntimePhase::Running, Some(live)) = (verdict.phase, live) {
         let idle = idle::idle_step(runtime, ctx, live).await?;
         if idle.deleted {
@@ -186,14 +204,29 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
             action = Action::await_change();
         } else if let Some(requeue) = idle.requeue {
             action = Action::requeue(requeue);
+            idle_look = Some(requeue);
         }
     }
-    conditions.extend(not_yet::not_supported_yet(runtime));
-    let handled = HandledActions {
+    let mut handled = HandledActions {
         restart: outcome.handled_restart,
         start,
         ..Default::default()
     };
+    let mut latest = None;
+    if let Some(versions) = versions {
+        conditions.push(versions.condition);
+        handled.check_version = versions.handled.check_version;
+        handled.update = versions.handled.update;
+        latest = versions.latest;
+        if let Some(notice) = &versions.notice {
+            report::publish(ctx, runtime, notice).await;
+        }
+        // The sooner of the idle look and the next version check; a short requeue of the pod
+        // step (a pod just created, a server error) stays.
+        if action == Action::await_change() || idle_look.is_some() {
+            action = Action::requeue(idle_look.map_or(versions.requeue, |look| look.min(versions.requeue)));
+        }
+    }
     let report = Report {
         verdict: &verdict,
         conditions: &conditions,
@@ -202,6 +235,7 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         handled: &handled,
         url: url.as_deref(),
         last_activity: last_activity.as_ref(),
+        latest: latest.as_deref(),
     };
     report::write_status(runtime, ctx, &report).await?;
     info!(%name, %namespace, phase = ?verdict.phase, reason = %verdict.reason, "reconciled");
@@ -269,6 +303,7 @@ async fn stay_stopped(
         handled: &handled,
         url,
         last_activity: None,
+        latest: None,
     };
     report::write_status(runtime, ctx, &report).await?;
     Ok(Action::await_change())

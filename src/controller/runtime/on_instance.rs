@@ -3,6 +3,8 @@
 //! readiness in the instance pod, and points its Service at the instance pod on its port there.
 //! A finalizer keeps a deleted runtime until the instance has let go of its container.
 
+use std::time::Duration;
+
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -39,7 +41,14 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
         apply::delete_pod(ctx, &own).await?;
     }
     let observed = observe::observe(runtime, ctx, &namespace, |deps| ctx.index.record(key.clone(), deps)).await?;
-    let (identity, resolved) = plan::resolve(runtime, &observed);
+    let (identity, mut resolved) = plan::resolve(runtime, &observed);
+    let versions = match &mut resolved {
+        Ok(resolved) => {
+            ctx.index.add(&key, Dependency::Repository(resolved.repository.clone()));
+            Some(super::versions::step(runtime, ctx, resolved))
+        }
+        Err(_) => None,
+    };
     let instance = ctx.instances.get(&ObjectRef::new(&asked.name).within(&namespace));
     let live = instance.as_ref().and_then(|_| {
         ctx.pods
@@ -69,8 +78,24 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
             problem.message.clone(),
         )),
     }
-    conditions.extend(super::not_yet::not_supported_yet(runtime));
     conditions.extend(actions_not_supported(runtime, &asked.name));
+    let mut handled = HandledActions::default();
+    let mut latest = None;
+    let mut requeue = None;
+    if let Some(versions) = versions {
+        conditions.push(versions.condition);
+        handled.check_version = versions.handled.check_version;
+        handled.update = versions.handled.update;
+        latest = versions.latest;
+        requeue = Some(if versions.waiting {
+            Duration::from_secs(15)
+        } else {
+            versions.requeue
+        });
+        if let Some(notice) = &versions.notice {
+            report::publish(ctx, runtime, notice).await;
+        }
+    }
     let verdict = match (&resolved, instance.as_deref()) {
         _ if !asked.acknowledge_restart => Verdict::not_available(
             reasons::RESTART_NOT_ACKNOWLEDGED,
@@ -106,9 +131,10 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
         conditions: &conditions,
         compute: &asked.name,
         facts: facts.as_ref(),
-        handled: &HandledActions::default(),
+        handled: &handled,
         url: url.as_deref(),
         last_activity: None,
+        latest: latest.as_deref(),
     };
     report::write_status(runtime, ctx, &report).await?;
     info!(%name, %namespace, instance = %asked.name, phase = ?verdict.phase, reason = %verdict.reason, "reconciled");
@@ -120,7 +146,7 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
         return Ok(Action::requeue(ctx.pull_secret_waits.next(&key)));
     }
     ctx.pull_secret_waits.reset(&key);
-    Ok(Action::await_change())
+    Ok(requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
 /// The runtime action annotations do not act on a runtime on a compute instance yet: its

@@ -81,6 +81,13 @@ pub struct Resolved {
     pub identity: PullIdentity,
     /// The flow ConfigMap's name and environment.
     pub flow: Option<(String, FlowEnvironment)>,
+    /// The repository versions are checked in: `spec.image.repository`, or the flow image's
+    /// repository when the flow names an image.
+    pub repository: String,
+    /// The image comes from the flow's `environment.image` (never pinned by the operator).
+    pub from_flow: bool,
+    /// The pull identity's login for the image's registry, if it has one.
+    pub credential: Option<crate::identity::Credential>,
 }
 
 /// Resolves the runtime's image, identity and flow: the `IdentityResolved` condition, and what
@@ -94,6 +101,14 @@ pub fn resolve(runtime: &PromptFlowRuntime, observed: &Observed) -> (ConditionSt
     });
     let flow_environment = flow.as_ref().and_then(|(_, read)| read.as_ref().ok());
     let (image, version) = runtime_image(runtime, flow_environment);
+    let from_flow = flow_environment.is_some_and(|f| f.image.is_some());
+    let repository = if from_flow {
+        image
+            .parse::<oci_client::Reference>()
+            .map_or_else(|_| image.clone(), |r| format!("{}/{}", r.registry(), r.repository()))
+    } else {
+        runtime.spec.image.repository.clone()
+    };
     let registry = identity::registry_host(&image);
     let resolved = identity::resolve(
         &observed.account_name,
@@ -120,19 +135,41 @@ pub fn resolve(runtime: &PromptFlowRuntime, observed: &Observed) -> (ConditionSt
             None => None,
             Some((config_map, read)) => Some((config_map, read.map_err(|p| Problem::from(&p))?)),
         };
+        let secrets: Vec<Option<&k8s_openapi::api::core::v1::Secret>> = identity
+            .pull_secrets
+            .iter()
+            .map(|name| observed.secrets.get(name).and_then(Option::as_ref))
+            .collect();
+        let credential = identity::credential(&secrets, &registry);
         Ok(Resolved {
             image,
             version,
             identity,
             flow,
+            repository,
+            from_flow,
+            credential,
         })
     });
     (condition, outcome)
 }
 
 /// Decides a serverless runtime's pod from what was observed.
+#[cfg(test)]
 pub fn plan(runtime: &PromptFlowRuntime, observed: &Observed, catalog: &Catalog, template: &PodTemplate) -> Plan {
     let (identity, resolved) = resolve(runtime, observed);
+    finish(runtime, observed, catalog, template, identity, resolved)
+}
+
+/// Decides a serverless runtime's pod from what was resolved (and pinned).
+pub fn finish(
+    runtime: &PromptFlowRuntime,
+    observed: &Observed,
+    catalog: &Catalog,
+    template: &PodTemplate,
+    identity: ConditionState,
+    resolved: Result<Resolved, Problem>,
+) -> Plan {
     let pod = resolved.and_then(|resolved| desired_pod(runtime, observed, catalog, template, resolved));
     Plan { identity, pod }
 }

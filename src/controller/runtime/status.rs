@@ -135,6 +135,8 @@ pub struct Report<'a> {
     pub url: Option<&'a str>,
     /// Newer activity the proxy reported, to record.
     pub last_activity: Option<&'a Time>,
+    /// The newest allowed version in the registry, when known.
+    pub latest: Option<&'a str>,
 }
 
 /// The status to write over `previous` for a runtime at `generation`; new transitions at `now`.
@@ -170,8 +172,8 @@ pub fn compose(
         handled_actions,
         url: inputs.url.map(str::to_owned).or(previous.url),
         last_activity_time: inputs.last_activity.cloned().or(previous.last_activity_time),
+        latest_version: inputs.latest.map(str::to_owned).or(previous.latest_version),
         conditions,
-        ..previous
     }
 }
 
@@ -224,6 +226,7 @@ mod tests {
             handled: &none,
             url: None,
             last_activity: None,
+            latest: None,
         };
         let first = compose(None, &report(&starting), Some(1), &t0);
         let again = compose(Some(&first), &report(&starting), Some(1), &t1);
@@ -272,6 +275,7 @@ mod tests {
             },
             url: Some("http://chat.a.svc:8081"),
             last_activity: None,
+            latest: None,
         };
         let status = compose(Some(&previous), &report, Some(2), &now);
         assert_eq!(status.latest_version.as_deref(), Some("20250101.v1"));

@@ -1,0 +1,254 @@
+//! The registry client: lists a repository's tags (paginated with `n`/`last`) and resolves a
+//! tag's manifest digest, through `oci-client` (token and basic auth challenges as registries
+//! ask), with extra CA bundles, plain HTTP only for hosts named insecure, and a timeout on every
+//! call. Errors are sorted into what a user can act on; none quotes a credential.
+
+use std::time::Duration;
+
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+
+use crate::api::conditions::reasons;
+use crate::identity::Credential;
+
+/// How many tags one page asks for.
+const PAGE: usize = 1000;
+/// At most this many pages (a runaway listing stops here).
+const MAX_PAGES: usize = 100;
+/// The longest any one registry call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the registry client connects.
+#[derive(Clone, Debug, Default)]
+pub struct RegistrySettings {
+    /// PEM bundles trusted besides the system's.
+    pub ca_bundles: Vec<Vec<u8>>,
+    /// Hosts (`host:port`) reached over plain HTTP.
+    pub insecure_hosts: Vec<String>,
+}
+
+/// Why the registry could not answer.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RegistryError {
+    /// 401 or 403: the credentials are missing or wrong.
+    #[error("the registry refused the credentials for {repository} ({detail})")]
+    Unauthorized {
+        /// The repository.
+        repository: String,
+        /// What the registry said, without credentials.
+        detail: String,
+    },
+    /// Unreachable, timed out, or a server error.
+    #[error("the registry for {repository} cannot be reached: {detail}")]
+    Unavailable {
+        /// The repository.
+        repository: String,
+        /// Why.
+        detail: String,
+    },
+    /// The repository or tag does not exist.
+    #[error("{what} does not exist in the registry")]
+    NotFound {
+        /// The repository or image.
+        what: String,
+    },
+    /// The answer did not parse.
+    #[error("the registry for {repository} answered something that is not a tag list or manifest: {detail}")]
+    Invalid {
+        /// The repository.
+        repository: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+impl RegistryError {
+    /// The `UpdateAvailable` reason for this error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unauthorized { .. } => reasons::UNAUTHORIZED,
+            Self::Unavailable { .. } => reasons::REGISTRY_UNAVAILABLE,
+            Self::NotFound { .. } => reasons::IMAGE_NOT_FOUND,
+            Self::Invalid { .. } => reasons::REGISTRY_INVALID,
+        }
+    }
+}
+
+/// How every registry client connects. Each check makes its own `oci-client` client: one
+/// client remembers the first credentials it saw for a registry host (and its tokens), which
+/// must never leak from one pull identity to another.
+#[derive(Clone)]
+pub struct Registry {
+    settings: RegistrySettings,
+}
+
+impl Registry {
+    /// Registry access with the given CA bundles and insecure hosts.
+    pub fn new(settings: &RegistrySettings) -> Self {
+        Self {
+            settings: settings.clone(),
+        }
+    }
+
+    /// A client for one check (one credential).
+    pub fn session(&self) -> Session {
+        let settings = &self.settings;
+        let config = ClientConfig {
+            protocol: if settings.insecure_hosts.is_empty() {
+                ClientProtocol::Https
+            } else {
+                ClientProtocol::HttpsExcept(settings.insecure_hosts.clone())
+            },
+            extra_root_certificates: settings
+                .ca_bundles
+                .iter()
+                .map(|pem| Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data: pem.clone(),
+                })
+                .collect(),
+            read_timeout: Some(CALL_TIMEOUT),
+            connect_timeout: Some(Duration::from_secs(5)),
+            ..Default::default()
+        };
+        Session {
+            client: Client::new(config),
+        }
+    }
+}
+
+/// One check's client: the tag listing and the manifest request of one credential.
+pub struct Session {
+    client: Client,
+}
+
+impl Session {
+    /// Every tag of `repository` (no tag or digest in it).
+    pub async fn tags(&self, repository: &str, credential: Option<&Credential>) -> Result<Vec<String>, RegistryError> {
+        let reference = parse(repository, &format!("{repository}:latest"))?;
+        let auth = auth(credential);
+        let mut tags: Vec<String> = Vec::new();
+        for _ in 0..MAX_PAGES {
+            let last = tags.last().cloned();
+            let page = timed(
+                repository,
+                self.client.list_tags(&reference, &auth, Some(PAGE), last.as_deref()),
+            )
+            .await?;
+            let count = page.tags.len();
+            // A registry that ignores `last` would repeat itself: stop at the first repeat.
+            let fresh: Vec<String> = page.tags.into_iter().filter(|t| Some(t) > last.as_ref()).collect();
+            let done = count < PAGE || fresh.is_empty();
+            tags.extend(fresh);
+            if done {
+                return Ok(tags);
+            }
+        }
+        Ok(tags)
+    }
+
+    /// The manifest digest (`sha256:…`) of `repository:tag`.
+    pub async fn digest(
+        &self,
+        repository: &str,
+        tag: &str,
+        credential: Option<&Credential>,
+    ) -> Result<String, RegistryError> {
+        let reference = parse(repository, &format!("{repository}:{tag}"))?;
+        timed(
+            repository,
+            self.client.fetch_manifest_digest(&reference, &auth(credential)),
+        )
+        .await
+    }
+}
+
+fn parse(repository: &str, image: &str) -> Result<Reference, RegistryError> {
+    image.parse().map_err(|e| RegistryError::Invalid {
+        repository: repository.to_owned(),
+        detail: format!("not an image reference: {e}"),
+    })
+}
+
+fn auth(credential: Option<&Credential>) -> RegistryAuth {
+    match credential {
+        Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+        None => RegistryAuth::Anonymous,
+    }
+}
+
+async fn timed<T>(
+    repository: &str,
+    call: impl Future<Output = Result<T, OciDistributionError>>,
+) -> Result<T, RegistryError> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Err(_) => Err(RegistryError::Unavailable {
+            repository: repository.to_owned(),
+            detail: format!("no answer within {}s", CALL_TIMEOUT.as_secs()),
+        }),
+        Ok(result) => result.map_err(|e| classify(repository, &e)),
+    }
+}
+
+/// Sorts a client error into what the user can act on.
+fn classify(repository: &str, error: &OciDistributionError) -> RegistryError {
+    use OciDistributionError as E;
+    let repository = repository.to_owned();
+    match error {
+        E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => RegistryError::Unauthorized {
+            repository,
+            detail: "401 Unauthorized".into(),
+        },
+        E::ServerError { code, .. } if *code == 401 || *code == 403 => RegistryError::Unauthorized {
+            repository,
+            detail: format!("HTTP {code}"),
+        },
+        E::ServerError { code: 404, .. } | E::ImageManifestNotFoundError(_) => {
+            RegistryError::NotFound { what: repository }
+        }
+        E::RegistryError { envelope, .. } => {
+            let codes: Vec<String> = envelope.errors.iter().map(|e| format!("{:?}", e.code)).collect();
+            let text = codes.join(", ");
+            if text.contains("Unauthorized") || text.contains("Denied") {
+                RegistryError::Unauthorized {
+                    repository,
+                    detail: text,
+                }
+            } else if text.contains("Unknown") {
+                RegistryError::NotFound { what: repository }
+            } else {
+                RegistryError::Unavailable {
+                    repository,
+                    detail: text,
+                }
+            }
+        }
+        E::JsonError(e) => RegistryError::Invalid {
+            repository,
+            detail: format!("{:?} at line {} column {}", e.classify(), e.line(), e.column()),
+        },
+        E::ManifestEncodingError(_) => RegistryError::Invalid {
+            repository,
+            detail: "the answer is not UTF-8".into(),
+        },
+        E::RequestError(e) if e.status().is_some_and(|s| s == 401 || s == 403) => RegistryError::Unauthorized {
+            repository,
+            detail: format!("HTTP {}", e.status().map(|s| s.as_u16()).unwrap_or_default()),
+        },
+        other => RegistryError::Unavailable {
+            repository,
+            detail: short(other),
+        },
+    }
+}
+
+/// An error's text without URLs' query strings (tokens can travel there).
+fn short(error: &OciDistributionError) -> String {
+    let text = error.to_string();
+    text.split_whitespace()
+        .map(|word| word.split_once('?').map_or(word, |(before, _)| before))
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,164 @@
+//! Runtime versions from the registry: which versions exist ([`version`]), asking the registry
+//! ([`client`]), and one shared answer per repository and credential per check interval
+//! ([`VersionCache`]), so thousands of runtimes on one image cost one registry request each
+//! interval, not one each.
+
+pub mod client;
+pub mod version;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+pub use self::client::{Registry, RegistryError, RegistrySettings};
+use self::version::Version;
+use crate::identity::Credential;
+
+/// The newest allowed version of a repository, and its manifest digest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Latest {
+    /// The version.
+    pub version: Version,
+    /// Its manifest digest, `sha256:…`.
+    pub digest: String,
+}
+
+/// How long a failed check is remembered before the registry is asked again.
+const FAILURE_TTL: Duration = Duration::from_secs(30);
+
+/// What the cache knows about a repository right now.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Lookup {
+    /// An answer, and whether a newer one is being fetched.
+    Known(Result<Option<Latest>, RegistryError>),
+    /// Never asked yet: the registry is being asked; the runtime is woken when it answers.
+    Pending,
+}
+
+/// What version checks share. A lookup never waits for the registry: a stale or missing answer
+/// starts one background request per repository and credential, and `answered` is told the
+/// repository when a first or changed answer arrives (the controller wakes its runtimes). So a
+/// slow registry never delays reconciles, and thousands of runtimes on one image cost one
+/// registry request per interval.
+pub struct VersionCache {
+    registry: Registry,
+    interval: Duration,
+    denied: Vec<String>,
+    entries: Arc<Mutex<HashMap<(String, String), Entry>>>,
+    requests: Arc<dyn Fn(&'static str) + Send + Sync>,
+    answered: Arc<dyn Fn(&str) + Send + Sync>,
+}
+
+#[derive(Clone, Default)]
+struct Entry {
+    answer: Option<(Instant, Result<Option<Latest>, RegistryError>)>,
+    refreshing: bool,
+}
+
+impl VersionCache {
+    /// A cache over `registry` that asks at most once per `interval` for each repository and
+    /// credential, skipping `denied` versions; `requests` counts each registry call by kind, and
+    /// `answered` hears of first and changed answers.
+    pub fn new(
+        registry: Registry,
+        interval: Duration,
+        denied: Vec<String>,
+        requests: Arc<dyn Fn(&'static str) + Send + Sync>,
+        answered: Arc<dyn Fn(&str) + Send + Sync>,
+    ) -> Self {
+        Self {
+            registry,
+            interval,
+            denied,
+            entries: Arc::new(Mutex::new(HashMap::new())),
+            requests,
+            answered,
+        }
+    }
+
+    /// The check interval.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// The denied versions.
+    pub fn denied(&self) -> &[String] {
+        &self.denied
+    }
+
+    /// The newest allowed version of `repository` as known now (`Ok(None)`: it has no version
+    /// tags). An answer older than the interval, or than `fresher_than` (a check-version request),
+    /// starts a refresh in the background and is returned meanwhile.
+    pub fn lookup(&self, repository: &str, credential: Option<&Credential>, fresher_than: Option<Instant>) -> Lookup {
+        let key = (repository.to_owned(), fingerprint(credential));
+        let mut entries = self.entries.lock().expect("version cache lock");
+        let entry = entries.entry(key.clone()).or_default();
+        let stale = match &entry.answer {
+            None => true,
+            Some((checked, answer)) => {
+                let ttl = if answer.is_ok() { self.interval } else { FAILURE_TTL };
+                checked.elapsed() >= ttl || fresher_than.is_some_and(|t| *checked < t)
+            }
+        };
+        if stale && !entry.refreshing {
+            entry.refreshing = true;
+            self.refresh(key, credential.cloned());
+        }
+        match &entry.answer {
+            Some((_, answer)) => Lookup::Known(answer.clone()),
+            None => Lookup::Pending,
+        }
+    }
+
+    fn refresh(&self, key: (String, String), credential: Option<Credential>) {
+        let (registry, denied, requests, answered, entries) = (
+            self.registry.clone(),
+            self.denied.clone(),
+            self.requests.clone(),
+            self.answered.clone(),
+            self.entries.clone(),
+        );
+        tokio::spawn(async move {
+            let answer = ask(&registry, &denied, &*requests, &key.0, credential.as_ref()).await;
+            let changed = {
+                let mut entries = entries.lock().expect("version cache lock");
+                let entry = entries.entry(key.clone()).or_default();
+                let changed = entry.answer.as_ref().is_none_or(|(_, before)| *before != answer);
+                entry.answer = Some((Instant::now(), answer));
+                entry.refreshing = false;
+                changed
+            };
+            if changed {
+                answered(&key.0);
+            }
+        });
+    }
+}
+
+async fn ask(
+    registry: &Registry,
+    denied: &[String],
+    requests: &(dyn Fn(&'static str) + Send + Sync),
+    repository: &str,
+    credential: Option<&Credential>,
+) -> Result<Option<Latest>, RegistryError> {
+    let session = registry.session();
+    requests("tags");
+    let tags = session.tags(repository, credential).await?;
+    let Some(version) = version::newest_allowed(tags.iter().map(String::as_str), denied) else {
+        return Ok(None);
+    };
+    requests("manifest");
+    let digest = session.digest(repository, version.as_str(), credential).await?;
+    Ok(Some(Latest { version, digest }))
+}
+
+/// A stable, one-way name for a credential (the cache key never holds the secret itself).
+fn fingerprint(credential: Option<&Credential>) -> String {
+    credential.map_or_else(String::new, |c| {
+        let digest = Sha256::digest(format!("{}\0{}", c.username, c.password));
+        crate::flow::hex(&digest[..8])
+    })
+}

@@ -1,0 +1,355 @@
+//! Runtime versions against the local registry (TLS from the cluster CA, htpasswd): pinning by
+//! digest at first start, check-version and update, credentials, an unreachable registry, and one
+//! registry request per interval for many runtimes on one repository.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use kube::ResourceExt;
+use kube::api::{Patch, PatchParams};
+use promptflow_operator::api::PromptFlowRuntime;
+use serde_json::json;
+
+use crate::harness::{self, OperatorProcess, TestNamespace, with_namespace};
+use crate::runtime::{create, create_runtime, events_for, runtime_pods, wait_condition, wait_status};
+
+/// The local registry's facts, from `.cluster/registry.env`.
+struct LocalRegistry {
+    host: String,
+    username: String,
+    password: String,
+    ca_file: String,
+    repository: String,
+}
+
+impl LocalRegistry {
+    fn read() -> Self {
+        let text = std::fs::read_to_string(harness::cluster_dir().join("registry.env")).expect("registry.env");
+        let vars: BTreeMap<&str, &str> = text
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .map(|(k, v)| (k, v.trim_matches('"')))
+            .collect();
+        Self {
+            host: vars["REGISTRY_HOST"].to_owned(),
+            username: vars["REGISTRY_USERNAME"].to_owned(),
+            password: vars["REGISTRY_PASSWORD"].to_owned(),
+            ca_file: vars["REGISTRY_CA_FILE"].to_owned(),
+            repository: vars["RUNTIME_REPOSITORY"].to_owned(),
+        }
+    }
+
+    /// The manifest digest of `tag`, asked with skopeo.
+    async fn digest(&self, tag: &str) -> String {
+        let output = tokio::process::Command::new("skopeo")
+            .args(["inspect", "--format", "{{.Digest}}"])
+            .args(["--creds", &format!("{}:{}", self.username, self.password)])
+            .args(["--cert-dir", &self.cert_dir()])
+            .arg(format!("docker://{}:{tag}", self.repository))
+            .output()
+            .await
+            .expect("skopeo");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Pushes a new image under `tag` (its own digest).
+    async fn push(&self, repository: &str, tag: &str) {
+        let layout = std::env::temp_dir().join(format!("pf-layout-{tag}-{:08x}", rand::random::<u32>()));
+        let script = harness::repo_root().join("hack/oci-layout.sh");
+        let made = tokio::process::Command::new("bash")
+            .arg(script)
+            .arg(&layout)
+            .arg(tag)
+            .status()
+            .await
+            .unwrap();
+        assert!(made.success());
+        let pushed = tokio::process::Command::new("skopeo")
+            .args(["copy", "--quiet"])
+            .args(["--dest-creds", &format!("{}:{}", self.username, self.password)])
+            .args(["--dest-cert-dir", &self.cert_dir()])
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{repository}:{tag}"))
+            .output()
+            .await
+            .unwrap();
+        std::fs::remove_dir_all(&layout).ok();
+        assert!(pushed.status.success(), "{}", String::from_utf8_lossy(&pushed.stderr));
+    }
+
+    fn cert_dir(&self) -> String {
+        harness::cluster_dir().join("registry/certs.d").display().to_string()
+    }
+
+    /// A dockerconfigjson Secret and a service account `puller` naming it.
+    async fn identity(&self, ns: &TestNamespace, password: &str) {
+        let auth = base64_encode(&format!("{}:{password}", self.username));
+        let config = json!({"auths": {self.host.clone(): {"auth": auth}}}).to_string();
+        create(
+            &ns.api::<Secret>(),
+            json!({"metadata": {"name": "regcred"}, "type": "kubernetes.io/dockerconfigjson",
+                   "stringData": {".dockerconfigjson": config}}),
+        )
+        .await;
+        create(
+            &ns.api::<ServiceAccount>(),
+            json!({"metadata": {"name": "puller"}, "imagePullSecrets": [{"name": "regcred"}]}),
+        )
+        .await;
+    }
+}
+
+fn base64_encode(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+/// The operator for the namespace, trusting the cluster CA for the registry.
+fn operator(ns: &TestNamespace, registry: &LocalRegistry) -> OperatorProcess {
+    OperatorProcess::start(
+        &harness::kubeconfig(),
+        &["--watch-namespace", &ns.name, "--registry-ca-file", &registry.ca_file],
+    )
+}
+
+fn spec(repository: &str) -> serde_json::Value {
+    json!({"image": {"repository": repository}, "identity": {"serviceAccountName": "puller"}})
+}
+
+async fn annotate(ns: &TestNamespace, name: &str, key: &str, value: &str) {
+    ns.api::<PromptFlowRuntime>()
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {key: value}}})),
+        )
+        .await
+        .unwrap();
+}
+
+fn count(events: &[(String, String, String)], reason: &str) -> usize {
+    events.iter().filter(|(_, r, _)| r == reason).count()
+}
+
+#[tokio::test]
+async fn pins_the_newest_allowed_version_by_digest_then_checks_and_updates_on_request() {
+    with_namespace("pf-ver-pin", |ns| async move {
+        let registry = LocalRegistry::read();
+        let _operator = operator(&ns, &registry);
+        registry.identity(&ns, &registry.password).await;
+        // A repository of this test's own, so pushing a newer tag touches no other test.
+        let repository = format!("{}/team/{}", registry.host, ns.name);
+        for tag in ["20240101.v1", "20240501.v2", "20241214.v1", "latest"] {
+            registry.push(&repository, tag).await;
+        }
+        let own = LocalRegistry {
+            repository: repository.clone(),
+            ..LocalRegistry::read()
+        };
+        create_runtime(&ns, "chat", spec(&repository)).await;
+        let chat = wait_condition(&ns, "chat", "UpdateAvailable", "False", "UpToDate").await;
+        let status = chat.status.unwrap();
+        // The denied 20241214.v1 is newer but skipped.
+        let digest = own.digest("20240501.v2").await;
+        assert_eq!(status.version.as_deref(), Some("20240501.v2"));
+        assert_eq!(status.latest_version.as_deref(), Some("20240501.v2"));
+        let pinned = format!("{repository}:20240501.v2@{digest}");
+        assert_eq!(status.image.as_deref(), Some(pinned.as_str()));
+        wait_status(&ns, "chat", "Running", None).await;
+        let pods = runtime_pods(&ns, "chat").await;
+        assert_eq!(
+            pods[0].spec.as_ref().unwrap().containers[0].image.as_deref(),
+            Some(pinned.as_str())
+        );
+        let first_pod = pods[0].uid().unwrap();
+
+        // A newer version appears; the button checks at once.
+        registry.push(&repository, "20240601.v1").await;
+        annotate(&ns, "chat", "promptflow.dev/check-version", "1").await;
+        let checked = wait_condition(&ns, "chat", "UpdateAvailable", "True", "NewerVersionAvailable").await;
+        let status = checked.status.unwrap();
+        assert_eq!(status.latest_version.as_deref(), Some("20240601.v1"));
+        assert_eq!(
+            status.version.as_deref(),
+            Some("20240501.v2"),
+            "no update without the button"
+        );
+        assert_eq!(
+            status.handled_actions.as_ref().and_then(|h| h.check_version.as_deref()),
+            Some("1")
+        );
+        assert_eq!(runtime_pods(&ns, "chat").await[0].uid().unwrap(), first_pod);
+
+        // The update button moves it, with exactly one new pod on the new digest.
+        annotate(&ns, "chat", "promptflow.dev/update", "1").await;
+        let new_digest = own.digest("20240601.v1").await;
+        let updated = format!("{repository}:20240601.v1@{new_digest}");
+        harness::wait_for(
+            &ns.api::<PromptFlowRuntime>(),
+            "chat",
+            |rt: Option<&PromptFlowRuntime>| {
+                rt.and_then(|rt| rt.status.as_ref()).is_some_and(|s| {
+                    s.version.as_deref() == Some("20240601.v1")
+                        && s.phase == promptflow_operator::api::RuntimePhase::Running
+                })
+            },
+            Duration::from_secs(60),
+        )
+        .await;
+        let pods: Vec<Pod> = runtime_pods(&ns, "chat").await;
+        assert_eq!(pods.len(), 1);
+        assert_ne!(pods[0].uid().unwrap(), first_pod);
+        assert_eq!(
+            pods[0].spec.as_ref().unwrap().containers[0].image.as_deref(),
+            Some(updated.as_str())
+        );
+        let events = events_for(&ns, "chat").await;
+        assert_eq!(count(&events, "NewerVersionAvailable"), 1, "{events:?}");
+        assert_eq!(count(&events, "Updating"), 1, "{events:?}");
+        assert_eq!(count(&events, "PodReplaced"), 1, "{events:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn wrong_credentials_and_an_unreachable_registry_never_keep_a_runtime_from_running() {
+    with_namespace("pf-ver-fault", |ns| async move {
+        let registry = LocalRegistry::read();
+        let _operator = operator(&ns, &registry);
+        registry.identity(&ns, "not-the-password").await;
+        create_runtime(&ns, "locked", spec(&registry.repository)).await;
+        let locked = wait_condition(&ns, "locked", "UpdateAvailable", "Unknown", "Unauthorized").await;
+        let message = &locked
+            .status
+            .as_ref()
+            .unwrap()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "UpdateAvailable")
+            .unwrap()
+            .message;
+        assert!(!message.contains("not-the-password"), "{message}");
+        let locked = wait_status(&ns, "locked", "Running", None).await;
+        assert_eq!(locked.status.unwrap().version.as_deref(), Some("latest"), "unpinned");
+
+        // Nothing listens on port 1.
+        create_runtime(
+            &ns,
+            "away",
+            json!({"image": {"repository": "127.0.0.1:1/team/runtime"}}),
+        )
+        .await;
+        wait_condition(&ns, "away", "UpdateAvailable", "Unknown", "RegistryUnavailable").await;
+        wait_status(&ns, "away", "Running", None).await;
+
+        // The right password: the next check (failures are retried after 30 s) pins nothing
+        // (the runtime keeps its image) but reports the versions.
+        let auth = base64_encode(&format!("{}:{}", registry.username, registry.password));
+        let config = json!({"auths": {registry.host.clone(): {"auth": auth}}}).to_string();
+        ns.api::<Secret>()
+            .patch(
+                "regcred",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"stringData": {".dockerconfigjson": config}})),
+            )
+            .await
+            .unwrap();
+        harness::wait_for(
+            &ns.api::<PromptFlowRuntime>(),
+            "locked",
+            |rt: Option<&PromptFlowRuntime>| {
+                rt.and_then(|rt| rt.status.as_ref()).is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "UpdateAvailable" && c.reason == "NewerVersionAvailable")
+                })
+            },
+            Duration::from_secs(90),
+        )
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn many_runtimes_on_one_repository_cost_one_registry_request_per_interval() {
+    with_namespace("pf-ver-many", |ns| async move {
+        let registry = LocalRegistry::read();
+        let operator = operator(&ns, &registry);
+        registry.identity(&ns, &registry.password).await;
+        let api = ns.api::<PromptFlowRuntime>();
+        for i in 0..40 {
+            create_runtime(&ns, &format!("rt-{i:03}"), spec(&registry.repository)).await;
+        }
+        harness::wait_all_running(&api, 40, Duration::from_secs(120)).await;
+        let metrics = operator.metrics().await;
+        let requests = |kind: &str| -> u64 {
+            metrics
+                .lines()
+                .find(|l| {
+                    l.starts_with("promptflow_operator_registry_requests_total")
+                        && l.contains(&format!("kind=\"{kind}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        eprintln!(
+            "registry requests for 40 runtimes: tags {}, manifest {}",
+            requests("tags"),
+            requests("manifest")
+        );
+        assert_eq!((requests("tags"), requests("manifest")), (1, 1), "{metrics}");
+        for runtime in api.list(&Default::default()).await.unwrap() {
+            assert_eq!(runtime.status.unwrap().version.as_deref(), Some("20240501.v2"));
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_automatic_runtime_moves_to_a_newer_version_by_itself() {
+    with_namespace("pf-ver-auto", |ns| async move {
+        let registry = LocalRegistry::read();
+        let _operator = operator(&ns, &registry);
+        registry.identity(&ns, &registry.password).await;
+        let repository = format!("{}/team/{}", registry.host, ns.name);
+        registry.push(&repository, "20240101.v1").await;
+        let mut auto = spec(&repository);
+        auto["updatePolicy"] = json!("Automatic");
+        create_runtime(&ns, "auto", auto).await;
+        wait_condition(&ns, "auto", "UpdateAvailable", "False", "UpToDate").await;
+        let first_pod = runtime_pods(&ns, "auto").await[0].uid().unwrap();
+
+        registry.push(&repository, "20240102.v1").await;
+        // The next check finds it (the button makes the check happen now instead of in an hour).
+        annotate(&ns, "auto", "promptflow.dev/check-version", "1").await;
+        let moved = harness::wait_for(
+            &ns.api::<PromptFlowRuntime>(),
+            "auto",
+            |rt: Option<&PromptFlowRuntime>| {
+                rt.and_then(|rt| rt.status.as_ref()).is_some_and(|s| {
+                    s.version.as_deref() == Some("20240102.v1")
+                        && s.phase == promptflow_operator::api::RuntimePhase::Running
+                })
+            },
+            Duration::from_secs(60),
+        )
+        .await;
+        let status = moved.status.unwrap();
+        assert!(
+            status
+                .handled_actions
+                .as_ref()
+                .and_then(|h| h.update.as_deref())
+                .is_none(),
+            "no update button was pressed"
+        );
+        let pods = runtime_pods(&ns, "auto").await;
+        assert_eq!(pods.len(), 1);
+        assert_ne!(pods[0].uid().unwrap(), first_pod);
+    })
+    .await;
+}
