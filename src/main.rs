@@ -205,6 +205,7 @@ async fn run(args: Args) -> Result<(), Error> {
         registry: RegistrySettings {
             ca_bundles: read_ca_files(&args.registry_ca_file)?,
             insecure_hosts: args.insecure_registry,
+            ..Default::default()
         },
         version_interval: args.version_check_interval,
         denied_versions: args.denied_versions,

@@ -17,16 +17,28 @@ use crate::identity::Credential;
 const PAGE: usize = 1000;
 /// At most this many pages (a runaway listing stops here).
 const MAX_PAGES: usize = 100;
-/// The longest any one registry call may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest any one registry call may take, by default.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the registry client connects.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RegistrySettings {
     /// PEM bundles trusted besides the system's.
     pub ca_bundles: Vec<Vec<u8>>,
     /// Hosts (`host:port`) reached over plain HTTP.
     pub insecure_hosts: Vec<String>,
+    /// The longest one registry call may take.
+    pub call_timeout: Duration,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            ca_bundles: vec![],
+            insecure_hosts: vec![],
+            call_timeout: CALL_TIMEOUT,
+        }
+    }
 }
 
 /// Why the registry could not answer.
@@ -87,6 +99,9 @@ pub struct Registry {
 impl Registry {
     /// Registry access with the given CA bundles and insecure hosts.
     pub fn new(settings: &RegistrySettings) -> Self {
+        // reqwest's rustls needs a process-wide crypto provider; the operator's is ring (a no-op
+        // when one is installed already).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Self {
             settings: settings.clone(),
         }
@@ -109,12 +124,13 @@ impl Registry {
                     data: pem.clone(),
                 })
                 .collect(),
-            read_timeout: Some(CALL_TIMEOUT),
+            read_timeout: Some(settings.call_timeout),
             connect_timeout: Some(Duration::from_secs(5)),
             ..Default::default()
         };
         Session {
             client: Client::new(config),
+            timeout: settings.call_timeout,
         }
     }
 }
@@ -122,6 +138,7 @@ impl Registry {
 /// One check's client: the tag listing and the manifest request of one credential.
 pub struct Session {
     client: Client,
+    timeout: Duration,
 }
 
 impl Session {
@@ -133,6 +150,7 @@ impl Session {
         for _ in 0..MAX_PAGES {
             let last = tags.last().cloned();
             let page = timed(
+                self.timeout,
                 repository,
                 self.client.list_tags(&reference, &auth, Some(PAGE), last.as_deref()),
             )
@@ -158,6 +176,7 @@ impl Session {
     ) -> Result<String, RegistryError> {
         let reference = parse(repository, &format!("{repository}:{tag}"))?;
         timed(
+            self.timeout,
             repository,
             self.client.fetch_manifest_digest(&reference, &auth(credential)),
         )
@@ -180,13 +199,14 @@ fn auth(credential: Option<&Credential>) -> RegistryAuth {
 }
 
 async fn timed<T>(
+    timeout: Duration,
     repository: &str,
     call: impl Future<Output = Result<T, OciDistributionError>>,
 ) -> Result<T, RegistryError> {
-    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+    match tokio::time::timeout(timeout, call).await {
         Err(_) => Err(RegistryError::Unavailable {
             repository: repository.to_owned(),
-            detail: format!("no answer within {}s", CALL_TIMEOUT.as_secs()),
+            detail: format!("no answer within {:?}", timeout),
         }),
         Ok(result) => result.map_err(|e| classify(repository, &e)),
     }
@@ -252,3 +272,7 @@ fn short(error: &OciDistributionError) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;

@@ -276,32 +276,50 @@ async fn wrong_credentials_and_an_unreachable_registry_never_keep_a_runtime_from
 #[tokio::test]
 async fn many_runtimes_on_one_repository_cost_one_registry_request_per_interval() {
     with_namespace("pf-ver-many", |ns| async move {
+        const RUNTIMES: usize = 200;
         let registry = LocalRegistry::read();
         let operator = operator(&ns, &registry);
         registry.identity(&ns, &registry.password).await;
-        let api = ns.api::<PromptFlowRuntime>();
-        for i in 0..40 {
-            create_runtime(&ns, &format!("rt-{i:03}"), spec(&registry.repository)).await;
+        let repository = format!("{}/team/{}", registry.host, ns.name);
+        for tag in ["20240101.v1", "20240501.v2"] {
+            registry.push(&repository, tag).await;
         }
-        harness::wait_all_running(&api, 40, Duration::from_secs(120)).await;
+        let api = ns.api::<PromptFlowRuntime>();
+        // Small requests, so 200 pods fit the kwok nodes beside the other tests.
+        let mut small = spec(&repository);
+        small["compute"] = json!({"serverless": {"resources": {"requests": {"cpu": "10m", "memory": "64Mi"}}}});
+        for i in 0..RUNTIMES {
+            create_runtime(&ns, &format!("rt-{i:03}"), small.clone()).await;
+        }
+        harness::wait_all_running(&api, RUNTIMES, Duration::from_secs(180)).await;
         let metrics = operator.metrics().await;
         let requests = |kind: &str| -> u64 {
             metrics
                 .lines()
                 .find(|l| {
-                    l.starts_with("promptflow_operator_registry_requests_total")
-                        && l.contains(&format!("kind=\"{kind}\""))
+                    l.starts_with("promptflow_operator_registry_requests_total") && l.contains(&format!("kind=\"{kind}\""))
                 })
                 .and_then(|l| l.rsplit(' ').next())
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
         };
+        // The registry's own access log: successful requests for this test's repository that
+        // were not skopeo's pushes.
+        let path = format!("/v2/team/{}/", ns.name);
+        let log = std::fs::read_to_string(harness::cluster_dir().join("logs/registry.log")).unwrap_or_default();
+        let served = |what: &str| {
+            log.lines()
+                .filter(|l| l.contains(&path) && l.contains(what) && !l.contains("skopeo") && l.contains("\" 200 "))
+                .count()
+        };
+        let (listings, manifests) = (served("/tags/list"), served("/manifests/"));
         eprintln!(
-            "registry requests for 40 runtimes: tags {}, manifest {}",
+            "{RUNTIMES} runtimes on one repository: the operator sent {} tag listings and {} manifest requests; the registry served {listings} and {manifests}",
             requests("tags"),
             requests("manifest")
         );
         assert_eq!((requests("tags"), requests("manifest")), (1, 1), "{metrics}");
+        assert_eq!((listings, manifests), (1, 1), "the registry's access log");
         for runtime in api.list(&Default::default()).await.unwrap() {
             assert_eq!(runtime.status.unwrap().version.as_deref(), Some("20240501.v2"));
         }

@@ -214,17 +214,12 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     };
     let mut latest = None;
     if let Some(versions) = versions {
-        conditions.push(versions.condition);
-        handled.check_version = versions.handled.check_version;
-        handled.update = versions.handled.update;
-        latest = versions.latest;
-        if let Some(notice) = &versions.notice {
-            report::publish(ctx, runtime, notice).await;
-        }
+        let (newest, check_again) = versions.record(ctx, runtime, &mut conditions, &mut handled).await;
+        latest = newest;
         // The sooner of the idle look and the next version check; a short requeue of the pod
         // step (a pod just created, a server error) stays.
         if action == Action::await_change() || idle_look.is_some() {
-            action = Action::requeue(idle_look.map_or(versions.requeue, |look| look.min(versions.requeue)));
+            action = Action::requeue(idle_look.map_or(check_again, |look| look.min(check_again)));
         }
     }
     let report = Report {

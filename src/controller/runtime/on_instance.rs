@@ -83,18 +83,10 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
     let mut latest = None;
     let mut requeue = None;
     if let Some(versions) = versions {
-        conditions.push(versions.condition);
-        handled.check_version = versions.handled.check_version;
-        handled.update = versions.handled.update;
-        latest = versions.latest;
-        requeue = Some(if versions.waiting {
-            Duration::from_secs(15)
-        } else {
-            versions.requeue
-        });
-        if let Some(notice) = &versions.notice {
-            report::publish(ctx, runtime, notice).await;
-        }
+        let waiting = versions.waiting;
+        let (newest, check_again) = versions.record(ctx, runtime, &mut conditions, &mut handled).await;
+        latest = newest;
+        requeue = Some(if waiting { Duration::from_secs(15) } else { check_again });
     }
     let verdict = match (&resolved, instance.as_deref()) {
         _ if !asked.acknowledge_restart => Verdict::not_available(

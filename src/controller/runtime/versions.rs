@@ -40,6 +40,26 @@ pub struct VersionOutcome {
     pub waiting: bool,
 }
 
+impl VersionOutcome {
+    /// Adds the condition and the handled values to a report's parts, publishes the event, and
+    /// returns `status.latestVersion` and when to check again.
+    pub async fn record(
+        self,
+        ctx: &Context,
+        runtime: &PromptFlowRuntime,
+        conditions: &mut Vec<ConditionState>,
+        handled: &mut HandledActions,
+    ) -> (Option<String>, Duration) {
+        conditions.push(self.condition);
+        handled.check_version = self.handled.check_version;
+        handled.update = self.handled.update;
+        if let Some(notice) = &self.notice {
+            super::report::publish(ctx, runtime, notice).await;
+        }
+        (self.latest, self.requeue)
+    }
+}
+
 /// A fresh (not yet handled) value of an action annotation.
 fn fresh(runtime: &PromptFlowRuntime, annotation: &str, handled: Option<&String>) -> Option<String> {
     runtime

@@ -1,0 +1,155 @@
+//! The client against a real HTTP server on loopback that misbehaves on purpose: server errors,
+//! refusals, garbage, a slow answer, a long paginated tag list, and a tag that vanished.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::Uri;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, head};
+
+use super::*;
+
+/// How the fake registry answers the tag list.
+#[derive(Clone, Copy)]
+enum Tags {
+    /// `count` tags `20240101.v0`… served in pages as `n` and `last` ask.
+    Paged(usize),
+    Status(u16),
+    Garbage,
+    Slow,
+}
+
+#[derive(Clone)]
+struct Fake {
+    tags: Tags,
+    pages: Arc<AtomicUsize>,
+}
+
+async fn tags(State(fake): State<Fake>, uri: Uri) -> Response {
+    let query: std::collections::HashMap<&str, &str> = uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .collect();
+    fake.pages.fetch_add(1, Ordering::Relaxed);
+    match fake.tags {
+        Tags::Paged(count) => {
+            let all: Vec<String> = (0..count).map(|i| format!("20240101.v{i:05}")).collect();
+            let n: usize = query.get("n").and_then(|n| n.parse().ok()).unwrap_or(count);
+            let start = query
+                .get("last")
+                .map_or(0, |last| all.iter().position(|t| t == last).map_or(0, |p| p + 1));
+            let page: Vec<&String> = all.iter().skip(start).take(n).collect();
+            axum::Json(serde_json::json!({"name": "team/runtime", "tags": page})).into_response()
+        }
+        Tags::Status(code) => (StatusCode::from_u16(code).unwrap(), "{}").into_response(),
+        Tags::Garbage => (StatusCode::OK, "<html>surprise</html>").into_response(),
+        Tags::Slow => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            (StatusCode::OK, "{}").into_response()
+        }
+    }
+}
+
+async fn manifest() -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "Docker-Content-Digest",
+        format!("sha256:{}", "a".repeat(64)).parse().unwrap(),
+    );
+    headers.insert(
+        "Content-Type",
+        "application/vnd.oci.image.manifest.v1+json".parse().unwrap(),
+    );
+    (StatusCode::OK, headers).into_response()
+}
+
+async fn serve(tags_answer: Tags) -> (String, Arc<AtomicUsize>) {
+    let pages = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route("/v2/", get(|| async { "{}" }))
+        .route("/v2/team/runtime/tags/list", get(tags))
+        .route("/v2/team/runtime/manifests/20240101.v00001", head(manifest))
+        .route(
+            "/v2/team/runtime/manifests/{tag}",
+            any(|| async { StatusCode::NOT_FOUND }),
+        )
+        .with_state(Fake {
+            tags: tags_answer,
+            pages: pages.clone(),
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (address, pages)
+}
+
+fn session(host: &str) -> Session {
+    Registry::new(&RegistrySettings {
+        insecure_hosts: vec![host.to_owned()],
+        call_timeout: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .session()
+}
+
+#[tokio::test]
+async fn a_long_tag_list_is_read_page_by_page() {
+    let (host, pages) = serve(Tags::Paged(2500)).await;
+    let tags = session(&host)
+        .tags(&format!("{host}/team/runtime"), None)
+        .await
+        .unwrap();
+    assert_eq!(tags.len(), 2500);
+    assert_eq!(pages.load(Ordering::Relaxed), 3, "pages of {PAGE}");
+}
+
+#[tokio::test]
+async fn failures_are_sorted_into_what_the_user_can_act_on() {
+    for (answer, reason) in [
+        (Tags::Status(500), reasons::REGISTRY_UNAVAILABLE),
+        (Tags::Status(503), reasons::REGISTRY_UNAVAILABLE),
+        (Tags::Status(401), reasons::UNAUTHORIZED),
+        (Tags::Status(403), reasons::UNAUTHORIZED),
+        (Tags::Status(404), reasons::IMAGE_NOT_FOUND),
+        (Tags::Garbage, reasons::REGISTRY_INVALID),
+        (Tags::Slow, reasons::REGISTRY_UNAVAILABLE),
+    ] {
+        let (host, _) = serve(answer).await;
+        let error = session(&host)
+            .tags(&format!("{host}/team/runtime"), None)
+            .await
+            .unwrap_err();
+        assert_eq!(error.reason(), reason, "{error}");
+    }
+}
+
+#[tokio::test]
+async fn a_vanished_tag_is_not_found_and_a_present_one_has_its_digest() {
+    let (host, _) = serve(Tags::Paged(3)).await;
+    let repository = format!("{host}/team/runtime");
+    let digest = session(&host)
+        .digest(&repository, "20240101.v00001", None)
+        .await
+        .unwrap();
+    assert_eq!(digest, format!("sha256:{}", "a".repeat(64)));
+    let gone = session(&host)
+        .digest(&repository, "20240101.v00002", None)
+        .await
+        .unwrap_err();
+    assert_eq!(gone.reason(), reasons::IMAGE_NOT_FOUND, "{gone}");
+}
+
+#[tokio::test]
+async fn nothing_listening_is_unavailable() {
+    let error = session("127.0.0.1:1")
+        .tags("127.0.0.1:1/team/runtime", None)
+        .await
+        .unwrap_err();
+    assert_eq!(error.reason(), reasons::REGISTRY_UNAVAILABLE, "{error}");
+}
