@@ -228,6 +228,12 @@ fn classify(repository: &str, error: &OciDistributionError) -> RegistryError {
         E::ServerError { code: 404, .. } | E::ImageManifestNotFoundError(_) => {
             RegistryError::NotFound { what: repository }
         }
+        // The body of an error page may hold anything (and change on every request): the code
+        // says enough.
+        E::ServerError { code, .. } => RegistryError::Unavailable {
+            repository,
+            detail: format!("HTTP {code}"),
+        },
         E::RegistryError { envelope, .. } => {
             let codes: Vec<String> = envelope.errors.iter().map(|e| format!("{:?}", e.code)).collect();
             let text = codes.join(", ");

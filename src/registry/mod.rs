@@ -28,6 +28,9 @@ pub struct Latest {
 /// How long a failed check is remembered before the registry is asked again.
 const FAILURE_TTL: Duration = Duration::from_secs(30);
 
+/// An answer this fresh is not asked again, even by a button.
+const JUST_ASKED: Duration = Duration::from_secs(1);
+
 /// What the cache knows about a repository right now.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Lookup {
@@ -51,10 +54,33 @@ pub struct VersionCache {
     answered: Arc<dyn Fn(&str) + Send + Sync>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Entry {
     answer: Option<(Instant, Result<Option<Latest>, RegistryError>)>,
     refreshing: bool,
+    /// When a runtime last asked: entries nobody asked for in two intervals are dropped (a
+    /// rotated credential or a removed repository must not stay for ever).
+    used: Instant,
+}
+
+impl Default for Entry {
+    fn default() -> Self {
+        Self {
+            answer: None,
+            refreshing: false,
+            used: Instant::now(),
+        }
+    }
+}
+
+/// Whether two answers differ in what a user sees: the version and digest, or the kind of
+/// failure (a registry's error text may change on every request).
+fn differs(before: &Result<Option<Latest>, RegistryError>, after: &Result<Option<Latest>, RegistryError>) -> bool {
+    match (before, after) {
+        (Ok(a), Ok(b)) => a != b,
+        (Err(a), Err(b)) => a.reason() != b.reason(),
+        _ => true,
+    }
 }
 
 impl VersionCache {
@@ -89,17 +115,18 @@ impl VersionCache {
     }
 
     /// The newest allowed version of `repository` as known now (`Ok(None)`: it has no version
-    /// tags). An answer older than the interval, or than `fresher_than` (a check-version request),
-    /// starts a refresh in the background and is returned meanwhile.
-    pub fn lookup(&self, repository: &str, credential: Option<&Credential>, fresher_than: Option<Instant>) -> Lookup {
+    /// tags). An answer older than the interval starts a refresh in the background and is
+    /// returned meanwhile.
+    pub fn lookup(&self, repository: &str, credential: Option<&Credential>) -> Lookup {
         let key = (repository.to_owned(), fingerprint(credential));
         let mut entries = self.entries.lock().expect("version cache lock");
         let entry = entries.entry(key.clone()).or_default();
+        entry.used = Instant::now();
         let stale = match &entry.answer {
             None => true,
             Some((checked, answer)) => {
                 let ttl = if answer.is_ok() { self.interval } else { FAILURE_TTL };
-                checked.elapsed() >= ttl || fresher_than.is_some_and(|t| *checked < t)
+                checked.elapsed() >= ttl
             }
         };
         if stale && !entry.refreshing {
@@ -112,7 +139,42 @@ impl VersionCache {
         }
     }
 
+    /// Asks the registry now (the check-version and update buttons), and shares the answer.
+    pub async fn ask_now(
+        &self,
+        repository: &str,
+        credential: Option<&Credential>,
+    ) -> Result<Option<Latest>, RegistryError> {
+        // Buttons pressed on many runtimes at once (`kubectl annotate --all`) share one request.
+        let key = (repository.to_owned(), fingerprint(credential));
+        if let Some((checked, answer)) = self
+            .entries
+            .lock()
+            .expect("version cache lock")
+            .get(&key)
+            .and_then(|e| e.answer.clone())
+            && checked.elapsed() < JUST_ASKED
+        {
+            return answer;
+        }
+        let answer = ask(&self.registry, &self.denied, &*self.requests, repository, credential).await;
+        let key = (repository.to_owned(), fingerprint(credential));
+        let changed = {
+            let mut entries = self.entries.lock().expect("version cache lock");
+            let entry = entries.entry(key).or_default();
+            let changed = entry.answer.as_ref().is_none_or(|(_, before)| differs(before, &answer));
+            entry.answer = Some((Instant::now(), answer.clone()));
+            entry.used = Instant::now();
+            changed
+        };
+        if changed {
+            (self.answered)(repository);
+        }
+        answer
+    }
+
     fn refresh(&self, key: (String, String), credential: Option<Credential>) {
+        let unused = self.interval * 2;
         let (registry, denied, requests, answered, entries) = (
             self.registry.clone(),
             self.denied.clone(),
@@ -124,8 +186,10 @@ impl VersionCache {
             let answer = ask(&registry, &denied, &*requests, &key.0, credential.as_ref()).await;
             let changed = {
                 let mut entries = entries.lock().expect("version cache lock");
+                // `refresh` runs under the lock `lookup` holds, so unused entries go here.
+                entries.retain(|k, entry| *k == key || entry.refreshing || entry.used.elapsed() < unused);
                 let entry = entries.entry(key.clone()).or_default();
-                let changed = entry.answer.as_ref().is_none_or(|(_, before)| *before != answer);
+                let changed = entry.answer.as_ref().is_none_or(|(_, before)| differs(before, &answer));
                 entry.answer = Some((Instant::now(), answer));
                 entry.refreshing = false;
                 changed

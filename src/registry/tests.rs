@@ -153,3 +153,37 @@ async fn nothing_listening_is_unavailable() {
         .unwrap_err();
     assert_eq!(error.reason(), reasons::REGISTRY_UNAVAILABLE, "{error}");
 }
+
+#[tokio::test]
+async fn the_cache_never_waits_and_asks_once_for_many_lookups() {
+    let (host, pages) = serve(Tags::Paged(3)).await;
+    let repository = format!("{host}/team/runtime");
+    let registry = Registry::new(&RegistrySettings {
+        insecure_hosts: vec![host.clone()],
+        call_timeout: Duration::from_millis(500),
+        ..Default::default()
+    });
+    let answered = Arc::new(tokio::sync::Notify::new());
+    let notify = answered.clone();
+    let cache = crate::registry::VersionCache::new(
+        registry,
+        Duration::from_secs(3600),
+        vec![],
+        Arc::new(|_| {}),
+        Arc::new(move |_| notify.notify_one()),
+    );
+    for _ in 0..100 {
+        assert_eq!(cache.lookup(&repository, None), crate::registry::Lookup::Pending);
+    }
+    tokio::time::timeout(Duration::from_secs(5), answered.notified())
+        .await
+        .unwrap();
+    // The fake's tags are not versions (leading zeros): known, and empty.
+    for _ in 0..100 {
+        assert_eq!(
+            cache.lookup(&repository, None),
+            crate::registry::Lookup::Known(Ok(None))
+        );
+    }
+    assert_eq!(pages.load(Ordering::Relaxed), 1, "one tag listing for 200 lookups");
+}

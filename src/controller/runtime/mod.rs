@@ -140,7 +140,7 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     let versions = match &mut resolved {
         Ok(resolved) => {
             ctx.index.add(&key, Dependency::Repository(resolved.repository.clone()));
-            Some(versions::step(runtime, ctx, resolved))
+            Some(versions::step(runtime, ctx, resolved).await)
         }
         Err(_) => None,
     };

@@ -45,7 +45,7 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
     let versions = match &mut resolved {
         Ok(resolved) => {
             ctx.index.add(&key, Dependency::Repository(resolved.repository.clone()));
-            Some(super::versions::step(runtime, ctx, resolved))
+            Some(super::versions::step(runtime, ctx, resolved).await)
         }
         Err(_) => None,
     };
@@ -56,14 +56,21 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
     });
     let placement = live.as_deref().and_then(|pod| placement_in(pod, &name));
     let mut conditions = vec![identity];
-    let facts = resolved.as_ref().ok().map(|found| PodFacts {
-        image: found.image.clone(),
-        version: found.version.clone(),
-        size: instance
-            .as_ref()
-            .map(|i| i.spec.instance_type.clone())
-            .unwrap_or_default(),
-    });
+    // While the first registry answer is awaited there is no version to record yet: writing
+    // the unpinned image would read as a pin.
+    let first_answer_awaited = versions.as_ref().is_some_and(|v| v.waiting);
+    let facts = resolved
+        .as_ref()
+        .ok()
+        .filter(|_| !first_answer_awaited)
+        .map(|found| PodFacts {
+            image: found.image.clone(),
+            version: found.version.clone(),
+            size: instance
+                .as_ref()
+                .map(|i| i.spec.instance_type.clone())
+                .unwrap_or_default(),
+        });
     match &resolved {
         Ok(_) => conditions.push(ConditionState::new(
             conditions::SPEC_APPLIED,

@@ -7,7 +7,7 @@
 //!
 //! [`VersionCache`]: crate::registry::VersionCache
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kube::ResourceExt;
 
@@ -92,7 +92,7 @@ pub fn apply_pin(runtime: &PromptFlowRuntime, resolved: &mut Resolved) {
 }
 
 /// Decides the version to run (updating `resolved`) and reports on newer ones.
-pub fn step(runtime: &PromptFlowRuntime, ctx: &Context, resolved: &mut Resolved) -> VersionOutcome {
+pub async fn step(runtime: &PromptFlowRuntime, ctx: &Context, resolved: &mut Resolved) -> VersionOutcome {
     let status = runtime.status.clone().unwrap_or_default();
     let handled_before = status.handled_actions.clone().unwrap_or_default();
     let check = fresh(
@@ -103,11 +103,13 @@ pub fn step(runtime: &PromptFlowRuntime, ctx: &Context, resolved: &mut Resolved)
     let update = fresh(runtime, annotations::UPDATE, handled_before.update.as_ref());
     let cache = &ctx.versions;
     let requeue = jittered(cache.interval(), &runtime.uid().unwrap_or_default());
-    let lookup = cache.lookup(
-        &resolved.repository,
-        resolved.credential.as_ref(),
-        check.as_ref().map(|_| Instant::now()),
-    );
+    // The buttons ask the registry now (this runtime's reconcile waits for it, at most the call
+    // timeout); everything else reads the shared answer without waiting.
+    let lookup = if check.is_some() || update.is_some() {
+        Lookup::Known(cache.ask_now(&resolved.repository, resolved.credential.as_ref()).await)
+    } else {
+        cache.lookup(&resolved.repository, resolved.credential.as_ref())
+    };
     let handled = HandledActions {
         check_version: check.clone(),
         update: update.clone(),
@@ -128,6 +130,8 @@ pub fn step(runtime: &PromptFlowRuntime, ctx: &Context, resolved: &mut Resolved)
                 && !resolved.from_flow
                 && pinned(runtime, &resolved.repository).is_none();
             outcome.waiting = first_start;
+            // Not known yet (an operator restart, a new credential): keep the pin.
+            apply_pin(runtime, resolved);
             // A check-version value is handled once the registry answered.
             outcome.handled.check_version = None;
             outcome.handled.update = None;
@@ -161,8 +165,10 @@ pub fn step(runtime: &PromptFlowRuntime, ctx: &Context, resolved: &mut Resolved)
         }
     }
     if answer.is_err() {
-        // Failures are remembered for a short while only; look again then.
+        // Failures are remembered for a short while only; look again then. An update asked for
+        // while the registry cannot answer is not done: it stays asked for.
         outcome.requeue = FAILURE_RETRY;
+        outcome.handled.update = None;
     }
     let running = resolved.version.clone();
     let keeps = format!("the runtime keeps running {running}");
