@@ -28,8 +28,9 @@ pub struct Latest {
 /// How long a failed check is remembered before the registry is asked again.
 const FAILURE_TTL: Duration = Duration::from_secs(30);
 
-/// An answer this fresh is not asked again, even by a button.
-const JUST_ASKED: Duration = Duration::from_secs(1);
+/// The answer of the last button request per repository and credential, with the moment that
+/// request started.
+type Asked = Arc<tokio::sync::Mutex<Option<(Instant, Result<Option<Latest>, RegistryError>)>>>;
 
 /// What the cache knows about a repository right now.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,6 +51,7 @@ pub struct VersionCache {
     interval: Duration,
     denied: Vec<String>,
     entries: Arc<Mutex<HashMap<(String, String), Entry>>>,
+    asked: Mutex<HashMap<(String, String), Asked>>,
     requests: Arc<dyn Fn(&'static str) + Send + Sync>,
     answered: Arc<dyn Fn(&str) + Send + Sync>,
 }
@@ -99,6 +101,7 @@ impl VersionCache {
             interval,
             denied,
             entries: Arc::new(Mutex::new(HashMap::new())),
+            asked: Mutex::new(HashMap::new()),
             requests,
             answered,
         }
@@ -145,20 +148,27 @@ impl VersionCache {
         repository: &str,
         credential: Option<&Credential>,
     ) -> Result<Option<Latest>, RegistryError> {
-        // Buttons pressed on many runtimes at once (`kubectl annotate --all`) share one request.
+        // The answer must come from a request that started after the button was pressed.
+        // Buttons pressed on many runtimes at once (`kubectl annotate --all`) queue here and share
+        // the request that starts after the last of them: at most two requests for a burst.
+        let pressed = Instant::now();
         let key = (repository.to_owned(), fingerprint(credential));
-        if let Some((checked, answer)) = self
-            .entries
+        let slot = self
+            .asked
             .lock()
             .expect("version cache lock")
-            .get(&key)
-            .and_then(|e| e.answer.clone())
-            && checked.elapsed() < JUST_ASKED
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let mut last = slot.lock().await;
+        if let Some((started, answer)) = last.as_ref()
+            && *started >= pressed
         {
-            return answer;
+            return answer.clone();
         }
+        let started = Instant::now();
         let answer = ask(&self.registry, &self.denied, &*self.requests, repository, credential).await;
-        let key = (repository.to_owned(), fingerprint(credential));
+        *last = Some((started, answer.clone()));
         let changed = {
             let mut entries = self.entries.lock().expect("version cache lock");
             let entry = entries.entry(key).or_default();
