@@ -183,8 +183,11 @@ impl VersionCache {
         answer
     }
 
+    /// Asks in the background. A failure is asked again by this task, waiting 30 s and doubling
+    /// up to the interval, while runtimes still look: runtimes never poll a failing registry
+    /// themselves, and are woken when the answer changes (the registry is back).
     fn refresh(&self, key: (String, String), credential: Option<Credential>) {
-        let unused = self.interval * 2;
+        let (interval, unused) = (self.interval, self.interval * 2);
         let (registry, denied, requests, answered, entries) = (
             self.registry.clone(),
             self.denied.clone(),
@@ -193,19 +196,29 @@ impl VersionCache {
             self.entries.clone(),
         );
         tokio::spawn(async move {
-            let answer = ask(&registry, &denied, &*requests, &key.0, credential.as_ref()).await;
-            let changed = {
-                let mut entries = entries.lock().expect("version cache lock");
-                // `refresh` runs under the lock `lookup` holds, so unused entries go here.
-                entries.retain(|k, entry| *k == key || entry.refreshing || entry.used.elapsed() < unused);
-                let entry = entries.entry(key.clone()).or_default();
-                let changed = entry.answer.as_ref().is_none_or(|(_, before)| differs(before, &answer));
-                entry.answer = Some((Instant::now(), answer));
-                entry.refreshing = false;
-                changed
-            };
-            if changed {
-                answered(&key.0);
+            let mut delay = FAILURE_TTL;
+            loop {
+                let answer = ask(&registry, &denied, &*requests, &key.0, credential.as_ref()).await;
+                let failed = answer.is_err();
+                let (changed, still_used) = {
+                    let mut entries = entries.lock().expect("version cache lock");
+                    // `refresh` runs under the lock `lookup` holds, so unused entries go here.
+                    entries.retain(|k, entry| *k == key || entry.refreshing || entry.used.elapsed() < unused);
+                    let entry = entries.entry(key.clone()).or_default();
+                    let changed = entry.answer.as_ref().is_none_or(|(_, before)| differs(before, &answer));
+                    entry.answer = Some((Instant::now(), answer));
+                    let still_used = entry.used.elapsed() < unused;
+                    entry.refreshing = failed && still_used;
+                    (changed, still_used)
+                };
+                if changed {
+                    answered(&key.0);
+                }
+                if !failed || !still_used {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(interval);
             }
         });
     }

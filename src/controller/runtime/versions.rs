@@ -20,8 +20,9 @@ use crate::api::{HandledActions, PromptFlowRuntime, UpdatePolicy, annotations};
 use crate::registry::version::Version;
 use crate::registry::{Latest, Lookup};
 
-/// How soon a runtime whose registry check failed looks again.
-const FAILURE_RETRY: Duration = Duration::from_secs(30);
+/// How soon a runtime whose registry refused its credentials looks again (its pull secret may
+/// have been fixed; secrets are not watched).
+const UNAUTHORIZED_RETRY: Duration = Duration::from_secs(30);
 
 /// What the version step came to.
 pub struct VersionOutcome {
@@ -164,10 +165,14 @@ pub async fn step(runtime: &PromptFlowRuntime, ctx: &Context, resolved: &mut Res
             _ => {}
         }
     }
-    if answer.is_err() {
-        // Failures are remembered for a short while only; look again then. An update asked for
+    if let Err(error) = &answer {
+        // The shared cache asks a failing registry again by itself and wakes the runtimes when
+        // the answer changes. Refused credentials are this runtime's own (its pull secret, which
+        // is not watched, may be fixed): only then does it look again soon. An update asked for
         // while the registry cannot answer is not done: it stays asked for.
-        outcome.requeue = FAILURE_RETRY;
+        if error.reason() == reasons::UNAUTHORIZED {
+            outcome.requeue = UNAUTHORIZED_RETRY;
+        }
         outcome.handled.update = None;
     }
     let running = resolved.version.clone();
