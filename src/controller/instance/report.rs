@@ -3,14 +3,13 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
-use tracing::warn;
 
 use crate::api::conditions::{self, reasons};
 use crate::api::{ComputeInstance, ComputeInstanceStatus, HandledActions, InstanceState, ScheduledAction};
 use crate::controller::context::{Context, MANAGER};
+use crate::controller::runtime::report::{Notice, publish};
 use crate::controller::runtime::status::{ConditionState, condition, set_condition};
 use crate::error::Result;
 
@@ -98,7 +97,12 @@ pub async fn write(instance: &ComputeInstance, ctx: &Context, report: &InstanceR
     let problem = new.state == InstanceState::Failed || reasons::PROBLEMS.contains(&report.reason.as_str());
     let moved = previous.is_none_or(|p| p.state != new.state || (problem && p.reason != new.reason));
     if moved {
-        publish(ctx, instance, problem, &report.reason, &report.message).await;
+        let notice = if problem {
+            Notice::warning(&report.reason, report.message.clone())
+        } else {
+            Notice::normal(&report.reason, report.message.clone())
+        };
+        publish(ctx, instance, &notice).await;
     }
     ctx.instance_memory.wrote_status(
         ObjectRef::from_obj(instance),
@@ -107,18 +111,4 @@ pub async fn write(instance: &ComputeInstance, ctx: &Context, report: &InstanceR
         new,
     );
     Ok(())
-}
-
-/// Publishes an event on the instance; a failure is logged, never fails the reconcile.
-pub async fn publish(ctx: &Context, instance: &ComputeInstance, warning: bool, reason: &str, note: &str) {
-    let event = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
-        reason: reason.to_owned(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".to_owned(),
-        secondary: None,
-    };
-    if let Err(err) = ctx.recorder.publish(&event, &instance.object_ref(&())).await {
-        warn!(name = %instance.name_any(), error = %err, "could not publish event");
-    }
 }

@@ -134,8 +134,9 @@ fn same_problem(before: Option<&str>, now: Option<&str>) -> bool {
     family(before) == family(now)
 }
 
-/// Publishes an event; a failure is logged, never fails the reconcile.
-pub async fn publish(ctx: &Context, runtime: &PromptFlowRuntime, notice: &Notice) {
+/// Publishes an event about a runtime or an instance; a failure is logged, never fails the
+/// reconcile.
+pub async fn publish<K: Resource<DynamicType = ()>>(ctx: &Context, object: &K, notice: &Notice) {
     let event = Event {
         type_: notice.type_,
         reason: notice.reason.clone(),
@@ -143,7 +144,7 @@ pub async fn publish(ctx: &Context, runtime: &PromptFlowRuntime, notice: &Notice
         action: "Reconcile".to_owned(),
         secondary: None,
     };
-    if let Err(err) = ctx.recorder.publish(&event, &runtime.object_ref(&())).await {
-        warn!(name = %runtime.name_any(), error = %err, "could not publish event");
+    if let Err(err) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
+        warn!(name = ?object.meta().name, error = %err, "could not publish event");
     }
 }
