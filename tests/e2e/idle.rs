@@ -13,7 +13,8 @@ use promptflow_operator::api::{PromptFlowRuntime, RuntimePhase};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::harness::{self, OperatorProcess, PodProcesses, TestNamespace, with_namespace};
+use crate::harness::{self, OperatorProcess, TestNamespace, with_namespace};
+use crate::processes::PodProcesses;
 use crate::runtime::{create, create_runtime, wait_status};
 
 const DAG: &str = "inputs:\n  question:\n    type: string\noutputs:\n  answer:\n    type: string\n    reference: ${echo.output}\nnodes:\n- name: echo\n  type: python\n  source:\n    type: code\n    path: echo.py\n  inputs:\n    question: ${inputs.question}\n";
