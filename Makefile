@@ -13,7 +13,7 @@ PF_CLUSTER_DIR ?= $(CURDIR)/.cluster
 export PF_CLUSTER_DIR
 CLUSTER_KUBECONFIG := $(PF_CLUSTER_DIR)/kubeconfig
 
-.PHONY: build run generate verify-generated fmt-check clippy unit chart-lint e2e test bench cluster-up cluster-down deps
+.PHONY: build run generate verify-generated fmt-check clippy unit chart-lint e2e smoke test bench heap-profile chaos cluster-up cluster-down deps
 
 deps: ## Install the system packages the cluster and registry need (idempotent)
 	hack/install-deps.sh
@@ -61,19 +61,38 @@ e2e: build deps ## e2e tests against the local cluster (started and stopped here
 	export PATH="$$(hack/tool-path.sh):$$PATH" KUBECONFIG=$(CLUSTER_KUBECONFIG); \
 	export PF_PROMPTFLOW_VENV="$$(hack/promptflow-venv.sh)"; \
 	rc=0; cargo test --test e2e -- --test-threads=4 --skip faults:: || rc=$$?; \
+	echo "smoke: make bench at N=50"; \
+	if [ $$rc = 0 ]; then PF_BENCH_N=50 PF_BENCH_STEADY_SECONDS=10 cargo test --test bench -- --nocapture || rc=$$?; fi; \
 	echo "e2e: control-plane faults, one test at a time (each restarts kube-apiserver or etcd)"; \
 	if [ $$rc = 0 ]; then cargo test --test e2e faults:: -- --test-threads=1 || rc=$$?; fi; \
+	echo "smoke: make chaos at N=50"; \
+	if [ $$rc = 0 ]; then PF_CHAOS_N=50 PF_CHAOS_REGISTRY_DOWN_SECONDS=10 cargo test --test chaos -- --nocapture --test-threads=1 || rc=$$?; fi; \
 	if [ $$started = 1 ] && [ -z "$${PF_E2E_KEEP:-}" ]; then hack/cluster-down.sh; fi; \
 	exit $$rc
 
 test: fmt-check clippy verify-generated unit chart-lint e2e ## Everything CI runs
 
-bench: deps ## Speed and memory at scale (release build) against the local cluster; fails when a target is missed
+# Runs a command against the local cluster, starting it first (and stopping it after) when it is
+# not up; the command sees KUBECONFIG and the cluster's tools on PATH.
+define on_cluster
 	@started=0; \
 	if ! hack/cluster-status.sh >/dev/null 2>&1; then started=1; hack/cluster-up.sh; fi; \
-	rc=0; PATH="$$(hack/tool-path.sh):$$PATH" KUBECONFIG=$(CLUSTER_KUBECONFIG) cargo test --release --test bench -- --nocapture || rc=$$?; \
-	if [ $$started = 1 ]; then hack/cluster-down.sh; fi; \
+	export PATH="$$(hack/tool-path.sh):$$PATH" KUBECONFIG=$(CLUSTER_KUBECONFIG); \
+	rc=0; $(1) || rc=$$?; \
+	if [ $$started = 1 ] && [ -z "$${PF_E2E_KEEP:-}" ]; then hack/cluster-down.sh; fi; \
 	exit $$rc
+endef
+
+BENCH_N ?= 1000,10000
+bench: deps ## Speed, memory and writes at N=$(BENCH_N) runtimes against a measured floor (release build); report and chart in $(CARGO_TARGET_DIR)/bench
+	$(call on_cluster,PF_BENCH_N=$(BENCH_N) cargo test --release --test bench -- --nocapture)
+
+heap-profile: deps ## Where the operator's heap goes at its peak with N=1000 runtimes (dhat, backlog phase only)
+	$(call on_cluster,PF_BENCH_N=$${PF_BENCH_N:-1000} PF_BENCH_PHASES=backlog PF_HEAP_PROFILE=$(CARGO_TARGET_DIR)/bench/dhat-heap.json cargo test --profile heap --features heap-profile --test bench -- --nocapture)
+
+CHAOS_N ?= 1000
+chaos: deps ## Faults during the convergence of N=$(CHAOS_N) runtimes, and hostile objects (release build)
+	$(call on_cluster,PF_CHAOS_N=$(CHAOS_N) cargo test --release --test chaos -- --nocapture --test-threads=1)
 
 cluster-up: deps ## Start the local cluster (idempotent); kubeconfig at .cluster/kubeconfig
 	hack/cluster-up.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the local cluster and registry need, when missing. Idempotent.
+# Installs the Debian packages the local cluster, the registry and the bench need, when missing. Idempotent.
 source "$(dirname "$0")/lib.sh"
 
 need=()
@@ -9,6 +9,8 @@ command -v skopeo >/dev/null || need+=(skopeo)
 command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
+# The bench's chart draws its text with DejaVu Sans.
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -128,7 +128,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// `repository[:tag][@digest]`, as container runtimes accept it.
 fn is_image_reference(image: &str) -> bool {
-    image.parse::<oci_client::Reference>().is_ok()
+    crate::image_ref::parse(image).is_some()
 }
 
 #[cfg(test)]

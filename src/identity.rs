@@ -200,9 +200,7 @@ fn normalize_host(key: &str) -> String {
 /// The registry host of an image reference, as container runtimes read it (`docker.io` when
 /// the reference names none).
 pub fn registry_host(image: &str) -> String {
-    image
-        .parse::<oci_client::Reference>()
-        .map_or_else(|_| "docker.io".to_owned(), |r| r.registry().to_owned())
+    crate::image_ref::parse(image).map_or_else(|| "docker.io".to_owned(), |r| r.registry().to_owned())
 }
 
 #[cfg(test)]

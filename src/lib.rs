@@ -13,6 +13,7 @@ pub mod fixtures;
 pub mod flow;
 pub mod identity;
 pub mod idle;
+pub mod image_ref;
 pub mod instance;
 pub mod leader;
 pub mod metrics;

@@ -130,8 +130,17 @@ enum Command {
     ActivityProxy(proxy::ProxySettings),
 }
 
+#[cfg(feature = "heap-profile")]
+#[global_allocator]
+static HEAP: dhat::Alloc = dhat::Alloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // Written when main returns (a clean shutdown), not on SIGKILL.
+    #[cfg(feature = "heap-profile")]
+    let _profiler = dhat::Profiler::builder()
+        .file_name(std::env::var("PF_HEAP_PROFILE").unwrap_or_else(|_| "dhat-heap.json".into()))
+        .build();
     let args = Args::parse();
     telemetry::init(args.log_format);
     if let Some(Command::ActivityProxy(settings)) = args.command {

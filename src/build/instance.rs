@@ -184,7 +184,12 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
 
 /// The runtimes a live instance pod carries, in slot order.
 pub fn attached(pod: &Pod) -> Vec<&str> {
-    pod.metadata
+    attached_to(&pod.metadata)
+}
+
+/// The runtimes an instance pod's metadata says it carries, in slot order.
+pub fn attached_to(metadata: &ObjectMeta) -> Vec<&str> {
+    metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(RUNTIMES_ANNOTATION))

@@ -7,11 +7,12 @@ use std::time::Duration;
 use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::core::v1::{Pod, ResourceQuota, Service, ServiceAccount};
 use kube::Client;
-use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use super::index::DependencyIndex;
 use super::instance::InstanceMemory;
+use super::lean::{LeanPod, LeanService};
+use super::recorder::Recorder;
 use super::runtime::{Backoff, OwnWrites};
 use crate::api::{ComputeInstance, PromptFlowRuntime};
 use crate::build::pod::PodTemplate;
@@ -33,10 +34,10 @@ pub struct Context {
     pub template: PodTemplate,
     /// Publishes events.
     pub recorder: Recorder,
-    /// Owned pods.
-    pub pods: Store<Pod>,
-    /// Owned Services.
-    pub services: Store<Service>,
+    /// Owned pods (lean: only what the controllers read; `pod()` gives one as a `Pod`).
+    pub pods: Store<LeanPod>,
+    /// Owned Services (lean; `service()` gives one as a `Service`).
+    pub services: Store<LeanService>,
     /// Asks activity proxies.
     pub probe: ActivityProbe,
     /// Idle-stop settings.
@@ -100,6 +101,20 @@ impl Default for InstanceSettings {
 }
 
 impl Context {
+    /// The cached pod `name` of `namespace`, as a `Pod` holding the fields the cache keeps.
+    pub fn pod(&self, name: &str, namespace: &str) -> Option<Arc<Pod>> {
+        self.pods
+            .get(&ObjectRef::new(name).within(namespace))
+            .map(|lean| Arc::new(lean.to_pod()))
+    }
+
+    /// The cached Service `name` of `namespace`, as a `Service` holding the fields the cache keeps.
+    pub fn service(&self, name: &str, namespace: &str) -> Option<Arc<Service>> {
+        self.services
+            .get(&ObjectRef::new(name).within(namespace))
+            .map(|lean| Arc::new(lean.to_service()))
+    }
+
     /// Waits until the caches hold a full list: decisions need complete caches (a service
     /// account missing from a half-filled cache is not missing). One task waits on the stores and
     /// signals every reconcile at once.

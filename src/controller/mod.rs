@@ -4,15 +4,16 @@
 pub mod context;
 pub mod index;
 pub mod instance;
+pub mod lean;
+pub mod recorder;
 pub mod runtime;
 pub mod watch_health;
 
 use std::sync::Arc;
 
 use futures::{FutureExt, StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, ResourceQuota, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, ResourceQuota, ServiceAccount};
 use kube::core::PartialObjectMeta;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -112,14 +113,6 @@ fn tracked<K>(
     }
 }
 
-/// Drops what the caches do not need.
-fn trim<K: Resource>(object: &mut K) {
-    object.meta_mut().managed_fields = None;
-    if let Some(annotations) = object.meta_mut().annotations.as_mut() {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-}
-
 /// Runs the PromptFlowRuntime and ComputeInstance controllers until `shutdown` resolves.
 pub async fn run(
     client: Client,
@@ -141,33 +134,33 @@ pub async fn run(
     let shutdown = shutdown.shared();
 
     let pod_stream = watcher(
-        scoped::<Pod>(&client, scope),
+        scoped::<lean::LeanPod>(&client, scope),
         watcher::Config::default().labels(OWNED_POD_SELECTOR),
     )
     .backoff(watch_backoff())
     .filter(tracked(&health, "pods"))
-    .modify(trim)
+    .modify(lean::trim_pod)
     .reflect(pod_writer)
     .touched_objects();
     let service_stream = watcher(
-        scoped::<Service>(&client, scope),
+        scoped::<lean::LeanService>(&client, scope),
         watcher::Config::default().labels(OWNED_SERVICE_SELECTOR),
     )
     .backoff(watch_backoff())
     .filter(tracked(&health, "services"))
-    .modify(trim)
+    .modify(lean::trim)
     .reflect(service_writer)
     .touched_objects();
     let account_stream = watcher(scoped::<ServiceAccount>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())
         .filter(tracked(&health, "service accounts"))
-        .modify(trim)
+        .modify(lean::trim_account)
         .reflect(account_writer)
         .touched_objects();
     let quota_stream = watcher(scoped::<ResourceQuota>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())
         .filter(tracked(&health, "resource quotas"))
-        .modify(trim)
+        .modify(lean::trim)
         .reflect(quota_writer)
         .touched_objects();
     // ConfigMaps only wake runtimes; their content is read when a runtime reconciles. Secrets are
@@ -215,15 +208,11 @@ pub async fn run(
             let _ = answered_tx.unbounded_send(repository.to_owned());
         }),
     ));
-    let reporter = Reporter {
-        controller: runtime::MANAGER.into(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
     let context = Arc::new(Context {
         client: client.clone(),
         catalog: settings.catalog,
         template: settings.template,
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: recorder::Recorder::new(client.clone(), runtime::MANAGER, std::env::var("POD_NAME").ok()),
         pods,
         services,
         probe: Default::default(),
@@ -279,7 +268,7 @@ pub async fn run(
     let runtime_stream = watcher(scoped::<PromptFlowRuntime>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())
         .filter(tracked(&health, "runtimes"))
-        .modify(trim)
+        .modify(lean::trim)
         .reflect(runtime_writer)
         .inspect_ok({
             let store = runtime_store.clone();
@@ -303,7 +292,7 @@ pub async fn run(
     let instance_stream = watcher(scoped::<ComputeInstance>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())
         .filter(tracked(&health, "compute instances"))
-        .modify(trim)
+        .modify(lean::trim)
         .reflect(instance_writer)
         .inspect_ok(move |event| match event {
             watcher::Event::Apply(instance) | watcher::Event::InitApply(instance) => {
@@ -324,7 +313,7 @@ pub async fn run(
         .trigger_backoff(watch_backoff())
         .watches_stream(pod_stream, {
             let dependents = dependents.clone();
-            move |pod: Pod| dependents.of_pod(&pod)
+            move |pod: lean::LeanPod| dependents.of_pod(&pod)
         })
         .owns_stream(service_stream)
         .reconcile_on(runtime_wakes)
@@ -415,7 +404,7 @@ impl Dependents {
     }
 
     /// A runtime's own pod wakes it; an instance pod wakes its instance and the runtimes on it.
-    fn of_pod(&self, pod: &Pod) -> Vec<ObjectRef<PromptFlowRuntime>> {
+    fn of_pod(&self, pod: &lean::LeanPod) -> Vec<ObjectRef<PromptFlowRuntime>> {
         let namespace = pod.namespace().unwrap_or_default();
         let labels = pod.labels();
         if let Some(instance) = labels.get(INSTANCE_LABEL) {

@@ -185,9 +185,9 @@ impl Session {
 }
 
 fn parse(repository: &str, image: &str) -> Result<Reference, RegistryError> {
-    image.parse().map_err(|e| RegistryError::Invalid {
+    crate::image_ref::parse(image).ok_or_else(|| RegistryError::Invalid {
         repository: repository.to_owned(),
-        detail: format!("not an image reference: {e}"),
+        detail: "not an image reference".to_owned(),
     })
 }
 

@@ -16,5 +16,6 @@ mod instance;
 mod leader;
 mod operator;
 mod processes;
+mod registry;
 mod runtime;
 mod versions;

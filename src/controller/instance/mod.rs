@@ -118,9 +118,7 @@ pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Res
     let key = ObjectRef::from_obj(instance);
     let now = Timestamp::now();
     let previous = instance.status.clone().unwrap_or_default();
-    let live = ctx
-        .pods
-        .get(&ObjectRef::new(&pod_builder::pod_name(&name)).within(&namespace));
+    let live = ctx.pod(&pod_builder::pod_name(&name), &namespace);
 
     // Schedules: what fell due since the announced trigger, and what comes next.
     let (compiled, problems) = schedule::compile(&instance.spec.schedules);

@@ -245,7 +245,7 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: s
     let desired = service::runtime_service(runtime, target);
     let namespace = runtime.namespace().unwrap_or_default();
     let service_ref = ObjectRef::new(&runtime.name_any()).within(&namespace);
-    let live = ctx.services.get(&service_ref);
+    let live = ctx.service(&service_ref.name, &namespace);
     let as_wanted = live.as_deref().is_some_and(|live| service::matches(live, &desired));
     if as_wanted || ctx.own_writes.service_pending(&service_ref, as_wanted) {
         return Ok(true);

@@ -256,7 +256,7 @@ async fn stay_stopped(
     url: Option<&str>,
 ) -> Result<Action> {
     let namespace = runtime.namespace().unwrap_or_default();
-    if let Some(live) = ctx.pods.get(&apply::pod_ref(&runtime.name_any(), &namespace)) {
+    if let Some(live) = ctx.pod(&crate::build::pod::pod_name(&runtime.name_any()), &namespace) {
         apply::delete_pod(ctx, &live).await?;
     }
     let status = runtime.status.clone().unwrap_or_default();

@@ -60,8 +60,7 @@ pub async fn observe(
     let flow_name = runtime.spec.flow.as_ref().and_then(|f| f.config_map_name.clone());
     let serverless = runtime.spec.compute.serverless.is_some();
     let pod = ctx
-        .pods
-        .get(&ObjectRef::new(&pod::pod_name(&runtime.name_any())).within(namespace))
+        .pod(&pod::pod_name(&runtime.name_any()), namespace)
         .filter(|_| serverless);
 
     let mut dependencies = vec![Dependency::ServiceAccount(namespace.to_owned(), account_name.clone())];
@@ -115,10 +114,13 @@ pub async fn observe(
 
 /// Reads one Secret. Parsed here rather than by the client library, which logs the whole response
 /// body at warn when it cannot parse it; this never puts the body, or a parser message quoting
-/// it, anywhere.
+/// it, anywhere. Served from the API server's watch cache (`resourceVersion=0`), not a quorum read
+/// from etcd: a reconcile reads its pull secrets every time, and at thousands of runtimes those
+/// reads would load etcd for no gain (a secret that changes a moment later is read again at the
+/// runtime's next retry).
 pub(crate) async fn read_secret(client: &kube::Client, namespace: &str, name: &str) -> Result<Option<Secret>> {
     let request = kube::core::Request::new(format!("/api/v1/namespaces/{namespace}/secrets"))
-        .get(name, &kube::api::GetParams::default())
+        .get(name, &kube::api::GetParams::any())
         .map_err(|e| Error::Kube(kube::Error::BuildRequest(e)))?;
     let text = match client.request_text(request).await {
         Ok(text) => text,

@@ -37,7 +37,7 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
         set_finalizers(ctx, runtime, finalizers).await?;
     }
     // Moved here from serverless: its own pod goes.
-    if let Some(own) = ctx.pods.get(&apply::pod_ref(&name, &namespace)) {
+    if let Some(own) = ctx.pod(&apply::pod_ref(&name, &namespace).name, &namespace) {
         apply::delete_pod(ctx, &own).await?;
     }
     let observed = observe::observe(runtime, ctx, &namespace, |deps| ctx.index.record(key.clone(), deps)).await?;
@@ -50,10 +50,9 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
         Err(_) => None,
     };
     let instance = ctx.instances.get(&ObjectRef::new(&asked.name).within(&namespace));
-    let live = instance.as_ref().and_then(|_| {
-        ctx.pods
-            .get(&ObjectRef::new(&instance_pod::pod_name(&asked.name)).within(&namespace))
-    });
+    let live = instance
+        .as_ref()
+        .and_then(|_| ctx.pod(&instance_pod::pod_name(&asked.name), &namespace));
     let placement = live.as_deref().and_then(|pod| placement_in(pod, &name));
     let mut conditions = vec![identity];
     // While the first registry answer is awaited there is no version to record yet: writing
@@ -256,7 +255,7 @@ pub fn detached(ctx: &Context, runtime: &PromptFlowRuntime) -> bool {
     let carrying = ctx.pods.state_filter(|pod| {
         pod.namespace().as_deref() == Some(namespace.as_str())
             && pod.labels().contains_key(instance_pod::INSTANCE_LABEL)
-            && placement_in(pod, &name).is_some()
+            && instance_pod::attached_to(&pod.metadata).contains(&name.as_str())
     });
     carrying.iter().all(|pod| {
         let instance = instance_pod::instance_name(&pod.name_any()).to_owned();

@@ -103,9 +103,8 @@ pub fn resolve(runtime: &PromptFlowRuntime, observed: &Observed) -> (ConditionSt
     let (image, version) = runtime_image(runtime, flow_environment);
     let from_flow = flow_environment.is_some_and(|f| f.image.is_some());
     let repository = if from_flow {
-        image
-            .parse::<oci_client::Reference>()
-            .map_or_else(|_| image.clone(), |r| format!("{}/{}", r.registry(), r.repository()))
+        crate::image_ref::parse(&image)
+            .map_or_else(|| image.clone(), |r| format!("{}/{}", r.registry(), r.repository()))
     } else {
         runtime.spec.image.repository.clone()
     };
@@ -207,10 +206,7 @@ fn runtime_image(runtime: &PromptFlowRuntime, flow: Option<&FlowEnvironment>) ->
     let version = spec_image.version.clone().unwrap_or_else(|| "latest".to_owned());
     match flow.and_then(|f| f.image.clone()) {
         Some(flow_image) => {
-            let tag = flow_image
-                .parse::<oci_client::Reference>()
-                .ok()
-                .and_then(|r| r.tag().map(str::to_owned));
+            let tag = crate::image_ref::parse(&flow_image).and_then(|r| r.tag().map(str::to_owned));
             (flow_image, tag.unwrap_or(version))
         }
         None if version.starts_with("sha256:") => (format!("{}@{version}", spec_image.repository), version),

@@ -2,9 +2,9 @@
 //! is composed, compared with the last one, and patched only on difference; one event per
 //! transition of phase or reason, never one per reconcile.
 
+use crate::controller::recorder::{Draft, EventType};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use tracing::warn;
 
@@ -137,14 +137,14 @@ fn same_problem(before: Option<&str>, now: Option<&str>) -> bool {
 /// Publishes an event about a runtime or an instance; a failure is logged, never fails the
 /// reconcile.
 pub async fn publish<K: Resource<DynamicType = ()>>(ctx: &Context, object: &K, notice: &Notice) {
-    let event = Event {
+    let note: String = notice.note.chars().take(1000).collect();
+    let draft = Draft {
         type_: notice.type_,
-        reason: notice.reason.clone(),
-        note: Some(notice.note.chars().take(1000).collect()),
-        action: "Reconcile".to_owned(),
-        secondary: None,
+        reason: &notice.reason,
+        action: "Reconcile",
+        note: &note,
     };
-    if let Err(err) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
+    if let Err(err) = ctx.recorder.publish(&draft, &object.object_ref(&())).await {
         warn!(name = ?object.meta().name, error = %err, "could not publish event");
     }
 }

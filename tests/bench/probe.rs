@@ -1,0 +1,42 @@
+//! What the bench reads about the operator process: memory and CPU from `/proc`, counters from its
+//! `/metrics`.
+
+/// A `/proc/<pid>/status` field in MiB (`VmRSS:` now, `VmHWM:` the peak).
+pub fn memory_mib(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|line| line.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .unwrap_or_default()
+        / 1024.0
+}
+
+/// User and system CPU seconds the process used so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or_default();
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The sum of every sample of `name` whose labels contain `labels` (all of them when empty).
+pub fn metric(metrics: &str, name: &str, labels: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// API requests so far: (reads, writes), events included.
+pub fn requests(metrics: &str) -> (f64, f64) {
+    let name = "promptflow_operator_kube_requests_total";
+    (
+        metric(metrics, name, r#"kind="read""#),
+        metric(metrics, name, r#"kind="write""#),
+    )
+}
