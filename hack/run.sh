@@ -15,6 +15,4 @@ fi
 kubectl apply --server-side --field-manager=promptflow-operator-install -f "$REPO_ROOT/config/crd/" >/dev/null
 kubectl wait --for=condition=Established --timeout=60s -f "$REPO_ROOT/config/crd/" >/dev/null
 log "CRDs installed"
-# As the chart runs it: two malloc arenas keep the resident size near the heap.
-export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}"
 exec "$OPERATOR_BIN" "$@"

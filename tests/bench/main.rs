@@ -123,6 +123,7 @@ impl Bench {
         if !live {
             fleet::create_runtimes(&self.client, &namespace, n, &spec, CONCURRENCY).await;
         }
+        let cluster_writes_before = probe::cluster_writes(&self.client).await;
         let mut operator = self.operator(&namespace);
         let pid = operator.pid().expect("the operator runs");
         let mut rss_at_start = 0.0;
@@ -149,6 +150,10 @@ impl Bench {
         }
         // Let the last status writes and events land, then count a window with nothing to do.
         tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut cluster_writes = probe::cluster_writes(&self.client).await - cluster_writes_before;
+        if live {
+            cluster_writes -= n as f64; // the bench's own creates
+        }
         let metrics = operator.metrics().await;
         let (reads, writes) = probe::requests(&metrics);
         let events = probe::metric(
@@ -164,6 +169,7 @@ impl Bench {
             converged: Convergence {
                 seconds: converged.as_secs_f64(),
                 points: timeline.points(400),
+                cluster_writes_per_object: cluster_writes / n as f64,
             },
             ratio_to_floor: 0.0,
             writes_per_runtime: writes / n as f64,
@@ -213,6 +219,7 @@ impl Bench {
     async fn floor(&self, n: usize, template: &Pod) -> Convergence {
         let namespace = fleet::namespace(&self.client, "pf-bench-floor").await;
         self.identity(&namespace).await;
+        let cluster_writes_before = probe::cluster_writes(&self.client).await;
         let start = Instant::now();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
         let mut timeline = Timeline::watch(api, start, fleet::pod_ready);
@@ -221,9 +228,12 @@ impl Bench {
             Ok(took) => took.as_secs_f64(),
             Err(done) => panic!("floor: {done} of {n} pods Ready after {:?}", patience(n)),
         };
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let cluster_writes = probe::cluster_writes(&self.client).await - cluster_writes_before;
         let convergence = Convergence {
             seconds,
             points: timeline.points(400),
+            cluster_writes_per_object: cluster_writes / n as f64,
         };
         drop(timeline);
         fleet::delete_namespace(&self.client, &namespace).await;

@@ -40,3 +40,19 @@ pub fn requests(metrics: &str) -> (f64, f64) {
         metric(metrics, name, r#"kind="write""#),
     )
 }
+
+/// Writes the API server has served so far (every client: the bench, the operator, the
+/// scheduler, the controller manager, kwok), from its own `apiserver_request_total`.
+pub async fn cluster_writes(client: &kube::Client) -> f64 {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(request).await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| {
+            ["POST", "PUT", "PATCH", "DELETE", "APPLY"]
+                .iter()
+                .any(|v| l.contains(&format!("verb=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

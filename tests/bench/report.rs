@@ -15,6 +15,9 @@ pub const TARGET_RATIO: f64 = 1.5;
 pub struct Convergence {
     pub seconds: f64,
     pub points: Vec<(f64, usize)>,
+    /// Writes the API server served per object from the start until 3 s after convergence, by
+    /// every client (operator or bench, scheduler, controller manager, kwok, node leases).
+    pub cluster_writes_per_object: f64,
 }
 
 /// What the operator did and cost in one phase.
@@ -75,15 +78,17 @@ pub fn summary(size: &SizeResult) -> String {
     let b = &size.backlog;
     let l = &size.live;
     format!(
-        "bench N={}: floor {:.1}s; backlog {:.1}s ({:.2}x floor), live {:.1}s ({:.2}x); {:.2} writes/runtime ({:.2} events), {:.2} reads; \
+        "bench N={}: floor {:.1}s ({:.1} cluster writes/pod); backlog {:.1}s ({:.2}x floor), live {:.1}s ({:.2}x); {:.1} cluster writes/runtime; operator {:.2} writes/runtime ({:.2} events), {:.2} reads; \
          steady {:.0} writes/min, {:.1} reads/min; no-op pass {:.0} writes; RSS peak {:.1} MiB, steady {:.1} MiB ({:.1} KiB/runtime); CPU {:.1}s; \
          {:.0} registry requests",
         size.runtimes,
         size.floor.seconds,
+        size.floor.cluster_writes_per_object,
         b.converged.seconds,
         b.ratio_to_floor,
         l.converged.seconds,
         l.ratio_to_floor,
+        b.converged.cluster_writes_per_object,
         b.writes_per_runtime,
         b.event_writes_per_runtime,
         b.reads_per_runtime,
