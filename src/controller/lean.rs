@@ -22,6 +22,31 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use serde::Deserialize;
 
+/// A lean type is the API resource of the full type it stands for (same group, kind, path), so
+/// `Api`, watches and stores treat it as that resource.
+macro_rules! lean_resource {
+    ($lean:ty, $full:ty) => {
+        impl k8s_openapi::Resource for $lean {
+            const API_VERSION: &'static str = <$full>::API_VERSION;
+            const GROUP: &'static str = <$full>::GROUP;
+            const KIND: &'static str = <$full>::KIND;
+            const VERSION: &'static str = <$full>::VERSION;
+            const URL_PATH_SEGMENT: &'static str = <$full>::URL_PATH_SEGMENT;
+            type Scope = k8s_openapi::NamespaceResourceScope;
+        }
+
+        impl k8s_openapi::Metadata for $lean {
+            type Ty = ObjectMeta;
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
 /// Drops what no cached object needs: managed fields and the last-applied annotation.
 pub fn trim<K: Resource>(object: &mut K) {
     trim_meta(object.meta_mut());
@@ -142,24 +167,7 @@ struct LeanTerminated {
     message: Option<String>,
 }
 
-impl k8s_openapi::Resource for LeanPod {
-    const API_VERSION: &'static str = Pod::API_VERSION;
-    const GROUP: &'static str = Pod::GROUP;
-    const KIND: &'static str = Pod::KIND;
-    const VERSION: &'static str = Pod::VERSION;
-    const URL_PATH_SEGMENT: &'static str = Pod::URL_PATH_SEGMENT;
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for LeanPod {
-    type Ty = ObjectMeta;
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+lean_resource!(LeanPod, Pod);
 
 impl LeanPod {
     /// The pod as a k8s-openapi `Pod` holding what was kept, for the code that reads pods (built
@@ -264,24 +272,7 @@ struct LeanServicePort {
     target_port: Option<IntOrString>,
 }
 
-impl k8s_openapi::Resource for LeanService {
-    const API_VERSION: &'static str = Service::API_VERSION;
-    const GROUP: &'static str = Service::GROUP;
-    const KIND: &'static str = Service::KIND;
-    const VERSION: &'static str = Service::VERSION;
-    const URL_PATH_SEGMENT: &'static str = Service::URL_PATH_SEGMENT;
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for LeanService {
-    type Ty = ObjectMeta;
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+lean_resource!(LeanService, Service);
 
 impl LeanService {
     /// The Service as a k8s-openapi `Service` holding what was kept.

@@ -104,6 +104,14 @@ pub async fn delete_namespace(client: &Client, name: &str) {
     }
 }
 
+/// Writes the one-entry catalog every bench and chaos runtime is sized from (small enough that
+/// the fake nodes hold thousands); returns its path.
+pub fn tiny_catalog(prefix: &str) -> String {
+    let path = std::env::temp_dir().join(format!("{prefix}-catalog-{}.yaml", std::process::id()));
+    std::fs::write(&path, "instanceTypes:\n- {name: Bench_Tiny, cpu: 10m, memory: 32Mi}\n").unwrap();
+    path.to_string_lossy().into_owned()
+}
+
 /// The spec of every bench runtime: the tiny size, the local registry's runtime repository and the
 /// pull identity that logs in there.
 pub fn runtime_spec(repository: &str) -> serde_json::Value {

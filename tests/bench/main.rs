@@ -260,17 +260,12 @@ async fn runtimes_at_scale() {
     let registry = LocalRegistry::read();
     let repository = format!("{}/bench/runtime", registry.host);
     registry.push(&repository, TAG).await;
-    let catalog = std::env::temp_dir().join(format!("pf-bench-catalog-{}.yaml", std::process::id()));
-    std::fs::write(
-        &catalog,
-        "instanceTypes:\n- {name: Bench_Tiny, cpu: 10m, memory: 32Mi}\n",
-    )
-    .unwrap();
+    let catalog = fleet::tiny_catalog("pf-bench");
     let bench = Bench {
         client: client.clone(),
         registry,
         repository,
-        catalog: catalog.to_string_lossy().into_owned(),
+        catalog: catalog.clone(),
         steady: plan.steady,
     };
     let largest = plan.sizes.iter().copied().max().unwrap_or_default();

@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::timeline::Timeline;
-use crate::{catalog, fleet, harness, operator, registry::LocalRegistry};
+use crate::{fleet, harness, operator, probe, registry::LocalRegistry};
 
 async fn create(api: &Api<PromptFlowRuntime>, object: serde_json::Value) -> kube::Result<PromptFlowRuntime> {
     let runtime: PromptFlowRuntime = serde_json::from_value(object).unwrap();
@@ -77,7 +77,7 @@ pub async fn run(crowd: usize) {
     let client = harness::client().await;
     harness::install_crds(&client).await;
     let registry = LocalRegistry::read();
-    let catalog = catalog();
+    let catalog = fleet::tiny_catalog("pf-hostile");
     fleet::ensure_nodes(&client, crowd + 10).await;
     // The crowd's namespace sorts first: the few runtimes of the quiet one come last in every list.
     let crowded = fleet::namespace(&client, "pf-hostile-a-crowd").await;
@@ -117,15 +117,10 @@ pub async fn run(crowd: usize) {
     );
     let log = op.log_text();
     assert!(!log.contains("panicked"), "the operator panicked:\n{log}");
-    let peak = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .unwrap_or_default()
-        .to_owned();
+    let peak = probe::memory_mib(pid, "VmHWM:");
     println!(
         "hostile: {crowd} runtimes in one namespace (incl. a 52-character name, unicode and 250 KiB annotations, a 1 MB flow) all Running after {:.1}s; \
-         the 3 of the other namespace after {:.1}s; operator {peak}",
+         the 3 of the other namespace after {:.1}s; operator peak RSS {peak:.1} MiB",
         crowd_took.as_secs_f64(),
         quiet_took.as_secs_f64()
     );

@@ -15,6 +15,9 @@ mod fleet;
 #[path = "../e2e/harness.rs"]
 #[allow(dead_code)]
 mod harness;
+#[path = "../bench/probe.rs"]
+#[allow(dead_code)]
+mod probe;
 #[path = "../e2e/registry.rs"]
 #[allow(dead_code)]
 mod registry;
@@ -53,13 +56,6 @@ fn registry_down() -> Duration {
     Duration::from_secs(seconds)
 }
 
-/// The catalog with the tiny size every chaos runtime uses.
-fn catalog() -> String {
-    let path = std::env::temp_dir().join(format!("pf-chaos-catalog-{}.yaml", std::process::id()));
-    std::fs::write(&path, "instanceTypes:\n- {name: Bench_Tiny, cpu: 10m, memory: 32Mi}\n").unwrap();
-    path.to_string_lossy().into_owned()
-}
-
 /// The operator, over `namespace` or every namespace.
 fn operator(namespace: Option<&str>, catalog: &str, registry: &LocalRegistry) -> OperatorProcess {
     let mut args = vec!["--catalog", catalog, "--registry-ca-file", &registry.ca_file];
@@ -94,7 +90,7 @@ async fn every_runtime_converges_through_operator_control_plane_and_registry_fau
     let registry = LocalRegistry::read();
     let repository = format!("{}/chaos/runtime", registry.host);
     registry.push(&repository, "20240501.v1").await;
-    let catalog = catalog();
+    let catalog = fleet::tiny_catalog("pf-chaos");
     fleet::ensure_nodes(&client, n).await;
     let namespace = fleet::namespace(&client, "pf-chaos").await;
     let ns = harness::TestNamespace {

@@ -22,6 +22,21 @@ fn operator(ns: &TestNamespace, registry: &LocalRegistry) -> OperatorProcess {
     )
 }
 
+/// Waits until runtime `name` is Running at `version`; returns it.
+async fn running_at(ns: &TestNamespace, name: &str, version: &str) -> PromptFlowRuntime {
+    harness::wait_for(
+        &ns.api::<PromptFlowRuntime>(),
+        name,
+        |rt: Option<&PromptFlowRuntime>| {
+            rt.and_then(|rt| rt.status.as_ref()).is_some_and(|s| {
+                s.version.as_deref() == Some(version) && s.phase == promptflow_operator::api::RuntimePhase::Running
+            })
+        },
+        Duration::from_secs(60),
+    )
+    .await
+}
+
 fn spec(repository: &str) -> serde_json::Value {
     json!({"image": {"repository": repository}, "identity": {"serviceAccountName": "puller"}})
 }
@@ -94,18 +109,7 @@ async fn pins_the_newest_allowed_version_by_digest_then_checks_and_updates_on_re
         annotate(&ns, "chat", "promptflow.dev/update", "1").await;
         let new_digest = own.digest("20240601.v1").await;
         let updated = format!("{repository}:20240601.v1@{new_digest}");
-        harness::wait_for(
-            &ns.api::<PromptFlowRuntime>(),
-            "chat",
-            |rt: Option<&PromptFlowRuntime>| {
-                rt.and_then(|rt| rt.status.as_ref()).is_some_and(|s| {
-                    s.version.as_deref() == Some("20240601.v1")
-                        && s.phase == promptflow_operator::api::RuntimePhase::Running
-                })
-            },
-            Duration::from_secs(60),
-        )
-        .await;
+        running_at(&ns, "chat", "20240601.v1").await;
         let pods: Vec<Pod> = runtime_pods(&ns, "chat").await;
         assert_eq!(pods.len(), 1);
         assert_ne!(pods[0].uid().unwrap(), first_pod);
@@ -252,18 +256,7 @@ async fn an_automatic_runtime_moves_to_a_newer_version_by_itself() {
         registry.push(&repository, "20240102.v1").await;
         // The next check finds it (the button makes the check happen now instead of in an hour).
         annotate(&ns, "auto", "promptflow.dev/check-version", "1").await;
-        let moved = harness::wait_for(
-            &ns.api::<PromptFlowRuntime>(),
-            "auto",
-            |rt: Option<&PromptFlowRuntime>| {
-                rt.and_then(|rt| rt.status.as_ref()).is_some_and(|s| {
-                    s.version.as_deref() == Some("20240102.v1")
-                        && s.phase == promptflow_operator::api::RuntimePhase::Running
-                })
-            },
-            Duration::from_secs(60),
-        )
-        .await;
+        let moved = running_at(&ns, "auto", "20240102.v1").await;
         let status = moved.status.unwrap();
         assert!(
             status
