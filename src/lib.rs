@@ -5,6 +5,7 @@ pub mod admin;
 pub mod api;
 pub mod build;
 pub mod catalog;
+pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod error;

@@ -180,7 +180,8 @@ pub struct ComputeInstanceStatus {
     /// already handled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handled_actions: Option<super::HandledActions>,
-    /// Conditions: `Ready`, `Idle`, `SchedulesValid`.
+    /// Conditions: `Ready`, `Idle`, `Accepted`, and kstatus' `Reconciling` and `Stalled` (present
+    /// only when true).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

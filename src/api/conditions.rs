@@ -18,6 +18,14 @@ pub const IDLE: &str = "Idle";
 /// cannot be used (the others still apply).
 pub const ACCEPTED: &str = "Accepted";
 
+/// kstatus' "abnormal-true" condition: present (`True`) while the operator works towards the
+/// spec (starting, restarting, updating); absent once it is reached or cannot be reached.
+/// GitOps tools (Flux, kstatus, Argo CD with this project's health check) read it as InProgress.
+pub const RECONCILING: &str = "Reconciling";
+/// kstatus' "abnormal-true" condition: present (`True`) while the spec cannot be reached until
+/// someone acts (the reason and message say what to fix). GitOps tools read it as Failed.
+pub const STALLED: &str = "Stalled";
+
 /// Reasons for `status.reason` and condition reasons (CamelCase, stable).
 pub mod reasons {
     /// Nothing has been reconciled yet.
@@ -133,6 +141,14 @@ pub mod reasons {
     pub const STARTING: &str = "Starting";
     /// The instance is being stopped.
     pub const STOPPING: &str = "Stopping";
+
+    /// Reasons of a runtime that is not available on purpose: it is at rest, neither
+    /// `Reconciling` nor `Stalled` (Argo CD: Suspended).
+    pub const AT_REST: [&str; 3] = [STOPPED_IDLE, STOPPED_BY_USER, COMPUTE_INSTANCE_STOPPED];
+
+    /// Reasons that stop a runtime until someone acts although they are no Warning of their own
+    /// (the kubelet's events already are): `Stalled` besides [`PROBLEMS`].
+    pub const FAILING: [&str; 3] = [CRASH_LOOP_BACK_OFF, OOM_KILLED, POD_FAILED];
 
     /// Reasons that ask the user to act: a transition into one of them is a Warning event.
     pub const PROBLEMS: [&str; 16] = [

@@ -285,7 +285,7 @@ pub struct PromptFlowRuntimeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handled_actions: Option<HandledActions>,
     /// Conditions: `Ready`, `IdentityResolved`, `SpecApplied`, `TemplateCurrent`,
-    /// `UpdateAvailable`, `Idle`.
+    /// `UpdateAvailable`, `Idle`, and kstatus' `Reconciling` and `Stalled` (present only when true).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

@@ -15,6 +15,7 @@ mod idle;
 mod instance;
 mod leader;
 mod operator;
+mod plugin;
 mod processes;
 mod registry;
 mod runtime;

@@ -10,7 +10,7 @@ use crate::api::conditions::{self, reasons};
 use crate::api::{ComputeInstance, ComputeInstanceStatus, HandledActions, InstanceState, ScheduledAction};
 use crate::controller::context::{Context, MANAGER};
 use crate::controller::runtime::report::{Notice, publish};
-use crate::controller::runtime::status::{ConditionState, condition, set_condition};
+use crate::controller::runtime::status::{ConditionState, condition, progress, set_condition};
 use crate::error::Result;
 
 /// What a reconcile reports about an instance.
@@ -47,8 +47,16 @@ pub fn compose(
         &report.reason,
         report.message.clone(),
     );
+    let progress = progress(
+        report.state == InstanceState::Running,
+        report.state == InstanceState::Stopped,
+        report.state == InstanceState::Failed
+            || (report.state != InstanceState::Running && reasons::PROBLEMS.contains(&report.reason.as_str())),
+        &report.reason,
+        &report.message,
+    );
     let mut all = vec![];
-    for state in std::iter::once(&ready).chain(&report.conditions) {
+    for state in std::iter::once(&ready).chain(&report.conditions).chain(&progress) {
         set_condition(&mut all, &previous.conditions, condition(state, generation, now));
     }
     all.sort_by(|a, b| a.type_.cmp(&b.type_));

@@ -67,6 +67,35 @@ impl ConditionState {
     }
 }
 
+/// kstatus' condition for a resource that is `running` or not: `Stalled` when it cannot get
+/// there until someone acts, none at rest or once running, else `Reconciling`.
+pub fn progress(running: bool, at_rest: bool, stalled: bool, reason: &str, message: &str) -> Option<ConditionState> {
+    let type_ = match (running, at_rest, stalled) {
+        (_, _, true) => conditions::STALLED,
+        (true, _, _) | (_, true, _) => return None,
+        _ => conditions::RECONCILING,
+    };
+    Some(ConditionState::new(type_, true, reason, message))
+}
+
+/// The runtime's kstatus condition: a problem (or a failing pod) stalls it, and so does a spec
+/// change that cannot be applied while the pod from the earlier spec keeps serving.
+fn runtime_progress(verdict: &Verdict, others: &[ConditionState]) -> Option<ConditionState> {
+    let blocked = others
+        .iter()
+        .find(|c| c.type_ == conditions::SPEC_APPLIED && c.status == "False");
+    if let Some(blocked) = blocked.filter(|_| verdict.phase == RuntimePhase::Running) {
+        return progress(true, false, true, &blocked.reason, &blocked.message);
+    }
+    progress(
+        verdict.phase == RuntimePhase::Running,
+        reasons::AT_REST.contains(&verdict.reason.as_str()),
+        verdict.problem || reasons::FAILING.contains(&verdict.reason.as_str()),
+        &verdict.reason,
+        &verdict.message,
+    )
+}
+
 /// The conditions of `previous` other than `Ready`, to carry over unchanged (a stopped runtime
 /// keeps what was last known about it).
 pub fn carried(previous: &[Condition]) -> Vec<ConditionState> {
@@ -154,8 +183,9 @@ pub fn compose(
         &verdict.reason,
         verdict.message.clone(),
     );
+    let progress = runtime_progress(verdict, inputs.conditions);
     let mut conditions = vec![];
-    for state in std::iter::once(&ready).chain(inputs.conditions) {
+    for state in std::iter::once(&ready).chain(inputs.conditions).chain(&progress) {
         set_condition(&mut conditions, &previous.conditions, condition(state, generation, now));
     }
     conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
@@ -287,6 +317,38 @@ mod tests {
             (Some("u1"), Some("r1"))
         );
         let types: Vec<_> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
-        assert_eq!(types, ["IdentityResolved", "Ready"]);
+        assert_eq!(types, ["IdentityResolved", "Ready", "Reconciling"]);
+    }
+
+    #[test]
+    fn kstatus_reads_starting_as_reconciling_problems_as_stalled_and_rest_as_neither() {
+        let kstatus = |verdict: &Verdict, others: &[ConditionState]| {
+            runtime_progress(verdict, others).map(|c| (c.type_, c.reason))
+        };
+        let running = Verdict {
+            phase: RuntimePhase::Running,
+            reason: reasons::POD_READY.into(),
+            message: "up".into(),
+            problem: false,
+        };
+        assert_eq!(kstatus(&running, &identity()), None);
+        let starting = Verdict::not_available(reasons::POD_STARTING, "waiting");
+        assert_eq!(kstatus(&starting, &[]), Some(("Reconciling", "PodStarting".into())));
+        let quota = Verdict::not_available(reasons::QUOTA_EXCEEDED, "no size fits");
+        assert_eq!(kstatus(&quota, &[]), Some(("Stalled", "QuotaExceeded".into())));
+        let crash = Verdict::not_available(reasons::CRASH_LOOP_BACK_OFF, "restarts");
+        assert_eq!(kstatus(&crash, &[]), Some(("Stalled", "CrashLoopBackOff".into())));
+        let idle = Verdict::not_available(reasons::STOPPED_IDLE, "idle");
+        assert_eq!(kstatus(&idle, &[]), None);
+        let held = [ConditionState::new(
+            conditions::SPEC_APPLIED,
+            false,
+            reasons::UNKNOWN_INSTANCE_TYPE,
+            "spec.compute.serverless.instanceType",
+        )];
+        assert_eq!(
+            kstatus(&running, &held),
+            Some(("Stalled", "UnknownInstanceType".into()))
+        );
     }
 }
