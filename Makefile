@@ -13,7 +13,7 @@ PF_CLUSTER_DIR ?= $(CURDIR)/.cluster
 export PF_CLUSTER_DIR
 CLUSTER_KUBECONFIG := $(PF_CLUSTER_DIR)/kubeconfig
 
-.PHONY: build run generate verify-generated fmt-check clippy unit chart-lint e2e smoke test bench heap-profile chaos cluster-up cluster-down deps
+.PHONY: build run generate verify-generated fmt-check clippy unit tools-test chart-lint e2e smoke test bench heap-profile chaos image cluster-up cluster-down deps
 
 deps: ## Install the system packages the cluster and registry need (idempotent)
 	hack/install-deps.sh
@@ -48,6 +48,10 @@ chart-lint: deps ## helm lint and render the chart, cluster-wide and namespaced
 
 fmt-check:
 	cargo fmt --all -- --check
+	@unformatted=$$(gofmt -l tools/); if [ -n "$$unformatted" ]; then echo "gofmt: $$unformatted" >&2; exit 1; fi
+
+tools-test: ## go vet and go test of tools/health (kstatus, Argo CD Lua and Flux CEL health checks)
+	cd tools/health && go vet ./... && go test ./...
 
 clippy:
 	cargo clippy --all-targets -- -D warnings
@@ -55,12 +59,13 @@ clippy:
 unit: ## Unit tests (no cluster)
 	cargo test --lib --bins
 
-e2e: build deps ## e2e tests against the local cluster (started and stopped here unless already up)
+e2e: build deps ## e2e tests against the local cluster (started and stopped here unless already up), after building and pushing the operator image
 	@started=0; \
 	if ! hack/cluster-status.sh >/dev/null 2>&1; then started=1; hack/cluster-up.sh; fi; \
 	export PATH="$$(hack/tool-path.sh):$$PATH" KUBECONFIG=$(CLUSTER_KUBECONFIG); \
 	export PF_PROMPTFLOW_VENV="$$(hack/promptflow-venv.sh)"; \
-	rc=0; cargo test --test e2e -- --test-threads=4 --skip faults:: || rc=$$?; \
+	rc=0; hack/image.sh >/dev/null || rc=$$?; \
+	if [ $$rc = 0 ]; then cargo test --test e2e -- --test-threads=4 --skip faults:: || rc=$$?; fi; \
 	echo "smoke: make bench at N=50"; \
 	if [ $$rc = 0 ]; then PF_BENCH_N=50 PF_BENCH_STEADY_SECONDS=10 cargo test --test bench -- --nocapture || rc=$$?; fi; \
 	echo "e2e: control-plane faults, one test at a time (each restarts kube-apiserver or etcd)"; \
@@ -70,7 +75,7 @@ e2e: build deps ## e2e tests against the local cluster (started and stopped here
 	if [ $$started = 1 ] && [ -z "$${PF_E2E_KEEP:-}" ]; then hack/cluster-down.sh; fi; \
 	exit $$rc
 
-test: fmt-check clippy verify-generated unit chart-lint e2e ## Everything CI runs
+test: fmt-check clippy verify-generated unit tools-test chart-lint e2e ## Everything CI runs
 
 # Runs a command against the local cluster, starting it first (and stopping it after) when it is
 # not up; the command sees KUBECONFIG and the cluster's tools on PATH.
@@ -93,6 +98,9 @@ heap-profile: deps ## Where the operator's heap goes at its peak with N=1000 run
 CHAOS_N ?= 1000
 chaos: deps ## Faults during the convergence of N=$(CHAOS_N) runtimes, and hostile objects (release build)
 	$(call on_cluster,PF_CHAOS_N=$(CHAOS_N) cargo test --release --test chaos -- --nocapture --test-threads=1)
+
+image: cluster-up ## Build the operator image without a container engine (release binary, one layer, crane) and push it to the local registry, left running
+	hack/image.sh
 
 cluster-up: deps ## Start the local cluster (idempotent); kubeconfig at .cluster/kubeconfig
 	hack/cluster-up.sh

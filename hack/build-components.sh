@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok and helm from their Go
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm and crane from their Go
 # modules at the versions pinned in versions.env, into a per-version cache. A warm run is a no-op.
 source "$(dirname "$0")/lib.sh"
 
@@ -77,8 +77,17 @@ build_helm() {
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 }
 
+build_crane() {
+  [ -x "$CRANE_BIN_DIR/crane" ] && return 0
+  mkdir -p "$CRANE_BIN_DIR"
+  log "building crane $CRANE_VERSION"
+  CGO_ENABLED=0 GOBIN="$CRANE_BIN_DIR" go install -trimpath -ldflags "-s -w" \
+    "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION"
+}
+
 build_etcd
 build_kwok
+build_crane
 build_helm
 build_kubernetes
-log "components ready: $KUBE_BIN_DIR $ETCD_BIN_DIR $KWOK_BIN_DIR $HELM_BIN_DIR"
+log "components ready: $KUBE_BIN_DIR $ETCD_BIN_DIR $KWOK_BIN_DIR $HELM_BIN_DIR $CRANE_BIN_DIR"

@@ -14,6 +14,7 @@ KUBE_BIN_DIR="$PF_CACHE/bin/kubernetes-$KUBE_VERSION"
 ETCD_BIN_DIR="$PF_CACHE/bin/etcd-$ETCD_VERSION"
 KWOK_BIN_DIR="$PF_CACHE/bin/kwok-$KWOK_VERSION"
 HELM_BIN_DIR="$PF_CACHE/bin/helm-$HELM_VERSION"
+CRANE_BIN_DIR="$PF_CACHE/bin/crane-$CRANE_VERSION"
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }

@@ -104,6 +104,17 @@ impl Default for Metrics {
             activity_query_failures.clone(),
         );
         let registry_requests = Family::<RegistryLabels, Counter>::default();
+        // Series with a known set of labels start at zero, so dashboards and alerts (rates,
+        // increases) see them before the first event rather than a missing series.
+        for action in ["stop", "delete"] {
+            let _ = culls.get_or_create(&CullLabels { action });
+        }
+        for kind in ["tags", "manifest"] {
+            let _ = registry_requests.get_or_create(&RegistryLabels { kind });
+        }
+        for error in ["kube", "unreadable"] {
+            let _ = failures.get_or_create(&ErrorLabels { error });
+        }
         registry.register(
             "registry_requests",
             "Requests sent to image registries for version checks, by kind (tags, manifest)",

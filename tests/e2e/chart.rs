@@ -60,6 +60,25 @@ async fn kubectl_stdin(args: &[&str], input: &str) {
     );
 }
 
+/// A kubeconfig in `dir` that authenticates as service account `account` of `namespace` (a token
+/// from the TokenRequest API), and nothing else.
+pub async fn service_account_kubeconfig(namespace: &str, account: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let (ok, token) = kubectl(&["create", "token", account, "-n", namespace, "--duration=1h"]).await;
+    assert!(ok, "{token}");
+    let admin = kube::config::Kubeconfig::read_from(harness::kubeconfig()).unwrap();
+    let cluster = admin.clusters[0].cluster.clone().unwrap();
+    let kubeconfig = json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
+        "clusters": [{"name": "local", "cluster": {
+            "server": cluster.server, "certificate-authority-data": cluster.certificate_authority_data}}],
+        "users": [{"name": "operator", "user": {"token": token.trim()}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "local", "user": "operator"}}]
+    });
+    let file = dir.join("kubeconfig");
+    std::fs::write(&file, serde_json::to_string(&kubeconfig).unwrap()).unwrap();
+    file
+}
+
 #[tokio::test]
 async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
     with_namespace("pf-chart", |ns| async move {
@@ -77,20 +96,7 @@ async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
         let catalog_file = dir.join("instance-types.yaml");
         std::fs::write(&catalog_file, &config_map.data.unwrap()["instance-types.yaml"]).unwrap();
 
-        // A kubeconfig that authenticates as the chart's service account, and nothing else.
-        let (ok, token) = kubectl(&["create", "token", &account, "-n", &ns.name, "--duration=1h"]).await;
-        assert!(ok, "{token}");
-        let admin = kube::config::Kubeconfig::read_from(harness::kubeconfig()).unwrap();
-        let cluster = admin.clusters[0].cluster.clone().unwrap();
-        let kubeconfig = json!({
-            "apiVersion": "v1", "kind": "Config", "current-context": "operator",
-            "clusters": [{"name": "local", "cluster": {
-                "server": cluster.server, "certificate-authority-data": cluster.certificate_authority_data}}],
-            "users": [{"name": "operator", "user": {"token": token.trim()}}],
-            "contexts": [{"name": "operator", "context": {"cluster": "local", "user": "operator"}}]
-        });
-        let kubeconfig_file = dir.join("kubeconfig");
-        std::fs::write(&kubeconfig_file, serde_json::to_string(&kubeconfig).unwrap()).unwrap();
+        let kubeconfig_file = service_account_kubeconfig(&ns.name, &account, &dir).await;
 
         let catalog_arg = catalog_file.to_string_lossy().into_owned();
         let operator = OperatorProcess::start(

@@ -3,6 +3,7 @@
 //! Run with `make e2e`; each test works in a namespace of its own.
 
 mod harness;
+mod helm;
 
 mod budget;
 mod chart;
@@ -10,8 +11,10 @@ mod cluster;
 mod crds;
 mod events;
 mod faults;
+mod gitops;
 mod hardening;
 mod idle;
+mod image;
 mod instance;
 mod leader;
 mod operator;
