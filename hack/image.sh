@@ -6,6 +6,8 @@
 # Writes .cluster/image.env (OPERATOR_IMAGE, OPERATOR_IMAGE_DIGEST) and prints the reference.
 source "$(dirname "$0")/lib.sh"
 source "$HACK_DIR/cluster-lib.sh"
+# The modes in the layer must not depend on the caller's umask (user 65532 reads everything).
+umask 022
 
 [ -f "$CLUSTER_DIR/registry.env" ] || die "the local registry is not up: run make cluster-up"
 source "$CLUSTER_DIR/registry.env"
@@ -33,7 +35,6 @@ printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home
 printf 'root:x:0:\nnonroot:x:65532:\n' >"$root/etc/group"
 printf 'hosts: files dns\n' >"$root/etc/nsswitch.conf"
 chmod 1777 "$root/tmp"
-chown 65532:65532 "$root/home/nonroot"
 
 # One layer, byte-for-byte reproducible: sorted names, no timestamps, numeric owners.
 tar --sort=name --mtime=@0 --numeric-owner --owner=0 --group=0 \
@@ -42,16 +43,23 @@ tar --mtime=@0 --numeric-owner --owner=65532 --group=65532 -C "$root" -rf "$work
 gzip -n -9 -c "$work/layer.tar" >"$work/layer.tar.gz"
 
 reference="$REGISTRY_HOST/promptflow-operator:$version"
+case "$(rustc -vV | sed -n 's/^host: //p')" in
+  x86_64-*-linux-*) platform=linux/amd64 ;;
+  aarch64-*-linux-*) platform=linux/arm64 ;;
+  *) die "no OCI platform known for this Rust host" ;;
+esac
 export DOCKER_CONFIG="$work/docker"
 export SSL_CERT_FILE="$REGISTRY_CA_FILE"
 "$crane" auth login "$REGISTRY_HOST" -u "$REGISTRY_USERNAME" --password-stdin <<<"$REGISTRY_PASSWORD" >/dev/null 2>&1 \
   || die "crane could not log in to the local registry"
 crane_log="$work/crane.log"
 run_crane() { "$crane" "$@" >>"$crane_log" 2>&1 || { tail -n 20 "$crane_log" >&2; die "crane $1 failed"; }; }
-run_crane append --oci-empty-base -f "$work/layer.tar.gz" -t "$reference"
+# The layer goes in under a build tag; the versioned tag appears only on the finished image.
+staging="$REGISTRY_HOST/promptflow-operator:build-$version"
+run_crane append --oci-empty-base -f "$work/layer.tar.gz" -t "$staging"
 revision=$(git -C "$REPO_ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
-run_crane mutate "$reference" -t "$reference" \
-  --set-platform linux/amd64 \
+run_crane mutate "$staging" -t "$reference" \
+  --set-platform "$platform" \
   --entrypoint /usr/local/bin/promptflow-operator \
   --user 65532:65532 --workdir / \
   --env SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \

@@ -121,6 +121,8 @@ pub mod reasons {
     pub const STOPPED_BY_SPEC: &str = "StoppedBySpec";
     /// The runtime's ComputeInstance is stopped or stopping.
     pub const COMPUTE_INSTANCE_STOPPED: &str = "ComputeInstanceStopped";
+    /// The compute instance the runtime runs on failed (its own reason says why).
+    pub const COMPUTE_INSTANCE_FAILED: &str = "ComputeInstanceFailed";
     /// The instance restarts because runtimes were attached, detached or changed.
     pub const RUNTIMES_CHANGED: &str = "RuntimesChanged";
     /// A schedule stopped the instance.
@@ -148,10 +150,15 @@ pub mod reasons {
 
     /// Reasons that stop a runtime until someone acts although they are no Warning of their own
     /// (the kubelet's events already are): `Stalled` besides [`PROBLEMS`].
-    pub const FAILING: [&str; 3] = [CRASH_LOOP_BACK_OFF, OOM_KILLED, POD_FAILED];
+    pub const FAILING: [&str; 2] = [CRASH_LOOP_BACK_OFF, OOM_KILLED];
+
+    /// Problems the operator or the cluster may still get past by themselves (a retry, a node the
+    /// autoscaler adds, a pull that succeeds on the next try): `Reconciling`, not `Stalled`, so a
+    /// GitOps tool waits instead of failing at the first blip.
+    pub const TRANSIENT: [&str; 3] = [POD_UNSCHEDULABLE, ERR_IMAGE_PULL, RECONCILE_FAILED];
 
     /// Reasons that ask the user to act: a transition into one of them is a Warning event.
-    pub const PROBLEMS: [&str; 16] = [
+    pub const PROBLEMS: [&str; 17] = [
         POD_UNSCHEDULABLE,
         SERVICE_ACCOUNT_NOT_FOUND,
         PULL_SECRET_NOT_FOUND,
@@ -168,5 +175,6 @@ pub mod reasons {
         POD_REJECTED,
         COMPUTE_INSTANCE_UNSUPPORTED,
         RECONCILE_FAILED,
+        COMPUTE_INSTANCE_FAILED,
     ];
 }

@@ -66,16 +66,38 @@ impl Step {
     }
 }
 
-/// What was asked: the annotation's value, when (to whole seconds, as status times are), and the
-/// version running before.
-#[derive(Clone, Debug)]
+/// What was asked, and what the object said before: its `Ready` condition's last transition (a
+/// server time, so no client clock is compared with the cluster's) and its version.
+#[derive(Clone, Debug, Default)]
 pub struct Asked {
     /// The annotation's new value.
     pub value: String,
-    /// When it was set, rounded down to the second.
-    pub since: Timestamp,
+    /// `Ready`'s `lastTransitionTime` before the press.
+    pub ready_before: Option<Timestamp>,
     /// `status.version` before.
     pub version_before: Option<String>,
+    /// `Ready` was seen not True after the operator took the value.
+    pub seen_down: bool,
+}
+
+impl Asked {
+    /// The press of a button on an object whose conditions and version were these.
+    pub fn new(value: String, conditions: &[Condition], version_before: Option<String>) -> Self {
+        Self {
+            value,
+            ready_before: find(conditions, conditions::READY).map(|c| c.last_transition_time.0),
+            version_before,
+            seen_down: false,
+        }
+    }
+
+    /// `Ready` is True and turned so after the press: it was seen down since, or its transition
+    /// time is later (whole seconds: a restart within the second it turned Ready shows as down).
+    fn ready_again(&self, conditions: &[Condition]) -> bool {
+        find(conditions, conditions::READY)
+            .filter(|c| c.status == "True")
+            .is_some_and(|c| self.seen_down || self.ready_before.is_none_or(|before| c.last_transition_time.0 > before))
+    }
 }
 
 fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
@@ -92,6 +114,21 @@ fn phase_text(phase: RuntimePhase) -> &'static str {
 /// Refuses what the operator would not do, before anything is changed.
 pub fn precheck_runtime(action: Action, runtime: &PromptFlowRuntime) -> Result<(), String> {
     let name = runtime.name_any();
+    let status = runtime.status.clone().unwrap_or_default();
+    let reason = status.reason.as_deref().unwrap_or_default();
+    let needs_running = matches!(action, Action::Restart | Action::CheckVersion | Action::Update);
+    if needs_running && [reasons::STOPPED_IDLE, reasons::STOPPED_BY_USER].contains(&reason) {
+        return Err(format!(
+            "runtime {name} is stopped ({reason}); start it first: kubectl promptflow start {name}"
+        ));
+    }
+    let stalled = find(&status.conditions, conditions::STALLED).filter(|c| c.status == "True");
+    if let Some(stalled) = stalled.filter(|_| needs_running) {
+        return Err(format!(
+            "runtime {name} cannot run until this is fixed: {}: {}",
+            stalled.reason, stalled.message
+        ));
+    }
     if let Some(instance) = &runtime.spec.compute.instance
         && matches!(action, Action::Start | Action::Stop | Action::Restart)
     {
@@ -116,6 +153,19 @@ pub fn precheck_instance(action: Action, instance: &ComputeInstance) -> Result<(
         Action::Start if instance.spec.state == DesiredState::Stopped => Err(format!(
             "compute instance {name} has spec.state Stopped, which wins over the start button: set spec.state to Running"
         )),
+        Action::Start
+            if instance
+                .status
+                .as_ref()
+                .is_some_and(|s| s.state == InstanceState::Failed) =>
+        {
+            let status = instance.status.clone().unwrap_or_default();
+            Err(format!(
+                "compute instance {name} failed ({}: {}); fix that first",
+                status.reason.unwrap_or_default(),
+                status.message.unwrap_or_default()
+            ))
+        }
         Action::Start | Action::Stop => Ok(()),
         _ => Err(
             "compute instances have start and stop only; their runtimes restart, check versions and update (pfrt/NAME)"
@@ -125,7 +175,7 @@ pub fn precheck_instance(action: Action, instance: &ComputeInstance) -> Result<(
 }
 
 /// Where a runtime action stands.
-pub fn judge_runtime(action: Action, asked: &Asked, runtime: &PromptFlowRuntime) -> Step {
+pub fn judge_runtime(action: Action, asked: &mut Asked, runtime: &PromptFlowRuntime) -> Step {
     let Some(status) = runtime.status.as_ref() else {
         return Step::Waiting("waiting for the operator to report a status".into());
     };
@@ -155,23 +205,18 @@ pub fn judge_runtime(action: Action, asked: &Asked, runtime: &PromptFlowRuntime)
         ));
     }
     let running = status.phase == RuntimePhase::Running;
+    asked.seen_down |= !running;
     let version = status.version.clone().unwrap_or_default();
     let stalled = find(&status.conditions, conditions::STALLED).filter(|c| c.status == "True");
     let failed = stalled.map(|c| Step::Failed(format!("{}: {}", c.reason, c.message)));
     let url = status.url.as_deref().map(|u| format!(" at {u}")).unwrap_or_default();
     match action {
         Action::Start if running => Step::Done(format!("running {version}{url}")),
-        Action::Restart => {
-            let ready_since = find(&status.conditions, conditions::READY)
-                .filter(|c| c.status == "True")
-                .map(|c| c.last_transition_time.0);
-            match ready_since {
-                Some(since) if since >= asked.since => Step::Done(format!("restarted; running {version}{url}")),
-                _ => failed.unwrap_or(Step::Waiting(now)),
-            }
+        Action::Restart if asked.ready_again(&status.conditions) => {
+            Step::Done(format!("restarted; running {version}{url}"))
         }
         Action::Stop if status.reason.as_deref() == Some(reasons::STOPPED_BY_USER) => {
-            Step::Done("stopped (its pod is gone; the runtime and its Service stay)".into())
+            Step::Done("stopped (its pod is being deleted; the runtime and its Service stay)".into())
         }
         Action::Stop => Step::Waiting(now),
         Action::CheckVersion => match versions {
@@ -181,10 +226,20 @@ pub fn judge_runtime(action: Action, asked: &Asked, runtime: &PromptFlowRuntime)
             Some(c) => Step::Done(c.message.clone()),
             None => Step::Waiting(now),
         },
+        Action::Update if status.latest_version.is_none() => Step::Failed(format!(
+            "no newer version is known: {}",
+            versions.map_or(now, |c| format!("{}: {}", c.reason, c.message))
+        )),
         Action::Update if running && status.latest_version.as_deref() == Some(version.as_str()) => {
             match asked.version_before.as_deref() {
-                Some(before) if before != version => Step::Done(format!("updated from {before} to {version}{url}")),
-                _ => Step::Done(format!("already at the newest version, {version}")),
+                Some(before) if before == version => Step::Done(format!("already at the newest version, {version}")),
+                // Moved: done once the runtime turned Ready on it (on a compute instance the
+                // status names the new version before the instance has restarted).
+                Some(before) if asked.ready_again(&status.conditions) => {
+                    Step::Done(format!("updated from {before} to {version}{url}"))
+                }
+                None => Step::Done(format!("running the newest version, {version}{url}")),
+                Some(_) => failed.unwrap_or(Step::Waiting(now)),
             }
         }
         _ => failed.unwrap_or(Step::Waiting(now)),
@@ -192,7 +247,7 @@ pub fn judge_runtime(action: Action, asked: &Asked, runtime: &PromptFlowRuntime)
 }
 
 /// Where a compute instance action stands.
-pub fn judge_instance(action: Action, asked: &Asked, instance: &ComputeInstance) -> Step {
+pub fn judge_instance(action: Action, asked: &mut Asked, instance: &ComputeInstance) -> Step {
     let Some(status) = instance.status.as_ref() else {
         return Step::Waiting("waiting for the operator to report a status".into());
     };
@@ -204,13 +259,24 @@ pub fn judge_instance(action: Action, asked: &Asked, instance: &ComputeInstance)
     );
     let handled = status.handled_actions.clone().unwrap_or_default();
     let value = Some(asked.value.as_str());
-    let reason = status.reason.clone().unwrap_or_default();
+    let taken = match action {
+        Action::Start => handled.start.as_deref() == value,
+        _ => handled.stop.as_deref() == value,
+    };
+    let stalled = find(&status.conditions, conditions::STALLED).filter(|c| c.status == "True");
     match (action, status.state) {
-        (_, InstanceState::Failed) => Step::Failed(format!("{reason}: {}", status.message.clone().unwrap_or_default())),
-        (Action::Start, InstanceState::Running) if handled.start.as_deref() == value => {
+        _ if !taken => Step::Waiting(format!(
+            "waiting for the operator to take {}: {now}",
+            action.annotation()
+        )),
+        (_, _) if stalled.is_some() => {
+            let stalled = stalled.expect("checked");
+            Step::Failed(format!("{}: {}", stalled.reason, stalled.message))
+        }
+        (Action::Start, InstanceState::Running) => {
             Step::Done(format!("running with runtimes [{}]", status.runtimes.join(", ")))
         }
-        (Action::Stop, InstanceState::Stopped) if handled.stop.as_deref() == value => {
+        (Action::Stop, InstanceState::Stopped) => {
             Step::Done("stopped (its pod is gone; its runtimes wait for it)".into())
         }
         _ => Step::Waiting(now),
@@ -224,14 +290,24 @@ pub async fn run(client: &Client, cli: &Cli, namespace: &str, target: &Target, a
             let api: Api<PromptFlowRuntime> = Api::namespaced(client.clone(), namespace);
             let runtime = get(&api, target, namespace).await?;
             precheck_runtime(action, &runtime).map_err(CliError::Failed)?;
-            let version = runtime.status.as_ref().and_then(|s| s.version.clone());
-            press(&api, cli, target, action, version, judge_runtime).await
+            let status = runtime.status.clone().unwrap_or_default();
+            press(
+                &api,
+                cli,
+                target,
+                action,
+                &status.conditions,
+                status.version,
+                judge_runtime,
+            )
+            .await
         }
         Kind::Instance => {
             let api: Api<ComputeInstance> = Api::namespaced(client.clone(), namespace);
             let instance = get(&api, target, namespace).await?;
             precheck_instance(action, &instance).map_err(CliError::Failed)?;
-            press(&api, cli, target, action, None, judge_instance).await
+            let conditions = instance.status.map(|s| s.conditions).unwrap_or_default();
+            press(&api, cli, target, action, &conditions, None, judge_instance).await
         }
     }
 }
@@ -250,22 +326,22 @@ async fn press<K>(
     cli: &Cli,
     target: &Target,
     action: Action,
+    conditions: &[Condition],
     version_before: Option<String>,
-    judge: fn(Action, &Asked, &K) -> Step,
+    judge: fn(Action, &mut Asked, &K) -> Step,
 ) -> Result<(), CliError>
 where
     K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug + Send + 'static,
 {
-    let now = Timestamp::now();
-    let value = now.to_string();
-    let asked = Asked {
-        value: value.clone(),
-        since: Timestamp::from_second(now.as_second()).unwrap_or(now),
-        version_before,
-    };
+    // The time makes every press a new value; only the operator compares it, with its own record.
+    let value = Timestamp::now().to_string();
+    let mut asked = Asked::new(value.clone(), conditions, version_before);
     let patch = serde_json::json!({"metadata": {"annotations": {action.annotation(): value}}});
-    api.patch(&target.name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    let params = PatchParams {
+        field_manager: Some("kubectl-promptflow".into()),
+        ..Default::default()
+    };
+    api.patch(&target.name, &params, &Patch::Merge(&patch)).await?;
     eprintln!("{target}: set {}={value}", action.annotation());
     if cli.no_wait {
         return Ok(());
@@ -286,7 +362,7 @@ where
                     continue;
                 }
             };
-            last_step = judge(action, &asked, &object);
+            last_step = judge(action, &mut asked, &object);
             last_object = Some(object);
             match &last_step {
                 Step::Waiting(text) => progress.update(text),
@@ -317,5 +393,108 @@ where
             Ok(())
         }
         other => Err(CliError::Failed(format!("{target}: {}", other.text()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn runtime(status: serde_json::Value) -> PromptFlowRuntime {
+        serde_json::from_value(json!({
+            "apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime",
+            "metadata": {"name": "chat"}, "spec": {}, "status": status
+        }))
+        .unwrap()
+    }
+
+    fn ready(status: &str, at: &str) -> serde_json::Value {
+        json!({"type": "Ready", "status": status, "reason": "r", "message": "", "lastTransitionTime": at})
+    }
+
+    #[test]
+    fn a_restart_is_done_once_ready_again_after_the_press_not_on_the_old_ready() {
+        let before = runtime(json!({"phase": "Running", "conditions": [ready("True", "2026-01-01T00:00:00Z")]}));
+        let mut asked = Asked::new("v".into(), &before.status.clone().unwrap().conditions, None);
+        let taken = |phase: &str, ready_: serde_json::Value| {
+            runtime(json!({"phase": phase, "handledActions": {"restart": "v"}, "conditions": [ready_]}))
+        };
+        // Taken, still showing the old Ready of the same second: not done.
+        let same = taken("Running", ready("True", "2026-01-01T00:00:00Z"));
+        assert!(matches!(
+            judge_runtime(Action::Restart, &mut asked, &same),
+            Step::Waiting(_)
+        ));
+        // Down, then up again within that same second: done.
+        let down = taken("Not available", ready("False", "2026-01-01T00:00:00Z"));
+        assert!(matches!(
+            judge_runtime(Action::Restart, &mut asked, &down),
+            Step::Waiting(_)
+        ));
+        assert!(matches!(
+            judge_runtime(Action::Restart, &mut asked, &same),
+            Step::Done(_)
+        ));
+        // A later Ready without having seen it down is done too.
+        let mut fresh = Asked::new("v".into(), &before.status.unwrap().conditions, None);
+        let later = taken("Running", ready("True", "2026-01-01T00:00:05Z"));
+        assert!(matches!(
+            judge_runtime(Action::Restart, &mut fresh, &later),
+            Step::Done(_)
+        ));
+    }
+
+    #[test]
+    fn an_update_waits_for_the_new_version_to_be_ready_and_a_failed_check_fails() {
+        let status = |version: &str, ready_at: &str| {
+            json!({"phase": "Running", "version": version, "latestVersion": "2",
+                   "handledActions": {"update": "v", "checkVersion": "v"},
+                   "conditions": [ready("True", ready_at)]})
+        };
+        let mut asked = Asked::new("v".into(), &[], Some("1".into()));
+        asked.ready_before = Some("2026-01-01T00:00:00Z".parse().unwrap());
+        // The status names the new version while the old container still serves (an instance).
+        let named = runtime(status("2", "2026-01-01T00:00:00Z"));
+        assert!(matches!(
+            judge_runtime(Action::Update, &mut asked, &named),
+            Step::Waiting(_)
+        ));
+        let moved = runtime(status("2", "2026-01-01T00:01:00Z"));
+        assert_eq!(
+            judge_runtime(Action::Update, &mut asked, &moved),
+            Step::Done("updated from 1 to 2".into())
+        );
+        let unreachable = runtime(json!({"phase": "Running", "handledActions": {"checkVersion": "v"},
+            "conditions": [{"type": "UpdateAvailable", "status": "Unknown", "reason": "RegistryUnavailable",
+                            "message": "no route", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}));
+        let step = judge_runtime(Action::CheckVersion, &mut asked, &unreachable);
+        assert!(matches!(step, Step::Failed(text) if text.contains("RegistryUnavailable")));
+    }
+
+    #[test]
+    fn an_instance_that_failed_before_the_press_is_not_judged_until_the_press_is_taken() {
+        let instance = |handled: serde_json::Value| -> ComputeInstance {
+            serde_json::from_value(json!({
+                "apiVersion": "promptflow.dev/v1alpha1", "kind": "ComputeInstance",
+                "metadata": {"name": "gpu"}, "spec": {"instanceType": "Standard_DS3_v2"},
+                "status": {"state": "Failed", "reason": "PodRejected", "handledActions": handled,
+                    "conditions": [{"type": "Stalled", "status": "True", "reason": "PodRejected",
+                                    "message": "denied", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+            }))
+            .unwrap()
+        };
+        let mut asked = Asked::new("v".into(), &[], None);
+        let before = instance(json!({}));
+        assert!(matches!(
+            judge_instance(Action::Stop, &mut asked, &before),
+            Step::Waiting(_)
+        ));
+        let after = instance(json!({"stop": "v"}));
+        assert!(
+            matches!(judge_instance(Action::Stop, &mut asked, &after), Step::Failed(t) if t.contains("PodRejected"))
+        );
+        assert!(precheck_instance(Action::Start, &after).unwrap_err().contains("failed"));
     }
 }

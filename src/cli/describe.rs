@@ -72,13 +72,14 @@ pub fn events_table(mut events: Vec<Event>, now: Timestamp) -> String {
     render(&["LAST SEEN", "TYPE", "REASON", "MESSAGE"], &rows)
 }
 
-async fn events_of(client: &Client, namespace: &str, object: &impl Resource) -> Result<Vec<Event>, CliError> {
+/// The object's events; a user who may read the object but not list events still gets the rest.
+async fn events_of(client: &Client, namespace: &str, object: &impl Resource) -> Result<Vec<Event>, String> {
     let uid = object.meta().uid.clone().unwrap_or_default();
     let api: Api<Event> = Api::namespaced(client.clone(), namespace);
-    let list = api
-        .list(&ListParams::default().fields(&format!("involvedObject.uid={uid}")))
-        .await?;
-    Ok(list.items)
+    api.list(&ListParams::default().fields(&format!("involvedObject.uid={uid}")))
+        .await
+        .map(|list| list.items)
+        .map_err(|error| error.to_string())
 }
 
 fn runtime_fields(rt: &PromptFlowRuntime, now: Timestamp) -> String {
@@ -183,14 +184,14 @@ pub async fn run(client: &Client, cli: &Cli, namespace: &str, target: &Target) -
         Kind::Runtime => {
             let api: Api<PromptFlowRuntime> = Api::namespaced(client.clone(), namespace);
             let rt = api.get_opt(&target.name).await?.ok_or_else(missing)?;
-            let events = events_of(client, namespace, &rt).await?;
+            let events = events_of(client, namespace, &rt).await;
             let conditions = rt.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
             (runtime_fields(&rt, now), conditions, events, serde_json::to_value(&rt))
         }
         Kind::Instance => {
             let api: Api<ComputeInstance> = Api::namespaced(client.clone(), namespace);
             let ci = api.get_opt(&target.name).await?.ok_or_else(missing)?;
-            let events = events_of(client, namespace, &ci).await?;
+            let events = events_of(client, namespace, &ci).await;
             let conditions = ci.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
             (instance_fields(&ci, now), conditions, events, serde_json::to_value(&ci))
         }
@@ -199,10 +200,10 @@ pub async fn run(client: &Client, cli: &Cli, namespace: &str, target: &Target) -
         return print_as(output, &object.map_err(|e| CliError::Failed(e.to_string()))?);
     }
     print!("{head}\nConditions:\n{}", indent(&conditions_table(&conditions, now)));
-    if events.is_empty() {
-        println!("\nEvents: <none>");
-    } else {
-        print!("\nEvents:\n{}", indent(&events_table(events, now)));
+    match events {
+        Ok(events) if events.is_empty() => println!("\nEvents: <none>"),
+        Ok(events) => print!("\nEvents:\n{}", indent(&events_table(events, now))),
+        Err(error) => println!("\nEvents: <cannot be listed: {error}>"),
     }
     Ok(())
 }

@@ -159,6 +159,11 @@ fn print_as<T: Serialize>(output: Output, value: &T) -> Result<(), CliError> {
 
 /// Runs the command line; the exit code is 0 on success and 1 on failure.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
+    if cli.all_namespaces && !matches!(cli.command, Command::Status) {
+        return Err(CliError::Failed(
+            "-A/--all-namespaces lists (status); an action or describe needs -n NAMESPACE".into(),
+        ));
+    }
     let (client, namespace) = connect(&cli).await?;
     match &cli.command {
         Command::Status => status::run(&client, &cli, &namespace).await,

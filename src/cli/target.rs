@@ -72,6 +72,15 @@ impl FromStr for Target {
         if name.is_empty() {
             return Err("a name is needed: NAME, pfrt/NAME or pfci/NAME".into());
         }
+        let valid = name.len() <= 253
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+        if !valid {
+            return Err(format!(
+                "{name:?} is not an object name (lowercase letters, digits, '-' and '.')"
+            ));
+        }
         Ok(Target {
             kind,
             name: name.to_owned(),
@@ -115,5 +124,6 @@ mod tests {
         );
         assert!("pod/chat".parse::<Target>().unwrap_err().contains("pfrt/NAME"));
         assert!("pfrt/".parse::<Target>().is_err());
+        assert!("pfrt/chat/status".parse::<Target>().is_err(), "no subresource paths");
     }
 }

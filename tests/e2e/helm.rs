@@ -68,6 +68,25 @@ async fn rolled_out(ns: &TestNamespace, release: &str, image: &str) {
     }
 }
 
+/// Uninstalls the release when a test ends without having done so (a failure midway), so no
+/// cluster-scoped object of the chart outlives the test's namespace.
+struct Installed {
+    release: String,
+    namespace: String,
+    uninstalled: bool,
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        if !self.uninstalled {
+            let _ = std::process::Command::new("helm")
+                .args(["uninstall", &self.release, "-n", &self.namespace])
+                .env("KUBECONFIG", harness::kubeconfig())
+                .status();
+        }
+    }
+}
+
 /// Every metric the Grafana dashboard queries is one the operator exports.
 fn assert_dashboard_matches_metrics(dashboard: &str, metrics: &str) {
     let names = regex::Regex::new(r"promptflow_operator_[a-z_]+").unwrap();
@@ -112,6 +131,11 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_leaving_crds_and_runtim
             install.extend(["--set", set]);
         }
         helm(&install).await;
+        let mut installed = Installed {
+            release: release.clone(),
+            namespace: n.to_owned(),
+            uninstalled: false,
+        };
 
         // What the API server now holds, created by Helm.
         let fullname = format!("{release}-promptflow-operator");
@@ -125,6 +149,13 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_leaving_crds_and_runtim
             Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
         );
         ns.api::<ServiceAccount>().get(&fullname).await.unwrap();
+        let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(harness::client().await);
+        let selector = format!("app.kubernetes.io/instance={release}");
+        let listed = kube::api::ListParams::default().labels(&selector);
+        assert!(
+            !roles.list(&listed).await.unwrap().items.is_empty(),
+            "the CRD-reading ClusterRole"
+        );
 
         // The operator as the chart's service account (its pod on a kwok node runs nothing).
         let dir = std::env::temp_dir().join(format!("{release}-helm"));
@@ -201,6 +232,9 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_leaving_crds_and_runtim
         // Uninstall: the release goes; the CRDs, the runtime and its pod stay.
         operator.stop(Duration::from_secs(10)).await;
         helm(&["uninstall", &release, "-n", n, "--wait", "--timeout", "60s"]).await;
+        installed.uninstalled = true;
+        let left = roles.list(&listed).await.unwrap();
+        assert!(left.items.is_empty(), "cluster-scoped RBAC of the release is gone");
         assert!(ns.api::<Deployment>().get_opt(&fullname).await.unwrap().is_none());
         assert!(ns.api::<ServiceAccount>().get_opt(&fullname).await.unwrap().is_none());
         let crds: Api<CustomResourceDefinition> = Api::all(harness::client().await);

@@ -80,9 +80,14 @@ async fn the_image_from_make_image_runs_its_entrypoint_from_its_own_files() {
     let inspected: serde_json::Value =
         serde_json::from_str(&skopeo(&registry, &["inspect", &transport]).await).unwrap();
     assert_eq!(inspected["Digest"], digest.as_str());
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
     assert_eq!(
         (inspected["Os"].as_str(), inspected["Architecture"].as_str()),
-        (Some("linux"), Some("amd64"))
+        (Some("linux"), Some(arch))
     );
     assert_eq!(inspected["Layers"].as_array().map(Vec::len), Some(1), "one layer");
     let config: serde_json::Value =

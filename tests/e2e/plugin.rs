@@ -104,14 +104,16 @@ async fn the_buttons_act_on_a_live_runtime_and_say_what_happened() {
         assert!(stop.ok && stop.stdout.contains("stopped"));
         let rt = ns.api::<PromptFlowRuntime>().get("chat").await.unwrap();
         assert_eq!(phase(&rt), (RuntimePhase::NotAvailable, "StoppedByUser".into()));
-        assert_eq!(runtime_pod_uid(&ns, "chat").await, None, "the pod is gone");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while runtime_pod_uid(&ns, "chat").await.is_some() {
+            assert!(tokio::time::Instant::now() < deadline, "the pod goes");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let start = plugin(&["start", "chat", "-n", n, "-o", "yaml"]).await;
         assert!(start.ok);
         let started: PromptFlowRuntime = serde_norway::from_str(&start.stdout).unwrap();
         assert_eq!(phase(&started).0, RuntimePhase::Running, "-o yaml prints the object at its result");
         let before = runtime_pod_uid(&ns, "chat").await.expect("a pod");
-        // Ready's transition time has whole seconds: restart in a later second than the start.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
         let restart = plugin(&["restart", "chat", "-n", n]).await;
         assert!(restart.ok && restart.stdout.contains("restarted"));
         let after = runtime_pod_uid(&ns, "chat").await.expect("a pod");
@@ -142,6 +144,12 @@ async fn the_buttons_act_on_a_live_runtime_and_say_what_happened() {
         assert!(!context.ok && context.stderr.contains("nope"));
         let kind = plugin(&["stop", "pod/chat", "-n", n]).await;
         assert!(!kind.ok && kind.stderr.contains("pfrt/NAME"));
+        // A stopped runtime cannot be restarted or updated: it says how to start it instead.
+        let stop = plugin(&["stop", "chat", "-n", n, "--no-wait"]).await;
+        assert!(stop.ok && stop.stdout.is_empty(), "--no-wait returns after the change");
+        wait_status(&ns, "chat", "Not available", Some("StoppedByUser")).await;
+        let restart = plugin(&["restart", "chat", "-n", n]).await;
+        assert!(!restart.ok && restart.stderr.contains("kubectl promptflow start chat"));
     })
     .await;
 }

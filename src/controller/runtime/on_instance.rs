@@ -188,6 +188,16 @@ fn instance_verdict(instance: &ComputeInstance, live: Option<&Pod>, name: &str, 
             ),
         );
     }
+    if status.state == InstanceState::Failed {
+        return Verdict::not_available(
+            reasons::COMPUTE_INSTANCE_FAILED,
+            format!(
+                "compute instance {instance_name} failed ({}: {}); the runtime runs once it is fixed",
+                status.reason.unwrap_or_default(),
+                status.message.unwrap_or_default()
+            ),
+        );
+    }
     let Some(pod) = live.filter(|pod| pod.metadata.deletion_timestamp.is_none()) else {
         return Verdict::not_available(
             reasons::WAITING_FOR_INSTANCE_RESTART,

@@ -90,7 +90,8 @@ fn runtime_progress(verdict: &Verdict, others: &[ConditionState]) -> Option<Cond
     progress(
         verdict.phase == RuntimePhase::Running,
         reasons::AT_REST.contains(&verdict.reason.as_str()),
-        verdict.problem || reasons::FAILING.contains(&verdict.reason.as_str()),
+        (verdict.problem || reasons::FAILING.contains(&verdict.reason.as_str()))
+            && !reasons::TRANSIENT.contains(&verdict.reason.as_str()),
         &verdict.reason,
         &verdict.message,
     )
@@ -336,6 +337,11 @@ mod tests {
         assert_eq!(kstatus(&starting, &[]), Some(("Reconciling", "PodStarting".into())));
         let quota = Verdict::not_available(reasons::QUOTA_EXCEEDED, "no size fits");
         assert_eq!(kstatus(&quota, &[]), Some(("Stalled", "QuotaExceeded".into())));
+        let unschedulable = Verdict::not_available(reasons::POD_UNSCHEDULABLE, "no node has room");
+        assert_eq!(
+            kstatus(&unschedulable, &[]),
+            Some(("Reconciling", "PodUnschedulable".into()))
+        );
         let crash = Verdict::not_available(reasons::CRASH_LOOP_BACK_OFF, "restarts");
         assert_eq!(kstatus(&crash, &[]), Some(("Stalled", "CrashLoopBackOff".into())));
         let idle = Verdict::not_available(reasons::STOPPED_IDLE, "idle");
