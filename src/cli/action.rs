@@ -197,7 +197,8 @@ pub fn judge_runtime(action: Action, asked: &mut Asked, runtime: &PromptFlowRunt
         == Some(asked.value.as_str());
     let versions = find(&status.conditions, conditions::UPDATE_AVAILABLE);
     if !taken {
-        let registry = versions.filter(|c| c.status == "Unknown" && c.reason != reasons::PENDING);
+        let asks_registry = matches!(action, Action::CheckVersion | Action::Update);
+        let registry = versions.filter(|c| asks_registry && c.status == "Unknown" && c.reason != reasons::PENDING);
         let why = registry.map_or(now, |c| format!("{}: {}", c.reason, c.message));
         return Step::Waiting(format!(
             "waiting for the operator to take {}: {why}",

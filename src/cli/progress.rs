@@ -17,7 +17,7 @@ impl Progress {
     pub fn new() -> Self {
         let spinner = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-            bar.set_style(ProgressStyle::with_template("{spinner} {elapsed:>3} {msg}").expect("a valid template"));
+            bar.set_style(ProgressStyle::with_template("{spinner} {elapsed:>3} {wide_msg}").expect("a valid template"));
             bar.enable_steady_tick(Duration::from_millis(120));
             bar
         });

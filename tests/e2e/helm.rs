@@ -187,7 +187,22 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_leaving_crds_and_runtim
         let running = wait_status(&ns, "chat", "Running", None).await;
         let metrics = operator.metrics().await;
 
-        // Upgrade: a changed flag, the NetworkPolicy and the dashboard, validated by the API server.
+        // The Prometheus Operator's ServiceMonitor CRD, generated from its Go types, so the
+        // chart's ServiceMonitor meets the real schema.
+        let crd = tokio::process::Command::new(harness::repo_root().join("hack/servicemonitor-crd.sh"))
+            .output()
+            .await
+            .unwrap();
+        assert!(crd.status.success(), "{}", String::from_utf8_lossy(&crd.stderr));
+        let crd = String::from_utf8(crd.stdout).unwrap();
+        let (ok, out) = harness::kubectl(&["apply", "--server-side", "-f", crd.trim()]).await;
+        assert!(ok, "{out}");
+        let established = "--for=condition=Established";
+        let (ok, out) = harness::kubectl(&["wait", established, "crd/servicemonitors.monitoring.coreos.com"]).await;
+        assert!(ok, "{out}");
+
+        // Upgrade: a changed flag, the NetworkPolicy, the dashboard and the ServiceMonitor, validated
+        // by the API server.
         let mut upgrade = vec![
             "upgrade",
             &release,
@@ -208,6 +223,8 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_leaving_crds_and_runtim
             "networkPolicy.apiServer[0].cidr=127.0.0.1/32",
             "--set",
             "grafana.dashboard.enabled=true",
+            "--set",
+            "metrics.serviceMonitor.enabled=true",
         ]);
         helm(&upgrade).await;
         let upgraded = ns.api::<Deployment>().get(&fullname).await.unwrap();
@@ -228,6 +245,38 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_leaving_crds_and_runtim
         let json = &dashboard.data.unwrap()["promptflow-operator.json"];
         serde_json::from_str::<serde_json::Value>(json).expect("the dashboard is JSON");
         assert_dashboard_matches_metrics(json, &metrics);
+
+        // The ServiceMonitor selects the metrics Service by its labels, on its port's name.
+        let monitors: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            harness::client().await,
+            n,
+            &kube::api::ApiResource::from_gvk_with_plural(
+                &kube::api::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
+                "servicemonitors",
+            ),
+        );
+        let monitor = monitors.get(&fullname).await.unwrap();
+        let service = ns
+            .api::<k8s_openapi::api::core::v1::Service>()
+            .get(&format!("{fullname}-metrics"))
+            .await
+            .unwrap();
+        let labels = service.metadata.labels.unwrap();
+        let selector = monitor.data["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .unwrap()
+            .clone();
+        assert!(
+            selector
+                .iter()
+                .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str()),
+            "{selector:?}"
+        );
+        let port = &service.spec.unwrap().ports.unwrap()[0];
+        assert_eq!(
+            monitor.data["spec"]["endpoints"][0]["port"].as_str(),
+            port.name.as_deref()
+        );
 
         // Uninstall: the release goes; the CRDs, the runtime and its pod stay.
         operator.stop(Duration::from_secs(10)).await;

@@ -21,14 +21,33 @@ struct Run {
     stderr: String,
 }
 
-/// Runs `kubectl promptflow ARGS` with the plugin binary first on PATH.
-async fn plugin(args: &[&str]) -> Run {
+/// PATH with the plugin binary's directory first.
+fn plugin_path() -> String {
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_kubectl-promptflow"));
-    let path = format!(
+    format!(
         "{}:{}",
         binary.parent().unwrap().display(),
         std::env::var("PATH").unwrap_or_default()
-    );
+    )
+}
+
+/// Runs `kubectl promptflow ARGS` on a terminal (a pseudo-terminal from `script`); returns all
+/// it wrote there.
+async fn plugin_on_terminal(args: &str) -> String {
+    let output = tokio::process::Command::new("script")
+        .args(["-qec", &format!("kubectl promptflow {args}"), "/dev/null"])
+        .env("KUBECONFIG", harness::kubeconfig())
+        .env("PATH", plugin_path())
+        .output()
+        .await
+        .expect("script runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs `kubectl promptflow ARGS` with the plugin binary first on PATH.
+async fn plugin(args: &[&str]) -> Run {
+    let path = plugin_path();
     let output = tokio::process::Command::new("kubectl")
         .arg("promptflow")
         .args(args)
@@ -118,6 +137,10 @@ async fn the_buttons_act_on_a_live_runtime_and_say_what_happened() {
         assert!(restart.ok && restart.stdout.contains("restarted"));
         let after = runtime_pod_uid(&ns, "chat").await.expect("a pod");
         assert_ne!(before, after, "a new pod");
+        assert!(restart.stderr.lines().any(|l| l.starts_with("… ")), "plain progress lines off a terminal");
+        // On a terminal: a spinner redrawn in place (cursor control), then the result.
+        let shown = plugin_on_terminal(&format!("restart chat -n {n}")).await;
+        assert!(shown.contains("\u{1b}[") && shown.contains("restarted"), "{shown:?}");
 
         // describe: status, conditions and events on one screen.
         let describe = plugin(&["describe", "chat", "-n", n]).await;
