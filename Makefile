@@ -26,10 +26,13 @@ run: build ## Run the operator against $$KUBECONFIG, or the local cluster when t
 
 CHART := charts/promptflow-operator
 
-generate: ## Regenerate the CRDs (config/crd and the chart's copy) from the Rust types, and the chart's catalog
+generate: ## Regenerate the CRDs (config/crd and the chart's copy) from the Rust types; copy the catalog and the GitOps health checks into the chart
 	cargo run --quiet --bin crdgen -- --out config/crd
 	cp config/crd/*.yaml $(CHART)/crds/
 	cp config/catalog/instance-types.yaml $(CHART)/files/instance-types.yaml
+	mkdir -p $(CHART)/gitops/argocd $(CHART)/gitops/flux
+	cp config/gitops/argocd/*.lua $(CHART)/gitops/argocd/
+	cp config/gitops/flux/*.yaml $(CHART)/gitops/flux/
 
 verify-generated: ## Fail when a generated file is stale
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
@@ -38,6 +41,7 @@ verify-generated: ## Fail when a generated file is stale
 	diff -ru config/crd "$$tmp" || stale=1; \
 	diff -ru $(CHART)/crds "$$tmp" || stale=1; \
 	diff -u config/catalog/instance-types.yaml $(CHART)/files/instance-types.yaml || stale=1; \
+	diff -ru config/gitops $(CHART)/gitops || stale=1; \
 	if [ $$stale = 1 ]; then echo "generated files are stale: run 'make generate' and commit" >&2; exit 1; fi
 
 chart-lint: deps ## helm lint and render the chart, cluster-wide and namespaced
