@@ -138,6 +138,19 @@ pub fn precheck_runtime(action: Action, runtime: &PromptFlowRuntime) -> Result<(
             if action == Action::Stop { "stop" } else { "start" }
         ));
     }
+    // An image from the flow's `environment.image` is the flow's to change, not the registry's.
+    let repository = &runtime.spec.image.repository;
+    let from_flow = status.image.as_deref().is_some_and(|image| {
+        image
+            .strip_prefix(repository.as_str())
+            .is_none_or(|rest| !rest.starts_with(':') && !rest.starts_with('@'))
+    });
+    if action == Action::Update && from_flow {
+        return Err(format!(
+            "runtime {name} runs {}, the image its flow's environment.image names (flow.dag.yaml): change it there",
+            status.image.as_deref().unwrap_or_default()
+        ));
+    }
     if let (Action::Update, Some(version)) = (action, &runtime.spec.image.version) {
         return Err(format!(
             "runtime {name} is pinned by spec.image.version ({version}); the operator never changes the spec: edit spec.image.version (in Git, when a GitOps tool applies it)"
@@ -472,6 +485,24 @@ mod tests {
                             "message": "no route", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}));
         let step = judge_runtime(Action::CheckVersion, &mut asked, &unreachable);
         assert!(matches!(step, Step::Failed(text) if text.contains("RegistryUnavailable")));
+    }
+
+    #[test]
+    fn an_update_is_refused_for_an_image_the_flow_names() {
+        let mut from_flow = runtime(json!({"phase": "Running", "image": "registry.example/team/custom:3"}));
+        from_flow.spec.image.repository = "registry.example/runtime".into();
+        assert!(
+            precheck_runtime(Action::Update, &from_flow)
+                .unwrap_err()
+                .contains("environment.image")
+        );
+        let mut own = runtime(json!({"phase": "Running", "image": "registry.example/runtime:20240222.v4@sha256:ab"}));
+        own.spec.image.repository = "registry.example/runtime".into();
+        assert_eq!(precheck_runtime(Action::Update, &own), Ok(()));
+        // A longer repository with the same prefix is another repository.
+        let mut longer = runtime(json!({"phase": "Running", "image": "registry.example/runtime-gpu:1"}));
+        longer.spec.image.repository = "registry.example/runtime".into();
+        assert!(precheck_runtime(Action::Update, &longer).is_err());
     }
 
     #[test]
