@@ -62,28 +62,21 @@ build_etcd() {
   mv "$ETCD_BIN_DIR/etcd.tmp" "$ETCD_BIN_DIR/etcd"
 }
 
-build_kwok() {
-  [ -x "$KWOK_BIN_DIR/kwok" ] && return 0
-  mkdir -p "$KWOK_BIN_DIR"
-  log "building kwok $KWOK_VERSION"
-  CGO_ENABLED=0 GOBIN="$KWOK_BIN_DIR" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+# go_install DIR PACKAGE@VERSION [LDFLAGS]: one Go command into DIR, unless it is already there.
+go_install() {
+  local dir=$1 package=$2 ldflags="-s -w ${3:-}" name=${2%@*}
+  name=${name##*/}
+  [ -x "$dir/$name" ] && return 0
+  mkdir -p "$dir"
+  log "building $name ${package##*@}"
+  CGO_ENABLED=0 GOBIN="$dir" go install -trimpath -ldflags "$ldflags" "$package"
 }
 
+build_kwok() { go_install "$KWOK_BIN_DIR" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"; }
 build_helm() {
-  [ -x "$HELM_BIN_DIR/helm" ] && return 0
-  mkdir -p "$HELM_BIN_DIR"
-  log "building helm $HELM_VERSION"
-  CGO_ENABLED=0 GOBIN="$HELM_BIN_DIR" go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
-    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  go_install "$HELM_BIN_DIR" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 }
-
-build_crane() {
-  [ -x "$CRANE_BIN_DIR/crane" ] && return 0
-  mkdir -p "$CRANE_BIN_DIR"
-  log "building crane $CRANE_VERSION"
-  CGO_ENABLED=0 GOBIN="$CRANE_BIN_DIR" go install -trimpath -ldflags "-s -w" \
-    "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION"
-}
+build_crane() { go_install "$CRANE_BIN_DIR" "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION"; }
 
 build_etcd
 build_kwok

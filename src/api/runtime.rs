@@ -222,6 +222,16 @@ pub enum RuntimePhase {
     Running,
 }
 
+impl RuntimePhase {
+    /// The phase as users read it in `status.phase`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimePhase::NotAvailable => "Not available",
+            RuntimePhase::Running => "Running",
+        }
+    }
+}
+
 /// The last value of each action annotation the operator handled.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -334,6 +344,13 @@ idle: {timeout: 1h, action: Delete}
     fn status_phase_uses_the_user_facing_words() {
         let status = PromptFlowRuntimeStatus::default();
         assert_eq!(serde_json::to_value(&status).unwrap()["phase"], "Not available");
+        for phase in [RuntimePhase::NotAvailable, RuntimePhase::Running] {
+            assert_eq!(
+                serde_json::to_value(phase).unwrap(),
+                phase.as_str(),
+                "as_str is the wire form"
+            );
+        }
         let running = PromptFlowRuntimeStatus {
             phase: RuntimePhase::Running,
             ..Default::default()

@@ -104,13 +104,6 @@ fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
 }
 
-fn phase_text(phase: RuntimePhase) -> &'static str {
-    match phase {
-        RuntimePhase::Running => "Running",
-        RuntimePhase::NotAvailable => "Not available",
-    }
-}
-
 /// Refuses what the operator would not do, before anything is changed.
 pub fn precheck_runtime(action: Action, runtime: &PromptFlowRuntime) -> Result<(), String> {
     let name = runtime.name_any();
@@ -194,7 +187,7 @@ pub fn judge_runtime(action: Action, asked: &mut Asked, runtime: &PromptFlowRunt
     };
     let now = format!(
         "{} ({}): {}",
-        phase_text(status.phase),
+        status.phase.as_str(),
         status.reason.as_deref().unwrap_or("-"),
         status.message.as_deref().unwrap_or("")
     );

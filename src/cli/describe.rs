@@ -10,7 +10,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use super::status::{instance_deadline, runtime_deadline};
 use super::table::{age, cell, render, until};
 use super::{Cli, CliError, Kind, Target, print_as};
-use crate::api::{ComputeInstance, PromptFlowRuntime, RuntimePhase};
+use crate::api::{ComputeInstance, PromptFlowRuntime};
 
 /// How many of the newest events are shown.
 const EVENTS: usize = 10;
@@ -84,10 +84,7 @@ async fn events_of(client: &Client, namespace: &str, object: &impl Resource) -> 
 
 fn runtime_fields(rt: &PromptFlowRuntime, now: Timestamp) -> String {
     let status = rt.status.clone().unwrap_or_default();
-    let phase = match status.phase {
-        RuntimePhase::Running => "Running",
-        RuntimePhase::NotAvailable => "Not available",
-    };
+    let phase = status.phase.as_str();
     let latest = match (&status.latest_version, &status.version) {
         (Some(latest), Some(version)) if latest != version => {
             format!("{latest} (update: kubectl promptflow update {})", rt.name_any())

@@ -35,10 +35,9 @@ pub fn runtime_rows(runtimes: &[PromptFlowRuntime], namespaces: bool, now: Times
         .iter()
         .map(|rt| {
             let status = rt.status.clone().unwrap_or_default();
-            let phase = serde_json::to_value(status.phase).ok();
             let mut row = vec![
                 rt.name_any(),
-                cell(phase.as_ref().and_then(|p| p.as_str())),
+                status.phase.as_str().to_owned(),
                 cell(status.reason.as_deref()),
                 cell(status.compute.as_deref()),
                 cell(status.version.as_deref()),

@@ -23,7 +23,7 @@ use self::context::{Context, InstanceSettings};
 use self::index::{Dependency, DependencyIndex};
 use self::watch_health::WatchHealth;
 use crate::api::conditions::reasons;
-use crate::api::{ComputeInstance, PromptFlowRuntime, RuntimePhase};
+use crate::api::{ComputeInstance, PromptFlowRuntime};
 use crate::build::instance::INSTANCE_LABEL;
 use crate::build::pod::RUNTIME_LABEL;
 use crate::build::pod::{OWNED_POD_SELECTOR, PodTemplate};
@@ -257,8 +257,7 @@ pub async fn run(
                 .is_some_and(|r| [reasons::STOPPED_IDLE, reasons::STOPPED_BY_USER].contains(&r));
             let phase = match status.map(|s| s.phase) {
                 _ if stopped => "Stopped",
-                Some(RuntimePhase::Running) => "Running",
-                _ => "Not available",
+                phase => phase.unwrap_or_default().as_str(),
             };
             *counts.entry(phase).or_default() += 1;
         }

@@ -214,3 +214,40 @@ async fn the_chart_renders_a_cluster_wide_install_with_a_hardened_deployment() {
         "a catalog value replaces the shipped one"
     );
 }
+
+#[tokio::test]
+async fn every_operator_flag_has_a_chart_value_that_reaches_the_deployment() {
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_promptflow-operator"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let flags: Vec<&str> = help
+        .lines()
+        .filter_map(|line| line.trim_start().strip_prefix("--"))
+        .filter_map(|rest| rest.split([' ', ',', '=']).next())
+        .filter(|flag| !["help", "version", "check"].contains(flag))
+        .collect();
+    assert!(flags.len() >= 20, "{flags:?}");
+    // The optional ones set, so that every flag is rendered.
+    let rendered = render(
+        "pf",
+        "pf-system",
+        &[
+            "watchNamespace=team-a",
+            "versions.caBundle=PEM",
+            "versions.insecureRegistries[0]=registry.local:5000",
+        ],
+    )
+    .await;
+    let deployment = documents_of(&rendered, &["Deployment"]);
+    for flag in flags {
+        // The Lease's namespace is the pod's own, through the environment.
+        let shown = if flag == "lease-namespace" {
+            deployment.contains("name: POD_NAMESPACE")
+        } else {
+            deployment.contains(&format!("--{flag}="))
+        };
+        assert!(shown, "--{flag} has no value in the chart's Deployment");
+    }
+}

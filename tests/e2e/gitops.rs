@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::harness::{self, OperatorProcess, TestNamespace, with_namespace};
+use crate::instance::wait_state;
 use crate::runtime::{create, create_runtime, wait_status};
 
 /// `hack/build-health.sh`: builds pf-health once (cached by content) and prints its path.
@@ -66,16 +67,6 @@ async fn runtime(ns: &TestNamespace, name: &str) -> PromptFlowRuntime {
     ns.api::<PromptFlowRuntime>().get(name).await.unwrap()
 }
 
-async fn instance_in(ns: &TestNamespace, name: &str, state: InstanceState) -> ComputeInstance {
-    harness::wait_for(
-        &ns.api::<ComputeInstance>(),
-        name,
-        move |ci: Option<&ComputeInstance>| ci.and_then(|c| c.status.as_ref()).is_some_and(|s| s.state == state),
-        Duration::from_secs(60),
-    )
-    .await
-}
-
 #[tokio::test]
 async fn kstatus_argo_cd_and_flux_agree_with_the_phase_of_live_runtimes_and_instances() {
     with_namespace("pf-gitops", |ns| async move {
@@ -111,11 +102,11 @@ async fn kstatus_argo_cd_and_flux_agree_with_the_phase_of_live_runtimes_and_inst
         create(&ns.api::<ComputeInstance>(), instance("gpu", json!({"instanceType": "Standard_DS3_v2"}))).await;
         create(&ns.api::<ComputeInstance>(), instance("off", json!({"instanceType": "Standard_DS3_v2", "state": "Stopped"}))).await;
         create(&ns.api::<ComputeInstance>(), instance("odd", json!({"instanceType": "Standard_Nope_v9"}))).await;
-        let gpu = instance_in(&ns, "gpu", InstanceState::Running).await;
+        let gpu = wait_state(&ns, "gpu", InstanceState::Running, None).await;
         assert_eq!(verdicts(&tool, &gpu, CI).await, expect("Current", "Healthy", "Current"));
-        let off = instance_in(&ns, "off", InstanceState::Stopped).await;
+        let off = wait_state(&ns, "off", InstanceState::Stopped, None).await;
         assert_eq!(verdicts(&tool, &off, CI).await, expect("InProgress", "Suspended", "Current"));
-        let odd = instance_in(&ns, "odd", InstanceState::Failed).await;
+        let odd = wait_state(&ns, "odd", InstanceState::Failed, None).await;
         assert_eq!(verdicts(&tool, &odd, CI).await, expect("Failed", "Degraded", "Failed"));
 
         // A spec change the operator has not observed yet is in progress for all three, and

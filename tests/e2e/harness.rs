@@ -481,6 +481,21 @@ impl Drop for OperatorProcess {
 }
 
 /// The local cluster's state directory (`make cluster-up` writes it; `PF_CLUSTER_DIR` moves it).
+/// `KEY=value` lines of a file the cluster scripts wrote under `.cluster/` (quotes trimmed).
+pub fn cluster_env(file: &str) -> std::collections::BTreeMap<String, String> {
+    let path = cluster_dir().join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!(
+            "{} is missing (make cluster-up writes registry.env, make image image.env)",
+            path.display()
+        )
+    });
+    text.lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+        .collect()
+}
+
 pub fn cluster_dir() -> PathBuf {
     std::env::var_os("PF_CLUSTER_DIR")
         .map(PathBuf::from)

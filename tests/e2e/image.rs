@@ -4,7 +4,6 @@
 //! as the image's user — for `--version`, `activity-proxy --help`, and `--check` against the
 //! cluster over TLS.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::harness;
@@ -12,14 +11,8 @@ use crate::registry::LocalRegistry;
 
 /// `.cluster/image.env`, as `hack/image.sh` wrote it.
 pub fn built_image() -> (String, String) {
-    let path = harness::cluster_dir().join("image.env");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|_| panic!("{} is missing: run `make image` (make e2e does) first", path.display()));
-    let vars: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
-    (
-        vars["OPERATOR_IMAGE"].to_owned(),
-        vars["OPERATOR_IMAGE_DIGEST"].to_owned(),
-    )
+    let vars = harness::cluster_env("image.env");
+    (vars["OPERATOR_IMAGE"].clone(), vars["OPERATOR_IMAGE_DIGEST"].clone())
 }
 
 /// Runs skopeo `args` with the registry's credentials and CA (`copy` names them for its source).

@@ -127,7 +127,7 @@ async fn wait_instance(
 }
 
 /// Waits until the instance is in `state` (with `reason`, when given).
-async fn wait_state(ns: &TestNamespace, name: &str, state: InstanceState, reason: Option<&str>) -> ComputeInstance {
+pub async fn wait_state(ns: &TestNamespace, name: &str, state: InstanceState, reason: Option<&str>) -> ComputeInstance {
     let what = format!("{state:?} {}", reason.unwrap_or_default());
     wait_instance(ns, name, &what, WAIT, |s| {
         s.state == state && reason.is_none_or(|r| s.reason.as_deref() == Some(r))

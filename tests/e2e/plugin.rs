@@ -119,15 +119,12 @@ async fn the_buttons_act_on_a_live_runtime_and_say_what_happened() {
         assert!(again.ok && again.stdout.contains("already at the newest version, 20240501.v2"));
 
         // stop, start and restart.
+        let pod_before_stop = runtime_pod_uid(&ns, "chat").await.expect("a pod");
         let stop = plugin(&["stop", "chat", "-n", n]).await;
         assert!(stop.ok && stop.stdout.contains("stopped"));
         let rt = ns.api::<PromptFlowRuntime>().get("chat").await.unwrap();
         assert_eq!(phase(&rt), (RuntimePhase::NotAvailable, "StoppedByUser".into()));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while runtime_pod_uid(&ns, "chat").await.is_some() {
-            assert!(tokio::time::Instant::now() < deadline, "the pod goes");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        harness::wait_deleted(&ns.api::<Pod>(), "chat-runtime", &pod_before_stop, Duration::from_secs(30)).await;
         let start = plugin(&["start", "chat", "-n", n, "-o", "yaml"]).await;
         assert!(start.ok);
         let started: PromptFlowRuntime = serde_norway::from_str(&start.stdout).unwrap();

@@ -1,8 +1,6 @@
 //! The local registry (TLS from the cluster CA, htpasswd), as `make cluster-up` started it: its
 //! facts, pushing tagged images with skopeo, and a pull identity for a namespace.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::api::PostParams;
 use serde_json::json;
@@ -20,12 +18,7 @@ pub struct LocalRegistry {
 
 impl LocalRegistry {
     pub fn read() -> Self {
-        let text = std::fs::read_to_string(harness::cluster_dir().join("registry.env")).expect("registry.env");
-        let vars: BTreeMap<&str, &str> = text
-            .lines()
-            .filter_map(|line| line.split_once('='))
-            .map(|(k, v)| (k, v.trim_matches('"')))
-            .collect();
+        let vars = harness::cluster_env("registry.env");
         Self {
             host: vars["REGISTRY_HOST"].to_owned(),
             username: vars["REGISTRY_USERNAME"].to_owned(),

@@ -51,9 +51,7 @@ pub fn compose(
         report.state == InstanceState::Running,
         report.state == InstanceState::Stopped,
         report.state == InstanceState::Failed
-            || (report.state != InstanceState::Running
-                && reasons::PROBLEMS.contains(&report.reason.as_str())
-                && !reasons::TRANSIENT.contains(&report.reason.as_str())),
+            || (report.state != InstanceState::Running && reasons::PROBLEMS.contains(&report.reason.as_str())),
         &report.reason,
         &report.message,
     );

@@ -68,8 +68,10 @@ impl ConditionState {
 }
 
 /// kstatus' condition for a resource that is `running` or not: `Stalled` when it cannot get
-/// there until someone acts, none at rest or once running, else `Reconciling`.
+/// there until someone acts (unless the reason is one the cluster may get past by itself, see
+/// [`reasons::TRANSIENT`]), none at rest or once running, else `Reconciling`.
 pub fn progress(running: bool, at_rest: bool, stalled: bool, reason: &str, message: &str) -> Option<ConditionState> {
+    let stalled = stalled && !reasons::TRANSIENT.contains(&reason);
     let type_ = match (running, at_rest, stalled) {
         (_, _, true) => conditions::STALLED,
         (true, _, _) | (_, true, _) => return None,
@@ -90,8 +92,7 @@ fn runtime_progress(verdict: &Verdict, others: &[ConditionState]) -> Option<Cond
     progress(
         verdict.phase == RuntimePhase::Running,
         reasons::AT_REST.contains(&verdict.reason.as_str()),
-        (verdict.problem || reasons::FAILING.contains(&verdict.reason.as_str()))
-            && !reasons::TRANSIENT.contains(&verdict.reason.as_str()),
+        verdict.problem || reasons::FAILING.contains(&verdict.reason.as_str()),
         &verdict.reason,
         &verdict.message,
     )
