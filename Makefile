@@ -71,7 +71,7 @@ e2e: build deps ## e2e tests against the local cluster (started and stopped here
 	rc=0; hack/image.sh >/dev/null || rc=$$?; \
 	if [ $$rc = 0 ]; then cargo test --test e2e -- --test-threads=4 --skip faults:: || rc=$$?; fi; \
 	echo "smoke: make bench at N=50"; \
-	if [ $$rc = 0 ]; then PF_BENCH_N=50 PF_BENCH_STEADY_SECONDS=10 cargo test --test bench -- --nocapture || rc=$$?; fi; \
+	if [ $$rc = 0 ]; then PF_BENCH_N=50 PF_BENCH_STEADY_SECONDS=10 PF_BENCH_PROXY_SECONDS=2 cargo test --test bench -- --nocapture --test-threads=1 || rc=$$?; fi; \
 	echo "e2e: control-plane faults, one test at a time (each restarts kube-apiserver or etcd)"; \
 	if [ $$rc = 0 ]; then cargo test --test e2e faults:: -- --test-threads=1 || rc=$$?; fi; \
 	echo "smoke: make chaos at N=50"; \
@@ -94,10 +94,10 @@ endef
 
 BENCH_N ?= 1000,10000
 bench: deps ## Speed, memory and writes at N=$(BENCH_N) runtimes against a measured floor (release build); report and chart in $(CARGO_TARGET_DIR)/bench
-	$(call on_cluster,PF_BENCH_N=$(BENCH_N) cargo test --release --test bench -- --nocapture)
+	$(call on_cluster,PF_BENCH_N=$(BENCH_N) cargo test --release --test bench -- --nocapture --test-threads=1)
 
 heap-profile: deps ## Where the operator's heap goes at its peak with N=1000 runtimes (dhat, backlog phase only)
-	$(call on_cluster,PF_BENCH_N=$${PF_BENCH_N:-1000} PF_BENCH_PHASES=backlog PF_HEAP_PROFILE=$(CARGO_TARGET_DIR)/bench/dhat-heap.json cargo test --profile heap --features heap-profile --test bench -- --nocapture)
+	$(call on_cluster,PF_BENCH_N=$${PF_BENCH_N:-1000} PF_BENCH_PHASES=backlog PF_HEAP_PROFILE=$(CARGO_TARGET_DIR)/bench/dhat-heap.json cargo test --profile heap --features heap-profile --test bench runtimes_at_scale -- --nocapture)
 
 CHAOS_N ?= 1000
 chaos: deps ## Faults during the convergence of N=$(CHAOS_N) runtimes, and hostile objects (release build)

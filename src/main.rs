@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures::FutureExt;
 
 use clap::Parser;
+use clap::builder::TypedValueParser;
 use promptflow_operator::admin::{self, AdminState};
 use promptflow_operator::build::pod::{PodSecurity, PodTemplate};
 use promptflow_operator::catalog::Catalog;
@@ -60,6 +61,31 @@ struct Args {
     /// chart sets it). Absent: `promptflow-operator:<this version>`.
     #[arg(long, env = "PF_PROXY_IMAGE")]
     proxy_image: Option<String>,
+    /// Paths (comma-separated) whose GET and HEAD requests through a runtime's activity proxy are
+    /// health checks: forwarded, never counted as activity.
+    #[arg(long, env = "PF_PROXY_HEALTH_PATHS", value_delimiter = ',', default_value = proxy::limits::DEFAULT_HEALTH_PATHS)]
+    proxy_health_paths: Vec<String>,
+    /// The activity proxy closes a connection whose request head is not complete this long after
+    /// it opened or after the head's first byte (Go duration).
+    #[arg(long, env = "PF_PROXY_HEADER_TIMEOUT", default_value = proxy::limits::DEFAULT_HEADER_TIMEOUT, value_parser = parse_go_duration)]
+    proxy_header_timeout: Duration,
+    /// The activity proxy closes a connection that has had no request in progress this long.
+    #[arg(long, env = "PF_PROXY_KEEP_ALIVE_TIMEOUT", default_value = proxy::limits::DEFAULT_KEEP_ALIVE_TIMEOUT, value_parser = parse_go_duration)]
+    proxy_keep_alive_timeout: Duration,
+    /// The runtime must start answering a request within this long (504 after it); flows may run
+    /// for minutes (Go duration).
+    #[arg(long, env = "PF_PROXY_UPSTREAM_TIMEOUT", default_value = proxy::limits::DEFAULT_UPSTREAM_TIMEOUT, value_parser = parse_go_duration)]
+    proxy_upstream_timeout: Duration,
+    /// Open client connections per activity proxy at most; more are answered 503.
+    #[arg(long, env = "PF_PROXY_MAX_CONNECTIONS", default_value_t = proxy::limits::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    proxy_max_connections: usize,
+    /// The largest request head an activity proxy accepts, in bytes (431 above it).
+    #[arg(long, env = "PF_PROXY_MAX_HEADER_BYTES", default_value_t = proxy::limits::DEFAULT_MAX_HEADER_BYTES, value_parser = clap::value_parser!(u32).range(8192..).map(|n| n as usize))]
+    proxy_max_header_bytes: usize,
+    /// How long an activity proxy lets requests in flight finish when its pod stops; runtime pods
+    /// get this plus 5 s as terminationGracePeriodSeconds (Go duration).
+    #[arg(long, env = "PF_PROXY_DRAIN_TIMEOUT", default_value = proxy::limits::DEFAULT_DRAIN_TIMEOUT, value_parser = parse_go_duration)]
+    proxy_drain_timeout: Duration,
     /// How long before an idle runtime's deadline the IdleSoon warning comes, in percent of its
     /// idle timeout …
     #[arg(long, env = "PF_IDLE_WARNING_PERCENT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=50))]
@@ -210,6 +236,15 @@ async fn run(args: Args) -> Result<(), Error> {
             proxy_image: args
                 .proxy_image
                 .unwrap_or_else(promptflow_operator::build::pod::default_proxy_image),
+            proxy_limits: proxy::ProxyLimits {
+                health_paths: args.proxy_health_paths,
+                header_timeout: args.proxy_header_timeout,
+                keep_alive_timeout: args.proxy_keep_alive_timeout,
+                upstream_timeout: args.proxy_upstream_timeout,
+                max_connections: args.proxy_max_connections,
+                max_header_bytes: args.proxy_max_header_bytes,
+                drain_timeout: args.proxy_drain_timeout,
+            },
         },
         idle: IdleSettings {
             warning_percent: args.idle_warning_percent,

@@ -148,7 +148,7 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
         init_containers: (!init_containers.is_empty()).then_some(init_containers),
         volumes: (!volumes.is_empty()).then_some(volumes),
         node_selector: (!inputs.size.node_selector.is_empty()).then(|| inputs.size.node_selector.clone()),
-        ..pod_spec_base(&identity, &inputs.template.security)
+        ..pod_spec_base(&identity, inputs.template)
     };
     let attached: Vec<String> = inputs.runtimes.iter().map(|a| a.runtime.name_any()).collect();
     let decided = serde_json::json!({

@@ -5,3 +5,46 @@ pub mod parts;
 pub mod pod;
 pub mod proxy;
 pub mod service;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// Whether an object was made by the operator for the owner whose uid is `owner_uid`: its
+/// controller owner reference names that uid. Labels prove nothing (anyone who may create a pod
+/// can copy them), and a name can be taken by someone else first.
+pub fn controlled_by(object: &ObjectMeta, owner_uid: Option<&str>) -> bool {
+    let Some(owner_uid) = owner_uid else {
+        return false;
+    };
+    object
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|owner| owner.controller == Some(true) && owner.uid == owner_uid)
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    use super::*;
+
+    #[test]
+    fn only_the_controller_reference_with_the_owners_uid_proves_who_made_an_object() {
+        let owned = |uid: &str, controller: Option<bool>| ObjectMeta {
+            owner_references: Some(vec![OwnerReference {
+                uid: uid.into(),
+                controller,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        assert!(controlled_by(&owned("u1", Some(true)), Some("u1")));
+        assert!(!controlled_by(&owned("u1", None), Some("u1")), "not the controller");
+        assert!(!controlled_by(&owned("u2", Some(true)), Some("u1")), "another owner");
+        assert!(
+            !controlled_by(&ObjectMeta::default(), Some("u1")),
+            "no owner: someone else's"
+        );
+        assert!(!controlled_by(&owned("u1", Some(true)), None));
+    }
+}

@@ -220,9 +220,7 @@ pub fn runtime_parts(inputs: &PartsInputs<'_>) -> RuntimeParts {
         security_context: container_security(&inputs.template.security),
         ..Default::default()
     });
-    parts
-        .containers
-        .push(proxy_container(&inputs.template.proxy_image, placement));
+    parts.containers.push(proxy_container(inputs.template, placement));
     parts
 }
 

@@ -13,6 +13,7 @@ use crate::api::{PromptFlowRuntime, ResourceOverrides};
 use crate::catalog::InstanceType;
 use crate::flow::{FlowEnvironment, hex};
 use crate::identity::PullIdentity;
+use crate::proxy::ProxyLimits;
 
 pub use super::parts::{INSTANCE_PORT_BASE, PartsInputs, Placement, RuntimeParts, container_security, runtime_parts};
 use super::proxy::proxy_resources;
@@ -46,6 +47,8 @@ pub struct PodTemplate {
     pub startup_seconds: i32,
     /// The image of the activity proxy sidecar: the operator's own image.
     pub proxy_image: String,
+    /// The activity proxy's timeouts and limits (its drain also sets the pod's grace period).
+    pub proxy_limits: ProxyLimits,
 }
 
 /// The proxy image when none is configured: the operator image of this version.
@@ -62,6 +65,7 @@ impl Default for PodTemplate {
             security: PodSecurity::default(),
             startup_seconds: DEFAULT_STARTUP_SECONDS,
             proxy_image: default_proxy_image(),
+            proxy_limits: ProxyLimits::default(),
         }
     }
 }
@@ -130,7 +134,7 @@ pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
         init_containers: (!parts.init_containers.is_empty()).then_some(parts.init_containers),
         volumes: (!parts.volumes.is_empty()).then_some(parts.volumes),
         node_selector: (!inputs.size.node_selector.is_empty()).then(|| inputs.size.node_selector.clone()),
-        ..pod_spec_base(inputs.identity, &inputs.template.security)
+        ..pod_spec_base(inputs.identity, inputs.template)
     };
 
     let flow_hash = inputs.flow.map(|(_, flow)| flow.content_hash.as_str());
@@ -154,9 +158,12 @@ pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
     }
 }
 
-/// What every operator pod shares: the identity, the restricted profile, no API token.
-pub fn pod_spec_base(identity: &PullIdentity, security: &PodSecurity) -> PodSpec {
+/// What every operator pod shares: the identity, the restricted profile, no API token, and time
+/// for the activity proxies to drain requests in flight.
+pub fn pod_spec_base(identity: &PullIdentity, template: &PodTemplate) -> PodSpec {
+    let security = &template.security;
     PodSpec {
+        termination_grace_period_seconds: Some(template.proxy_limits.termination_grace_seconds()),
         service_account_name: Some(identity.service_account.clone()),
         image_pull_secrets: Some(
             identity

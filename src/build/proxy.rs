@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, HTTPGetAction, Probe, ResourceRequirements, SecurityContext,
+    Capabilities, Container, ContainerPort, HTTPGetAction, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::pod::Placement;
+use super::pod::{Placement, PodTemplate};
 
 /// The activity proxy's port: client traffic, through the runtime's Service.
 pub const PROXY_PORT: i32 = 8081;
@@ -39,9 +39,11 @@ pub fn proxy_resources() -> ResourceRequirements {
     }
 }
 
-/// The activity proxy sidecar: the operator binary's `activity-proxy` subcommand, always under
-/// the restricted profile (it needs nothing else), a few MiB of memory.
-pub fn proxy_container(image: &str, placement: &Placement) -> Container {
+/// The activity proxy sidecar: the operator binary's `activity-proxy` subcommand with the
+/// operator's proxy limits, always under the restricted profile with its own RuntimeDefault
+/// seccomp profile (it needs nothing else, whatever the runtime container is allowed), a few MiB
+/// of memory.
+pub fn proxy_container(template: &PodTemplate, placement: &Placement) -> Container {
     let named = placement.suffix.is_none();
     let port = |name: &str, number: i32| ContainerPort {
         name: named.then(|| name.to_owned()),
@@ -56,13 +58,18 @@ pub fn proxy_container(image: &str, placement: &Placement) -> Container {
     };
     Container {
         name: placement.name(PROXY_CONTAINER, "px"),
-        image: Some(image.to_owned()),
-        args: Some(vec![
-            "activity-proxy".into(),
-            format!("--listen=0.0.0.0:{}", placement.proxy_port),
-            format!("--upstream=127.0.0.1:{}", placement.runtime_port),
-            format!("--activity-listen=0.0.0.0:{}", placement.activity_port),
-        ]),
+        image: Some(template.proxy_image.clone()),
+        args: Some(
+            [
+                "activity-proxy".into(),
+                format!("--listen=0.0.0.0:{}", placement.proxy_port),
+                format!("--upstream=127.0.0.1:{}", placement.runtime_port),
+                format!("--activity-listen=0.0.0.0:{}", placement.activity_port),
+            ]
+            .into_iter()
+            .chain(template.proxy_limits.args())
+            .collect(),
+        ),
         ports: Some(vec![
             port(PROXY_PORT_NAME, placement.proxy_port),
             port("activity", placement.activity_port),
@@ -84,6 +91,10 @@ pub fn proxy_container(image: &str, placement: &Placement) -> Container {
             run_as_user: Some(PROXY_USER),
             capabilities: Some(Capabilities {
                 drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
                 ..Default::default()
             }),
             ..Default::default()

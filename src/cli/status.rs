@@ -15,7 +15,10 @@ use crate::idle::{IdleSettings, add, last_known_activity, parse_duration, policy
 pub fn runtime_deadline(runtime: &PromptFlowRuntime) -> Option<Timestamp> {
     let running = runtime.status.as_ref()?.phase == RuntimePhase::Running;
     let policy = policy(runtime, &IdleSettings::default()).filter(|_| running)?;
-    Some(add(last_known_activity(runtime, Timestamp::UNIX_EPOCH), policy.timeout))
+    Some(add(
+        last_known_activity(runtime, Timestamp::UNIX_EPOCH, None),
+        policy.timeout,
+    ))
 }
 
 /// When an idle instance stops at the earliest (the operator's minimum may raise the timeout).

@@ -5,10 +5,11 @@
 //! Read by the controllers, and therefore kept:
 //! - every object: name, namespace, uid, resourceVersion, labels, annotations (without
 //!   `last-applied-configuration`), owner references, finalizers, deletionTimestamp, generation;
-//! - pods: only the `promptflow.dev/` labels and annotations, no owner references; each
-//!   container's name and resources (a resize gives its quota usage back), the phase
-//!   and its message, pod IP, the `Ready` and `PodScheduled` conditions (type, status, reason,
-//!   message) and container statuses
+//! - pods: only the `promptflow.dev/` labels and annotations, the creation time, of the owner
+//!   references only the controller's uid (who made the pod); each container's name and
+//!   resources (a resize gives its quota usage back), the phase and its message, pod IP, the
+//!   `Ready` and `PodScheduled` conditions (type, status, reason, message; Ready's transition
+//!   time: a pod's start is activity) and container statuses
 //!   (name, ready, restart count, state and last state without times or ids);
 //! - Services: cluster IP, selector and ports (name, port, target port) — what `matches` compares;
 //! - service accounts: image pull secrets; quotas and runtimes: everything but managed fields.
@@ -17,7 +18,7 @@ use k8s_openapi::api::core::v1::{
     Container, ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus,
     Pod, PodCondition, PodSpec, PodStatus, ResourceRequirements, Service, ServiceAccount, ServicePort, ServiceSpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use serde::Deserialize;
@@ -63,17 +64,33 @@ fn trim_meta(meta: &mut ObjectMeta) {
 
 /// Trims a pod further: of its labels and annotations only the operator's own
 /// (`promptflow.dev/…`: runtime and instance labels, the spec and inputs hashes, the instance type,
-/// the runtimes an instance pod carries), no owner references (pods map to runtimes by label),
-/// and of its conditions only `Ready` and `PodScheduled`.
+/// the runtimes an instance pod carries), of its owner references only the controller's uid
+/// (whether the operator made it for that runtime or instance), and of its conditions only
+/// `Ready` and `PodScheduled`.
 pub fn trim_pod(pod: &mut LeanPod) {
+    let created = pod.metadata.creation_timestamp.take();
     trim_meta(&mut pod.metadata);
+    pod.metadata.creation_timestamp = created;
     let ours = |key: &String| key.starts_with("promptflow.dev/");
     for map in [&mut pod.metadata.labels, &mut pod.metadata.annotations] {
         if let Some(entries) = map.as_mut() {
             entries.retain(|key, _| ours(key));
         }
     }
-    pod.metadata.owner_references = None;
+    pod.metadata.owner_references = pod
+        .metadata
+        .owner_references
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|owner| owner.controller == Some(true))
+        .map(|owner| {
+            vec![OwnerReference {
+                uid: owner.uid,
+                controller: Some(true),
+                ..Default::default()
+            }]
+        });
     if let Some(status) = pod.status.as_mut() {
         status
             .conditions
@@ -125,12 +142,14 @@ struct LeanPodStatus {
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct LeanCondition {
     #[serde(rename = "type")]
     type_: String,
     status: String,
     reason: Option<String>,
     message: Option<String>,
+    last_transition_time: Option<Time>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -214,6 +233,7 @@ impl LeanPod {
                             status: c.status.clone(),
                             reason: c.reason.clone(),
                             message: c.message.clone(),
+                            last_transition_time: c.last_transition_time.clone(),
                             ..Default::default()
                         })
                         .collect(),
@@ -317,7 +337,8 @@ mod tests {
             "metadata": {"name": "rt-pod", "namespace": "a", "uid": "u1", "resourceVersion": "7",
                 "labels": {"promptflow.dev/runtime": "rt", "app.kubernetes.io/name": "promptflow-runtime"},
                 "annotations": {"promptflow.dev/spec-hash": "h", "example.com/note": "x"},
-                "ownerReferences": [{"apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime", "name": "rt", "uid": "u0"}],
+                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "other", "uid": "u9"},
+                    {"apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime", "name": "rt", "uid": "u0", "controller": true}],
                 "managedFields": [{"manager": "x"}], "creationTimestamp": "2026-01-01T00:00:00Z"},
             "spec": {"nodeName": "n", "containers": [
                 {"name": "runtime", "image": "img", "env": [{"name": "A", "value": "b"}],
@@ -361,7 +382,25 @@ mod tests {
             assert_eq!(lean.annotations().len(), 1);
             assert_eq!(lean.annotations()["promptflow.dev/spec-hash"], "h");
             assert_eq!(lean.metadata.uid, full.metadata.uid);
-            assert!(lean.metadata.managed_fields.is_none() && lean.metadata.owner_references.is_none());
+            assert!(lean.metadata.managed_fields.is_none());
+            let owners = lean.metadata.owner_references.as_ref().unwrap();
+            assert_eq!(
+                (owners.len(), owners[0].uid.as_str()),
+                (1, "u0"),
+                "only the controller's uid"
+            );
+            assert_eq!(lean.metadata.creation_timestamp, full.metadata.creation_timestamp);
+            let ready_since = |pod: &Pod| {
+                pod.status
+                    .as_ref()?
+                    .conditions
+                    .as_ref()?
+                    .iter()
+                    .find(|c| c.type_ == "Ready")?
+                    .last_transition_time
+                    .clone()
+            };
+            assert_eq!(ready_since(&lean), ready_since(&full));
             let spec = lean.spec.as_ref().unwrap();
             assert_eq!(spec.containers.len(), 2);
             assert_eq!(

@@ -2,15 +2,18 @@
 //! given moment. Pure; the controller asks the activity proxy ([`probe`]) only at a deadline.
 //!
 //! Deadline = last known activity + `spec.idle.timeout`. Known activity is the latest of: the
-//! runtime becoming Running, `status.lastActivityTime` (what the proxy reported at an earlier
-//! look), the `promptflow.dev/last-activity` annotation, and the moment this operator process
-//! started (after a restart nothing is known, so it counts as "now": never cull early).
+//! runtime becoming Running, the start of its current pod (a pod made by start, update, restart,
+//! a spec change or the operator's own replacement is a fresh start, whatever the status still
+//! says about the pod before it), `status.lastActivityTime` (what the proxy reported at an
+//! earlier look), the `promptflow.dev/last-activity` annotation, and the moment this operator
+//! process started (after a restart nothing is known, so it counts as "now": never cull early).
 //! A warning is due a lead time before the deadline.
 
 pub mod probe;
 
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
@@ -75,8 +78,24 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     u64::try_from(nanos).ok().map(Duration::from_nanos)
 }
 
-/// The latest activity known without asking the proxy.
-pub fn last_known_activity(runtime: &PromptFlowRuntime, operator_started: Timestamp) -> Timestamp {
+/// When `pod` started serving: its `Ready` condition's transition to True, else its creation.
+pub fn pod_started(pod: &Pod) -> Option<Timestamp> {
+    let ready_since = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|all| all.iter().find(|c| c.type_ == "Ready" && c.status == "True"))
+        .and_then(|c| c.last_transition_time.as_ref());
+    ready_since.or(pod.metadata.creation_timestamp.as_ref()).map(|t| t.0)
+}
+
+/// The latest activity known without asking the proxy, for a runtime whose current pod started
+/// at `pod_started`.
+pub fn last_known_activity(
+    runtime: &PromptFlowRuntime,
+    operator_started: Timestamp,
+    pod_started: Option<Timestamp>,
+) -> Timestamp {
     let status = runtime.status.as_ref();
     // Times in the status have whole-second precision: the moment itself lies within the
     // following second, so round up (never stop early).
@@ -90,7 +109,8 @@ pub fn last_known_activity(runtime: &PromptFlowRuntime, operator_started: Timest
         .map(|c| stored(&c.last_transition_time));
     let reported = status.and_then(|s| s.last_activity_time.as_ref()).map(stored);
     let annotated = annotated_activity(runtime);
-    [Some(operator_started), running_since, reported, annotated]
+    let pod_started = pod_started.map(|t| add(t, Duration::from_secs(1)));
+    [Some(operator_started), running_since, pod_started, reported, annotated]
         .into_iter()
         .flatten()
         .max()
@@ -215,10 +235,10 @@ mod tests {
             serde_json::json!({}),
             serde_json::json!({"promptflow.dev/last-activity": "1970-01-01T00:33:20Z"}),
         );
-        assert_eq!(last_known_activity(&rt, started), at(2_000), "the annotation");
+        assert_eq!(last_known_activity(&rt, started, None), at(2_000), "the annotation");
         rt.metadata.annotations = None;
         assert_eq!(
-            last_known_activity(&rt, started),
+            last_known_activity(&rt, started, None),
             started,
             "nothing known: the operator's start"
         );
@@ -227,15 +247,39 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            last_known_activity(&rt, started),
+            last_known_activity(&rt, started, None),
             at(3_001),
             "rounded up to the next second"
+        );
+        assert_eq!(
+            last_known_activity(&rt, started, Some(at(5_000))),
+            at(5_001),
+            "a pod started after the last report: the start is activity"
         );
         let bad = runtime(
             serde_json::json!({}),
             serde_json::json!({"promptflow.dev/last-activity": "yesterday"}),
         );
         assert_eq!(annotated_activity(&bad), None);
+    }
+
+    #[test]
+    fn a_pod_starts_when_it_turns_ready_or_else_when_it_was_created() {
+        let pod = |status: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
+                "status": status,
+            }))
+            .unwrap()
+        };
+        let created = "2026-01-01T00:00:00Z".parse::<Timestamp>().unwrap();
+        assert_eq!(pod_started(&pod(serde_json::json!({}))), Some(created));
+        let ready = pod(serde_json::json!({"conditions": [
+            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:07Z"}]}));
+        assert_eq!(pod_started(&ready), Some(add(created, Duration::from_secs(7))));
+        let not_ready = pod(serde_json::json!({"conditions": [
+            {"type": "Ready", "status": "False", "lastTransitionTime": "2026-01-01T00:00:09Z"}]}));
+        assert_eq!(pod_started(&not_ready), Some(created));
     }
 
     #[test]

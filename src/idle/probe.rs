@@ -1,19 +1,24 @@
 //! Asking a runtime pod's activity proxy what it saw: one HTTP GET to the pod IP's activity port,
-//! with a short timeout. Only at a runtime's warning time or deadline, never on a timer.
+//! with a short timeout. Only at a runtime's warning time or deadline, never on a timer. What
+//! answers there runs in a pod a tenant may shape, so the answer is bounded and believed only
+//! as far as it can be: at most [`MAX_REPORT_BYTES`], and no time later than now.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use k8s_openapi::jiff::Timestamp;
 
 use crate::build::pod::ACTIVITY_PORT;
 use crate::proxy::ActivityReport;
 
 /// How long a look may take.
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// The largest answer read; a report is well under 200 bytes.
+pub const MAX_REPORT_BYTES: usize = 4096;
 
 /// The client the controller asks proxies with.
 #[derive(Clone)]
@@ -49,11 +54,55 @@ impl ActivityProbe {
         if !response.status().is_success() {
             return Err(format!("{uri} answered {}", response.status()));
         }
-        let body = tokio::time::timeout(TIMEOUT, response.into_body().collect())
+        let body = Limited::new(response.into_body(), MAX_REPORT_BYTES);
+        let body = tokio::time::timeout(TIMEOUT, body.collect())
             .await
             .map_err(|_| format!("{uri} did not finish within {}s", TIMEOUT.as_secs()))?
-            .map_err(|e| format!("{uri}: {e}"))?
+            .map_err(|e| match e.downcast_ref::<LengthLimitError>() {
+                Some(_) => format!("{uri} answered more than {MAX_REPORT_BYTES} bytes"),
+                None => format!("{uri}: {e}"),
+            })?
             .to_bytes();
-        serde_json::from_slice(&body).map_err(|_| format!("{uri} did not answer an activity report"))
+        let report: ActivityReport =
+            serde_json::from_slice(&body).map_err(|_| format!("{uri} did not answer an activity report"))?;
+        Ok(believable(report, Timestamp::now()))
+    }
+}
+
+/// What can be believed of a report at `now`: no activity later than now, and requests in
+/// flight are activity now.
+pub fn believable(mut report: ActivityReport, now: Timestamp) -> ActivityReport {
+    report.last_activity_time = match (report.last_activity_time, report.in_flight > 0) {
+        (_, true) => Some(now),
+        (Some(seen), false) => Some(seen.min(now)),
+        (None, false) => None,
+    };
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_from_the_future_are_now_and_requests_in_flight_are_activity_now() {
+        let now = Timestamp::from_second(1_000).unwrap();
+        let future = ActivityReport {
+            last_activity_time: Some(Timestamp::from_second(4_000_000_000).unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(believable(future, now).last_activity_time, Some(now));
+        let past = Timestamp::from_second(10).unwrap();
+        let busy = ActivityReport {
+            last_activity_time: Some(past),
+            in_flight: 2,
+            ..Default::default()
+        };
+        assert_eq!(believable(busy, now).last_activity_time, Some(now));
+        let quiet = ActivityReport {
+            last_activity_time: Some(past),
+            ..Default::default()
+        };
+        assert_eq!(believable(quiet, now).last_activity_time, Some(past));
     }
 }

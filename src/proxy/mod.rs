@@ -1,34 +1,35 @@
 //! The activity proxy: `promptflow-operator activity-proxy`, a sidecar in every runtime pod.
 //! Client traffic (the runtime's Service targets it) passes through to the runtime container on
-//! the same pod, streamed both ways without buffering (prompt flow streams chat answers as
-//! chunked or server-sent events), and every request and streamed chunk is recorded as activity.
-//! A second port serves `GET /activity`, which the controller reads at a runtime's idle deadline.
+//! the same pod ([`forward`]); what was use is recorded ([`activity`]); a second port serves
+//! `GET /activity`, which the controller reads at a runtime's idle deadline. Both ports serve
+//! under limits ([`server`], [`limits`]): anyone who can reach the pod can open connections.
 //! Requests never cause a Kubernetes API call.
 
 pub mod activity;
+mod forward;
+pub mod limits;
+mod server;
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::routing::get;
 use bytes::Bytes;
-use http::header::{self, HeaderName};
-use http::{Request, Response, StatusCode, Uri};
-use http_body_util::combinators::BoxBody;
+use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tracing::{debug, info, warn};
+use hyper_util::rt::TokioExecutor;
+use tracing::info;
 
 pub use self::activity::{Activity, ActivityReport};
+use self::forward::{Forwarder, plain};
+pub use self::limits::ProxyLimits;
+use self::server::{ProxyBody, ServerLimits};
 
-/// Where the proxy listens and forwards.
+/// Where the proxy listens and forwards, and its limits.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ProxySettings {
     /// Where client traffic arrives (the Service's target port).
@@ -40,91 +41,12 @@ pub struct ProxySettings {
     /// Where `GET /activity` (and `GET /healthz`) are served.
     #[arg(long, default_value = "0.0.0.0:8082")]
     pub activity_listen: SocketAddr,
+    /// Timeouts and limits.
+    #[command(flatten)]
+    pub limits: ProxyLimits,
 }
 
-/// Headers that belong to one connection, not to the request or response (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-];
-
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
-
-/// The forwarding half: one upstream client shared by every connection.
-struct Forwarder {
-    client: Client<HttpConnector, Incoming>,
-    upstream: String,
-    activity: Arc<Activity>,
-}
-
-impl Forwarder {
-    async fn forward(&self, mut request: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
-        self.activity.request();
-        let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
-        let uri: Uri = match format!("http://{}{path}", self.upstream).parse() {
-            Ok(uri) => uri,
-            Err(_) => return Ok(plain(StatusCode::BAD_REQUEST, "request target is not a path")),
-        };
-        *request.uri_mut() = uri;
-        strip_hop_by_hop(request.headers_mut());
-        match self.client.request(request).await {
-            Ok(response) => {
-                let activity = self.activity.clone();
-                let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                // Each chunk passes as it arrives and counts as activity: a long streamed answer
-                // keeps the runtime alive while it streams.
-                let body = body
-                    .map_frame(move |frame| {
-                        activity.touch();
-                        frame
-                    })
-                    .boxed();
-                Ok(Response::from_parts(parts, body))
-            }
-            Err(err) => {
-                debug!(error = %err, upstream = %self.upstream, "upstream unreachable");
-                Ok(plain(
-                    StatusCode::BAD_GATEWAY,
-                    "the prompt flow runtime is not answering yet",
-                ))
-            }
-        }
-    }
-}
-
-fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-}
-
-fn plain(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
-    let body = Full::new(Bytes::from_static(text.as_bytes()))
-        .map_err(|never| match never {})
-        .boxed();
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    response
-}
-
-/// The bound proxy: its addresses, and the future that serves until `shutdown`.
+/// The bound proxy: its addresses, and the future that serves until `shutdown`, then drains.
 pub struct BoundProxy<F> {
     /// Where client traffic is accepted.
     pub listen: SocketAddr,
@@ -133,6 +55,10 @@ pub struct BoundProxy<F> {
     /// Serves both ports.
     pub serve: F,
 }
+
+/// A request whose bytes stopped moving is cut this long after the upstream timeout, so a
+/// runtime that is merely slow gets its 504 first.
+const STALL_MARGIN: Duration = Duration::from_secs(5);
 
 /// Binds both ports.
 pub async fn bind(
@@ -147,37 +73,59 @@ pub async fn bind(
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
     connector.set_nodelay(true);
+    let limits = Arc::new(settings.limits);
+    let traffic_limits = ServerLimits {
+        header_timeout: limits.header_timeout,
+        keep_alive_timeout: limits.keep_alive_timeout,
+        stall_timeout: limits.upstream_timeout + STALL_MARGIN,
+        max_connections: limits.max_connections,
+        max_header_bytes: limits.max_header_bytes,
+        drain_timeout: limits.drain_timeout,
+    };
+    // Only the operator asks here, one short GET at a time.
+    let report_limits = ServerLimits {
+        stall_timeout: limits.header_timeout,
+        max_connections: limits::ACTIVITY_MAX_CONNECTIONS,
+        max_header_bytes: 8192,
+        drain_timeout: Duration::ZERO,
+        ..traffic_limits.clone()
+    };
     let forwarder = Arc::new(Forwarder {
         client: Client::builder(TokioExecutor::new()).build(connector),
         upstream: settings.upstream.clone(),
         activity: activity.clone(),
+        limits: limits.clone(),
     });
-    let reports = Router::new()
-        .route(
-            "/activity",
-            get(move || {
-                let activity = activity.clone();
-                async move { axum::Json(activity.report()) }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }));
-    let upstream = settings.upstream.clone();
+    let upstream = settings.upstream;
     let serve = async move {
-        info!(%listen, activity = %activity_address, %upstream, "activity proxy listening");
+        info!(%listen, activity = %activity_address, %upstream, limits = ?limits, "activity proxy listening");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-        let mut reports_stop = stop_rx.clone();
-        let reports_server = axum::serve(activity_listener, reports)
-            .with_graceful_shutdown(async move {
-                let _ = reports_stop.wait_for(|stop| *stop).await;
-            })
-            .into_future();
-        let accept = accept_loop(proxy_listener, forwarder, stop_rx);
-        let (reports, accepted) = tokio::join!(reports_server, accept);
-        reports.and(accepted)
+        let traffic = server::serve(
+            "proxy",
+            proxy_listener,
+            traffic_limits,
+            move |request, peer| {
+                let forwarder = forwarder.clone();
+                async move { forwarder.forward(request, peer).await }
+            },
+            stop_rx.clone(),
+        );
+        let reports = server::serve(
+            "activity",
+            activity_listener,
+            report_limits,
+            move |request, _| {
+                let answer = report(&activity, &request);
+                async move { answer }
+            },
+            stop_rx,
+        );
+        tokio::join!(traffic, reports);
+        Ok(())
     };
     Ok(BoundProxy {
         listen,
@@ -186,36 +134,23 @@ pub async fn bind(
     })
 }
 
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
-    forwarder: Arc<Forwarder>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    warn!(error = %err, "accept failed");
-                    continue;
-                }
-            },
-            _ = stop.wait_for(|stop| *stop) => return Ok(()),
-        };
-        let _ = stream.set_nodelay(true);
-        let forwarder = forwarder.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let forwarder = forwarder.clone();
-                async move { forwarder.forward(request).await }
-            });
-            if let Err(err) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, error = %err, "connection ended with an error");
-            }
-        });
+/// The activity port: `GET /activity` (the record as JSON) and `GET /healthz` (the readiness
+/// probe).
+fn report(activity: &Activity, request: &Request<Incoming>) -> Response<ProxyBody> {
+    if request.method() != Method::GET {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET".into());
+    }
+    match request.uri().path() {
+        "/activity" => {
+            let json = serde_json::to_vec(&activity.report()).expect("a report serializes");
+            let mut response = Response::new(Full::new(Bytes::from(json)).map_err(|never| match never {}).boxed());
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            response
+        }
+        "/healthz" => plain(StatusCode::OK, "ok".into()),
+        _ => plain(StatusCode::NOT_FOUND, "not found".into()),
     }
 }
 

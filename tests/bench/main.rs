@@ -14,6 +14,7 @@
 //!
 //! Every runtime pins its version from the local registry, so registry requests are real.
 //! Output: `<target>/bench/report.json`, `<target>/bench/running.png` and a summary line per N.
+//! A second test measures the activity proxy ([`proxy`]): `<target>/bench/proxy.json`.
 //! The run fails when runtimes do not converge, or the steady window or the no-op pass sees a
 //! write; the speed
 //! and memory targets are reported as met or missed.
@@ -28,6 +29,7 @@ mod registry;
 mod fleet;
 mod heap;
 mod probe;
+mod proxy;
 mod report;
 #[allow(dead_code)]
 mod timeline;
@@ -321,6 +323,21 @@ async fn runtimes_at_scale() {
             size.runtimes
         );
     }
+}
+
+/// The activity proxy's cost per request, and its behaviour under 1,000 slow-header
+/// connections; the report goes beside the runtimes' (`<target>/bench/proxy.json`).
+#[tokio::test]
+async fn the_activity_proxy_adds_little_and_holds_under_slow_heads() {
+    let report = proxy::measure("127.0.251.1").await;
+    println!("bench proxy ({}):\n{}", machine(), report.table());
+    for (met, verdict) in report.verdicts() {
+        println!("bench proxy: target {verdict}: {}", if met { "met" } else { "MISSED" });
+    }
+    let path = report::directory(&[]).with_file_name("proxy.json");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
+    println!("bench proxy: report {}", path.display());
 }
 
 /// CPUs and memory of the machine, for the report.

@@ -17,11 +17,11 @@ use crate::harness::{self, OperatorProcess, TestNamespace, with_namespace};
 use crate::processes::PodProcesses;
 use crate::runtime::{create, create_runtime, wait_status};
 
-const DAG: &str = "inputs:\n  question:\n    type: string\noutputs:\n  answer:\n    type: string\n    reference: ${echo.output}\nnodes:\n- name: echo\n  type: python\n  source:\n    type: code\n    path: echo.py\n  inputs:\n    question: ${inputs.question}\n";
-const NODE: &str = "from promptflow.core import tool\n\n\n@tool\ndef echo(question: str) -> str:\n    return f\"you asked: {question}\"\n";
-const TIMEOUT: Duration = Duration::from_secs(60);
+pub const DAG: &str = "inputs:\n  question:\n    type: string\noutputs:\n  answer:\n    type: string\n    reference: ${echo.output}\nnodes:\n- name: echo\n  type: python\n  source:\n    type: code\n    path: echo.py\n  inputs:\n    question: ${inputs.question}\n";
+pub const NODE: &str = "from promptflow.core import tool\n\n\n@tool\ndef echo(question: str) -> str:\n    return f\"you asked: {question}\"\n";
+pub const TIMEOUT: Duration = Duration::from_secs(60);
 
-async fn pod_ip(ns: &TestNamespace, runtime: &str) -> String {
+pub async fn pod_ip(ns: &TestNamespace, runtime: &str) -> String {
     let pod = harness::wait_for(
         &ns.api::<Pod>(),
         &format!("{runtime}-runtime"),
@@ -32,12 +32,12 @@ async fn pod_ip(ns: &TestNamespace, runtime: &str) -> String {
     pod.status.unwrap().pod_ip.unwrap()
 }
 
-fn phase(runtime: &PromptFlowRuntime) -> Option<(RuntimePhase, String)> {
+pub fn phase(runtime: &PromptFlowRuntime) -> Option<(RuntimePhase, String)> {
     let status = runtime.status.as_ref()?;
     Some((status.phase, status.reason.clone().unwrap_or_default()))
 }
 
-async fn reasons_of(events: &Api<Event>, name: &str) -> Vec<String> {
+pub async fn reasons_of(events: &Api<Event>, name: &str) -> Vec<String> {
     let mut list: Vec<Event> = events
         .list(&ListParams::default())
         .await
@@ -51,7 +51,7 @@ async fn reasons_of(events: &Api<Event>, name: &str) -> Vec<String> {
 }
 
 /// The flow folder a runtime pod would mount, written from its ConfigMap to a temporary folder.
-async fn flow_folder(ns: &TestNamespace, config_map: &str) -> std::path::PathBuf {
+pub async fn flow_folder(ns: &TestNamespace, config_map: &str) -> std::path::PathBuf {
     let folder = std::env::temp_dir().join(format!("pf-flow-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&folder).unwrap();
     let files = ns

@@ -1,13 +1,81 @@
 //! Processes that play a runtime pod's containers on a kwok node (which runs none): the
-//! operator binary's activity proxy, and a real prompt flow server behind it.
+//! operator binary's activity proxy, and a real prompt flow server behind it; and a stand-in for
+//! the kubelet that starts them for every runtime pod of a namespace, fresh for each new pod.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
 use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
-use crate::harness::{http_get, repo_root};
+use crate::harness::{TestNamespace, http_get, repo_root};
+
+/// Plays the kubelet for the serverless runtime pods of one namespace: every pod that gets an IP
+/// has its containers started as processes on that IP — a fresh activity proxy, and `pf flow
+/// serve` of the runtime's flow folder when one is given — and when the pod is deleted or
+/// replaced its processes stop before another pod's start (kwok hands IPs on). Looks every
+/// 200 ms.
+pub struct Kubelet {
+    task: JoinHandle<()>,
+}
+
+impl Kubelet {
+    /// Starts playing for `ns`; `flows` maps runtime names to the flow folders their pods serve.
+    pub fn start(ns: &TestNamespace, flows: BTreeMap<String, PathBuf>) -> Self {
+        let pods: Api<Pod> = ns.api();
+        let task = tokio::spawn(async move {
+            // Per pod uid: what stops its processes.
+            let mut running: HashMap<String, (oneshot::Sender<()>, JoinHandle<()>)> = HashMap::new();
+            let selector = ListParams::default().labels("promptflow.dev/runtime");
+            loop {
+                let listed = pods.list(&selector).await.map(|l| l.items).unwrap_or_default();
+                let live: HashMap<String, &Pod> = listed
+                    .iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .filter_map(|p| Some((p.uid()?, p)))
+                    .collect();
+                let gone: Vec<String> = running.keys().filter(|uid| !live.contains_key(*uid)).cloned().collect();
+                for uid in gone {
+                    let (stop, task) = running.remove(&uid).expect("listed");
+                    let _ = stop.send(());
+                    let _ = task.await;
+                }
+                for (uid, pod) in live {
+                    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+                    let (Some(ip), false) = (ip, running.contains_key(&uid)) else {
+                        continue;
+                    };
+                    let flow = flows.get(&pod.labels()["promptflow.dev/runtime"]).cloned();
+                    let (stop, stopped) = oneshot::channel::<()>();
+                    let task = tokio::spawn(async move {
+                        let mut processes = PodProcesses::proxy(&ip).await;
+                        if let Some(flow) = flow {
+                            processes = processes.with_flow(&ip, &flow).await;
+                        }
+                        let _ = stopped.await;
+                        processes.stop().await;
+                    });
+                    running.insert(uid, (stop, task));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Self { task }
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        // Aborting drops every pod's task, and with it its processes (killed on drop).
+        self.task.abort();
+    }
+}
 
 /// What plays a runtime pod's containers on a kwok node: a real activity proxy (the operator
 /// binary's subcommand) on the pod IP, and optionally a real prompt flow server behind it.

@@ -1,8 +1,9 @@
 //! Idle shutdown of a running compute instance: it stops when none of its runtimes has had
 //! activity for `idleTimeBeforeShutdown`. Activity is what each runtime's activity proxy reports,
-//! the runtimes' `promptflow.dev/last-activity` annotations, the instance becoming Running, and
-//! this operator's start (nothing earlier is known after a restart). The proxies are asked only
-//! at the deadline. Azure's rule holds: lowering the setting below the time already idle resets
+//! the runtimes' `promptflow.dev/last-activity` annotations, the instance becoming Running,
+//! the start of its current pod, and this operator's start (nothing earlier is known after a
+//! restart). The proxies are asked only at the deadline; a proxy with requests in flight is
+//! activity now. Azure's rule holds: lowering the setting below the time already idle resets
 //! the idle clock to zero instead of stopping the instance at once.
 
 use std::time::Duration;
@@ -64,9 +65,12 @@ pub async fn look(
             .get(annotations::LAST_ACTIVITY)
             .and_then(|v| v.parse::<Timestamp>().ok())
     });
+    // The pod's own start counts: a restart to take a runtime is a fresh start.
+    let pod_started = idle::pod_started(live).map(|t| idle::add(t, Duration::from_secs(1)));
     let mut last = [
         Some(ctx.started),
         running_since,
+        pod_started,
         status.last_activity_time.as_ref().map(stored),
     ]
     .into_iter()
@@ -83,7 +87,12 @@ pub async fn look(
         recorded = Some(Time(now));
     }
     let mut unknown = None;
-    if idle::add(last, timeout) <= now {
+    if !crate::build::controlled_by(&live.metadata, instance.uid().as_deref()) {
+        unknown = Some(format!(
+            "pod {} was not created by the operator for this instance",
+            live.name_any()
+        ));
+    } else if idle::add(last, timeout) <= now {
         // The one moment the proxies are asked.
         let ip = live.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
         for runtime in runtimes {
