@@ -64,7 +64,8 @@ impl IdentityProblem {
 }
 
 /// Resolves the identity of `account_name`: the account must exist, and every imagePullSecret it
-/// names must exist, be of type `kubernetes.io/dockerconfigjson` and parse.
+/// names must exist, be of type `kubernetes.io/dockerconfigjson` (or the legacy
+/// `kubernetes.io/dockercfg` that the kubelet also reads) and parse.
 pub fn resolve(
     account_name: &str,
     account: Option<&ServiceAccount>,
@@ -108,26 +109,46 @@ pub fn pull_secret_names(account: &ServiceAccount) -> Vec<String> {
         .collect()
 }
 
+/// The legacy pull secret type (`.dockercfg`: the `auths` map alone); the kubelet reads it and
+/// OpenShift gives every service account one.
+pub const DOCKER_CFG: &str = "kubernetes.io/dockercfg";
+
 #[derive(Deserialize)]
 struct DockerConfig {
     auths: BTreeMap<String, serde_json::Value>,
 }
 
-/// The registry hosts a dockerconfigjson secret has credentials for. Errors say what is wrong
-/// in words, never quoting the secret's data.
-fn registry_hosts(secret: &Secret) -> Result<Vec<String>, String> {
+/// The registry entries of a pull secret in either format: `.dockerconfigjson`'s `auths` map,
+/// or the legacy `.dockercfg`, which is that map itself. Errors say what is wrong in words,
+/// never quoting the secret's data.
+fn auths(secret: &Secret) -> Result<BTreeMap<String, serde_json::Value>, String> {
     let kind = secret.type_.as_deref().unwrap_or("Opaque");
-    if kind != DOCKER_CONFIG_JSON {
-        return Err(format!("it has type {kind}, expected {DOCKER_CONFIG_JSON}"));
-    }
+    let key = match kind {
+        DOCKER_CONFIG_JSON => ".dockerconfigjson",
+        DOCKER_CFG => ".dockercfg",
+        _ => {
+            return Err(format!(
+                "it has type {kind}, expected {DOCKER_CONFIG_JSON} or {DOCKER_CFG}"
+            ));
+        }
+    };
     let data = secret
         .data
         .as_ref()
-        .and_then(|d| d.get(".dockerconfigjson"))
-        .ok_or_else(|| "it has no .dockerconfigjson key".to_owned())?;
+        .and_then(|d| d.get(key))
+        .ok_or_else(|| format!("it has no {key} key"))?;
+    if kind == DOCKER_CFG {
+        return serde_json::from_slice(&data.0)
+            .map_err(|_| "its .dockercfg is not a JSON object of registries".to_owned());
+    }
     let config: DockerConfig = serde_json::from_slice(&data.0)
         .map_err(|_| "its .dockerconfigjson is not a JSON object with an \"auths\" map".to_owned())?;
-    Ok(config.auths.keys().map(|key| normalize_host(key)).collect())
+    Ok(config.auths)
+}
+
+/// The registry hosts a pull secret has credentials for.
+fn registry_hosts(secret: &Secret) -> Result<Vec<String>, String> {
+    Ok(auths(secret)?.keys().map(|key| normalize_host(key)).collect())
 }
 
 /// A registry login from a dockerconfigjson secret. Never printed: `Debug` hides it.
@@ -156,16 +177,13 @@ struct AuthEntry {
 }
 
 /// The login for `registry_host` from the first of `secrets` (in the account's order) that holds
-/// one: the `auth` field (base64 of `user:password`) or `username` and `password`.
+/// one, in either secret format: the `auth` field (base64 of `user:password`) or `username` and
+/// `password`.
 pub fn credential(secrets: &[Option<&Secret>], registry_host: &str) -> Option<Credential> {
     secrets.iter().flatten().find_map(|secret| {
-        let data = secret.data.as_ref()?.get(".dockerconfigjson")?;
-        let config: BTreeMap<String, BTreeMap<String, AuthEntry>> = serde_json::from_slice(&data.0).ok()?;
-        let (_, entry) = config
-            .get("auths")?
-            .iter()
-            .find(|(key, _)| normalize_host(key) == registry_host)?;
-        entry_credential(entry)
+        let auths = auths(secret).ok()?;
+        let (_, entry) = auths.iter().find(|(key, _)| normalize_host(key) == registry_host)?;
+        entry_credential(&AuthEntry::deserialize(entry).ok()?)
     })
 }
 
@@ -217,14 +235,36 @@ mod tests {
     }
 
     fn secret(kind: &str, payload: &str) -> Secret {
+        let key = if kind == DOCKER_CFG {
+            ".dockercfg"
+        } else {
+            ".dockerconfigjson"
+        };
         Secret {
             type_: Some(kind.to_owned()),
             data: Some(BTreeMap::from([(
-                ".dockerconfigjson".to_owned(),
+                key.to_owned(),
                 ByteString(payload.as_bytes().to_vec()),
             )])),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_legacy_dockercfg_secret_resolves_and_gives_its_credential() {
+        let legacy = secret(
+            DOCKER_CFG,
+            r#"{"https://127.0.0.1:5000/v2/":{"auth":"c2VjcmV0OnRva2Vu"}}"#,
+        );
+        let secrets = BTreeMap::from([("legacy".to_owned(), Some(legacy.clone()))]);
+        let identity = resolve("pf-puller", Some(&account(&["legacy"])), &secrets, "127.0.0.1:5000").unwrap();
+        assert!(identity.has_registry_credentials);
+        let found = credential(&[Some(&legacy)], "127.0.0.1:5000").unwrap();
+        assert_eq!((found.username.as_str(), found.password.as_str()), ("secret", "token"));
+        let garbage = BTreeMap::from([("legacy".to_owned(), Some(secret(DOCKER_CFG, "hunter2")))]);
+        let err = resolve("pf-puller", Some(&account(&["legacy"])), &garbage, "x").unwrap_err();
+        assert_eq!(err.reason(), "PullSecretInvalid");
+        assert!(!err.to_string().contains("hunter2"));
     }
 
     const AUTH: &str = r#"{"auths":{"https://127.0.0.1:5000/v2/":{"auth":"c2VjcmV0OnRva2Vu"}}}"#;

@@ -67,14 +67,14 @@ struct Args {
     proxy_health_paths: Vec<String>,
     /// The activity proxy closes a connection whose request head is not complete this long after
     /// it opened or after the head's first byte (Go duration).
-    #[arg(long, env = "PF_PROXY_HEADER_TIMEOUT", default_value = proxy::limits::DEFAULT_HEADER_TIMEOUT, value_parser = parse_go_duration)]
+    #[arg(long, env = "PF_PROXY_HEADER_TIMEOUT", default_value = proxy::limits::DEFAULT_HEADER_TIMEOUT, value_parser = proxy::limits::parse_duration)]
     proxy_header_timeout: Duration,
     /// The activity proxy closes a connection that has had no request in progress this long.
-    #[arg(long, env = "PF_PROXY_KEEP_ALIVE_TIMEOUT", default_value = proxy::limits::DEFAULT_KEEP_ALIVE_TIMEOUT, value_parser = parse_go_duration)]
+    #[arg(long, env = "PF_PROXY_KEEP_ALIVE_TIMEOUT", default_value = proxy::limits::DEFAULT_KEEP_ALIVE_TIMEOUT, value_parser = proxy::limits::parse_duration)]
     proxy_keep_alive_timeout: Duration,
     /// The runtime must start answering a request within this long (504 after it); flows may run
     /// for minutes (Go duration).
-    #[arg(long, env = "PF_PROXY_UPSTREAM_TIMEOUT", default_value = proxy::limits::DEFAULT_UPSTREAM_TIMEOUT, value_parser = parse_go_duration)]
+    #[arg(long, env = "PF_PROXY_UPSTREAM_TIMEOUT", default_value = proxy::limits::DEFAULT_UPSTREAM_TIMEOUT, value_parser = proxy::limits::parse_duration)]
     proxy_upstream_timeout: Duration,
     /// Open client connections per activity proxy at most; more are answered 503.
     #[arg(long, env = "PF_PROXY_MAX_CONNECTIONS", default_value_t = proxy::limits::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
@@ -84,7 +84,7 @@ struct Args {
     proxy_max_header_bytes: usize,
     /// How long an activity proxy lets requests in flight finish when its pod stops; runtime pods
     /// get this plus 5 s as terminationGracePeriodSeconds (Go duration).
-    #[arg(long, env = "PF_PROXY_DRAIN_TIMEOUT", default_value = proxy::limits::DEFAULT_DRAIN_TIMEOUT, value_parser = parse_go_duration)]
+    #[arg(long, env = "PF_PROXY_DRAIN_TIMEOUT", default_value = proxy::limits::DEFAULT_DRAIN_TIMEOUT, value_parser = proxy::limits::parse_duration)]
     proxy_drain_timeout: Duration,
     /// How long before an idle runtime's deadline the IdleSoon warning comes, in percent of its
     /// idle timeout …
@@ -166,8 +166,7 @@ static HEAP: dhat::Alloc = dhat::Alloc;
 #[global_allocator]
 static HEAP: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     // Written when main returns (a clean shutdown), not on SIGKILL.
     #[cfg(feature = "heap-profile")]
     let _profiler = dhat::Profiler::builder()
@@ -176,7 +175,10 @@ async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     telemetry::init(args.log_format);
     if let Some(Command::ActivityProxy(settings)) = args.command {
-        return match run_proxy(settings).await {
+        // One thread: the sidecar is given a tenth of a core, and a single-threaded runtime
+        // does its work with less synchronisation and memory than a pool would.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        return match runtime.and_then(|runtime| runtime.block_on(run_proxy(settings))) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(err) => {
                 error!(error = %err, "activity proxy cannot run");
@@ -184,6 +186,17 @@ async fn main() -> std::process::ExitCode {
             }
         };
     }
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(operate(args)),
+        Err(err) => {
+            error!(error = %err, "cannot start the async runtime");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the operator until it is told to stop.
+async fn operate(args: Args) -> std::process::ExitCode {
     // One TLS crypto provider for every client in the process (Kubernetes API, registries).
     let _ = rustls::crypto::ring::default_provider().install_default();
     match run(args).await {

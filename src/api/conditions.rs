@@ -44,7 +44,8 @@ pub mod reasons {
     pub const SERVICE_ACCOUNT_NOT_FOUND: &str = "ServiceAccountNotFound";
     /// An imagePullSecret of the service account does not exist.
     pub const PULL_SECRET_NOT_FOUND: &str = "PullSecretNotFound";
-    /// An imagePullSecret is not a parsable `kubernetes.io/dockerconfigjson` secret.
+    /// An imagePullSecret is not a parsable `kubernetes.io/dockerconfigjson` (or legacy
+    /// `kubernetes.io/dockercfg`) secret.
     pub const PULL_SECRET_INVALID: &str = "PullSecretInvalid";
     /// The identity resolved.
     pub const IDENTITY_RESOLVED: &str = "IdentityResolved";
@@ -144,6 +145,13 @@ pub mod reasons {
     /// The instance is being stopped.
     pub const STOPPING: &str = "Stopping";
 
+    /// A Service of the runtime's name exists that the operator did not create for this runtime
+    /// (another owner, or none): it is left untouched and the runtime waits.
+    pub const SERVICE_CONFLICT: &str = "ServiceConflict";
+    /// A pod of the runtime pod's name exists that the operator did not create for this runtime:
+    /// it is left untouched (never adopted, read, replaced or deleted) and the runtime waits.
+    pub const POD_CONFLICT: &str = "PodConflict";
+
     /// Reasons of a runtime that is not available on purpose: it is at rest, neither
     /// `Reconciling` nor `Stalled` (Argo CD: Suspended).
     pub const AT_REST: [&str; 3] = [STOPPED_IDLE, STOPPED_BY_USER, COMPUTE_INSTANCE_STOPPED];
@@ -158,7 +166,9 @@ pub mod reasons {
     pub const TRANSIENT: [&str; 3] = [POD_UNSCHEDULABLE, ERR_IMAGE_PULL, RECONCILE_FAILED];
 
     /// Reasons that ask the user to act: a transition into one of them is a Warning event.
-    pub const PROBLEMS: [&str; 17] = [
+    pub const PROBLEMS: [&str; 19] = [
+        SERVICE_CONFLICT,
+        POD_CONFLICT,
         POD_UNSCHEDULABLE,
         SERVICE_ACCOUNT_NOT_FOUND,
         PULL_SECRET_NOT_FOUND,

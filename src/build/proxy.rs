@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, HTTPGetAction, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
+    Capabilities, Container, ContainerPort, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
+    TCPSocketAction,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -74,9 +75,10 @@ pub fn proxy_container(template: &PodTemplate, placement: &Placement) -> Contain
             port(PROXY_PORT_NAME, placement.proxy_port),
             port("activity", placement.activity_port),
         ]),
+        // A connect, not a request: whoever fills the activity port's few places must not make
+        // the pod unready (and so flap the runtime's Running time).
         readiness_probe: Some(Probe {
-            http_get: Some(HTTPGetAction {
-                path: Some("/healthz".into()),
+            tcp_socket: Some(TCPSocketAction {
                 port: activity_port,
                 ..Default::default()
             }),

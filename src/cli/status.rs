@@ -16,7 +16,7 @@ pub fn runtime_deadline(runtime: &PromptFlowRuntime) -> Option<Timestamp> {
     let running = runtime.status.as_ref()?.phase == RuntimePhase::Running;
     let policy = policy(runtime, &IdleSettings::default()).filter(|_| running)?;
     Some(add(
-        last_known_activity(runtime, Timestamp::UNIX_EPOCH, None),
+        last_known_activity(runtime, Timestamp::UNIX_EPOCH, None, Timestamp::now()),
         policy.timeout,
     ))
 }

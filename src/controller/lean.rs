@@ -8,8 +8,8 @@
 //! - pods: only the `promptflow.dev/` labels and annotations, the creation time, of the owner
 //!   references only the controller's uid (who made the pod); each container's name and
 //!   resources (a resize gives its quota usage back), the phase and its message, pod IP, the
-//!   `Ready` and `PodScheduled` conditions (type, status, reason, message; Ready's transition
-//!   time: a pod's start is activity) and container statuses
+//!   `Ready` and `PodScheduled` conditions (type, status, reason, message) and container
+//!   statuses
 //!   (name, ready, restart count, state and last state without times or ids);
 //! - Services: cluster IP, selector and ports (name, port, target port) — what `matches` compares;
 //! - service accounts: image pull secrets; quotas and runtimes: everything but managed fields.
@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{
     Container, ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus,
     Pod, PodCondition, PodSpec, PodStatus, ResourceRequirements, Service, ServiceAccount, ServicePort, ServiceSpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use serde::Deserialize;
@@ -149,7 +149,6 @@ struct LeanCondition {
     status: String,
     reason: Option<String>,
     message: Option<String>,
-    last_transition_time: Option<Time>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -233,7 +232,6 @@ impl LeanPod {
                             status: c.status.clone(),
                             reason: c.reason.clone(),
                             message: c.message.clone(),
-                            last_transition_time: c.last_transition_time.clone(),
                             ..Default::default()
                         })
                         .collect(),
@@ -390,17 +388,6 @@ mod tests {
                 "only the controller's uid"
             );
             assert_eq!(lean.metadata.creation_timestamp, full.metadata.creation_timestamp);
-            let ready_since = |pod: &Pod| {
-                pod.status
-                    .as_ref()?
-                    .conditions
-                    .as_ref()?
-                    .iter()
-                    .find(|c| c.type_ == "Ready")?
-                    .last_transition_time
-                    .clone()
-            };
-            assert_eq!(ready_since(&lean), ready_since(&full));
             let spec = lean.spec.as_ref().unwrap();
             assert_eq!(spec.containers.len(), 2);
             assert_eq!(

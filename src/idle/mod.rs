@@ -78,23 +78,21 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     u64::try_from(nanos).ok().map(Duration::from_nanos)
 }
 
-/// When `pod` started serving: its `Ready` condition's transition to True, else its creation.
-pub fn pod_started(pod: &Pod) -> Option<Timestamp> {
-    let ready_since = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|all| all.iter().find(|c| c.type_ == "Ready" && c.status == "True"))
-        .and_then(|c| c.last_transition_time.as_ref());
-    ready_since.or(pod.metadata.creation_timestamp.as_ref()).map(|t| t.0)
+/// When `pod` was created: a new pod is a fresh start. (Not its latest Ready transition: a
+/// readiness flap is no use of the runtime.)
+pub fn pod_created(pod: &Pod) -> Option<Timestamp> {
+    pod.metadata.creation_timestamp.as_ref().map(|t| t.0)
 }
 
-/// The latest activity known without asking the proxy, for a runtime whose current pod started
-/// at `pod_started`.
+/// The latest activity known without asking the proxy, for a runtime whose current pod was
+/// created at `pod_created`, judged at `now` as Running. A runtime whose status does not say
+/// Ready yet is turning Running at this moment (the status is written after this judgement):
+/// that is now.
 pub fn last_known_activity(
     runtime: &PromptFlowRuntime,
     operator_started: Timestamp,
-    pod_started: Option<Timestamp>,
+    pod_created: Option<Timestamp>,
+    now: Timestamp,
 ) -> Timestamp {
     let status = runtime.status.as_ref();
     // Times in the status have whole-second precision: the moment itself lies within the
@@ -106,20 +104,28 @@ pub fn last_known_activity(
                 .iter()
                 .find(|c| c.type_ == conditions::READY && c.status == "True")
         })
-        .map(|c| stored(&c.last_transition_time));
+        .map_or(now, |c| stored(&c.last_transition_time));
     let reported = status.and_then(|s| s.last_activity_time.as_ref()).map(stored);
     let annotated = annotated_activity(runtime);
-    let pod_started = pod_started.map(|t| add(t, Duration::from_secs(1)));
-    [Some(operator_started), running_since, pod_started, reported, annotated]
-        .into_iter()
-        .flatten()
-        .max()
-        .unwrap_or(operator_started)
+    let pod_created = pod_created.map(|t| add(t, Duration::from_secs(1)));
+    [
+        Some(operator_started),
+        Some(running_since),
+        pod_created,
+        reported,
+        annotated,
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .unwrap_or(operator_started)
 }
 
-/// The `promptflow.dev/last-activity` annotation, when it is an RFC 3339 time.
+/// The `promptflow.dev/last-activity` annotation, when it is an RFC 3339 time; a time in the
+/// future counts as now (it cannot keep a runtime forever).
 pub fn annotated_activity(runtime: &PromptFlowRuntime) -> Option<Timestamp> {
-    runtime.annotations().get(annotations::LAST_ACTIVITY)?.parse().ok()
+    let time: Timestamp = runtime.annotations().get(annotations::LAST_ACTIVITY)?.parse().ok()?;
+    Some(time.min(Timestamp::now()))
 }
 
 /// What is due for a runtime at `now`.
@@ -230,56 +236,70 @@ mod tests {
 
     #[test]
     fn the_latest_source_of_activity_wins_and_a_restart_counts_as_now() {
-        let started = at(1_000);
+        use crate::api::PromptFlowRuntimeStatus;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+        let (started, now) = (at(1_000), at(9_000));
+        let running_since = |second| Condition {
+            type_: conditions::READY.into(),
+            status: "True".into(),
+            last_transition_time: Time(at(second)),
+            reason: "PodReady".into(),
+            message: String::new(),
+            observed_generation: None,
+        };
         let mut rt = runtime(
             serde_json::json!({}),
             serde_json::json!({"promptflow.dev/last-activity": "1970-01-01T00:33:20Z"}),
         );
-        assert_eq!(last_known_activity(&rt, started, None), at(2_000), "the annotation");
-        rt.metadata.annotations = None;
-        assert_eq!(
-            last_known_activity(&rt, started, None),
-            started,
-            "nothing known: the operator's start"
-        );
-        rt.status = Some(crate::api::PromptFlowRuntimeStatus {
-            last_activity_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(3_000))),
+        rt.status = Some(PromptFlowRuntimeStatus {
+            conditions: vec![running_since(10)],
             ..Default::default()
         });
         assert_eq!(
-            last_known_activity(&rt, started, None),
+            last_known_activity(&rt, started, None, now),
+            at(2_000),
+            "the annotation"
+        );
+        rt.metadata.annotations = None;
+        assert_eq!(
+            last_known_activity(&rt, started, None, now),
+            started,
+            "nothing known: the operator's start"
+        );
+        rt.status = Some(PromptFlowRuntimeStatus {
+            conditions: vec![running_since(10)],
+            last_activity_time: Some(Time(at(3_000))),
+            ..Default::default()
+        });
+        assert_eq!(
+            last_known_activity(&rt, started, None, now),
             at(3_001),
             "rounded up to the next second"
         );
         assert_eq!(
-            last_known_activity(&rt, started, Some(at(5_000))),
+            last_known_activity(&rt, started, Some(at(5_000)), now),
             at(5_001),
-            "a pod started after the last report: the start is activity"
+            "a pod made after the last report: its start is activity"
+        );
+        rt.status.as_mut().unwrap().conditions.clear();
+        assert_eq!(
+            last_known_activity(&rt, started, None, now),
+            now,
+            "the status does not say Running yet: it turns Running now (a start after a stop)"
         );
         let bad = runtime(
             serde_json::json!({}),
             serde_json::json!({"promptflow.dev/last-activity": "yesterday"}),
         );
         assert_eq!(annotated_activity(&bad), None);
-    }
-
-    #[test]
-    fn a_pod_starts_when_it_turns_ready_or_else_when_it_was_created() {
-        let pod = |status: serde_json::Value| -> Pod {
-            serde_json::from_value(serde_json::json!({
-                "metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
-                "status": status,
-            }))
-            .unwrap()
-        };
-        let created = "2026-01-01T00:00:00Z".parse::<Timestamp>().unwrap();
-        assert_eq!(pod_started(&pod(serde_json::json!({}))), Some(created));
-        let ready = pod(serde_json::json!({"conditions": [
-            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:07Z"}]}));
-        assert_eq!(pod_started(&ready), Some(add(created, Duration::from_secs(7))));
-        let not_ready = pod(serde_json::json!({"conditions": [
-            {"type": "Ready", "status": "False", "lastTransitionTime": "2026-01-01T00:00:09Z"}]}));
-        assert_eq!(pod_started(&not_ready), Some(created));
+        let future = runtime(
+            serde_json::json!({}),
+            serde_json::json!({"promptflow.dev/last-activity": "2100-01-01T00:00:00Z"}),
+        );
+        assert!(
+            annotated_activity(&future).unwrap() <= Timestamp::now(),
+            "never later than now"
+        );
     }
 
     #[test]

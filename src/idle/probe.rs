@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::build::pod::ACTIVITY_PORT;
 use crate::proxy::ActivityReport;
@@ -69,14 +69,20 @@ impl ActivityProbe {
     }
 }
 
-/// What can be believed of a report at `now`: no activity later than now, and requests in
-/// flight are activity now.
+/// What can be believed of a report at `now`: its times moved by how far the proxy's clock is
+/// from ours (a node whose clock is slow must not make activity look older), no activity later
+/// than now, and requests in flight are activity now.
 pub fn believable(mut report: ActivityReport, now: Timestamp) -> ActivityReport {
+    let skew = report
+        .now
+        .map_or(SignedDuration::ZERO, |theirs| now.duration_since(theirs));
+    let corrected = |seen: Timestamp| seen.checked_add(skew).unwrap_or(seen);
     report.last_activity_time = match (report.last_activity_time, report.in_flight > 0) {
         (_, true) => Some(now),
-        (Some(seen), false) => Some(seen.min(now)),
+        (Some(seen), false) => Some(corrected(seen).min(now)),
         (None, false) => None,
     };
+    report.now = Some(now);
     report
 }
 
@@ -104,5 +110,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(believable(quiet, now).last_activity_time, Some(past));
+        // A node clock 300 s slow: its "10" was our 310.
+        let slow_clock = ActivityReport {
+            last_activity_time: Some(past),
+            now: Some(Timestamp::from_second(700).unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(
+            believable(slow_clock, now).last_activity_time,
+            Some(Timestamp::from_second(310).unwrap())
+        );
     }
 }

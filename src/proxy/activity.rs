@@ -32,6 +32,10 @@ pub struct ActivityReport {
     /// this is above zero.
     #[serde(default)]
     pub in_flight: u64,
+    /// The proxy's clock when it answered, so the reader can correct for a node clock that is
+    /// off from its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub now: Option<Timestamp>,
 }
 
 /// How a request ended, which decides whether it was use.
@@ -40,6 +44,9 @@ pub enum Outcome {
     /// The runtime answered: use, unless the answer was a client error (4xx: wrong paths,
     /// scanners, malformed calls).
     Answered(http::StatusCode),
+    /// The request reached the runtime, and the caller went away before its answer: use (the
+    /// runtime did the work; callers behind short timeouts in front of long flows are users).
+    Delivered,
     /// The proxy answered itself (runtime unreachable or too slow, request refused) or the
     /// caller went away before an answer: not use.
     NotAnswered,
@@ -47,7 +54,11 @@ pub enum Outcome {
 
 impl Outcome {
     fn is_use(self) -> bool {
-        matches!(self, Outcome::Answered(status) if !status.is_client_error())
+        match self {
+            Outcome::Answered(status) => !status.is_client_error(),
+            Outcome::Delivered => true,
+            Outcome::NotAnswered => false,
+        }
     }
 }
 
@@ -98,8 +109,9 @@ impl Activity {
     pub fn report(&self) -> ActivityReport {
         let in_flight = self.in_flight.load(Ordering::Acquire);
         let last = *self.last.lock().expect("activity lock");
+        let now = Timestamp::now();
         let last_activity_time = if in_flight > 0 {
-            Some(last.map_or_else(Timestamp::now, |seen| seen.max(Timestamp::now())))
+            Some(last.map_or(now, |seen| seen.max(now)))
         } else {
             last
         };
@@ -107,6 +119,7 @@ impl Activity {
             last_activity_time,
             requests: self.requests.load(Ordering::Relaxed),
             in_flight,
+            now: Some(now),
         }
     }
 }
@@ -120,7 +133,13 @@ mod tests {
     #[test]
     fn a_request_is_activity_while_served_and_use_only_when_the_runtime_answered_it() {
         let activity = Arc::new(Activity::default());
-        assert_eq!(activity.report(), ActivityReport::default());
+        assert_eq!(
+            ActivityReport {
+                now: None,
+                ..activity.report()
+            },
+            ActivityReport::default()
+        );
 
         let mut served = activity.begin();
         let during = activity.report();
@@ -142,22 +161,32 @@ mod tests {
             drop(noise);
         }
         let noise = activity.report();
+        assert!(noise.now.is_some(), "the proxy's clock");
         assert_eq!(
             (noise.requests, noise.last_activity_time),
             (1, after.last_activity_time),
             "4xx answers and the proxy's own answers are not use"
         );
 
+        let mut left_early = activity.begin();
+        left_early.set_outcome(Outcome::Delivered);
+        drop(left_early);
+        assert_eq!(
+            activity.report().requests,
+            2,
+            "the caller left; the runtime still worked"
+        );
+
         let mut failed_flow = activity.begin();
         failed_flow.set_outcome(Outcome::Answered(StatusCode::INTERNAL_SERVER_ERROR));
         drop(failed_flow);
-        assert_eq!(activity.report().requests, 2, "a flow that ran and failed was used");
+        assert_eq!(activity.report().requests, 3, "a flow that ran and failed was used");
 
         let json = serde_json::to_value(activity.report()).unwrap();
         assert!(json["lastActivityTime"].as_str().unwrap().ends_with('Z'), "{json}");
         assert_eq!(
             (json["requests"].as_u64(), json["inFlight"].as_u64()),
-            (Some(2), Some(0))
+            (Some(3), Some(0))
         );
         let old: ActivityReport = serde_json::from_str(r#"{"requests": 3}"#).unwrap();
         assert_eq!(old.in_flight, 0, "a proxy of an earlier version reports no inFlight");

@@ -53,6 +53,9 @@ impl Forwarder {
     pub async fn forward(&self, mut request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let health_check = self.limits.is_health_check(request.method(), request.uri().path());
         let mut in_flight = (!health_check).then(|| self.activity.begin());
+        if request.method() == http::Method::CONNECT {
+            return plain(StatusCode::METHOD_NOT_ALLOWED, "the proxy does not tunnel".into());
+        }
         if let Some(coding) = unsupported_transfer_coding(request.headers()) {
             return plain(
                 StatusCode::NOT_IMPLEMENTED,
@@ -61,19 +64,31 @@ impl Forwarder {
         }
         let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
         let uri: Uri = match format!("http://{}{path}", self.upstream).parse() {
-            Ok(uri) => uri,
-            Err(_) => return plain(StatusCode::BAD_REQUEST, "request target is not a path".into()),
+            Ok(uri) if path.starts_with('/') => uri,
+            _ => return plain(StatusCode::BAD_REQUEST, "request target is not a path".into()),
         };
         *request.uri_mut() = uri;
         strip_hop_by_hop(request.headers_mut());
         set_forwarded(request.headers_mut(), peer);
+        // From here the runtime has the request: a caller that leaves before the answer (this
+        // future dropped) still used it. Failures below say otherwise.
+        if let Some(in_flight) = in_flight.as_mut() {
+            in_flight.set_outcome(Outcome::Delivered);
+        }
         let answer = tokio::time::timeout(self.limits.upstream_timeout, self.client.request(request)).await;
+        if let (false, Some(in_flight)) = (matches!(answer, Ok(Ok(_))), in_flight.as_mut()) {
+            in_flight.set_outcome(Outcome::NotAnswered);
+        }
         match answer {
             Ok(Ok(response)) => {
                 if let Some(in_flight) = in_flight.as_mut() {
                     in_flight.set_outcome(Outcome::Answered(response.status()));
                 }
                 let (mut parts, body) = response.into_parts();
+                // Chunked framing wins over a length given beside it (RFC 9112 6.3).
+                if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                }
                 strip_hop_by_hop(&mut parts.headers);
                 // The request stays in flight until the last chunk has passed (or the caller
                 // left): a long streamed answer keeps the runtime in use while it streams.

@@ -52,8 +52,14 @@ pub struct ProxyLimits {
     pub drain_timeout: Duration,
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    crate::idle::parse_duration(text).ok_or_else(|| format!("{text:?} is not a Go duration such as 10s or 5m"))
+/// A Go duration of at least a second (a zero timeout would refuse every request).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration =
+        crate::idle::parse_duration(text).ok_or_else(|| format!("{text:?} is not a Go duration such as 10s or 5m"))?;
+    if duration < Duration::from_secs(1) {
+        return Err(format!("{text:?} is too short: at least 1s"));
+    }
+    Ok(duration)
 }
 
 /// Only the limits, to read their defaults from the one place they are written (the flags).
@@ -141,5 +147,7 @@ mod tests {
         assert!(parse("--max-header-bytes=100").is_err());
         assert!(parse("--max-connections=0").is_err());
         assert!(parse("--header-timeout=soon").is_err());
+        assert!(parse("--upstream-timeout=0s").is_err());
+        assert!(parse("--drain-timeout=500ms").is_err());
     }
 }

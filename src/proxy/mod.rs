@@ -60,6 +60,11 @@ pub struct BoundProxy<F> {
 /// runtime that is merely slow gets its 504 first.
 const STALL_MARGIN: Duration = Duration::from_secs(5);
 
+/// The read buffer bound of each connection to the runtime.
+const UPSTREAM_BUFFER_BYTES: usize = 64 * 1024;
+/// Idle connections to the runtime kept for reuse.
+const UPSTREAM_IDLE_CONNECTIONS: usize = 64;
+
 /// Binds both ports.
 pub async fn bind(
     settings: ProxySettings,
@@ -81,6 +86,7 @@ pub async fn bind(
         max_connections: limits.max_connections,
         max_header_bytes: limits.max_header_bytes,
         drain_timeout: limits.drain_timeout,
+        one_request_per_connection: false,
     };
     // Only the operator asks here, one short GET at a time.
     let report_limits = ServerLimits {
@@ -88,10 +94,17 @@ pub async fn bind(
         max_connections: limits::ACTIVITY_MAX_CONNECTIONS,
         max_header_bytes: 8192,
         drain_timeout: Duration::ZERO,
+        one_request_per_connection: true,
         ..traffic_limits.clone()
     };
     let forwarder = Arc::new(Forwarder {
-        client: Client::builder(TokioExecutor::new()).build(connector),
+        // A caller that stops reading holds at most this much of the runtime's answer in the
+        // proxy (hyper's default is about 400 KiB per connection), and few idle connections
+        // to the runtime are kept.
+        client: Client::builder(TokioExecutor::new())
+            .http1_max_buf_size(UPSTREAM_BUFFER_BYTES)
+            .pool_max_idle_per_host(UPSTREAM_IDLE_CONNECTIONS)
+            .build(connector),
         upstream: settings.upstream.clone(),
         activity: activity.clone(),
         limits: limits.clone(),

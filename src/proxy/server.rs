@@ -46,6 +46,8 @@ pub struct ServerLimits {
     pub max_header_bytes: usize,
     /// How long requests in flight may finish after stop.
     pub drain_timeout: Duration,
+    /// Close each connection after its answer (the activity port: nobody keeps a place there).
+    pub one_request_per_connection: bool,
 }
 
 /// Where a connection is, which decides when it is closed if nothing happens.
@@ -221,7 +223,7 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// What a connection over the limit is told before it is closed.
 const BUSY: &[u8] =
-    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 31\r\n\r\ntoo many connections to the proxy";
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 33\r\n\r\ntoo many connections to the proxy";
 
 /// Serves `listener` with `handler` until `stop` turns true, then drains. `name` tells the
 /// two ports apart in logs.
@@ -331,7 +333,9 @@ async fn connection<H, F>(
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.max_buf_size(limits.max_header_bytes);
+    builder
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(!limits.one_request_per_connection);
     let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
     let mut draining = false;
@@ -372,6 +376,7 @@ mod tests {
             max_connections: 4,
             max_header_bytes: 8192,
             drain_timeout: Duration::from_secs(1),
+            one_request_per_connection: false,
         }
     }
 
@@ -413,6 +418,13 @@ mod tests {
             t0 + Duration::from_secs(20) + limits.header_timeout,
             "the next head started"
         );
+    }
+
+    #[test]
+    fn the_busy_answer_says_its_own_length() {
+        let text = std::str::from_utf8(BUSY).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}", body.len())), "{text}");
     }
 
     #[test]

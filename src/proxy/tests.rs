@@ -106,9 +106,12 @@ async fn call(method: &str, url: String, body: &'static str) -> (StatusCode, Str
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// The proxy's report, without its clock (which every report has).
 async fn activity(address: SocketAddr) -> ActivityReport {
     let (_, body) = call("GET", format!("http://{address}/activity"), "").await;
-    serde_json::from_str(&body).unwrap()
+    let report: ActivityReport = serde_json::from_str(&body).unwrap();
+    assert!(report.now.is_some(), "{body}");
+    ActivityReport { now: None, ..report }
 }
 
 /// Writes `raw` on a new connection and reads until the proxy closes it.
@@ -379,4 +382,26 @@ async fn on_shutdown_a_request_in_flight_finishes_and_new_connections_are_refuse
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(TcpStream::connect(proxy).await.is_err(), "the listener is closed");
     assert_eq!(slow.await.unwrap(), (StatusCode::OK, "done".into()), "drained, not cut");
+}
+
+#[tokio::test]
+async fn a_caller_that_leaves_before_the_answer_still_used_the_runtime() {
+    let (_tx, rx) = mpsc::channel(1);
+    let upstream = upstream(rx).await;
+    let (proxy, reports) = proxy_to(&upstream.to_string()).await;
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        call("POST", format!("http://{proxy}/slow"), ""),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the caller's own timeout");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = activity(reports).await;
+    assert_eq!((after.in_flight, after.requests), (0, 1), "the runtime had the request");
+    let answer = raw_exchange(
+        proxy,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
 }

@@ -24,4 +24,5 @@ mod processes;
 mod proxy;
 mod registry;
 mod runtime;
+mod tenancy;
 mod versions;

@@ -73,13 +73,22 @@ impl LocalRegistry {
 
     /// A dockerconfigjson Secret and a service account `puller` naming it.
     pub async fn identity(&self, ns: &TestNamespace, password: &str) {
+        self.identity_of_type(ns, password, "kubernetes.io/dockerconfigjson")
+            .await;
+    }
+
+    /// The service account `puller` with a pull secret `regcred` of `kind`:
+    /// `kubernetes.io/dockerconfigjson`, or the legacy `kubernetes.io/dockercfg`.
+    pub async fn identity_of_type(&self, ns: &TestNamespace, password: &str, kind: &str) {
         let auth = base64_encode(&format!("{}:{password}", self.username));
-        let config = json!({"auths": {self.host.clone(): {"auth": auth}}}).to_string();
-        let secret: Secret = serde_json::from_value(
-            json!({"metadata": {"name": "regcred"}, "type": "kubernetes.io/dockerconfigjson",
-                   "stringData": {".dockerconfigjson": config}}),
-        )
-        .unwrap();
+        let entries = json!({self.host.clone(): {"auth": auth}});
+        let data = if kind == "kubernetes.io/dockercfg" {
+            json!({".dockercfg": entries.to_string()})
+        } else {
+            json!({".dockerconfigjson": json!({"auths": entries}).to_string()})
+        };
+        let secret: Secret =
+            serde_json::from_value(json!({"metadata": {"name": "regcred"}, "type": kind, "stringData": data})).unwrap();
         ns.api::<Secret>()
             .create(&PostParams::default(), &secret)
             .await

@@ -15,7 +15,7 @@ use crate::registry::{LocalRegistry, base64_encode};
 use crate::runtime::{create_runtime, events_for, runtime_pods, wait_condition, wait_status};
 
 /// The operator for the namespace, trusting the cluster CA for the registry.
-fn operator(ns: &TestNamespace, registry: &LocalRegistry) -> OperatorProcess {
+pub fn operator(ns: &TestNamespace, registry: &LocalRegistry) -> OperatorProcess {
     OperatorProcess::start(
         &harness::kubeconfig(),
         &["--watch-namespace", &ns.name, "--registry-ca-file", &registry.ca_file],
@@ -37,7 +37,7 @@ async fn running_at(ns: &TestNamespace, name: &str, version: &str) -> PromptFlow
     .await
 }
 
-fn spec(repository: &str) -> serde_json::Value {
+pub fn spec(repository: &str) -> serde_json::Value {
     json!({"image": {"repository": repository}, "identity": {"serviceAccountName": "puller"}})
 }
 

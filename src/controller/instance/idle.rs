@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
 use crate::api::conditions::{self, reasons};
-use crate::api::{ComputeInstance, InstanceState, PromptFlowRuntime, annotations};
+use crate::api::{ComputeInstance, InstanceState, PromptFlowRuntime};
 use crate::build::instance::placement_in;
 use crate::controller::context::Context;
 use crate::controller::runtime::status::ConditionState;
@@ -60,13 +60,11 @@ pub async fn look(
         .iter()
         .find(|c| c.type_ == conditions::READY && c.status == "True")
         .map(|c| stored(&c.last_transition_time));
-    let annotated = runtimes.iter().filter_map(|rt| {
-        rt.annotations()
-            .get(annotations::LAST_ACTIVITY)
-            .and_then(|v| v.parse::<Timestamp>().ok())
-    });
-    // The pod's own start counts: a restart to take a runtime is a fresh start.
-    let pod_started = idle::pod_started(live).map(|t| idle::add(t, Duration::from_secs(1)));
+    let annotated = runtimes.iter().filter_map(|rt| idle::annotated_activity(rt));
+    // The pod's own start counts (a restart to take a runtime is a fresh start), and so does the
+    // instance turning Running now, before its status says so.
+    let pod_started = idle::pod_created(live).map(|t| idle::add(t, Duration::from_secs(1)));
+    let running_since = running_since.or(Some(now));
     let mut last = [
         Some(ctx.started),
         running_since,

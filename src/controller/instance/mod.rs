@@ -153,7 +153,7 @@ pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Res
             ctx.catalog.names()
         );
         if let Some(live) = &live {
-            apply::delete_pod(&ctx, live).await?;
+            apply::delete_pod(&ctx, live, instance.uid().as_deref()).await?;
         }
         let failed = InstanceReport {
             state: InstanceState::Failed,
@@ -207,7 +207,7 @@ pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Res
         ctx.instance_memory.settled(&key);
         let state = match &live {
             Some(live) => {
-                apply::delete_pod(&ctx, live).await?;
+                apply::delete_pod(&ctx, live, instance.uid().as_deref()).await?;
                 InstanceState::Stopping
             }
             None => InstanceState::Stopped,

@@ -4,7 +4,7 @@
 //! the event worth telling the user; never publishes itself.
 
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
@@ -19,7 +19,7 @@ use super::status::Verdict;
 use super::{Context, MANAGER};
 use crate::api::conditions::reasons;
 use crate::api::{PromptFlowRuntime, annotations};
-use crate::build::{pod, service};
+use crate::build::{controlled_by, pod, service};
 use crate::error::Result;
 
 /// How long a pod the API server refused with a server error waits before it is tried again.
@@ -102,15 +102,40 @@ pub async fn apply_pod(
             ..PodOutcome::quiet(starting, Action::requeue(trust))
         });
     }
+    let owner_uid = desired.pod.owner_references().first().map(|o| o.uid.clone());
+    if let Some(live) = live.filter(|live| !controlled_by(&live.metadata, owner_uid.as_deref())) {
+        return Ok(PodOutcome::quiet(
+            Verdict::not_available(reasons::POD_CONFLICT, pod_conflict(&live.name_any())),
+            Action::await_change(),
+        ));
+    }
     let Some(live) = live else {
-        return match pods
-            .patch(
-                &pod_name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&desired.pod),
+        // Created, never applied: a pod of that name made by someone else meanwhile is refused
+        // (409), not taken over.
+        let created = pods
+            .create(
+                &PostParams {
+                    field_manager: Some(MANAGER.into()),
+                    ..Default::default()
+                },
+                &desired.pod,
             )
-            .await
-        {
+            .await;
+        let created = match created {
+            Err(kube::Error::Api(status)) if status.code == 409 => match pods.get_opt(&pod_name).await? {
+                Some(found) if controlled_by(&found.metadata, owner_uid.as_deref()) => Ok(found),
+                Some(_) => {
+                    return Ok(PodOutcome::quiet(
+                        Verdict::not_available(reasons::POD_CONFLICT, pod_conflict(&pod_name)),
+                        Action::await_change(),
+                    ));
+                }
+                // Gone again (being deleted): look again shortly.
+                None => return Ok(PodOutcome::quiet(starting, Action::requeue(Duration::from_secs(2)))),
+            },
+            other => other,
+        };
+        return match created {
             Ok(_) => {
                 ctx.own_writes.created_pod(pod_ref);
                 info!(pod = %pod_name, %namespace, "created runtime pod");
@@ -180,7 +205,7 @@ pub async fn apply_pod(
             ..PodOutcome::quiet(pod_state::pod_verdict(&pod_name, image, &state), Action::await_change())
         });
     }
-    delete_pod(ctx, live).await?;
+    delete_pod(ctx, live, owner_uid.as_deref()).await?;
     let handled_restart = restart.map(str::to_owned);
     if let PodState::Ended { message } = &state {
         return Ok(PodOutcome {
@@ -209,11 +234,23 @@ pub async fn apply_pod(
     })
 }
 
-/// Deletes the live pod (this exact one, by uid), unless this operator already did and the cache
-/// has not caught up. Returns whether a delete was sent.
-pub async fn delete_pod(ctx: &Context, live: &Pod) -> Result<bool> {
+/// What a runtime says when a pod of its pod's name is not its own.
+fn pod_conflict(pod_name: &str) -> String {
+    format!(
+        "pod {pod_name} exists and was not created by the operator for this runtime; it is left untouched: delete or rename it, or give the runtime another name"
+    )
+}
+
+/// Deletes the live pod (this exact one, by uid) when the operator made it for `owner_uid` (its
+/// controller owner reference), unless this operator already did and the cache has not caught
+/// up. Returns whether a delete was sent; someone else's pod is never deleted.
+pub async fn delete_pod(ctx: &Context, live: &Pod, owner_uid: Option<&str>) -> Result<bool> {
     let pod_name = live.name_any();
     let namespace = live.namespace().unwrap_or_default();
+    if !controlled_by(&live.metadata, owner_uid) {
+        warn!(pod = %pod_name, %namespace, "not deleting a pod the operator did not create for this object");
+        return Ok(false);
+    }
     let pod_ref = ObjectRef::new(&pod_name).within(&namespace);
     let uid = live.metadata.uid.clone();
     if live.metadata.deletion_timestamp.is_some() || ctx.own_writes.already_deleted(&pod_ref, uid.as_deref()) {
@@ -238,36 +275,84 @@ pub async fn delete_pod(ctx: &Context, live: &Pod) -> Result<bool> {
     Ok(true)
 }
 
-/// Creates or corrects the runtime's Service; writes nothing when the live one matches. Returns
-/// whether the Service is in place. A Service that cannot be written never keeps the runtime
-/// from running: the failure is logged and the runtime has no `status.url` until it succeeds.
-pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: service::Target<'_>) -> Result<bool> {
+/// Where the runtime's Service stands after [`apply_service`].
+pub enum ServiceOutcome {
+    /// In place as wanted.
+    InPlace,
+    /// Could not be written (an admission policy, the API server); tried again at the next change.
+    NotWritten,
+    /// A Service of that name belongs to someone else: left untouched; the message says so.
+    Conflict(String),
+}
+
+/// Creates or corrects the runtime's Service; writes nothing when the live one matches. A Service
+/// of that name that the operator did not create for this runtime (its controller owner
+/// reference) is never written to: creating is a create, not an apply, so one made by someone
+/// else meanwhile is refused too. A Service that cannot be written for other reasons never keeps
+/// the runtime from running: the failure is logged and the runtime has no `status.url` until it
+/// succeeds.
+pub async fn apply_service(
+    ctx: &Context,
+    runtime: &PromptFlowRuntime,
+    target: service::Target<'_>,
+) -> Result<ServiceOutcome> {
     let desired = service::runtime_service(runtime, target);
+    let name = runtime.name_any();
     let namespace = runtime.namespace().unwrap_or_default();
-    let service_ref = ObjectRef::new(&runtime.name_any()).within(&namespace);
-    let live = ctx.service(&service_ref.name, &namespace);
+    let uid = runtime.uid();
+    let conflict = || {
+        ServiceOutcome::Conflict(format!(
+            "Service {name} exists and was not created by the operator for this runtime; it is left untouched: delete or rename it, or give the runtime another name"
+        ))
+    };
+    let service_ref = ObjectRef::new(&name).within(&namespace);
+    let live = ctx.service(&name, &namespace);
+    if live
+        .as_deref()
+        .is_some_and(|live| !controlled_by(&live.metadata, uid.as_deref()))
+    {
+        return Ok(conflict());
+    }
     let as_wanted = live.as_deref().is_some_and(|live| service::matches(live, &desired));
     if as_wanted || ctx.own_writes.service_pending(&service_ref, as_wanted) {
-        return Ok(true);
+        return Ok(ServiceOutcome::InPlace);
     }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    if live.is_none() {
+        let params = PostParams {
+            field_manager: Some(MANAGER.into()),
+            ..Default::default()
+        };
+        match services.create(&params, &desired).await {
+            Ok(_) => {
+                ctx.own_writes.applied_service(service_ref);
+                return Ok(ServiceOutcome::InPlace);
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => match services.get_opt(&name).await? {
+                // Ours after all (the cache is behind): corrected below.
+                Some(found) if controlled_by(&found.metadata, uid.as_deref()) => {}
+                _ => return Ok(conflict()),
+            },
+            Err(kube::Error::Api(status)) => {
+                warn!(%name, %namespace, error = %status.message, "cannot create the runtime's Service");
+                return Ok(ServiceOutcome::NotWritten);
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
     match services
-        .patch(
-            &runtime.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&desired),
-        )
+        .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
         .await
     {
         Ok(_) => {
             ctx.own_writes.applied_service(service_ref);
-            Ok(true)
+            Ok(ServiceOutcome::InPlace)
         }
-        // Refused (another owner's Service of that name, an admission policy, a full range):
-        // say so and go on; the next change of the runtime or its Service tries again.
+        // Refused (an admission policy, a full range): say so and go on; the next change of the
+        // runtime or its Service tries again.
         Err(kube::Error::Api(status)) => {
-            warn!(name = %runtime.name_any(), %namespace, error = %status.message, "cannot apply the runtime's Service");
-            Ok(false)
+            warn!(%name, %namespace, error = %status.message, "cannot apply the runtime's Service");
+            Ok(ServiceOutcome::NotWritten)
         }
         Err(err) => Err(err.into()),
     }

@@ -57,7 +57,7 @@ pub async fn idle_step(runtime: &PromptFlowRuntime, ctx: &Context, live: &Pod) -
         });
     };
     let now = Timestamp::now();
-    let mut last = idle::last_known_activity(runtime, ctx.started, idle::pod_started(live));
+    let mut last = idle::last_known_activity(runtime, ctx.started, idle::pod_created(live), now);
     let mut due = idle::due(&policy, last, now);
     let mut recorded = None;
     if !matches!(due, IdleDue::Nothing { .. }) && !controlled_by(&live.metadata, runtime.uid().as_deref()) {
@@ -151,7 +151,7 @@ async fn cull(
     let namespace = runtime.namespace().unwrap_or_default();
     match policy.action {
         IdleAction::Stop => {
-            apply::delete_pod(ctx, live).await?;
+            apply::delete_pod(ctx, live, runtime.uid().as_deref()).await?;
             ctx.metrics.culled("stop");
             info!(%name, %namespace, %timeout, "stopped idle runtime");
             let message = format!(

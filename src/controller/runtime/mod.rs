@@ -127,9 +127,13 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
 
     // The Service is the way in, running or stopped.
     let target = service::Target::Serverless;
-    let url = apply::apply_service(ctx, runtime, target)
-        .await?
-        .then(|| service::url(runtime, target));
+    let url = match apply::apply_service(ctx, runtime, target).await? {
+        apply::ServiceOutcome::InPlace => Some(service::url(runtime, target)),
+        apply::ServiceOutcome::NotWritten => None,
+        apply::ServiceOutcome::Conflict(message) => {
+            return service_conflict(runtime, ctx, message).await;
+        }
+    };
     let start = match lifecycle::decide(runtime) {
         Lifecycle::Run { start } => start,
         stopped => return stay_stopped(runtime, ctx, stopped, url.as_deref()).await,
@@ -187,6 +191,9 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         ),
     }
     let (mut verdict, mut action, mut last_activity) = (outcome.verdict, outcome.action, None);
+    if verdict.reason == reasons::POD_CONFLICT {
+        action = Action::requeue(CONFLICT_RECHECK);
+    }
     // The idle step's next look, when it has one (kube's `Action` does not expose its delay).
     let mut idle_look = None;
     if let (RuntimePhase::Running, Some(live)) = (verdict.phase, live) {
@@ -257,7 +264,7 @@ async fn stay_stopped(
 ) -> Result<Action> {
     let namespace = runtime.namespace().unwrap_or_default();
     if let Some(live) = ctx.pod(&crate::build::pod::pod_name(&runtime.name_any()), &namespace) {
-        apply::delete_pod(ctx, &live).await?;
+        apply::delete_pod(ctx, &live, runtime.uid().as_deref()).await?;
     }
     let status = runtime.status.clone().unwrap_or_default();
     let mut conditions = status::carried(&status.conditions);
@@ -303,6 +310,31 @@ async fn stay_stopped(
     report::write_status(runtime, ctx, &report).await?;
     Ok(Action::await_change())
 }
+
+/// A runtime whose Service name is taken by an object the operator did not create for it:
+/// nothing is created or deleted; the status (and, on the transition, a Warning event) names
+/// the Service. Someone else's objects are not watched, so it looks again every
+/// [`CONFLICT_RECHECK`].
+async fn service_conflict(runtime: &PromptFlowRuntime, ctx: &Context, message: String) -> Result<Action> {
+    let status = runtime.status.clone().unwrap_or_default();
+    let conditions = status::carried(&status.conditions);
+    let verdict = Verdict::not_available(reasons::SERVICE_CONFLICT, message);
+    let report = Report {
+        verdict: &verdict,
+        conditions: &conditions,
+        compute: compute_name(runtime),
+        facts: None,
+        handled: &HandledActions::default(),
+        url: None,
+        last_activity: None,
+        latest: None,
+    };
+    report::write_status(runtime, ctx, &report).await?;
+    Ok(Action::requeue(CONFLICT_RECHECK))
+}
+
+/// How often a runtime whose name is taken by someone else's Service or pod looks again.
+const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
 
 /// `TemplateCurrent`: whether the pod follows the operator's current template.
 fn template_condition(current: bool) -> ConditionState {

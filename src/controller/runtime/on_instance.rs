@@ -10,7 +10,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::plan::{self, PodFacts};
 use super::report::{self, Report};
@@ -38,7 +38,7 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
     }
     // Moved here from serverless: its own pod goes.
     if let Some(own) = ctx.pod(&apply::pod_ref(&name, &namespace).name, &namespace) {
-        apply::delete_pod(ctx, &own).await?;
+        apply::delete_pod(ctx, &own, runtime.uid().as_deref()).await?;
     }
     let observed = observe::observe(runtime, ctx, &namespace, |deps| ctx.index.record(key.clone(), deps)).await?;
     let (identity, mut resolved) = plan::resolve(runtime, &observed);
@@ -118,9 +118,15 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
                 instance: &asked.name,
                 port: placement.proxy_port,
             };
-            apply::apply_service(ctx, runtime, target)
-                .await?
-                .then(|| service::url(runtime, target))
+            match apply::apply_service(ctx, runtime, target).await? {
+                apply::ServiceOutcome::InPlace => Some(service::url(runtime, target)),
+                apply::ServiceOutcome::NotWritten => None,
+                apply::ServiceOutcome::Conflict(message) => {
+                    // The runtime's container stays on the instance; its name does not reach it.
+                    warn!(%name, %namespace, %message, "runtime Service conflict");
+                    None
+                }
+            }
         }
         None => None,
     };

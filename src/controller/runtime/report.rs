@@ -134,17 +134,50 @@ fn same_problem(before: Option<&str>, now: Option<&str>) -> bool {
     family(before) == family(now)
 }
 
+/// The API server refuses an event whose note exceeds 1 KiB (in bytes, not characters): longer
+/// notes are cut at a character boundary, with an ellipsis.
+pub const MAX_NOTE_BYTES: usize = 1024;
+
+/// `note` cut to fit an event.
+pub fn event_note(note: &str) -> std::borrow::Cow<'_, str> {
+    if note.len() <= MAX_NOTE_BYTES {
+        return note.into();
+    }
+    const ELLIPSIS: &str = "…";
+    let mut end = MAX_NOTE_BYTES - ELLIPSIS.len();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{ELLIPSIS}", &note[..end]).into()
+}
+
 /// Publishes an event about a runtime or an instance; a failure is logged, never fails the
 /// reconcile.
 pub async fn publish<K: Resource<DynamicType = ()>>(ctx: &Context, object: &K, notice: &Notice) {
-    let note: String = notice.note.chars().take(1000).collect();
     let draft = Draft {
         type_: notice.type_,
         reason: &notice.reason,
         action: "Reconcile",
-        note: &note,
+        note: &event_note(&notice.note),
     };
     if let Err(err) = ctx.recorder.publish(&draft, &object.object_ref(&())).await {
         warn!(name = ?object.meta().name, error = %err, "could not publish event");
+    }
+}
+
+#[cfg(test)]
+mod note_tests {
+    use super::*;
+
+    #[test]
+    fn long_notes_are_cut_by_bytes_at_a_character_boundary() {
+        let japanese = "フローの環境ファイルが読めません。".repeat(40);
+        assert!(japanese.chars().count() < 1000 && japanese.len() > MAX_NOTE_BYTES);
+        let cut = event_note(&japanese);
+        assert!(cut.len() <= MAX_NOTE_BYTES, "{} bytes", cut.len());
+        assert!(cut.ends_with('…') && japanese.starts_with(cut.trim_end_matches('…')));
+        assert_eq!(event_note("short"), "short");
+        let exact = "a".repeat(MAX_NOTE_BYTES);
+        assert_eq!(event_note(&exact), exact);
     }
 }
