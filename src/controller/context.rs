@@ -108,6 +108,14 @@ impl Context {
             .map(|lean| Arc::new(lean.to_pod()))
     }
 
+    /// The cached pod `name` of `namespace` when the operator made it for `owner` (its controller
+    /// owner reference): the only pod of that name the controllers look at, write or delete. A
+    /// pod someone else made under that name is none of theirs (creating ours then meets it).
+    pub fn own_pod<K: kube::Resource>(&self, name: &str, namespace: &str, owner: &K) -> Option<Arc<Pod>> {
+        self.pod(name, namespace)
+            .filter(|pod| crate::build::controlled_by(&pod.metadata, owner.meta().uid.as_deref()))
+    }
+
     /// The cached Service `name` of `namespace`, as a `Service` holding the fields the cache keeps.
     pub fn service(&self, name: &str, namespace: &str) -> Option<Arc<Service>> {
         self.services

@@ -119,6 +119,11 @@ impl ConnectionClock {
         };
     }
 
+    /// Whether a request is being served (its answer has not passed completely).
+    fn serving(&self) -> bool {
+        matches!(self.state.lock().expect("clock lock").phase, Phase::Busy { .. })
+    }
+
     /// When the connection is closed unless something happens first.
     fn close_at(&self, limits: &ServerLimits) -> Instant {
         let state = self.state.lock().expect("clock lock");
@@ -356,7 +361,11 @@ async fn connection<H, F>(
             }
             _ = clock.earlier.notified() => {}
             _ = drain.wait_for(|stop| *stop), if !draining => {
-                // Idle connections close now; one with a request in flight after its answer.
+                // A connection with no request being served (idle, or a head still coming)
+                // closes now; one with a request in flight after its answer.
+                if !clock.serving() {
+                    return;
+                }
                 connection.as_mut().graceful_shutdown();
                 draining = true;
             }

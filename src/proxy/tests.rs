@@ -375,13 +375,31 @@ async fn connections_over_the_limit_get_503_and_a_freed_place_is_reused() {
 async fn on_shutdown_a_request_in_flight_finishes_and_new_connections_are_refused() {
     let (_tx, rx) = mpsc::channel(1);
     let upstream = upstream(rx).await;
-    let (proxy, _, stop) = proxy_with(&upstream.to_string(), ProxyLimits::default()).await;
+    let limits = ProxyLimits {
+        drain_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let (proxy, _, stop) = proxy_with(&upstream.to_string(), limits).await;
     let slow = tokio::spawn(call("POST", format!("http://{proxy}/slow"), ""));
+    let mut half_head = TcpStream::connect(proxy).await.unwrap();
+    half_head
+        .write_all(b"POST /score HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped_at = tokio::time::Instant::now();
     stop.send(()).unwrap();
+    assert!(
+        closed_within(&mut half_head, Duration::from_secs(1)).await,
+        "a head still coming does not hold the drain"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(TcpStream::connect(proxy).await.is_err(), "the listener is closed");
     assert_eq!(slow.await.unwrap(), (StatusCode::OK, "done".into()), "drained, not cut");
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(5),
+        "the drain ended with the last answer"
+    );
 }
 
 #[tokio::test]

@@ -48,7 +48,7 @@ fn operator(ns: &TestNamespace) -> OperatorProcess {
 }
 
 /// Creates an instance `name` of type Standard_DS3_v2, with the fields of `spec` added.
-async fn create_instance(ns: &TestNamespace, name: &str, spec: serde_json::Value) -> ComputeInstance {
+pub async fn create_instance(ns: &TestNamespace, name: &str, spec: serde_json::Value) -> ComputeInstance {
     let mut full = json!({"instanceType": "Standard_DS3_v2"});
     full.as_object_mut()
         .unwrap()

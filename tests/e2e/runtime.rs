@@ -83,7 +83,9 @@ pub async fn runtime_pods(ns: &TestNamespace, runtime: &str) -> Vec<Pod> {
         .items
 }
 
-/// The events recorded for one object, as (type, reason, note).
+/// The events recorded for one runtime, as (type, reason, note). (Its Service has the same name;
+/// the cluster's controllers report about that one, e.g. endpoint slices refusing loopback pod
+/// IPs.)
 pub async fn events_for(ns: &TestNamespace, name: &str) -> Vec<(String, String, String)> {
     let events: Api<k8s_openapi::api::events::v1::Event> = ns.api();
     events
@@ -91,7 +93,11 @@ pub async fn events_for(ns: &TestNamespace, name: &str) -> Vec<(String, String, 
         .await
         .unwrap()
         .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter(|e| {
+            e.regarding
+                .as_ref()
+                .is_some_and(|r| r.name.as_deref() == Some(name) && r.kind.as_deref() == Some("PromptFlowRuntime"))
+        })
         .map(|e| {
             (
                 e.type_.unwrap_or_default(),

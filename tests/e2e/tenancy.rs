@@ -161,3 +161,30 @@ async fn a_legacy_dockercfg_pull_secret_pulls_and_checks_versions() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_pod_squatting_a_compute_instances_name_is_reported_never_taken_over() {
+    use promptflow_operator::api::InstanceState;
+    with_namespace("pf-tenancy-ci", |ns| async move {
+        let _operator = OperatorProcess::for_namespace(&ns.name);
+        let squat = squatter_pod(
+            &ns,
+            "ci-instance",
+            json!({"promptflow.dev/compute-instance": "ci", "app.kubernetes.io/managed-by": "promptflow-operator",
+                "app.kubernetes.io/name": "promptflow-compute-instance"}),
+        )
+        .await;
+        crate::instance::create_instance(&ns, "ci", json!({})).await;
+        let failed = crate::instance::wait_state(&ns, "ci", InstanceState::Failed, Some("PodConflict")).await;
+        let message = failed.status.unwrap().message.unwrap_or_default();
+        assert!(
+            message.contains("pod ci-instance") && message.contains("ComputeInstance"),
+            "{message}"
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let live = ns.api::<Pod>().get("ci-instance").await.unwrap();
+        assert_eq!((live.uid(), owners(&live.metadata)), (squat.uid(), 0), "left untouched");
+        assert!(live.metadata.deletion_timestamp.is_none(), "not deleted");
+    })
+    .await;
+}

@@ -118,7 +118,7 @@ pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Res
     let key = ObjectRef::from_obj(instance);
     let now = Timestamp::now();
     let previous = instance.status.clone().unwrap_or_default();
-    let live = ctx.pod(&pod_builder::pod_name(&name), &namespace);
+    let live = ctx.own_pod(&pod_builder::pod_name(&name), &namespace, instance);
 
     // Schedules: what fell due since the announced trigger, and what comes next.
     let (compiled, problems) = schedule::compile(&instance.spec.schedules);
@@ -327,7 +327,8 @@ pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Res
     }
     let verdict = outcome.verdict;
     let pod_ready = verdict.phase == RuntimePhase::Running;
-    let (state, reason, message) = if verdict.reason == reasons::POD_REJECTED {
+    let conflict = verdict.reason == reasons::POD_CONFLICT;
+    let (state, reason, message) = if verdict.reason == reasons::POD_REJECTED || conflict {
         (InstanceState::Failed, verdict.reason, verdict.message)
     } else if let Some(changes) = changes {
         (
@@ -376,7 +377,12 @@ pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Res
     };
     report::write(instance, &ctx, &running).await?;
     info!(%name, %namespace, state = ?state, "reconciled compute instance");
-    Ok(earliest(wake_at, action_delay(&outcome.action)).map_or_else(Action::await_change, Action::requeue))
+    let retry = if conflict {
+        Some(apply::CONFLICT_RECHECK)
+    } else {
+        action_delay(&outcome.action)
+    };
+    Ok(earliest(wake_at, retry).map_or_else(Action::await_change, Action::requeue))
 }
 
 /// The runtimes a live pod carries.

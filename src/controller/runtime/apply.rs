@@ -105,8 +105,8 @@ pub async fn apply_pod(
     let owner_uid = desired.pod.owner_references().first().map(|o| o.uid.clone());
     if let Some(live) = live.filter(|live| !controlled_by(&live.metadata, owner_uid.as_deref())) {
         return Ok(PodOutcome::quiet(
-            Verdict::not_available(reasons::POD_CONFLICT, pod_conflict(&live.name_any())),
-            Action::await_change(),
+            Verdict::not_available(reasons::POD_CONFLICT, pod_conflict(&desired.pod, &live.name_any())),
+            Action::requeue(CONFLICT_RECHECK),
         ));
     }
     let Some(live) = live else {
@@ -126,8 +126,8 @@ pub async fn apply_pod(
                 Some(found) if controlled_by(&found.metadata, owner_uid.as_deref()) => Ok(found),
                 Some(_) => {
                     return Ok(PodOutcome::quiet(
-                        Verdict::not_available(reasons::POD_CONFLICT, pod_conflict(&pod_name)),
-                        Action::await_change(),
+                        Verdict::not_available(reasons::POD_CONFLICT, pod_conflict(&desired.pod, &pod_name)),
+                        Action::requeue(CONFLICT_RECHECK),
                     ));
                 }
                 // Gone again (being deleted): look again shortly.
@@ -234,10 +234,16 @@ pub async fn apply_pod(
     })
 }
 
-/// What a runtime says when a pod of its pod's name is not its own.
-fn pod_conflict(pod_name: &str) -> String {
+/// How often a runtime or instance whose pod or Service name is taken by someone else's object
+/// looks again (such objects are not watched).
+pub const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
+
+/// What a runtime or instance says when a pod of its pod's name is not its own.
+fn pod_conflict(desired: &Pod, pod_name: &str) -> String {
+    let kind = desired.owner_references().first().map_or("object", |o| o.kind.as_str());
     format!(
-        "pod {pod_name} exists and was not created by the operator for this runtime; it is left untouched: delete or rename it, or give the runtime another name"
+        "pod {pod_name} exists and was not created by the operator for this {kind}; it is left untouched: delete or rename it, or give the {kind} another name (looked at again every {}s)",
+        CONFLICT_RECHECK.as_secs()
     )
 }
 
@@ -302,7 +308,8 @@ pub async fn apply_service(
     let uid = runtime.uid();
     let conflict = || {
         ServiceOutcome::Conflict(format!(
-            "Service {name} exists and was not created by the operator for this runtime; it is left untouched: delete or rename it, or give the runtime another name"
+            "Service {name} exists and was not created by the operator for this runtime; it is left untouched: delete or rename it, or give the runtime another name (looked at again every {}s)",
+            CONFLICT_RECHECK.as_secs()
         ))
     };
     let service_ref = ObjectRef::new(&name).within(&namespace);

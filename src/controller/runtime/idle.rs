@@ -1,8 +1,8 @@
 //! The idle step of a Running serverless runtime: requeue at its next look, ask the activity
 //! proxy only then, warn before the deadline, and stop (or delete) it at the deadline. The
 //! decisions are [`crate::idle`]'s; this step does the one HTTP GET and the writes they call for.
-//! Only a pod the operator made for this runtime (its controller owner reference) is asked or
-//! stopped; a runtime whose proxy reports requests in flight is in use now.
+//! `live` is the pod the operator made for this runtime (the context hands out no other), so
+//! only it is asked or stopped; a runtime whose proxy reports requests in flight is in use now.
 
 use std::time::Duration;
 
@@ -19,7 +19,6 @@ use super::report::Notice;
 use super::status::{ConditionState, Verdict};
 use crate::api::conditions::{self, reasons};
 use crate::api::{IdleAction, PromptFlowRuntime, annotations};
-use crate::build::controlled_by;
 use crate::error::Result;
 use crate::idle::{self, IdleDue, IdlePolicy};
 
@@ -60,19 +59,6 @@ pub async fn idle_step(runtime: &PromptFlowRuntime, ctx: &Context, live: &Pod) -
     let mut last = idle::last_known_activity(runtime, ctx.started, idle::pod_created(live), now);
     let mut due = idle::due(&policy, last, now);
     let mut recorded = None;
-    if !matches!(due, IdleDue::Nothing { .. }) && !controlled_by(&live.metadata, runtime.uid().as_deref()) {
-        return Ok(IdleOutcome {
-            condition: Some(ConditionState::unknown(
-                conditions::IDLE,
-                reasons::ACTIVITY_UNKNOWN,
-                format!(
-                    "pod {} was not created by the operator for this runtime: its activity is not read and it is never stopped for idleness",
-                    live.name_any()
-                ),
-            )),
-            ..Default::default()
-        });
-    }
     if !matches!(due, IdleDue::Nothing { .. }) {
         // The one moment the proxy is asked: the warning time, or the deadline.
         let ip = live.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();

@@ -191,9 +191,6 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         ),
     }
     let (mut verdict, mut action, mut last_activity) = (outcome.verdict, outcome.action, None);
-    if verdict.reason == reasons::POD_CONFLICT {
-        action = Action::requeue(CONFLICT_RECHECK);
-    }
     // The idle step's next look, when it has one (kube's `Action` does not expose its delay).
     let mut idle_look = None;
     if let (RuntimePhase::Running, Some(live)) = (verdict.phase, live) {
@@ -263,7 +260,7 @@ async fn stay_stopped(
     url: Option<&str>,
 ) -> Result<Action> {
     let namespace = runtime.namespace().unwrap_or_default();
-    if let Some(live) = ctx.pod(&crate::build::pod::pod_name(&runtime.name_any()), &namespace) {
+    if let Some(live) = ctx.own_pod(&crate::build::pod::pod_name(&runtime.name_any()), &namespace, runtime) {
         apply::delete_pod(ctx, &live, runtime.uid().as_deref()).await?;
     }
     let status = runtime.status.clone().unwrap_or_default();
@@ -314,7 +311,7 @@ async fn stay_stopped(
 /// A runtime whose Service name is taken by an object the operator did not create for it:
 /// nothing is created or deleted; the status (and, on the transition, a Warning event) names
 /// the Service. Someone else's objects are not watched, so it looks again every
-/// [`CONFLICT_RECHECK`].
+/// [`apply::CONFLICT_RECHECK`].
 async fn service_conflict(runtime: &PromptFlowRuntime, ctx: &Context, message: String) -> Result<Action> {
     let status = runtime.status.clone().unwrap_or_default();
     let conditions = status::carried(&status.conditions);
@@ -330,11 +327,8 @@ async fn service_conflict(runtime: &PromptFlowRuntime, ctx: &Context, message: S
         latest: None,
     };
     report::write_status(runtime, ctx, &report).await?;
-    Ok(Action::requeue(CONFLICT_RECHECK))
+    Ok(Action::requeue(apply::CONFLICT_RECHECK))
 }
-
-/// How often a runtime whose name is taken by someone else's Service or pod looks again.
-const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
 
 /// `TemplateCurrent`: whether the pod follows the operator's current template.
 fn template_condition(current: bool) -> ConditionState {

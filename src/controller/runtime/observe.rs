@@ -60,7 +60,7 @@ pub async fn observe(
     let flow_name = runtime.spec.flow.as_ref().and_then(|f| f.config_map_name.clone());
     let serverless = runtime.spec.compute.serverless.is_some();
     let pod = ctx
-        .pod(&pod::pod_name(&runtime.name_any()), namespace)
+        .own_pod(&pod::pod_name(&runtime.name_any()), namespace, runtime)
         .filter(|_| serverless);
 
     let mut dependencies = vec![Dependency::ServiceAccount(namespace.to_owned(), account_name.clone())];

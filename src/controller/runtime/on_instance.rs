@@ -10,7 +10,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::plan::{self, PodFacts};
 use super::report::{self, Report};
@@ -37,7 +37,7 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
         set_finalizers(ctx, runtime, finalizers).await?;
     }
     // Moved here from serverless: its own pod goes.
-    if let Some(own) = ctx.pod(&apply::pod_ref(&name, &namespace).name, &namespace) {
+    if let Some(own) = ctx.own_pod(&apply::pod_ref(&name, &namespace).name, &namespace, runtime) {
         apply::delete_pod(ctx, &own, runtime.uid().as_deref()).await?;
     }
     let observed = observe::observe(runtime, ctx, &namespace, |deps| ctx.index.record(key.clone(), deps)).await?;
@@ -52,7 +52,7 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
     let instance = ctx.instances.get(&ObjectRef::new(&asked.name).within(&namespace));
     let live = instance
         .as_ref()
-        .and_then(|_| ctx.pod(&instance_pod::pod_name(&asked.name), &namespace));
+        .and_then(|instance| ctx.own_pod(&instance_pod::pod_name(&asked.name), &namespace, &**instance));
     let placement = live.as_deref().and_then(|pod| placement_in(pod, &name));
     let mut conditions = vec![identity];
     // While the first registry answer is awaited there is no version to record yet: writing
@@ -94,7 +94,7 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
         latest = newest;
         requeue = Some(if waiting { Duration::from_secs(15) } else { check_again });
     }
-    let verdict = match (&resolved, instance.as_deref()) {
+    let mut verdict = match (&resolved, instance.as_deref()) {
         _ if !asked.acknowledge_restart => Verdict::not_available(
             reasons::RESTART_NOT_ACKNOWLEDGED,
             format!(
@@ -123,7 +123,8 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
                 apply::ServiceOutcome::NotWritten => None,
                 apply::ServiceOutcome::Conflict(message) => {
                     // The runtime's container stays on the instance; its name does not reach it.
-                    warn!(%name, %namespace, %message, "runtime Service conflict");
+                    verdict = Verdict::not_available(reasons::SERVICE_CONFLICT, message);
+                    requeue = Some(requeue.map_or(apply::CONFLICT_RECHECK, |r| r.min(apply::CONFLICT_RECHECK)));
                     None
                 }
             }
