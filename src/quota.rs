@@ -124,11 +124,27 @@ fn container_demand(resources: &ResourceRequirements, resource: &str) -> Option<
     }
 }
 
-/// Runtime pods have requests and no deadline: quotas scoped to BestEffort or Terminating pods
-/// never count them.
+/// Whether a quota counts runtime pods, judged as the quota admission plugin judges a pod: every
+/// scope in `spec.scopes` and every expression of `spec.scopeSelector` must match. Runtime pods
+/// have requests (NotBestEffort), no deadline (NotTerminating), no priority class (the plugin
+/// matches the selector against a label set without the key: `NotIn` and `DoesNotExist` match,
+/// `In` and `Exists` do not) and no pod affinity across namespaces; other scopes
+/// (VolumeAttributesClass) do not cover pods.
 fn applies_to_runtime_pods(quota: &ResourceQuota) -> bool {
-    let scopes = quota.spec.as_ref().and_then(|s| s.scopes.as_ref());
-    !scopes.is_some_and(|scopes| scopes.iter().any(|s| s == "BestEffort" || s == "Terminating"))
+    let Some(spec) = quota.spec.as_ref() else {
+        return true;
+    };
+    let scope_matches = |scope: &str| matches!(scope, "NotBestEffort" | "NotTerminating");
+    let scopes_match = spec.scopes.iter().flatten().all(|scope| scope_matches(scope));
+    let expressions_match = spec
+        .scope_selector
+        .iter()
+        .flat_map(|selector| selector.match_expressions.iter().flatten())
+        .all(|expression| match expression.scope_name.as_str() {
+            "PriorityClass" => matches!(expression.operator.as_str(), "NotIn" | "DoesNotExist"),
+            scope => scope_matches(scope) && expression.operator == "Exists",
+        });
+    scopes_match && expressions_match
 }
 
 #[cfg(test)]
@@ -148,6 +164,59 @@ mod tests {
             "status": {"hard": list(hard), "used": list(used)}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn scopes_and_scope_selectors_count_runtime_pods_as_the_admission_plugin_does() {
+        let scoped = |spec: serde_json::Value| -> ResourceQuota {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "q"}, "spec": spec})).unwrap()
+        };
+        let expression = |scope: &str, operator: &str, values: &[&str]| {
+            let mut e = serde_json::json!({"scopeName": scope, "operator": operator});
+            if !values.is_empty() {
+                e["values"] = serde_json::json!(values);
+            }
+            scoped(serde_json::json!({"scopeSelector": {"matchExpressions": [e]}}))
+        };
+        assert!(applies_to_runtime_pods(&scoped(serde_json::json!({}))));
+        assert!(applies_to_runtime_pods(&scoped(
+            serde_json::json!({"scopes": ["NotBestEffort", "NotTerminating"]})
+        )));
+        assert!(!applies_to_runtime_pods(&scoped(
+            serde_json::json!({"scopes": ["BestEffort"]})
+        )));
+        assert!(!applies_to_runtime_pods(&scoped(
+            serde_json::json!({"scopes": ["Terminating"]})
+        )));
+        // The Kubernetes docs' examples.
+        assert!(!applies_to_runtime_pods(&expression(
+            "CrossNamespacePodAffinity",
+            "Exists",
+            &[]
+        )));
+        assert!(!applies_to_runtime_pods(&expression(
+            "PriorityClass",
+            "In",
+            &["high", "medium"]
+        )));
+        assert!(!applies_to_runtime_pods(&expression("PriorityClass", "Exists", &[])));
+        assert!(applies_to_runtime_pods(&expression(
+            "PriorityClass",
+            "DoesNotExist",
+            &[]
+        )));
+        assert!(applies_to_runtime_pods(&expression(
+            "PriorityClass",
+            "NotIn",
+            &["high"]
+        )));
+        assert!(!applies_to_runtime_pods(&expression("PriorityClass", "In", &["low"])));
+        assert!(applies_to_runtime_pods(&expression("NotTerminating", "Exists", &[])));
+        assert!(!applies_to_runtime_pods(&expression(
+            "VolumeAttributesClass",
+            "In",
+            &["gold"]
+        )));
     }
 
     #[test]

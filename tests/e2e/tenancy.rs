@@ -188,3 +188,41 @@ async fn a_pod_squatting_a_compute_instances_name_is_reported_never_taken_over()
     })
     .await;
 }
+
+#[tokio::test]
+async fn quotas_scoped_to_other_pods_do_not_hold_runtimes_back() {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    with_namespace("pf-tenancy-quota", |ns| async move {
+        let _operator = OperatorProcess::for_namespace(&ns.name);
+        // The Kubernetes docs' examples: no pod with cross-namespace affinity, no pod of
+        // priority class "high"; runtime pods are neither.
+        for (name, expression) in [
+            (
+                "no-cross-ns-affinity",
+                json!({"scopeName": "CrossNamespacePodAffinity", "operator": "Exists"}),
+            ),
+            (
+                "no-high-priority",
+                json!({"scopeName": "PriorityClass", "operator": "In", "values": ["high"]}),
+            ),
+        ] {
+            create(
+                &ns.api::<ResourceQuota>(),
+                json!({"metadata": {"name": name}, "spec": {"hard": {"pods": "0"},
+                    "scopeSelector": {"matchExpressions": [expression]}}}),
+            )
+            .await;
+        }
+        harness::wait_for(
+            &ns.api::<ResourceQuota>(),
+            "no-high-priority",
+            |q: Option<&ResourceQuota>| q.and_then(|q| q.status.as_ref()?.hard.as_ref()).is_some(),
+            Duration::from_secs(30),
+        )
+        .await;
+        create_runtime(&ns, "chat", json!({})).await;
+        let running = wait_status(&ns, "chat", "Running", None).await;
+        assert_eq!(running.status.unwrap().reason.as_deref(), Some("PodReady"));
+    })
+    .await;
+}
