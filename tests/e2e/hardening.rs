@@ -341,3 +341,33 @@ async fn no_secret_reaches_the_log_even_at_trace_level() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_long_message_in_japanese_still_reaches_the_events() {
+    with_namespace("pf-hard-notes", |ns| async move {
+        let _operator = OperatorProcess::for_namespace(&ns.name);
+        // 400 characters, 1,200 bytes: under the old 1,000-character cut, over the API's 1 KiB.
+        let image = "画像".repeat(200);
+        let dag = format!("environment:\n  image: \"{image}\"\ninputs: {{}}\noutputs: {{}}\nnodes: []\n");
+        crate::runtime::create(
+            &ns.api::<k8s_openapi::api::core::v1::ConfigMap>(),
+            serde_json::json!({"metadata": {"name": "flow"}, "data": {"flow.dag.yaml": dag}}),
+        )
+        .await;
+        create_runtime(&ns, "chat", serde_json::json!({"flow": {"configMapName": "flow"}})).await;
+        wait_status(&ns, "chat", "Not available", Some("FlowInvalid")).await;
+        crate::events::wait_reason(&ns, "PromptFlowRuntime", "chat", "FlowInvalid").await;
+        let events = crate::events::events_about(&ns, "PromptFlowRuntime", "chat").await;
+        let note = events
+            .iter()
+            .find(|e| e.reason.as_deref() == Some("FlowInvalid"))
+            .and_then(|e| e.note.clone())
+            .unwrap();
+        println!("events: a {}-byte FlowInvalid note reached the API", note.len());
+        assert!(
+            note.len() <= 1024 && note.ends_with('…') && note.contains("画像"),
+            "{note}"
+        );
+    })
+    .await;
+}
