@@ -293,18 +293,22 @@ pub async fn run(
         .filter(tracked(&health, "compute instances"))
         .modify(lean::trim)
         .reflect(instance_writer)
-        .inspect_ok(move |event| match event {
-            watcher::Event::Apply(instance) | watcher::Event::InitApply(instance) => {
-                instance_context.wake_runtimes_of(&instance_dependency(instance));
+        .inspect_ok({
+            let store = instance_store.clone();
+            move |event| match event {
+                watcher::Event::Apply(instance) | watcher::Event::InitApply(instance) => {
+                    instance_context.wake_runtimes_of(&instance_dependency(instance));
+                }
+                watcher::Event::Delete(instance) => {
+                    instance_context.wake_runtimes_of(&instance_dependency(instance));
+                    instance::forget(&instance_context, instance);
+                }
+                watcher::Event::InitDone => {
+                    instances_listed.send_replace(true);
+                    instance::forget_missing(&instance_context, |key| store.get(key).is_some());
+                }
+                watcher::Event::Init => {}
             }
-            watcher::Event::Delete(instance) => {
-                instance_context.wake_runtimes_of(&instance_dependency(instance));
-                instance::forget(&instance_context, instance);
-            }
-            watcher::Event::InitDone => {
-                instances_listed.send_replace(true);
-            }
-            watcher::Event::Init => {}
         })
         .applied_objects();
     let controller = Controller::for_stream(runtime_stream, runtime_store)

@@ -107,6 +107,11 @@ impl VersionCache {
         }
     }
 
+    /// Button presses being answered now (each holds a slot).
+    pub fn presses_in_progress(&self) -> usize {
+        self.asked.lock().expect("version cache lock").len()
+    }
+
     /// The check interval.
     pub fn interval(&self) -> Duration {
         self.interval
@@ -153,13 +158,13 @@ impl VersionCache {
         // the request that starts after the last of them: at most two requests for a burst.
         let pressed = Instant::now();
         let key = (repository.to_owned(), fingerprint(credential));
-        let slot = self
-            .asked
-            .lock()
-            .expect("version cache lock")
-            .entry(key.clone())
-            .or_default()
-            .clone();
+        let slot = {
+            let mut asked = self.asked.lock().expect("version cache lock");
+            // A slot nobody holds can serve no later press (its request started before it), so
+            // only presses in progress keep theirs: the map never outgrows them.
+            asked.retain(|_, slot| Arc::strong_count(slot) > 1);
+            asked.entry(key.clone()).or_default().clone()
+        };
         let mut last = slot.lock().await;
         if let Some((started, answer)) = last.as_ref()
             && *started >= pressed

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, head};
 
 use super::*;
+use crate::identity::Credential;
 
 /// How the fake registry answers the tag list.
 #[derive(Clone, Copy)]
@@ -186,4 +187,15 @@ async fn the_cache_never_waits_and_asks_once_for_many_lookups() {
         );
     }
     assert_eq!(pages.load(Ordering::Relaxed), 1, "one tag listing for 200 lookups");
+
+    // Buttons pressed on many repositories and credentials leave nothing behind.
+    for i in 0..50 {
+        let credential = Credential {
+            username: format!("user-{i}"),
+            password: "x".into(),
+        };
+        let _ = cache.ask_now(&format!("{host}/team/repo-{i}"), Some(&credential)).await;
+    }
+    let _ = cache.ask_now(&repository, None).await;
+    assert!(cache.presses_in_progress() <= 1, "{}", cache.presses_in_progress());
 }

@@ -93,6 +93,18 @@ impl InstanceMemory {
         self.statuses.lock().expect("instance memory lock").remove(key);
         self.settled(key);
     }
+
+    /// Keeps only what belongs to instances that still exist.
+    fn retain(&self, exists: &impl Fn(&ObjectRef<ComputeInstance>) -> bool) {
+        self.statuses
+            .lock()
+            .expect("instance memory lock")
+            .retain(|key, _| exists(key));
+        self.pending
+            .lock()
+            .expect("instance memory lock")
+            .retain(|key, _| exists(key));
+    }
 }
 
 /// Reconciles one compute instance from its full state.
@@ -428,6 +440,14 @@ pub fn error_policy(instance: Arc<ComputeInstance>, error: &Error, ctx: Arc<Cont
 }
 
 /// Drops everything kept for an instance that was deleted.
+/// Drops what is kept for instances that no longer exist (after a watch re-list, which reports
+/// no deletions for what went away while the watch was down).
+pub fn forget_missing(ctx: &Context, exists: impl Fn(&ObjectRef<ComputeInstance>) -> bool) {
+    ctx.instance_index.retain(&exists);
+    ctx.instance_memory.retain(&exists);
+}
+
+/// Drops everything kept for an instance that was deleted.
 pub fn forget(ctx: &Context, instance: &ComputeInstance) {
     let key = ObjectRef::from_obj(instance);
     ctx.instance_index.forget(&key);
@@ -435,4 +455,24 @@ pub fn forget(ctx: &Context, instance: &ComputeInstance) {
     let pod =
         ObjectRef::new(&pod_builder::pod_name(&instance.name_any())).within(&instance.namespace().unwrap_or_default());
     ctx.own_writes.forget_pod(&pod);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relist_forgets_instances_that_went_away_while_the_watch_was_down() {
+        let memory = InstanceMemory::default();
+        let keys: Vec<ObjectRef<ComputeInstance>> = (0..100)
+            .map(|i| ObjectRef::new(&format!("ci-{i}")).within("team"))
+            .collect();
+        for key in &keys {
+            memory.wrote_status(key.clone(), Some("1".into()), None, ComputeInstanceStatus::default());
+            memory.batch_wait(key, Duration::from_secs(5));
+        }
+        memory.retain(&|key: &ObjectRef<ComputeInstance>| key.name == "ci-7");
+        assert_eq!(memory.statuses.lock().unwrap().len(), 1);
+        assert_eq!(memory.pending.lock().unwrap().len(), 1);
+    }
 }
