@@ -81,6 +81,11 @@ start kwok "$KWOK_BIN_DIR/kwok" --config="$CLUSTER_DIR/kwok.yaml" \
   --server-address="127.0.0.1:$KWOK_PORT"
 wait_for kwok 30 curl -fsS "http://127.0.0.1:$KWOK_PORT/healthz"
 kubectl --kubeconfig="$CLUSTER_DIR/kubeconfig" apply -f "$HACK_DIR/nodes.yaml" >/dev/null
+# A node kept from an earlier cluster-up keeps its status: bring its capacity to nodes.yaml's.
+for node in kwok-node-0 kwok-node-1 kwok-node-2; do
+  kubectl --kubeconfig="$CLUSTER_DIR/kubeconfig" patch node "$node" --subresource=status --type=merge \
+    -p '{"status":{"allocatable":{"ephemeral-storage":"16Ti"},"capacity":{"ephemeral-storage":"16Ti"}}}' >/dev/null
+done
 wait_for nodes 90 kubectl --kubeconfig="$CLUSTER_DIR/kubeconfig" wait --for=condition=Ready node --all --timeout=5s
 wait_for service-accounts 60 kubectl --kubeconfig="$CLUSTER_DIR/kubeconfig" get serviceaccount default -n default
 

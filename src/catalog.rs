@@ -22,6 +22,10 @@ pub struct InstanceType {
     pub cpu: Quantity,
     /// Memory the size provides, as a Kubernetes quantity.
     pub memory: Quantity,
+    /// Disk a pod of this size may write (container layers, logs, installed requirements), as a
+    /// Kubernetes quantity: its `ephemeral-storage` request and limit. Absent: neither.
+    #[serde(default)]
+    pub ephemeral_storage: Option<Quantity>,
     /// Node labels a pod of this size must land on.
     #[serde(default)]
     pub node_selector: BTreeMap<String, String>,
@@ -30,10 +34,13 @@ pub struct InstanceType {
 impl InstanceType {
     /// Requests and limits of a pod of this size.
     pub fn resources(&self) -> ResourceRequirements {
-        let list = BTreeMap::from([
+        let mut list = BTreeMap::from([
             ("cpu".to_owned(), self.cpu.clone()),
             ("memory".to_owned(), self.memory.clone()),
         ]);
+        if let Some(disk) = &self.ephemeral_storage {
+            list.insert("ephemeral-storage".to_owned(), disk.clone());
+        }
         ResourceRequirements {
             requests: Some(list.clone()),
             limits: Some(list),

@@ -26,6 +26,14 @@ pub enum Error {
         why: String,
     },
 
+    /// The runtime NetworkPolicy could not be read or written.
+    #[error(transparent)]
+    Network(#[from] crate::controller::network::NetworkError),
+
+    /// A reconcile panicked (a defect); the object is retried with backoff.
+    #[error("reconcile panicked: {0}")]
+    Panicked(String),
+
     /// A namespaced object came without a namespace.
     #[error("object has no namespace")]
     NotNamespaced,
@@ -68,6 +76,8 @@ impl Error {
             Error::Catalog(_) => "catalog",
             Error::Admin(_) => "admin",
             Error::Lease(_) => "lease",
+            Error::Network(_) => "network_policy",
+            Error::Panicked(_) => "panicked",
         }
     }
 }

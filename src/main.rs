@@ -110,6 +110,35 @@ struct Args {
     /// A registry host (`host:port`) reached over plain HTTP (repeatable; none by default).
     #[arg(long, env = "PF_INSECURE_REGISTRY", value_delimiter = ',')]
     insecure_registry: Vec<String>,
+    /// The package index every flow requirements install uses (`PIP_INDEX_URL`); absent: the
+    /// image's pip configuration (PyPI unless the image says otherwise). It is visible in pod
+    /// specs: no credentials in it.
+    #[arg(long, env = "PF_PIP_INDEX_URL")]
+    pip_index_url: Option<String>,
+    /// More package indexes for every requirements install (`PIP_EXTRA_INDEX_URL`; repeatable).
+    #[arg(long, env = "PF_PIP_EXTRA_INDEX_URL", value_delimiter = ',')]
+    pip_extra_index_url: Vec<String>,
+    /// Hosts pip trusts without TLS for every requirements install (`PIP_TRUSTED_HOST`; repeatable).
+    #[arg(long, env = "PF_PIP_TRUSTED_HOST", value_delimiter = ',')]
+    pip_trusted_host: Vec<String>,
+    /// Let requirement files choose their own package sources: index and source options
+    /// (`--index-url`, `--extra-index-url`, `--find-links`, `--trusted-host`, `--no-index`, `-e`),
+    /// direct URLs and VCS links. Off: such a file makes the runtime `FlowInvalid`, naming the line.
+    #[arg(long, env = "PF_ALLOW_REQUIREMENT_SOURCES", default_value_t = false, action = clap::ArgAction::Set)]
+    allow_requirement_sources: bool,
+    /// The size limit of the volume a flow's requirements are installed into (a quantity).
+    #[arg(long, env = "PF_PACKAGES_SIZE_LIMIT", default_value = promptflow_operator::flow::DEFAULT_PACKAGES_SIZE_LIMIT, value_parser = parse_quantity)]
+    packages_size_limit: k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+    /// Keep a NetworkPolicy `promptflow-runtimes` in every namespace that holds runtimes: clients
+    /// reach the activity proxies, only the operator's pods (`--operator-pod-labels` in the
+    /// operator's namespace) reach the activity ports, nothing from outside a pod reaches a
+    /// runtime's own port. Needs a network plugin that enforces NetworkPolicy.
+    #[arg(long, env = "PF_RUNTIME_NETWORK_POLICY", default_value_t = false, action = clap::ArgAction::Set)]
+    runtime_network_policy: bool,
+    /// The operator pods' labels (`key=value`, comma-separated), which the runtime NetworkPolicy
+    /// lets reach the activity ports.
+    #[arg(long, env = "PF_OPERATOR_POD_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    operator_pod_labels: Vec<(String, String)>,
     /// Versions never pinned or offered (comma-separated): upstream marked them "do not use".
     #[arg(
         long,
@@ -258,6 +287,13 @@ async fn run(args: Args) -> Result<(), Error> {
                 max_header_bytes: args.proxy_max_header_bytes,
                 drain_timeout: args.proxy_drain_timeout,
             },
+            requirements: promptflow_operator::flow::RequirementsPolicy {
+                index_url: args.pip_index_url,
+                extra_index_urls: args.pip_extra_index_url,
+                trusted_hosts: args.pip_trusted_host,
+                allow_sources: args.allow_requirement_sources,
+                packages_size_limit: Some(args.packages_size_limit),
+            },
         },
         idle: IdleSettings {
             warning_percent: args.idle_warning_percent,
@@ -277,6 +313,12 @@ async fn run(args: Args) -> Result<(), Error> {
             batch: Duration::from_secs(args.instance_restart_batch_seconds),
             min_idle: args.instance_min_idle,
         },
+        network: args
+            .runtime_network_policy
+            .then(|| promptflow_operator::controller::network::NetworkSettings {
+                operator_namespace: args.lease_namespace.clone(),
+                operator_labels: args.operator_pod_labels.into_iter().collect(),
+            }),
     };
     // One shutdown signal for every phase, so a SIGTERM is never lost between them.
     let shutdown = shutdown_signal().shared();
@@ -335,6 +377,21 @@ async fn shutdown_signal() {
 fn parse_go_duration(text: &str) -> Result<Duration, String> {
     promptflow_operator::idle::parse_duration(text)
         .ok_or_else(|| format!("{text:?} is not a Go duration such as 15m or 90s"))
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not a label key=value")),
+    }
+}
+
+fn parse_quantity(text: &str) -> Result<k8s_openapi::apimachinery::pkg::api::resource::Quantity, String> {
+    let quantity = k8s_openapi::apimachinery::pkg::api::resource::Quantity(text.to_owned());
+    match kube_quantity::ParsedQuantity::try_from(&quantity) {
+        Ok(parsed) if parsed > kube_quantity::ParsedQuantity::default() => Ok(quantity),
+        _ => Err(format!("{text:?} is not a positive quantity such as 4Gi")),
+    }
 }
 
 /// Reads the registry CA bundles; a missing or unreadable file stops the operator at start.

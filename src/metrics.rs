@@ -49,6 +49,13 @@ pub struct PhaseLabels {
     pub phase: &'static str,
 }
 
+/// Labels of the memory gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    /// The in-memory map, e.g. `dependency_index`.
+    pub map: &'static str,
+}
+
 /// Counts runtimes by phase from the controller's cache, when /metrics is read.
 pub type PhaseCounter = Box<dyn Fn() -> Vec<(&'static str, i64)> + Send + Sync>;
 
@@ -66,6 +73,8 @@ pub struct Metrics {
     registry_requests: Family<RegistryLabels, Counter>,
     runtimes: Family<PhaseLabels, Gauge>,
     phase_counter: std::sync::OnceLock<PhaseCounter>,
+    maps: Family<MapLabels, Gauge>,
+    map_counter: std::sync::OnceLock<PhaseCounter>,
 }
 
 impl Default for Metrics {
@@ -120,7 +129,15 @@ impl Default for Metrics {
             "Requests sent to image registries for version checks, by kind (tags, manifest)",
             registry_requests.clone(),
         );
+        let maps = Family::<MapLabels, Gauge>::default();
+        registry.register(
+            "memory_entries",
+            "Entries in the operator's own in-memory maps (besides the watch caches), by map; they follow the live objects",
+            maps.clone(),
+        );
         Self {
+            maps,
+            map_counter: std::sync::OnceLock::new(),
             registry_requests,
             registry,
             reconciles,
@@ -214,8 +231,18 @@ impl Metrics {
         let _ = self.phase_counter.set(counter);
     }
 
+    /// Sets where the in-memory maps are counted.
+    pub fn count_entries_with(&self, counter: PhaseCounter) {
+        let _ = self.map_counter.set(counter);
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        if let Some(count) = self.map_counter.get() {
+            for (map, n) in count() {
+                self.maps.get_or_create(&MapLabels { map }).set(n);
+            }
+        }
         if let Some(count) = self.phase_counter.get() {
             for phase in ["Running", "Not available", "Stopped"] {
                 self.runtimes.get_or_create(&PhaseLabels { phase }).set(0);

@@ -9,6 +9,32 @@ use kube_quantity::ParsedQuantity;
 
 use crate::catalog::{Catalog, InstanceType};
 
+/// Quantities are held to at most 10^18 units (an exa of bytes or of cores) before any
+/// arithmetic: the decimal arithmetic under the parsed quantities panics when it overflows, and a
+/// user's `cpu: 1e26` must count as "more than any quota", not take the operator down.
+const LARGEST: &str = "1e18";
+
+/// `quantity` parsed and held to [`LARGEST`]; `None` when it does not parse (beyond the decimal
+/// type's 28 digits, or not a quantity).
+fn parsed(quantity: &k8s_openapi::apimachinery::pkg::api::resource::Quantity) -> Option<ParsedQuantity> {
+    let parsed = std::panic::catch_unwind(|| ParsedQuantity::try_from(quantity).ok())
+        .ok()
+        .flatten()?;
+    if parsed.to_bytes_f64().is_some_and(|v| v.is_finite() && v.abs() <= 1e18) {
+        Some(parsed)
+    } else {
+        ParsedQuantity::try_from(LARGEST).ok()
+    }
+}
+
+/// What a pod asks: a quantity the API server accepted (the CRD's pattern) that does not parse
+/// here is larger than any cluster, so [`LARGEST`].
+fn bounded(quantity: &k8s_openapi::apimachinery::pkg::api::resource::Quantity) -> ParsedQuantity {
+    parsed(quantity)
+        .or_else(|| ParsedQuantity::try_from(LARGEST).ok())
+        .unwrap_or_default()
+}
+
 /// A quota that a pod of some size would exceed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Shortfall {
@@ -57,11 +83,8 @@ pub fn shortfall(
                         needed - freed
                     };
                 }
-                let hard_value = ParsedQuantity::try_from(hard_quantity).ok()?;
-                let used_value = used
-                    .get(resource)
-                    .and_then(|q| ParsedQuantity::try_from(q).ok())
-                    .unwrap_or_default();
+                let hard_value = parsed(hard_quantity)?;
+                let used_value = used.get(resource).and_then(parsed).unwrap_or_default();
                 (used_value.clone() + needed.clone() > hard_value).then(|| Shortfall {
                     quota: quota.name_any(),
                     resource: resource.clone(),
@@ -109,17 +132,14 @@ fn demand(containers: &[ResourceRequirements], resource: &str) -> Option<ParsedQ
 fn container_demand(resources: &ResourceRequirements, resource: &str) -> Option<ParsedQuantity> {
     let from =
         |list: &Option<std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
-         key: &str| {
-            list.as_ref()
-                .and_then(|l| l.get(key))
-                .and_then(|q| ParsedQuantity::try_from(q).ok())
-                .unwrap_or_default()
-        };
+         key: &str| { list.as_ref().and_then(|l| l.get(key)).map(bounded).unwrap_or_default() };
     match resource {
         "cpu" | "requests.cpu" => Some(from(&resources.requests, "cpu")),
         "memory" | "requests.memory" => Some(from(&resources.requests, "memory")),
         "limits.cpu" => Some(from(&resources.limits, "cpu")),
         "limits.memory" => Some(from(&resources.limits, "memory")),
+        "ephemeral-storage" | "requests.ephemeral-storage" => Some(from(&resources.requests, "ephemeral-storage")),
+        "limits.ephemeral-storage" => Some(from(&resources.limits, "ephemeral-storage")),
         _ => None,
     }
 }
@@ -217,6 +237,41 @@ mod tests {
             "In",
             &["gold"]
         )));
+    }
+
+    #[test]
+    fn quantities_beyond_any_cluster_do_not_fit_and_do_not_panic() {
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let catalog = Catalog::from_yaml("instanceTypes: [{name: small, cpu: '1', memory: 2Gi}]").unwrap();
+        let quotas = [quota(
+            "team",
+            &[("requests.cpu", "1e30"), ("limits.memory", "64Gi")],
+            &[("requests.cpu", "1n")],
+        )];
+        for huge in ["1e26", "99999999999999999999999999999", "1e300", "7E", "1e-30"] {
+            let resources = |_: &InstanceType| {
+                let mut containers = vec![
+                    ResourceRequirements {
+                        requests: Some([("cpu".to_owned(), Quantity(huge.into()))].into()),
+                        limits: Some([("memory".to_owned(), Quantity(format!("{huge}Ei")))].into()),
+                        ..Default::default()
+                    },
+                    crate::build::proxy::proxy_resources(),
+                ];
+                containers[1]
+                    .requests
+                    .as_mut()
+                    .unwrap()
+                    .insert("cpu".into(), Quantity("1n".into()));
+                containers
+            };
+            let fitted = first_fitting(&catalog, &quotas, resources);
+            if huge == "1e-30" {
+                assert!(fitted.is_ok(), "{fitted:?}");
+            } else {
+                assert!(fitted.is_err(), "{huge} fitted");
+            }
+        }
     }
 
     #[test]

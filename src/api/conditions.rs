@@ -151,6 +151,9 @@ pub mod reasons {
     /// A pod of the runtime pod's name exists that the operator did not create for this runtime:
     /// it is left untouched (never adopted, read, replaced or deleted) and the runtime waits.
     pub const POD_CONFLICT: &str = "PodConflict";
+    /// With `--runtime-network-policy`, a NetworkPolicy of the operator's name in the namespace
+    /// was not made by the operator: it is left untouched and the runtime waits.
+    pub const NETWORK_POLICY_CONFLICT: &str = "NetworkPolicyConflict";
 
     /// Reasons of a runtime that is not available on purpose: it is at rest, neither
     /// `Reconciling` nor `Stalled` (Argo CD: Suspended).
@@ -166,8 +169,9 @@ pub mod reasons {
     pub const TRANSIENT: [&str; 3] = [POD_UNSCHEDULABLE, ERR_IMAGE_PULL, RECONCILE_FAILED];
 
     /// Reasons that ask the user to act: a transition into one of them is a Warning event.
-    pub const PROBLEMS: [&str; 19] = [
+    pub const PROBLEMS: [&str; 20] = [
         SERVICE_CONFLICT,
+        NETWORK_POLICY_CONFLICT,
         POD_CONFLICT,
         POD_UNSCHEDULABLE,
         SERVICE_ACCOUNT_NOT_FOUND,

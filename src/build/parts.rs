@@ -151,9 +151,15 @@ pub fn runtime_parts(inputs: &PartsInputs<'_>) -> RuntimeParts {
             ..Default::default()
         });
         if let Some(requirements) = &flow.requirements_file {
+            let policy = &inputs.template.requirements;
             parts.volumes.push(Volume {
                 name: packages_volume.clone(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
+                // Installed packages count against the pod's ephemeral storage; the limit keeps
+                // one flow's requirements from filling the node's disk.
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: policy.packages_size_limit.clone(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             });
             let packages = VolumeMount {
@@ -182,7 +188,7 @@ pub fn runtime_parts(inputs: &PartsInputs<'_>) -> RuntimeParts {
                     format!("{FLOW_MOUNT}/{requirements}"),
                 ]),
                 volume_mounts: Some(vec![flow_mount, packages]),
-                env: Some(vec![user_base]),
+                env: Some(pip_environment(user_base, policy)),
                 resources: Some(inputs.resources.clone()),
                 security_context: container_security(&inputs.template.security),
                 ..Default::default()
@@ -222,6 +228,25 @@ pub fn runtime_parts(inputs: &PartsInputs<'_>) -> RuntimeParts {
     });
     parts.containers.push(proxy_container(inputs.template, placement));
     parts
+}
+
+/// The requirements installer's environment: the user base, then the administrator's pip
+/// settings (pip reads `PIP_<OPTION>`; several values are separated by spaces).
+fn pip_environment(user_base: EnvVar, policy: &crate::flow::RequirementsPolicy) -> Vec<EnvVar> {
+    let mut env = vec![user_base];
+    let mut set = |name: &str, values: Vec<String>| {
+        if !values.is_empty() {
+            env.push(EnvVar {
+                name: name.into(),
+                value: Some(values.join(" ")),
+                ..Default::default()
+            });
+        }
+    };
+    set("PIP_INDEX_URL", policy.index_url.iter().cloned().collect());
+    set("PIP_EXTRA_INDEX_URL", policy.extra_index_urls.clone());
+    set("PIP_TRUSTED_HOST", policy.trusted_hosts.clone());
+    env
 }
 
 /// The restricted profile's container settings (no privilege escalation, no capabilities).

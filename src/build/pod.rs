@@ -49,6 +49,8 @@ pub struct PodTemplate {
     pub proxy_image: String,
     /// The activity proxy's timeouts and limits (its drain also sets the pod's grace period).
     pub proxy_limits: ProxyLimits,
+    /// The administrator's pip settings for flow requirements, and what requirement files may say.
+    pub requirements: crate::flow::RequirementsPolicy,
 }
 
 /// The proxy image when none is configured: the operator image of this version.
@@ -66,6 +68,7 @@ impl Default for PodTemplate {
             startup_seconds: DEFAULT_STARTUP_SECONDS,
             proxy_image: default_proxy_image(),
             proxy_limits: ProxyLimits::default(),
+            requirements: crate::flow::RequirementsPolicy::default(),
         }
     }
 }
@@ -115,7 +118,8 @@ pub fn runtime_name(pod_name: &str) -> &str {
     pod_name.strip_suffix(POD_SUFFIX).unwrap_or(pod_name)
 }
 
-const POD_SUFFIX: &str = "-runtime";
+/// The suffix of a runtime pod's name.
+pub const POD_SUFFIX: &str = "-runtime";
 
 /// Builds the runtime pod, its spec hash annotation included.
 pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {

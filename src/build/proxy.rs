@@ -31,10 +31,12 @@ pub fn proxy_resources() -> ResourceRequirements {
         requests: Some(BTreeMap::from([
             ("cpu".to_owned(), Quantity("10m".into())),
             ("memory".to_owned(), Quantity("16Mi".into())),
+            ("ephemeral-storage".to_owned(), Quantity("16Mi".into())),
         ])),
         limits: Some(BTreeMap::from([
             ("cpu".to_owned(), Quantity("100m".into())),
             ("memory".to_owned(), Quantity("64Mi".into())),
+            ("ephemeral-storage".to_owned(), Quantity("64Mi".into())),
         ])),
         ..Default::default()
     }

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::core::v1::{Pod, ResourceQuota, Service, ServiceAccount};
-use kube::Client;
 use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, ResourceExt};
 
 use super::index::DependencyIndex;
 use super::instance::InstanceMemory;
@@ -76,6 +76,10 @@ pub struct Context {
     pub wake_runtimes: UnboundedSender<ObjectRef<PromptFlowRuntime>>,
     /// Registry answers about versions, shared by every runtime.
     pub versions: Arc<crate::registry::VersionCache>,
+    /// The runtime NetworkPolicy's peers, when the operator keeps one per namespace.
+    pub network: Option<super::network::NetworkSettings>,
+    /// The namespaces whose NetworkPolicy this process has made sure of.
+    pub network_ensured: super::network::Ensured,
 }
 
 /// Operator settings for compute instances.
@@ -139,6 +143,15 @@ impl Context {
     pub fn wake_runtimes_of(&self, dependency: &super::index::Dependency) {
         for runtime in self.index.dependents(dependency) {
             let _ = self.wake_runtimes.unbounded_send(runtime);
+        }
+    }
+
+    /// Wakes every runtime of `namespace`.
+    pub fn wake_namespace(&self, namespace: &str) {
+        for runtime in self.runtimes.state() {
+            if runtime.namespace().as_deref() == Some(namespace) {
+                let _ = self.wake_runtimes.unbounded_send(ObjectRef::from_obj(&*runtime));
+            }
         }
     }
 

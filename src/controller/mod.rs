@@ -5,6 +5,7 @@ pub mod context;
 pub mod index;
 pub mod instance;
 pub mod lean;
+pub mod network;
 pub mod recorder;
 pub mod runtime;
 pub mod watch_health;
@@ -51,6 +52,9 @@ pub struct Settings {
     pub version_interval: std::time::Duration,
     /// Versions never pinned or offered.
     pub denied_versions: Vec<String>,
+    /// Keep a runtime NetworkPolicy in every namespace with runtimes, letting these peers reach
+    /// the activity ports.
+    pub network: Option<network::NetworkSettings>,
 }
 
 /// An API for every namespace, or for the one the operator is limited to.
@@ -234,6 +238,8 @@ pub async fn run(
         wake_instances,
         wake_runtimes,
         versions,
+        network: settings.network,
+        network_ensured: Default::default(),
     });
     // A first or changed registry answer wakes the runtimes of that repository.
     let waking = context.clone();
@@ -242,6 +248,25 @@ pub async fn run(
             waking.wake_runtimes_of(&Dependency::Repository(repository));
         }
     });
+    // The operator's own maps, counted when /metrics is read (the churn test reads them).
+    let weak = Arc::downgrade(&context);
+    context.metrics.count_entries_with(Box::new(move || {
+        let Some(ctx) = weak.upgrade() else {
+            return vec![];
+        };
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        vec![
+            ("dependency_index", count(ctx.index.len())),
+            ("instance_index", count(ctx.instance_index.len())),
+            ("own_writes", count(ctx.own_writes.len())),
+            ("instance_memory", count(ctx.instance_memory.len())),
+            ("failure_backoff", count(ctx.failures.len())),
+            ("pull_secret_waits", count(ctx.pull_secret_waits.len())),
+            ("version_answers", count(ctx.versions.answers_kept())),
+            ("version_presses", count(ctx.versions.presses_in_progress())),
+            ("network_policies", count(ctx.network_ensured.len())),
+        ]
+    }));
     // The reconciler records into the context's index; the mappers read the same one.
     let dependents = Dependents(context.clone());
 
@@ -264,6 +289,7 @@ pub async fn run(
         counts.into_iter().collect()
     }));
     let forgetting = context.clone();
+    let watched_namespace = scope.map(str::to_owned);
     let runtime_stream = watcher(scoped::<PromptFlowRuntime>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())
         .filter(tracked(&health, "runtimes"))
@@ -275,6 +301,10 @@ pub async fn run(
                 watcher::Event::Delete(runtime) => {
                     wake_instances_of(&forgetting, runtime);
                     runtime::forget(&forgetting, runtime);
+                    if let (Some(_), Some(namespace)) = (&forgetting.network, runtime.namespace()) {
+                        let releasing = forgetting.clone();
+                        tokio::spawn(async move { network::release_if_empty(&releasing, &namespace).await });
+                    }
                 }
                 watcher::Event::Apply(runtime) | watcher::Event::InitApply(runtime) => {
                     wake_instances_of(&forgetting, runtime);
@@ -282,6 +312,11 @@ pub async fn run(
                 watcher::Event::InitDone => {
                     runtimes_listed.send_replace(true);
                     runtime::forget_missing(&forgetting, |key| store.get(key).is_some());
+                    if forgetting.network.is_some() {
+                        let sweeping = forgetting.clone();
+                        let namespace = watched_namespace.clone();
+                        tokio::spawn(async move { network::sweep(&sweeping, namespace.as_deref()).await });
+                    }
                 }
                 watcher::Event::Init => {}
             }
@@ -344,13 +379,39 @@ pub async fn run(
         "PromptFlowRuntime controller running"
     );
     let runtimes = controller
-        .run(runtime::reconcile, runtime::error_policy, context.clone())
+        .run(
+            |runtime, ctx| unpanicking(runtime::reconcile(runtime, ctx)),
+            runtime::error_policy,
+            context.clone(),
+        )
         .for_each(|result| async move { log_failure(result.err()) });
     let instances = instance_controller
-        .run(instance::reconcile, instance::error_policy, context)
+        .run(
+            |instance, ctx| unpanicking(instance::reconcile(instance, ctx)),
+            instance::error_policy,
+            context,
+        )
         .for_each(|result| async move { log_failure(result.err()) });
     futures::join!(runtimes, instances);
     info!("controllers stopped");
+}
+
+/// A reconcile whose panic becomes an error of its object, retried with backoff like any other:
+/// one object's unforeseen input never takes the process (and every namespace) down.
+async fn unpanicking(
+    reconcile: impl std::future::Future<Output = crate::error::Result<controller::Action>>,
+) -> crate::error::Result<controller::Action> {
+    match std::panic::AssertUnwindSafe(reconcile).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned());
+            Err(crate::error::Error::Panicked(message))
+        }
+    }
 }
 
 fn log_failure(err: Option<controller::Error<crate::error::Error, watcher::Error>>) {

@@ -17,6 +17,11 @@ use crate::identity::Credential;
 const PAGE: usize = 1000;
 /// At most this many pages (a runaway listing stops here).
 const MAX_PAGES: usize = 100;
+/// A listing keeps at most this many tags; longer tags than the OCI limit (128) are not tags.
+const MAX_TAGS: usize = 20_000;
+const MAX_TAG_LEN: usize = 128;
+/// A whole listing (every page) takes at most this many call timeouts.
+const LISTING_CALLS: u32 = 3;
 /// The longest any one registry call may take, by default.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -131,6 +136,8 @@ impl Registry {
         Session {
             client: Client::new(config),
             timeout: settings.call_timeout,
+            settings: settings.clone(),
+            realms_checked: Default::default(),
         }
     }
 }
@@ -139,12 +146,122 @@ impl Registry {
 pub struct Session {
     client: Client,
     timeout: Duration,
+    settings: RegistrySettings,
+    /// The registry hosts whose token realm was found safe for credentials.
+    realms_checked: std::sync::Mutex<Vec<String>>,
+}
+
+/// Whether credentials may go to a registry's token `realm`: an https URL, or plain http to the
+/// registry host itself when that host is named insecure. Never an arbitrary URL a registry (or
+/// someone posing as one) names.
+pub fn realm_allowed(realm: &str, registry: &str, insecure_hosts: &[String]) -> Result<(), String> {
+    let url = reqwest::Url::parse(realm).map_err(|_| format!("token realm {realm:?} is not a URL"))?;
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let host = match (url.host_str(), url.port()) {
+                (Some(host), Some(port)) => format!("{host}:{port}"),
+                (Some(host), None) => host.to_owned(),
+                (None, _) => String::new(),
+            };
+            if host == registry && insecure_hosts.iter().any(|h| h == registry) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "token realm {realm:?} is plain http on another host than the registry; credentials are not sent"
+                ))
+            }
+        }
+        scheme => Err(format!(
+            "token realm {realm:?} is not https ({scheme}); credentials are not sent"
+        )),
+    }
 }
 
 impl Session {
-    /// Every tag of `repository` (no tag or digest in it).
+    /// Before credentials go anywhere: the registry's challenge (`GET /v2/`) must name a token
+    /// realm [`realm_allowed`] accepts. Once per registry host and session.
+    async fn check_realm(&self, repository: &str, reference: &Reference) -> Result<(), RegistryError> {
+        let registry = reference.resolve_registry().to_owned();
+        if self
+            .realms_checked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&registry)
+        {
+            return Ok(());
+        }
+        let insecure = self.settings.insecure_hosts.contains(&registry);
+        let url = format!("{}://{registry}/v2/", if insecure { "http" } else { "https" });
+        let unavailable = |detail: String| RegistryError::Unavailable {
+            repository: repository.to_owned(),
+            detail,
+        };
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(self.timeout);
+        for pem in &self.settings.ca_bundles {
+            for certificate in
+                reqwest::Certificate::from_pem_bundle(pem).map_err(|e| unavailable(format!("CA bundle: {e}")))?
+            {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let client = builder.build().map_err(|e| unavailable(format!("{e}")))?;
+        let answer = client.get(&url).send().await.map_err(|e| {
+            unavailable(if e.is_timeout() {
+                format!("no answer within {:?}", self.timeout)
+            } else {
+                "cannot connect".to_owned()
+            })
+        })?;
+        for challenge in answer.headers().get_all(reqwest::header::WWW_AUTHENTICATE) {
+            let Ok(text) = challenge.to_str() else { continue };
+            for parsed in http_auth::ChallengeParser::new(text).flatten() {
+                if !parsed.scheme.eq_ignore_ascii_case("Bearer") {
+                    continue;
+                }
+                let realm = parsed
+                    .params
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("realm"))
+                    .map(|(_, v)| v.to_unescaped());
+                if let Some(realm) = realm {
+                    realm_allowed(&realm, &registry, &self.settings.insecure_hosts).map_err(|detail| {
+                        RegistryError::Unauthorized {
+                            repository: repository.to_owned(),
+                            detail,
+                        }
+                    })?;
+                }
+            }
+        }
+        self.realms_checked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(registry);
+        Ok(())
+    }
+
+    /// Every tag of `repository` (no tag or digest in it), at most [`MAX_TAGS`] within
+    /// [`LISTING_CALLS`] call timeouts.
     pub async fn tags(&self, repository: &str, credential: Option<&Credential>) -> Result<Vec<String>, RegistryError> {
+        let deadline = self.timeout * LISTING_CALLS;
+        match tokio::time::timeout(deadline, self.all_tags(repository, credential)).await {
+            Ok(listed) => listed,
+            Err(_) => Err(RegistryError::Unavailable {
+                repository: repository.to_owned(),
+                detail: format!("the tag listing took longer than {deadline:?}"),
+            }),
+        }
+    }
+
+    async fn all_tags(&self, repository: &str, credential: Option<&Credential>) -> Result<Vec<String>, RegistryError> {
         let reference = parse(repository, &format!("{repository}:latest"))?;
+        if credential.is_some() {
+            self.check_realm(repository, &reference).await?;
+        }
         let auth = auth(credential);
         let mut tags: Vec<String> = Vec::new();
         for _ in 0..MAX_PAGES {
@@ -157,9 +274,17 @@ impl Session {
             .await?;
             let count = page.tags.len();
             // A registry that ignores `last` would repeat itself: stop at the first repeat.
-            let fresh: Vec<String> = page.tags.into_iter().filter(|t| Some(t) > last.as_ref()).collect();
+            let fresh: Vec<String> = page
+                .tags
+                .into_iter()
+                .filter(|t| Some(t) > last.as_ref() && t.len() <= MAX_TAG_LEN)
+                .collect();
             let done = count < PAGE || fresh.is_empty();
             tags.extend(fresh);
+            if tags.len() >= MAX_TAGS {
+                tags.truncate(MAX_TAGS);
+                return Ok(tags);
+            }
             if done {
                 return Ok(tags);
             }
@@ -175,12 +300,25 @@ impl Session {
         credential: Option<&Credential>,
     ) -> Result<String, RegistryError> {
         let reference = parse(repository, &format!("{repository}:{tag}"))?;
-        timed(
+        if credential.is_some() {
+            self.check_realm(repository, &reference).await?;
+        }
+        let digest = timed(
             self.timeout,
             repository,
             self.client.fetch_manifest_digest(&reference, &auth(credential)),
         )
-        .await
+        .await?;
+        // The digest goes into pod specs: only what a digest can be.
+        let hex = digest.strip_prefix("sha256:").unwrap_or_default();
+        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            Ok(digest)
+        } else {
+            Err(RegistryError::Invalid {
+                repository: repository.to_owned(),
+                detail: "the manifest digest is not sha256:<64 hex digits>".into(),
+            })
+        }
     }
 }
 

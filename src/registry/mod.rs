@@ -112,6 +112,11 @@ impl VersionCache {
         self.asked.lock().expect("version cache lock").len()
     }
 
+    /// Repositories (per credential) whose answer is kept.
+    pub fn answers_kept(&self) -> usize {
+        self.entries.lock().expect("version cache lock").len()
+    }
+
     /// The check interval.
     pub fn interval(&self) -> Duration {
         self.interval
@@ -160,11 +165,29 @@ impl VersionCache {
         let key = (repository.to_owned(), fingerprint(credential));
         let slot = {
             let mut asked = self.asked.lock().expect("version cache lock");
-            // A slot nobody holds can serve no later press (its request started before it), so
-            // only presses in progress keep theirs: the map never outgrows them.
-            asked.retain(|_, slot| Arc::strong_count(slot) > 1);
             asked.entry(key.clone()).or_default().clone()
         };
+        let answer = self.press(&slot, pressed, key.clone(), repository, credential).await;
+        // A slot nobody holds can serve no later press (its request started before it), so the
+        // last press of a burst takes it out: the map holds presses in progress only.
+        let mut asked = self.asked.lock().expect("version cache lock");
+        if asked
+            .get(&key)
+            .is_some_and(|held| Arc::ptr_eq(held, &slot) && Arc::strong_count(&slot) == 2)
+        {
+            asked.remove(&key);
+        }
+        answer
+    }
+
+    async fn press(
+        &self,
+        slot: &Asked,
+        pressed: Instant,
+        key: (String, String),
+        repository: &str,
+        credential: Option<&Credential>,
+    ) -> Result<Option<Latest>, RegistryError> {
         let mut last = slot.lock().await;
         if let Some((started, answer)) = last.as_ref()
             && *started >= pressed

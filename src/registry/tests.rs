@@ -199,3 +199,72 @@ async fn the_cache_never_waits_and_asks_once_for_many_lookups() {
     let _ = cache.ask_now(&repository, None).await;
     assert!(cache.presses_in_progress() <= 1, "{}", cache.presses_in_progress());
 }
+
+/// A registry whose challenge names `realm`; counts the requests its realm server (another
+/// loopback listener, whose address replaces `{token}` in `realm`) receives.
+async fn challenging(realm: &str) -> (String, Arc<AtomicUsize>) {
+    let token_hits = Arc::new(AtomicUsize::new(0));
+    let hits = token_hits.clone();
+    let token = Router::new().fallback(move || {
+        hits.fetch_add(1, Ordering::Relaxed);
+        async { axum::Json(serde_json::json!({"token": "t"})) }
+    });
+    let token_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let token_address = token_listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(token_listener, token).await });
+    let challenge = format!(
+        "Bearer realm=\"{}\",service=\"registry\"",
+        realm.replace("{token}", &token_address)
+    );
+    let app = Router::new().fallback(move || {
+        let challenge = challenge.clone();
+        async move { (StatusCode::UNAUTHORIZED, [("WWW-Authenticate", challenge)], "{}").into_response() }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (address, token_hits)
+}
+
+#[tokio::test]
+async fn credentials_never_go_to_a_token_realm_that_is_not_https() {
+    let credential = Credential {
+        username: "user".into(),
+        password: "secret".into(),
+    };
+    // Plain http on another host than the registry (here: another port).
+    let (host, token_hits) = challenging("http://{token}/token").await;
+    let error = session(&host)
+        .tags(&format!("{host}/team/runtime"), Some(&credential))
+        .await
+        .unwrap_err();
+    assert_eq!(error.reason(), reasons::UNAUTHORIZED, "{error}");
+    assert!(error.to_string().contains("credentials are not sent"), "{error}");
+    assert_eq!(token_hits.load(Ordering::Relaxed), 0, "the realm was never asked");
+    let error = session(&host)
+        .digest(&format!("{host}/team/runtime"), "20240101.v00001", Some(&credential))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("credentials are not sent"), "{error}");
+    assert_eq!(token_hits.load(Ordering::Relaxed), 0);
+
+    // Anonymous checks send nothing to protect: the realm is asked as the registry says.
+    let _ = session(&host).tags(&format!("{host}/team/runtime"), None).await;
+    assert!(token_hits.load(Ordering::Relaxed) > 0, "an anonymous token is fetched");
+}
+
+#[test]
+fn token_realms_credentials_may_go_to() {
+    let insecure = ["registry.local:5000".to_owned()];
+    assert!(realm_allowed("https://auth.example/token", "registry.example", &[]).is_ok());
+    assert!(realm_allowed("http://registry.local:5000/token", "registry.local:5000", &insecure).is_ok());
+    for (realm, registry) in [
+        ("http://registry.example/token", "registry.example"),
+        ("http://evil.example/token", "registry.local:5000"),
+        ("http://registry.local:5001/token", "registry.local:5000"),
+        ("file:///etc/passwd", "registry.example"),
+        ("not a url", "registry.example"),
+    ] {
+        assert!(realm_allowed(realm, registry, &insecure).is_err(), "{realm}");
+    }
+}

@@ -22,7 +22,16 @@ pub async fn ensure_nodes(client: &Client, pods: usize) -> usize {
     let wanted = pods.div_ceil(PODS_PER_NODE - 10);
     for i in 0..wanted {
         let name = format!("pf-bench-node-{i}");
+        let capacity =
+            json!({"cpu": "128", "memory": "512Gi", "pods": PODS_PER_NODE.to_string(), "ephemeral-storage": "16Ti"});
         if nodes.get_opt(&name).await.unwrap().is_some() {
+            // A node of an earlier run: its capacity as this run's.
+            let status = json!({"status": {"allocatable": capacity, "capacity": capacity}});
+            let params = kube::api::PatchParams::default();
+            nodes
+                .patch_status(&name, &params, &kube::api::Patch::Merge(status))
+                .await
+                .unwrap();
             continue;
         }
         let node: Node = serde_json::from_value(json!({
@@ -34,8 +43,8 @@ pub async fn ensure_nodes(client: &Client, pods: usize) -> usize {
             },
             "spec": {"podCIDR": format!("127.{}.{}.0/24", 20 + i / 256, i % 256)},
             "status": {
-                "allocatable": {"cpu": "128", "memory": "512Gi", "pods": PODS_PER_NODE.to_string()},
-                "capacity": {"cpu": "128", "memory": "512Gi", "pods": PODS_PER_NODE.to_string()},
+                "allocatable": capacity,
+                "capacity": capacity,
             },
         }))
         .unwrap();

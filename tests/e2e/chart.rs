@@ -1,5 +1,7 @@
 //! The Helm chart: its RBAC is all the operator needs (least privilege, proven by running the
-//! operator as the chart's service account), and its catalog ConfigMap is what the operator reads.
+//! operator as the chart's service account under the chart's admission policies, which deny that
+//! account everything the operator does not make), and its catalog ConfigMap is what the operator
+//! reads.
 
 use std::time::Duration;
 
@@ -83,9 +85,13 @@ pub async fn service_account_kubeconfig(namespace: &str, account: &str, dir: &st
 async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
     with_namespace("pf-chart", |ns| async move {
         let release = format!("pf{:06x}", rand::random::<u32>() & 0xffffff);
-        let rendered = render(&release, &ns.name, &[&format!("watchNamespace={}", ns.name)]).await;
+        let rendered = render(&release, &ns.name, &[&format!("watchNamespace={}", ns.name), "admissionPolicy.enabled=true", "runtimePods.networkPolicy.enabled=true"]).await;
         let rbac = documents_of(&rendered, &["ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"]);
         kubectl_stdin(&["apply", "-f", "-"], &rbac).await;
+        // The admission policies the chart installs bind the operator's own service account.
+        let policies = documents_of(&rendered, &["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]);
+        assert_eq!(policies.matches("\nkind: ValidatingAdmissionPolicy\n").count(), 3, "{policies}");
+        kubectl_stdin(&["apply", "-f", "-"], &policies).await;
         let account = format!("{release}-promptflow-operator");
 
         // The catalog the chart mounts is the catalog the operator reads.
@@ -101,7 +107,18 @@ async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
         let catalog_arg = catalog_file.to_string_lossy().into_owned();
         let operator = OperatorProcess::start(
             &kubeconfig_file,
-            &["--watch-namespace", &ns.name, "--catalog", &catalog_arg, "--leader-elect", "true", "--lease-namespace", &ns.name],
+            &[
+                "--watch-namespace",
+                &ns.name,
+                "--catalog",
+                &catalog_arg,
+                "--leader-elect",
+                "true",
+                "--lease-namespace",
+                &ns.name,
+                "--runtime-network-policy=true",
+                &format!("--operator-pod-labels=app.kubernetes.io/name=promptflow-operator,app.kubernetes.io/instance={release}"),
+            ],
         );
 
         // Everything the operator touches: a pull secret through a service account, a flow.
@@ -126,6 +143,12 @@ async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
             Duration::from_secs(60),
         )
         .await;
+        // The runtime NetworkPolicy, made under the chart's RBAC and admission policy.
+        let network_policy = ns
+            .api::<k8s_openapi::api::networking::v1::NetworkPolicy>()
+            .get("promptflow-runtimes")
+            .await
+            .expect("the operator made its NetworkPolicy");
         // A change replaces the pod: delete is within the role too.
         let pods = ns.api::<k8s_openapi::api::core::v1::Pod>();
         let first = pods.get("chat-runtime").await.unwrap();
@@ -134,7 +157,13 @@ async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
         harness::wait_deleted(&pods, "chat-runtime", &first.metadata.uid.unwrap(), Duration::from_secs(30)).await;
         harness::wait_for(&pods, "chat-runtime", conditions::is_pod_running(), Duration::from_secs(30)).await;
         runtimes.delete("chat", &DeleteParams::background()).await.unwrap();
-        harness::wait_deleted(&runtimes, "chat", &running.metadata.uid.unwrap(), Duration::from_secs(30)).await;
+        harness::wait_deleted(&runtimes, "chat", &running.metadata.uid.clone().unwrap(), Duration::from_secs(30)).await;
+        // The namespace's last runtime took it along.
+        let policies = ns.api::<k8s_openapi::api::networking::v1::NetworkPolicy>();
+        harness::wait_deleted(&policies, "promptflow-runtimes", &network_policy.metadata.uid.unwrap(), Duration::from_secs(30)).await;
+        // A compute instance's pod is made under the same rules.
+        crate::instance::create_instance(&ns, "ci", json!({})).await;
+        crate::instance::wait_state(&ns, "ci", promptflow_operator::api::InstanceState::Running, None).await;
         let log = operator.log_text();
         assert!(!log.to_lowercase().contains("forbidden"), "the chart's RBAC was not enough:\n{log}");
 
@@ -153,7 +182,82 @@ async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
             let (_, answer) = kubectl(&["auth", "can-i", verb, resource, "-n", scope, "--as", &subject]).await;
             assert_eq!(answer.trim(), "no", "{subject} can {verb} {resource} in {scope}");
         }
-        kubectl_stdin(&["delete", "--ignore-not-found", "-f", "-"], &documents_of(&rendered, &["ClusterRole", "ClusterRoleBinding"])).await;
+        // Under the policies, the account's own token creates only what the operator makes.
+        let as_operator = kube::Client::try_from(
+            kube::Config::from_custom_kubeconfig(
+                kube::config::Kubeconfig::read_from(&kubeconfig_file).unwrap(),
+                &Default::default(),
+            )
+            .await
+            .unwrap(),
+        )
+        .unwrap();
+        let owner = json!([{"apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime", "name": "chat",
+            "uid": running.metadata.uid.clone().unwrap(), "controller": true}]);
+        let labels = json!({"app.kubernetes.io/managed-by": "promptflow-operator"});
+        let restricted = json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}});
+        let pod = |metadata: serde_json::Value, security: serde_json::Value| {
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": {
+                "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+                "containers": [{"name": "c", "image": "busybox", "securityContext": security}]}})
+        };
+        let as_operator_client = as_operator.clone();
+        let pods_as_operator: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(as_operator.clone(), &ns.name);
+        let services_as_operator: kube::Api<k8s_openapi::api::core::v1::Service> = kube::Api::namespaced(as_operator, &ns.name);
+        let mut privileged = restricted.clone();
+        privileged["privileged"] = json!(true);
+        privileged["allowPrivilegeEscalation"] = json!(true);
+        let unlabelled = pod(json!({"name": "unlabelled", "ownerReferences": owner}), restricted.clone());
+        let root = pod(json!({"name": "root", "labels": labels, "ownerReferences": owner}), restricted.clone());
+        let mut root = root;
+        root["spec"]["securityContext"] = json!({"runAsUser": 0, "seccompProfile": {"type": "RuntimeDefault"}});
+        let mut host = pod(json!({"name": "host", "labels": labels, "ownerReferences": owner}), restricted.clone());
+        host["spec"]["hostNetwork"] = json!(true);
+        host["spec"]["volumes"] = json!([{"name": "root", "hostPath": {"path": "/"}}]);
+        let dry = PostParams { dry_run: true, ..Default::default() };
+        for (object, expected) in [
+            (pod(json!({"name": "privileged", "labels": labels, "ownerReferences": owner}), privileged), "may not create privileged containers"),
+            (unlabelled, "labelled app.kubernetes.io/managed-by=promptflow-operator"),
+            (root, "run as non-root"),
+            (host, "host's network"),
+        ] {
+            let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+            let denied = pods_as_operator.create(&dry, &serde_json::from_value(object).unwrap()).await;
+            let message = format!("{denied:?}");
+            assert!(
+                matches!(&denied, Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("ValidatingAdmissionPolicy") && e.message.contains(expected)),
+                "pod {name}: {message}"
+            );
+        }
+        let service = |metadata: serde_json::Value| {
+            serde_json::from_value::<k8s_openapi::api::core::v1::Service>(json!({"metadata": metadata,
+                "spec": {"selector": {"app": "db"}, "ports": [{"port": 5432}]}})).unwrap()
+        };
+        let denied = services_as_operator.create(&dry, &service(json!({"name": "db", "labels": labels}))).await;
+        assert!(
+            matches!(&denied, Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("whose controller is a PromptFlowRuntime or ComputeInstance")),
+            "a Service without an owner: {denied:?}"
+        );
+        // The runtime NetworkPolicy the operator made under the policy; no other is allowed.
+        let network_policies: kube::Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+            kube::Api::namespaced(as_operator_client.clone(), &ns.name);
+        let open_all = serde_json::from_value(json!({"metadata": {"name": "allow-everything", "labels": labels},
+            "spec": {"podSelector": {}, "ingress": [{}], "policyTypes": ["Ingress"]}}))
+        .unwrap();
+        let denied = network_policies.create(&dry, &open_all).await;
+        assert!(
+            matches!(&denied, Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("may only create or update the NetworkPolicy promptflow-runtimes")),
+            "{denied:?}"
+        );
+        // What the operator makes passes the same checks.
+        let allowed = pod(json!({"name": "allowed", "labels": labels, "ownerReferences": owner}), restricted);
+        pods_as_operator.create(&dry, &serde_json::from_value(allowed).unwrap()).await.expect("a restricted pod of the operator's is admitted");
+        services_as_operator
+            .create(&dry, &service(json!({"name": "db", "labels": labels, "ownerReferences": owner})))
+            .await
+            .expect("a Service of the operator's is admitted");
+        let cluster_scoped = ["ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"];
+        kubectl_stdin(&["delete", "--ignore-not-found", "-f", "-"], &documents_of(&rendered, &cluster_scoped)).await;
         std::fs::remove_dir_all(&dir).ok();
     })
     .await;
@@ -237,6 +341,9 @@ async fn every_operator_flag_has_a_chart_value_that_reaches_the_deployment() {
             "watchNamespace=team-a",
             "versions.caBundle=PEM",
             "versions.insecureRegistries[0]=registry.local:5000",
+            "flowRequirements.indexUrl=https://pypi.internal/simple",
+            "flowRequirements.extraIndexUrls[0]=https://more.internal/simple",
+            "flowRequirements.trustedHosts[0]=pypi.internal",
         ],
     )
     .await;

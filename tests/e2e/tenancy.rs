@@ -226,3 +226,341 @@ async fn quotas_scoped_to_other_pods_do_not_hold_runtimes_back() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn flow_requirements_come_only_from_the_administrators_index_within_a_disk_budget() {
+    with_namespace("pf-requirements", |ns| async move {
+        let index = "https://pypi.mirror.example/simple";
+        let _operator = OperatorProcess::start(
+            &harness::kubeconfig(),
+            &[
+                "--watch-namespace",
+                &ns.name,
+                "--pip-index-url",
+                index,
+                "--packages-size-limit",
+                "3Gi",
+            ],
+        );
+        let flow = |name: &str, requirements: &str| {
+            json!({"metadata": {"name": name}, "data": {
+                "flow.dag.yaml": "environment:\n  python_requirements_txt: requirements.txt\n",
+                "requirements.txt": requirements}})
+        };
+        let config_maps = ns.api::<k8s_openapi::api::core::v1::ConfigMap>();
+        create(
+            &config_maps,
+            flow(
+                "own-index",
+                "requests==2.32.3\n# our mirror\n--extra-index-url https://evil.example/simple\n",
+            ),
+        )
+        .await;
+        create(&config_maps, flow("plain", "requests==2.32.3\n")).await;
+        create_runtime(&ns, "own-index", json!({"flow": {"configMapName": "own-index"}})).await;
+        create_runtime(&ns, "plain", json!({"flow": {"configMapName": "plain"}})).await;
+
+        // A file naming its own index is refused, naming the line; no pod is made for it.
+        let refused = wait_status(&ns, "own-index", "Not available", Some("FlowInvalid")).await;
+        let message = refused.status.unwrap().message.unwrap_or_default();
+        assert!(
+            message.contains("requirements.txt line 3: --extra-index-url"),
+            "{message}"
+        );
+        assert!(ns.api::<Pod>().get_opt("own-index-runtime").await.unwrap().is_none());
+        let events = events_for(&ns, "own-index").await;
+        assert!(
+            events
+                .iter()
+                .any(|(kind, reason, note)| kind == "Warning" && reason == "FlowInvalid" && note.contains("line 3")),
+            "{events:?}"
+        );
+
+        // Every install uses the administrator's index; the packages volume and every container
+        // have a disk budget (the runtime's from the catalog's size).
+        wait_status(&ns, "plain", "Running", None).await;
+        let pod = ns.api::<Pod>().get("plain-runtime").await.unwrap();
+        let spec = pod.spec.unwrap();
+        let installer = &spec.init_containers.as_ref().unwrap()[0];
+        let env = installer.env.as_ref().unwrap();
+        assert!(
+            env.iter()
+                .any(|e| e.name == "PIP_INDEX_URL" && e.value.as_deref() == Some(index)),
+            "{env:?}"
+        );
+        let volume = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "packages")
+            .unwrap();
+        assert_eq!(
+            volume
+                .empty_dir
+                .as_ref()
+                .unwrap()
+                .size_limit
+                .as_ref()
+                .map(|q| q.0.as_str()),
+            Some("3Gi")
+        );
+        for container in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+            let resources = container.resources.as_ref().unwrap();
+            for list in [&resources.requests, &resources.limits] {
+                assert!(
+                    list.as_ref().unwrap().contains_key("ephemeral-storage"),
+                    "{} has no ephemeral-storage budget",
+                    container.name
+                );
+            }
+        }
+        let runtime = &spec.containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap()["ephemeral-storage"];
+        assert_eq!(runtime.0, "16Gi", "Standard_D2s_v3's ephemeralStorage");
+
+        // Fixing the file brings the runtime up.
+        let fixed = json!({"data": {"requirements.txt": "requests==2.32.3\n"}});
+        config_maps
+            .patch(
+                "own-index",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(fixed),
+            )
+            .await
+            .unwrap();
+        wait_status(&ns, "own-index", "Running", None).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_runtime_network_policy_lives_while_the_namespace_has_runtimes_and_never_takes_over() {
+    with_namespace("pf-netpol", |ns| async move {
+        with_namespace("pf-netpol-foreign", |foreign| {
+            the_runtime_network_policy_in(ns, foreign)
+        })
+        .await;
+    })
+    .await;
+}
+
+async fn the_runtime_network_policy_in(ns: TestNamespace, foreign: TestNamespace) {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    {
+        let args = [
+            "--runtime-network-policy=true",
+            "--operator-pod-labels=app.kubernetes.io/name=promptflow-operator,app.kubernetes.io/instance=pf",
+        ];
+        let _operator = OperatorProcess::start(
+            &harness::kubeconfig(),
+            &[&["--watch-namespace", &ns.name][..], &args[..]].concat(),
+        );
+        let _foreign_operator = OperatorProcess::start(
+            &harness::kubeconfig(),
+            &[&["--watch-namespace", &foreign.name][..], &args[..]].concat(),
+        );
+
+        // The first runtime brings the policy; the API server accepts it as the operator wrote it.
+        create_runtime(&ns, "chat", json!({})).await;
+        create_runtime(&ns, "chat2", json!({})).await;
+        wait_status(&ns, "chat", "Running", None).await;
+        let policies = ns.api::<NetworkPolicy>();
+        let policy = policies.get("promptflow-runtimes").await.unwrap();
+        let spec = policy.spec.clone().unwrap();
+        let rules = spec.ingress.unwrap();
+        let port = |rule: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule, i: usize| {
+            rule.ports.as_ref().unwrap()[i].port.clone()
+        };
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int;
+        assert_eq!(
+            (port(&rules[0], 0), port(&rules[1], 0)),
+            (Some(Int(8081)), Some(Int(8082)))
+        );
+        assert!(rules[0].from.is_none() && rules[1].from.is_some());
+        // Its selector picks the runtime pods, not the user's.
+        let selector = spec.pod_selector.unwrap();
+        let expressions = selector.match_expressions.unwrap();
+        let selector = expressions
+            .iter()
+            .map(|e| format!("{} in ({})", e.key, e.values.clone().unwrap().join(",")))
+            .collect::<Vec<_>>()
+            .join(",");
+        let selected = ns
+            .api::<Pod>()
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await
+            .unwrap();
+        let mut names: Vec<_> = selected.items.iter().map(|p| p.name_any()).collect();
+        names.sort();
+        assert_eq!(names, ["chat-runtime", "chat2-runtime"]);
+
+        // A NetworkPolicy of that name someone else made is never touched: the runtime says so.
+        let theirs = create(
+            &foreign.api::<NetworkPolicy>(),
+            json!({"metadata": {"name": "promptflow-runtimes"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}),
+        )
+        .await;
+        create_runtime(&foreign, "chat", json!({})).await;
+        let conflicted = wait_status(&foreign, "chat", "Not available", Some("NetworkPolicyConflict")).await;
+        let message = conflicted.status.unwrap().message.unwrap_or_default();
+        assert!(
+            message.contains("promptflow-runtimes") && message.contains("not made by the operator"),
+            "{message}"
+        );
+        let kept = foreign.api::<NetworkPolicy>().get("promptflow-runtimes").await.unwrap();
+        assert_eq!(
+            (kept.uid(), kept.resource_version()),
+            (theirs.uid(), theirs.resource_version())
+        );
+
+        // One runtime left: the policy stays; none left: it goes.
+        let runtimes = ns.api::<PromptFlowRuntime>();
+        runtimes.delete("chat", &DeleteParams::background()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(policies.get_opt("promptflow-runtimes").await.unwrap().is_some());
+        runtimes.delete("chat2", &DeleteParams::background()).await.unwrap();
+        harness::wait_deleted(
+            &policies,
+            "promptflow-runtimes",
+            &policy.uid().unwrap(),
+            Duration::from_secs(30),
+        )
+        .await;
+        // And the foreign runtime's delete leaves the foreign policy.
+        foreign
+            .api::<PromptFlowRuntime>()
+            .delete("chat", &DeleteParams::background())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            foreign
+                .api::<NetworkPolicy>()
+                .get_opt("promptflow-runtimes")
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_size_beyond_any_cluster_is_over_quota_and_the_operator_stays_up() {
+    with_namespace("pf-huge", |ns| async move {
+        let mut operator = OperatorProcess::for_namespace(&ns.name);
+        create(
+            &ns.api::<k8s_openapi::api::core::v1::ResourceQuota>(),
+            json!({"metadata": {"name": "team"}, "spec": {"hard": {"requests.cpu": "64", "limits.memory": "512Gi"}}}),
+        )
+        .await;
+        // Accepted by the API server as quantities; 1e26 cores overflowed the operator's decimal
+        // arithmetic (a panic that took the process down, and again after every restart).
+        for (name, resources) in [
+            ("cores", json!({"requests": {"cpu": "1e26"}})),
+            (
+                "memory",
+                json!({"limits": {"memory": "99999999999999999999999999999Ei"}}),
+            ),
+        ] {
+            create_runtime(&ns, name, json!({"compute": {"serverless": {"resources": resources}}})).await;
+        }
+        for name in ["cores", "memory"] {
+            let runtime = wait_status(&ns, name, "Not available", Some("QuotaExceeded")).await;
+            let message = runtime.status.unwrap().message.unwrap_or_default();
+            assert!(message.contains("ResourceQuota team"), "{message}");
+        }
+        create_runtime(&ns, "fine", json!({})).await;
+        wait_status(&ns, "fine", "Running", None).await;
+        assert!(
+            operator.try_exit_code().is_none(),
+            "the operator exited:\n{}",
+            operator.log_text()
+        );
+        assert!(!operator.log_text().contains("panicked"), "{}", operator.log_text());
+    })
+    .await;
+}
+
+/// The operator's gauge of one of its in-memory maps.
+fn entries(metrics: &str, map: &str) -> i64 {
+    let prefix = format!("promptflow_operator_memory_entries{{map=\"{map}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {map} gauge in\n{metrics}"))
+}
+
+#[tokio::test]
+async fn the_operators_maps_return_to_the_live_objects_after_churn() {
+    with_namespace("pf-churn", |ns| async move {
+        let registry = crate::registry::LocalRegistry::read();
+        registry.identity(&ns, &registry.password).await;
+        let operator = OperatorProcess::start(
+            &harness::kubeconfig(),
+            &["--watch-namespace", &ns.name, "--registry-ca-file", &registry.ca_file, "--version-check-interval", "5s"],
+        );
+        let puller = json!({"serviceAccountName": "puller"});
+        create_runtime(&ns, "stay", json!({"image": {"repository": registry.repository}, "identity": puller})).await;
+        wait_status(&ns, "stay", "Running", None).await;
+        let pid = operator.pid().unwrap();
+        let (rss_before, _) = crate::proxy::usage(pid);
+
+        // Three rounds: 40 runtimes, each of its own repository (an answer and a press each),
+        // pressed, then deleted.
+        let runtimes = ns.api::<PromptFlowRuntime>();
+        let mut peak = 0;
+        for round in 0..3 {
+            let names: Vec<String> = (0..40).map(|i| format!("c{round}-{i}")).collect();
+            for name in &names {
+                let repository = format!("{}/churn/{name}", registry.host);
+                create_runtime(&ns, name, json!({"image": {"repository": repository}, "identity": puller})).await;
+            }
+            for name in &names {
+                let press = json!({"metadata": {"annotations": {"promptflow.dev/check-version": format!("{round}")}}});
+                runtimes
+                    .patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(press))
+                    .await
+                    .unwrap();
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let metrics = operator.metrics().await;
+                let answers = entries(&metrics, "version_answers");
+                peak = peak.max(answers);
+                if answers >= 41 && entries(&metrics, "dependency_index") >= 41 {
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "round {round} never asked:\n{metrics}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            for name in &names {
+                runtimes.delete(name, &DeleteParams::background()).await.unwrap();
+            }
+        }
+        let (rss_peak, _) = crate::proxy::usage(pid);
+
+        // Every map follows the live objects again: one runtime, one repository, no press.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        let metrics = loop {
+            let metrics = operator.metrics().await;
+            let settled = entries(&metrics, "version_answers") == 1
+                && entries(&metrics, "version_presses") == 0
+                && entries(&metrics, "dependency_index") == 1
+                && entries(&metrics, "failure_backoff") == 0
+                && entries(&metrics, "own_writes") <= 1;
+            if settled {
+                break metrics;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the maps kept the deleted runtimes:\n{metrics}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        let (rss_after, _) = crate::proxy::usage(pid);
+        eprintln!(
+            "churn: {peak} version answers at the peak; operator RSS {rss_before} KiB before, {rss_peak} KiB after 120 runtimes, {rss_after} KiB settled; maps: {}",
+            metrics.lines().filter(|l| l.starts_with("promptflow_operator_memory_entries{")).collect::<Vec<_>>().join(", ")
+        );
+        assert!(peak >= 41, "the churn reached the version cache");
+    })
+    .await;
+}

@@ -45,7 +45,7 @@ pub async fn runtimes(
             ctx.instance_index.record(key.clone(), dependencies.clone());
         })
         .await?;
-        if let (_, Ok(mut found)) = plan::resolve(&runtime, &observed) {
+        if let (_, Ok(mut found)) = plan::resolve(&runtime, &observed, &ctx.template.requirements) {
             // The version the runtime's own reconcile pinned; a runtime not pinned yet waits.
             versions::apply_pin(&runtime, &mut found);
             if runtime.spec.image.version.is_some()

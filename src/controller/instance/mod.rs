@@ -57,6 +57,17 @@ struct OwnStatus {
 }
 
 impl InstanceMemory {
+    /// Entries kept, both maps together.
+    pub fn len(&self) -> usize {
+        self.statuses.lock().unwrap_or_else(|e| e.into_inner()).len()
+            + self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether nothing is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     fn wrote_status(
         &self,
         key: ObjectRef<ComputeInstance>,

@@ -325,6 +325,9 @@ pub async fn apply_service(
         return Ok(ServiceOutcome::InPlace);
     }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    // The apply names the uid of the Service it corrects: should the cache be behind a Service
+    // replaced by someone else's, the API server refuses the write instead of taking it over.
+    let mut known_uid = live.as_deref().and_then(|live| live.metadata.uid.clone());
     if live.is_none() {
         let params = PostParams {
             field_manager: Some(MANAGER.into()),
@@ -337,7 +340,7 @@ pub async fn apply_service(
             }
             Err(kube::Error::Api(status)) if status.code == 409 => match services.get_opt(&name).await? {
                 // Ours after all (the cache is behind): corrected below.
-                Some(found) if controlled_by(&found.metadata, uid.as_deref()) => {}
+                Some(found) if controlled_by(&found.metadata, uid.as_deref()) => known_uid = found.metadata.uid,
                 _ => return Ok(conflict()),
             },
             Err(kube::Error::Api(status)) => {
@@ -347,6 +350,8 @@ pub async fn apply_service(
             Err(err) => return Err(err.into()),
         }
     }
+    let mut desired = desired;
+    desired.metadata.uid = known_uid;
     match services
         .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
         .await

@@ -19,6 +19,16 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Runtimes with failed attempts counted.
+    pub fn len(&self) -> usize {
+        self.attempts.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether none has.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Counts one more attempt for `key` and returns how long to wait before the next.
     pub fn next(&self, key: &ObjectRef<PromptFlowRuntime>) -> Duration {
         let mut attempts = self.attempts.lock().expect("backoff lock");

@@ -160,9 +160,17 @@ async fn cull(
             let note = format!("deleting the runtime after {timeout} without activity (spec.idle.action Delete)");
             super::report::publish(ctx, runtime, &Notice::normal(reasons::STOPPED_IDLE, note)).await;
             let api: Api<PromptFlowRuntime> = Api::namespaced(ctx.client.clone(), &namespace);
-            match api.delete(&name, &DeleteParams::background()).await {
+            // Only this runtime: one recreated under its name meanwhile is not idle.
+            let params = DeleteParams {
+                preconditions: Some(kube::api::Preconditions {
+                    uid: runtime.uid(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::background()
+            };
+            match api.delete(&name, &params).await {
                 Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
                 Err(err) => return Err(err.into()),
             }
             ctx.metrics.culled("delete");

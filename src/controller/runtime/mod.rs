@@ -117,6 +117,13 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     }
     let namespace = runtime.namespace().ok_or(Error::NotNamespaced)?;
     let name = runtime.name_any();
+    match crate::controller::network::ensure(ctx, &namespace).await {
+        Ok(()) => {}
+        Err(conflict @ crate::controller::network::NetworkError::Conflict(_)) => {
+            return conflict_status(runtime, ctx, reasons::NETWORK_POLICY_CONFLICT, conflict.to_string()).await;
+        }
+        Err(e) => return Err(e.into()),
+    }
 
     if let Some(asked) = &runtime.spec.compute.instance {
         return on_instance::reconcile(runtime, ctx, asked).await;
@@ -131,7 +138,7 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         apply::ServiceOutcome::InPlace => Some(service::url(runtime, target)),
         apply::ServiceOutcome::NotWritten => None,
         apply::ServiceOutcome::Conflict(message) => {
-            return service_conflict(runtime, ctx, message).await;
+            return conflict_status(runtime, ctx, reasons::SERVICE_CONFLICT, message).await;
         }
     };
     let start = match lifecycle::decide(runtime) {
@@ -140,7 +147,7 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     };
 
     let observed = observe::observe(runtime, ctx, &namespace, |deps| ctx.index.record(key.clone(), deps)).await?;
-    let (identity, mut resolved) = plan::resolve(runtime, &observed);
+    let (identity, mut resolved) = plan::resolve(runtime, &observed, &ctx.template.requirements);
     let versions = match &mut resolved {
         Ok(resolved) => {
             ctx.index.add(&key, Dependency::Repository(resolved.repository.clone()));
@@ -308,14 +315,20 @@ async fn stay_stopped(
     Ok(Action::await_change())
 }
 
-/// A runtime whose Service name is taken by an object the operator did not create for it:
-/// nothing is created or deleted; the status (and, on the transition, a Warning event) names
-/// the Service. Someone else's objects are not watched, so it looks again every
+/// A runtime whose Service (or its namespace's NetworkPolicy) name is taken by an object the
+/// operator did not create for it: nothing is created or deleted; the status (and, on the
+/// transition, a Warning event) names the object. Someone else's objects are not watched, so it
+/// looks again every
 /// [`apply::CONFLICT_RECHECK`].
-async fn service_conflict(runtime: &PromptFlowRuntime, ctx: &Context, message: String) -> Result<Action> {
+async fn conflict_status(
+    runtime: &PromptFlowRuntime,
+    ctx: &Context,
+    reason: &'static str,
+    message: String,
+) -> Result<Action> {
     let status = runtime.status.clone().unwrap_or_default();
     let conditions = status::carried(&status.conditions);
-    let verdict = Verdict::not_available(reasons::SERVICE_CONFLICT, message);
+    let verdict = Verdict::not_available(reason, message);
     let report = Report {
         verdict: &verdict,
         conditions: &conditions,

@@ -41,7 +41,7 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
         apply::delete_pod(ctx, &own, runtime.uid().as_deref()).await?;
     }
     let observed = observe::observe(runtime, ctx, &namespace, |deps| ctx.index.record(key.clone(), deps)).await?;
-    let (identity, mut resolved) = plan::resolve(runtime, &observed);
+    let (identity, mut resolved) = plan::resolve(runtime, &observed, &ctx.template.requirements);
     let versions = match &mut resolved {
         Ok(resolved) => {
             ctx.index.add(&key, Dependency::Repository(resolved.repository.clone()));
@@ -274,11 +274,16 @@ pub fn detached(ctx: &Context, runtime: &PromptFlowRuntime) -> bool {
             && pod.labels().contains_key(instance_pod::INSTANCE_LABEL)
             && instance_pod::attached_to(&pod.metadata).contains(&name.as_str())
     });
+    // Only the instance's own pod (its controller owner reference) holds the runtime: a pod
+    // someone made with the instance's labels and annotation holds nothing.
     carrying.iter().all(|pod| {
         let instance = instance_pod::instance_name(&pod.name_any()).to_owned();
         ctx.instances
             .get(&ObjectRef::<ComputeInstance>::new(&instance).within(&namespace))
-            .is_none_or(|i| i.metadata.deletion_timestamp.is_some())
+            .is_none_or(|i| {
+                i.metadata.deletion_timestamp.is_some()
+                    || !crate::build::controlled_by(&pod.metadata, i.metadata.uid.as_deref())
+            })
     })
 }
 

@@ -146,19 +146,35 @@ impl OwnWrites {
             key.namespace = pod.namespace.clone();
             key
         };
+        // Instance pods are not a runtime's: the instance controller forgets them.
+        let runtime_pod = |pod: &ObjectRef<Pod>| pod.name.ends_with(crate::build::pod::POD_SUFFIX);
         self.pods
             .lock()
             .expect("own writes lock")
-            .retain(|pod, _| keep(&runtime_of(pod)));
+            .retain(|pod, _| !runtime_pod(pod) || keep(&runtime_of(pod)));
         self.deleted
             .lock()
             .expect("own writes lock")
-            .retain(|pod, _| keep(&runtime_of(pod)));
+            .retain(|pod, _| !runtime_pod(pod) || keep(&runtime_of(pod)));
         self.services.lock().expect("own writes lock").retain(|service, _| {
             let mut key = ObjectRef::<PromptFlowRuntime>::new(&service.name);
             key.namespace = service.namespace.clone();
             keep(&key)
         });
+    }
+
+    /// Entries kept, all maps together.
+    pub fn len(&self) -> usize {
+        let lock = "own writes lock";
+        self.statuses.lock().expect(lock).len()
+            + self.pods.lock().expect(lock).len()
+            + self.deleted.lock().expect(lock).len()
+            + self.services.lock().expect(lock).len()
+    }
+
+    /// Whether nothing is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Drops what is kept for a pod whose owner was deleted.

@@ -92,11 +92,15 @@ pub struct Resolved {
 
 /// Resolves the runtime's image, identity and flow: the `IdentityResolved` condition, and what
 /// its containers are made of or the problem that keeps it from having them.
-pub fn resolve(runtime: &PromptFlowRuntime, observed: &Observed) -> (ConditionState, Result<Resolved, Problem>) {
+pub fn resolve(
+    runtime: &PromptFlowRuntime,
+    observed: &Observed,
+    requirements: &flow::RequirementsPolicy,
+) -> (ConditionState, Result<Resolved, Problem>) {
     let flow = observed.flow.as_ref().map(|source| {
         (
             source.config_map.clone(),
-            flow::read(&source.config_map, source.found.as_ref()),
+            flow::read(&source.config_map, source.found.as_ref(), requirements),
         )
     });
     let flow_environment = flow.as_ref().and_then(|(_, read)| read.as_ref().ok());
@@ -156,7 +160,7 @@ pub fn resolve(runtime: &PromptFlowRuntime, observed: &Observed) -> (ConditionSt
 /// Decides a serverless runtime's pod from what was observed.
 #[cfg(test)]
 pub fn plan(runtime: &PromptFlowRuntime, observed: &Observed, catalog: &Catalog, template: &PodTemplate) -> Plan {
-    let (identity, resolved) = resolve(runtime, observed);
+    let (identity, resolved) = resolve(runtime, observed, &template.requirements);
     finish(runtime, observed, catalog, template, identity, resolved)
 }
 
