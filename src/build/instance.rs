@@ -22,7 +22,7 @@ use crate::identity::PullIdentity;
 
 /// Label: the compute instance a pod belongs to (and the selector of its runtimes' Services).
 pub const INSTANCE_LABEL: &str = "promptflow.dev/compute-instance";
-/// Annotation: the attached runtimes, by name, in slot order (comma-separated).
+/// Annotation: the attached runtimes by slot (comma-separated; a free slot is empty: `zeta,,beta`).
 pub const RUNTIMES_ANNOTATION: &str = "promptflow.dev/runtimes";
 /// The primary container's name.
 pub const INSTANCE_CONTAINER: &str = "instance";
@@ -65,6 +65,42 @@ pub struct AttachedRuntime<'a> {
     pub identity: PullIdentity,
     /// The flow ConfigMap's name and environment.
     pub flow: Option<(String, FlowEnvironment)>,
+    /// Its slot: ports and container names follow from it (see [`assign_slots`]).
+    pub slot: usize,
+}
+
+/// The slot of each runtime in `names`: the one it has in the live pod (`live`, by slot), else
+/// the one its published URL names (`published`), when free; the others take the lowest free
+/// slots in the order given. So a runtime keeps its ports, and its URL, for as long as it stays
+/// attached, and a port a client cached never reaches another runtime while its owner is there.
+pub fn assign_slots(names: &[String], live: &[Option<&str>], published: impl Fn(&str) -> Option<usize>) -> Vec<usize> {
+    let mut slots: Vec<Option<usize>> = names
+        .iter()
+        .map(|name| live.iter().position(|held| *held == Some(name.as_str())))
+        .collect();
+    for (index, name) in names.iter().enumerate() {
+        if slots[index].is_none()
+            && let Some(slot) = published(name)
+            && !slots.contains(&Some(slot))
+        {
+            slots[index] = Some(slot);
+        }
+    }
+    let taken: Vec<usize> = slots.iter().flatten().copied().collect();
+    let mut free = (0..).filter(move |slot| !taken.contains(slot));
+    slots
+        .into_iter()
+        .map(|slot| slot.unwrap_or_else(|| free.next().unwrap_or_default()))
+        .collect()
+}
+
+/// The slot a runtime's published URL names, when it is an instance slot's proxy port.
+pub fn slot_of_url(url: &str) -> Option<usize> {
+    let port: i32 = url.rsplit_once(':')?.1.parse().ok()?;
+    let offset = port.checked_sub(super::parts::INSTANCE_PORT_BASE + 1)?;
+    (offset >= 0 && offset % 10 == 0)
+        .then(|| usize::try_from(offset / 10).ok())
+        .flatten()
 }
 
 /// Everything the instance pod is built from.
@@ -113,7 +149,8 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
     let mut volumes = vec![];
     let mut pull_secrets = inputs.identity.pull_secrets.clone();
     let mut runtime_digests = vec![];
-    for (slot, attached) in inputs.runtimes.iter().enumerate() {
+    for attached in inputs.runtimes {
+        let slot = attached.slot;
         let runtime_name = attached.runtime.name_any();
         let flow = attached.flow.as_ref().map(|(cm, env)| (cm.as_str(), env));
         let parts = runtime_parts(&PartsInputs {
@@ -135,6 +172,7 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
         let flow_hash = flow.map(|(_, env)| env.content_hash.as_str());
         runtime_digests.push(serde_json::json!({
             "name": runtime_name,
+            "slot": slot,
             "inputs": inputs_digest(attached.runtime, &attached.image, &attached.identity, flow_hash, &inputs.size.name),
             "flowContent": flow_hash,
         }));
@@ -150,7 +188,10 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
         node_selector: (!inputs.size.node_selector.is_empty()).then(|| inputs.size.node_selector.clone()),
         ..pod_spec_base(&identity, inputs.template)
     };
-    let attached: Vec<String> = inputs.runtimes.iter().map(|a| a.runtime.name_any()).collect();
+    let mut attached = vec![String::new(); inputs.runtimes.iter().map(|a| a.slot + 1).max().unwrap_or(0)];
+    for runtime in inputs.runtimes {
+        attached[runtime.slot] = runtime.runtime.name_any();
+    }
     let decided = serde_json::json!({
         "instanceType": inputs.size.name,
         "resources": instance.spec.resources,
@@ -189,17 +230,25 @@ pub fn attached(pod: &Pod) -> Vec<&str> {
 
 /// The runtimes an instance pod's metadata says it carries, in slot order.
 pub fn attached_to(metadata: &ObjectMeta) -> Vec<&str> {
+    slots_of(metadata).into_iter().flatten().collect()
+}
+
+/// The runtime in each slot of an instance pod (`None`: a free slot).
+pub fn slots_of(metadata: &ObjectMeta) -> Vec<Option<&str>> {
     metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(RUNTIMES_ANNOTATION))
-        .map(|list| list.split(',').filter(|name| !name.is_empty()).collect())
+        .filter(|list| !list.is_empty())
+        .map(|list| list.split(',').map(|name| (!name.is_empty()).then_some(name)).collect())
         .unwrap_or_default()
 }
 
 /// Where a runtime sits in a live instance pod, when the pod carries it.
 pub fn placement_in(pod: &Pod, runtime_name: &str) -> Option<Placement> {
-    let slot = attached(pod).iter().position(|name| *name == runtime_name)?;
+    let slot = slots_of(&pod.metadata)
+        .iter()
+        .position(|name| *name == Some(runtime_name))?;
     Some(Placement::on_instance(runtime_name, slot))
 }
 
@@ -256,12 +305,14 @@ mod tests {
                 image: "r.example/rt:1".into(),
                 identity: identity(&["shared", "team"]),
                 flow: None,
+                slot: 0,
             },
             AttachedRuntime {
                 runtime: &b,
                 image: "r.example/rt:2".into(),
                 identity: identity(&[]),
                 flow: None,
+                slot: 1,
             },
         ];
         let pod = build(&runtimes);
@@ -303,6 +354,78 @@ mod tests {
     }
 
     #[test]
+    fn runtimes_keep_their_slots_and_new_ones_take_the_lowest_free() {
+        let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let none = |_: &str| None;
+        // zeta alone, then alpha joins: zeta keeps slot 0, alpha takes slot 1.
+        assert_eq!(assign_slots(&names(&["zeta"]), &[], none), [0]);
+        assert_eq!(assign_slots(&names(&["alpha", "zeta"]), &[Some("zeta")], none), [1, 0]);
+        // beta leaves the middle: gamma keeps slot 2; a newcomer fills slot 1.
+        let live = [Some("zeta"), Some("beta"), Some("gamma")];
+        assert_eq!(assign_slots(&names(&["gamma", "zeta"]), &live, none), [2, 0]);
+        assert_eq!(
+            assign_slots(&names(&["delta", "gamma", "zeta"]), &live[..], none),
+            [1, 2, 0]
+        );
+        let gap = [Some("zeta"), None, Some("gamma")];
+        assert_eq!(assign_slots(&names(&["delta", "gamma", "zeta"]), &gap, none), [1, 2, 0]);
+        assert_eq!(
+            assign_slots(&names(&["beta", "delta", "gamma", "zeta"]), &live[..], none),
+            [1, 3, 2, 0]
+        );
+        // No pod (a stopped instance): the slot each URL names, when it is free.
+        let published = |name: &str| match name {
+            "zeta" => Some(0),
+            "omega" => Some(0),
+            "gamma" => Some(2),
+            _ => None,
+        };
+        assert_eq!(
+            assign_slots(&names(&["alpha", "gamma", "zeta"]), &[], published),
+            [1, 2, 0]
+        );
+        assert_eq!(
+            assign_slots(&names(&["omega", "zeta"]), &[Some("zeta")], published),
+            [1, 0]
+        );
+        assert_eq!(slot_of_url("http://zeta.v1.svc:8101"), Some(0));
+        assert_eq!(slot_of_url("http://zeta.v1.svc:8121"), Some(2));
+        for url in [
+            "http://zeta.v1.svc:8081",
+            "http://zeta.v1.svc:8102",
+            "http://x",
+            "http://x:99",
+        ] {
+            assert_eq!(slot_of_url(url), None, "{url}");
+        }
+    }
+
+    #[test]
+    fn a_free_slot_is_kept_free_in_the_pod() {
+        let (a, c) = (runtime("a"), runtime("c"));
+        let runtimes = [
+            AttachedRuntime {
+                runtime: &a,
+                image: "r.example/rt:1".into(),
+                identity: identity(&[]),
+                flow: None,
+                slot: 0,
+            },
+            AttachedRuntime {
+                runtime: &c,
+                image: "r.example/rt:1".into(),
+                identity: identity(&[]),
+                flow: None,
+                slot: 2,
+            },
+        ];
+        let pod = build(&runtimes);
+        assert_eq!(pod.metadata.annotations.as_ref().unwrap()[RUNTIMES_ANNOTATION], "a,,c");
+        assert_eq!(attached(&pod), ["a", "c"]);
+        assert_eq!(placement_in(&pod, "c").unwrap().proxy_port, 8121);
+    }
+
+    #[test]
     fn attaching_a_runtime_changes_the_inputs_hash() {
         let a = runtime("a");
         let empty = build(&[]);
@@ -311,6 +434,7 @@ mod tests {
             image: "r.example/rt:1".into(),
             identity: identity(&[]),
             flow: None,
+            slot: 0,
         }]);
         assert_ne!(
             super::super::pod::live_inputs_hash(&empty),

@@ -68,6 +68,10 @@ pub fn runtime_service(runtime: &PromptFlowRuntime, target: Target<'_>) -> Servi
             // Headless: DNS answers the pod IP, so no cluster IP is allocated and kube-proxy
             // programs nothing per runtime (thousands of runtimes would exhaust a service range).
             cluster_ip: Some("None".into()),
+            // On a compute instance the pod is Ready only when every runtime is: each runtime's
+            // address follows its own containers (its proxy answers 502 while its runtime is
+            // down), so one broken runtime does not take its neighbours' DNS away.
+            publish_not_ready_addresses: matches!(target, Target::Instance { .. }).then_some(true),
             selector: Some(selector),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
@@ -99,6 +103,7 @@ pub fn matches(live: &Service, desired: &Service) -> bool {
         s.spec.as_ref().map(|spec| {
             (
                 spec.cluster_ip.clone(),
+                spec.publish_not_ready_addresses.unwrap_or_default(),
                 spec.selector.clone(),
                 spec.ports.clone().map(normalized_ports),
             )

@@ -278,6 +278,7 @@ pub struct LeanService {
 struct LeanServiceSpec {
     #[serde(rename = "clusterIP")]
     cluster_ip: Option<String>,
+    publish_not_ready_addresses: Option<bool>,
     selector: Option<std::collections::BTreeMap<String, String>>,
     ports: Option<Vec<LeanServicePort>>,
 }
@@ -299,6 +300,7 @@ impl LeanService {
             metadata: self.metadata.clone(),
             spec: Some(ServiceSpec {
                 cluster_ip: self.spec.cluster_ip.clone(),
+                publish_not_ready_addresses: self.spec.publish_not_ready_addresses,
                 selector: self.spec.selector.clone(),
                 ports: self.spec.ports.as_ref().map(|ports| {
                     ports

@@ -35,7 +35,7 @@ const RUNTIME: &str = "PromptFlowRuntime";
 
 /// The operator for the test's namespace, batching restarts over 3 s and allowing idle times
 /// down to a second.
-fn operator(ns: &TestNamespace) -> OperatorProcess {
+pub(crate) fn operator(ns: &TestNamespace) -> OperatorProcess {
     OperatorProcess::start(
         &harness::kubeconfig(),
         &[
@@ -61,13 +61,18 @@ pub async fn create_instance(ns: &TestNamespace, name: &str, spec: serde_json::V
 }
 
 /// Creates a runtime `name` on the instance `instance`.
-async fn create_on_instance(ns: &TestNamespace, name: &str, instance: &str, acknowledge: bool) -> PromptFlowRuntime {
+pub(crate) async fn create_on_instance(
+    ns: &TestNamespace,
+    name: &str,
+    instance: &str,
+    acknowledge: bool,
+) -> PromptFlowRuntime {
     let compute = json!({"instance": {"name": instance, "acknowledgeRestart": acknowledge}});
     create_runtime(ns, name, json!({"compute": compute})).await
 }
 
 /// A JSON merge patch.
-async fn merge<K>(api: &Api<K>, name: &str, patch: serde_json::Value)
+pub(crate) async fn merge<K>(api: &Api<K>, name: &str, patch: serde_json::Value)
 where
     K: Clone + DeserializeOwned + std::fmt::Debug,
 {
@@ -144,7 +149,7 @@ async fn wait_stopped(ns: &TestNamespace, name: &str, reason: &str, timeout: Dur
 }
 
 /// Waits until the instance runs with exactly `runtimes` attached.
-async fn wait_running_with(ns: &TestNamespace, name: &str, runtimes: &[&str]) -> ComputeInstance {
+pub(crate) async fn wait_running_with(ns: &TestNamespace, name: &str, runtimes: &[&str]) -> ComputeInstance {
     let what = format!("Running with runtimes {runtimes:?}");
     wait_instance(ns, name, &what, WAIT, |s| {
         s.state == InstanceState::Running && s.runtimes == runtimes
@@ -153,7 +158,12 @@ async fn wait_running_with(ns: &TestNamespace, name: &str, runtimes: &[&str]) ->
 }
 
 /// Waits until the runtime shows `phase` (and `reason`, when given).
-async fn wait_runtime(ns: &TestNamespace, name: &str, phase: RuntimePhase, reason: Option<&str>) -> PromptFlowRuntime {
+pub(crate) async fn wait_runtime(
+    ns: &TestNamespace,
+    name: &str,
+    phase: RuntimePhase,
+    reason: Option<&str>,
+) -> PromptFlowRuntime {
     let what = format!("{phase:?} {}", reason.unwrap_or_default());
     let api = ns.api::<PromptFlowRuntime>();
     wait_until(&api, name, &what, WAIT, |rt: &PromptFlowRuntime| {

@@ -17,6 +17,7 @@ mod idle;
 mod idle_trust;
 mod image;
 mod instance;
+mod instance_safety;
 mod leader;
 mod operator;
 mod plugin;

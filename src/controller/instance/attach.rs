@@ -8,7 +8,7 @@ use kube::runtime::reflector::ObjectRef;
 use std::sync::Arc;
 
 use crate::api::{ComputeInstance, PromptFlowRuntime};
-use crate::build::instance::AttachedRuntime;
+use crate::build::instance::{AttachedRuntime, assign_slots, slot_of_url, slots_of};
 use crate::controller::context::Context;
 use crate::controller::index::Dependency;
 use crate::controller::runtime::{observe, plan, versions};
@@ -26,7 +26,7 @@ pub fn wants(runtime: &PromptFlowRuntime, namespace: &str, name: &str) -> bool {
             .is_some_and(|i| i.name == name && i.acknowledge_restart)
 }
 
-/// The runtimes to attach, sorted by name (the slot order), read and resolved. `dependencies`
+/// The runtimes to attach, sorted by name (the order new ones take free slots in), read and resolved. `dependencies`
 /// collects what was read, for the instance's dependency index.
 pub async fn runtimes(
     instance: &ComputeInstance,
@@ -59,15 +59,30 @@ pub async fn runtimes(
     Ok(resolved)
 }
 
-/// The resolved runtimes as the pod builder takes them.
-pub fn as_attached(resolved: &[(Arc<PromptFlowRuntime>, plan::Resolved)]) -> Vec<AttachedRuntime<'_>> {
+/// The resolved runtimes as the pod builder takes them, each in its slot: the one it has in the
+/// live pod, else the one its published URL names, else the lowest free one.
+pub fn as_attached<'a>(
+    resolved: &'a [(Arc<PromptFlowRuntime>, plan::Resolved)],
+    live: Option<&k8s_openapi::api::core::v1::Pod>,
+) -> Vec<AttachedRuntime<'a>> {
+    let names: Vec<String> = resolved.iter().map(|(runtime, _)| runtime.name_any()).collect();
+    let held = live.map(|pod| slots_of(&pod.metadata)).unwrap_or_default();
+    let published = |name: &str| {
+        resolved
+            .iter()
+            .find(|(runtime, _)| runtime.name_any() == name)
+            .and_then(|(runtime, _)| runtime.status.as_ref()?.url.as_deref().and_then(slot_of_url))
+    };
+    let slots = assign_slots(&names, &held, published);
     resolved
         .iter()
-        .map(|(runtime, found)| AttachedRuntime {
+        .zip(slots)
+        .map(|((runtime, found), slot)| AttachedRuntime {
             runtime,
             image: found.image.clone(),
             identity: found.identity.clone(),
             flow: found.flow.clone(),
+            slot,
         })
         .collect()
 }

@@ -300,7 +300,7 @@ pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Res
     };
     let resolved = attach::runtimes(instance, &ctx, &mut dependencies).await?;
     ctx.instance_index.record(key.clone(), dependencies);
-    let attached = attach::as_attached(&resolved);
+    let attached = attach::as_attached(&resolved, live.as_deref());
     let pod = pod_builder::instance_pod(&InstancePodInputs {
         instance,
         size,
@@ -351,8 +351,14 @@ pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Res
     let verdict = outcome.verdict;
     let pod_ready = verdict.phase == RuntimePhase::Running;
     let conflict = verdict.reason == reasons::POD_CONFLICT;
+    let refused = outcome.refused.is_some();
     let (state, reason, message) = if verdict.reason == reasons::POD_REJECTED || conflict {
         (InstanceState::Failed, verdict.reason, verdict.message)
+    } else if let Some(why) = outcome.refused {
+        // The restart would end in a pod the API server refuses: the instance keeps its pod and
+        // its runtimes their work.
+        let state = decisions::running_state(Some(previous.state), live.as_ref().map(|_| pod_ready));
+        (state, reasons::POD_REJECTED.to_owned(), why)
     } else if let Some(changes) = changes {
         (
             InstanceState::Restarting,
@@ -385,7 +391,7 @@ pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Res
     };
     let runtimes = live
         .as_deref()
-        .filter(|_| state != InstanceState::Restarting)
+        .filter(|_| state != InstanceState::Restarting || refused)
         .map(carried_names)
         .unwrap_or_default();
     let running = InstanceReport {

@@ -37,6 +37,9 @@ pub struct PodOutcome {
     pub template_current: Option<bool>,
     /// The `promptflow.dev/restart` value this apply handled.
     pub handled_restart: Option<String>,
+    /// The replacement the API server would refuse (a dry-run create), with why: the live pod
+    /// keeps serving and `SpecApplied` says so.
+    pub refused: Option<String>,
 }
 
 impl PodOutcome {
@@ -47,7 +50,57 @@ impl PodOutcome {
             notice: None,
             template_current: None,
             handled_restart: None,
+            refused: None,
         }
+    }
+}
+
+/// `text` with every `<prefix><5 generated characters>` written as `name`.
+fn without_generated_suffix(text: &str, prefix: &str, name: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(prefix) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + prefix.len()..];
+        let generated = after.bytes().take_while(u8::is_ascii_alphanumeric).count();
+        if generated == 5 {
+            out.push_str(name);
+            rest = &after[generated..];
+        } else {
+            out.push_str(prefix);
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Whether the API server would create `pod` now, asked with a server-side dry run (validation,
+/// LimitRange, Pod Security and admission webhooks all run; nothing is stored). The dry run is made
+/// under a generated name, as the live pod still holds the real one. Quota is left out: the live
+/// pod still counts against it, and it frees its share when it goes (the size was chosen with it
+/// released). `Some(why)` when refused.
+async fn refused_replacement(pods: &Api<Pod>, pod: &Pod) -> Result<Option<String>> {
+    let mut probe = pod.clone();
+    probe.metadata.generate_name = probe.metadata.name.take().map(|name| format!("{name}-"));
+    let params = PostParams {
+        dry_run: true,
+        field_manager: Some(MANAGER.into()),
+    };
+    match pods.create(&params, &probe).await {
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains("exceeded quota") => Ok(None),
+        Err(kube::Error::Api(status)) if (400..500).contains(&status.code) && ![409, 429].contains(&status.code) => {
+            // The message names the generated name, new on every try: the real one instead, so
+            // the status (and its event) stays the same while nothing changes.
+            let name = pod.name_any();
+            Ok(Some(without_generated_suffix(
+                &status.message,
+                &format!("{name}-"),
+                &name,
+            )))
+        }
+        Err(err) => Err(err.into()),
     }
 }
 
@@ -149,6 +202,7 @@ pub async fn apply_pod(
                     template_current: Some(true),
                     // A restart asked for before there was a pod is done by creating it.
                     handled_restart: restart.map(str::to_owned),
+                    refused: None,
                 })
             }
             Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains("exceeded quota") => {
@@ -205,6 +259,17 @@ pub async fn apply_pod(
             ..PodOutcome::quiet(pod_state::pod_verdict(&pod_name, image, &state), Action::await_change())
         });
     }
+    // A serving pod goes only for a replacement the API server will take.
+    if !ended && let Some(why) = refused_replacement(&pods, &desired.pod).await? {
+        let message = format!(
+            "the API server would reject the new pod, so {pod_name} keeps serving as it is: {why}; fix the runtime's spec (or what rejects it)"
+        );
+        return Ok(PodOutcome {
+            template_current: Some(template_current),
+            refused: Some(message),
+            ..PodOutcome::quiet(pod_state::pod_verdict(&pod_name, image, &state), Action::await_change())
+        });
+    }
     delete_pod(ctx, live, owner_uid.as_deref()).await?;
     let handled_restart = restart.map(str::to_owned);
     if let PodState::Ended { message } = &state {
@@ -217,6 +282,7 @@ pub async fn apply_pod(
             )),
             template_current: Some(template_current),
             handled_restart,
+            refused: None,
         });
     }
     let (why, reason) = match restart {
@@ -231,7 +297,18 @@ pub async fn apply_pod(
         notice: Some(Notice::normal(reason, note)),
         template_current: Some(template_current),
         handled_restart,
+        refused: None,
     })
+}
+
+#[cfg(test)]
+#[test]
+fn generated_names_in_messages_become_the_real_one() {
+    let message = "Pod \"chat-runtime-x7k2p\" is invalid: spec.containers[0]: chat-runtime-ab is not chat-runtime-";
+    assert_eq!(
+        without_generated_suffix(message, "chat-runtime-", "chat-runtime"),
+        "Pod \"chat-runtime\" is invalid: spec.containers[0]: chat-runtime-ab is not chat-runtime-"
+    );
 }
 
 /// How often a runtime or instance whose pod or Service name is taken by someone else's object

@@ -179,12 +179,23 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
             if let Some(notice) = &outcome.notice {
                 report::publish(ctx, runtime, notice).await;
             }
-            conditions.push(ConditionState::new(
-                conditions::SPEC_APPLIED,
-                true,
-                reasons::SPEC_APPLIED,
-                "the pod is built from the runtime's current spec",
-            ));
+            match &outcome.refused {
+                Some(why) => {
+                    // The status write sends the Warning when SpecApplied turns False.
+                    conditions.push(ConditionState::new(
+                        conditions::SPEC_APPLIED,
+                        false,
+                        reasons::POD_REJECTED,
+                        why.clone(),
+                    ));
+                }
+                None => conditions.push(ConditionState::new(
+                    conditions::SPEC_APPLIED,
+                    true,
+                    reasons::SPEC_APPLIED,
+                    "the pod is built from the runtime's current spec",
+                )),
+            }
             (outcome, Some(&desired.facts))
         }
     };

@@ -1,0 +1,189 @@
+//! A compute instance is shared: one runtime's change must never cost another its address. A
+//! runtime keeps its slot (its ports, so its URL) for as long as it stays attached, through other
+//! runtimes' attach and detach and the instance's stop and start; a new runtime takes the lowest
+//! free slot; each runtime's Service publishes the pod whether or not every runtime is ready.
+//! The instance's `status.runtimes` lists them by slot.
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::DeleteParams;
+use promptflow_operator::api::{ComputeInstance, InstanceState, PromptFlowRuntime, RuntimePhase};
+use serde_json::json;
+
+use crate::harness::{TestNamespace, with_namespace};
+use crate::instance::{
+    create_instance, create_on_instance, merge, operator, wait_running_with, wait_runtime, wait_state,
+};
+
+fn url(runtime: &PromptFlowRuntime) -> String {
+    runtime.status.as_ref().and_then(|s| s.url.clone()).unwrap_or_default()
+}
+
+/// The runtime `name`'s port in the live instance pod `ci-instance` (its runtime container's
+/// `PORT`).
+async fn runtime_port(ns: &TestNamespace, name: &str) -> String {
+    let pod = ns.api::<Pod>().get("ci-instance").await.unwrap();
+    let container = pod
+        .spec
+        .unwrap()
+        .containers
+        .into_iter()
+        .find(|c| c.name == format!("rt-{name}"))
+        .unwrap_or_else(|| panic!("no container rt-{name}"));
+    let env = container.env.unwrap_or_default();
+    env.into_iter()
+        .find(|e| e.name == "PORT")
+        .and_then(|e| e.value)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_runtime_keeps_its_port_and_url_while_attached() {
+    with_namespace("pf-ci-slots", |ns| async move {
+        let _operator = operator(&ns);
+        create_instance(&ns, "ci", json!({})).await;
+        create_on_instance(&ns, "zeta", "ci", true).await;
+        let zeta = wait_runtime(&ns, "zeta", RuntimePhase::Running, None).await;
+        let zeta_url = url(&zeta);
+        assert!(zeta_url.ends_with(":8101"), "{zeta_url}");
+
+        // alpha comes first by name, but zeta's port stays zeta's: a client that cached zeta's
+        // URL never reaches alpha's flow.
+        create_on_instance(&ns, "alpha", "ci", true).await;
+        wait_running_with(&ns, "ci", &["zeta", "alpha"]).await;
+        let alpha = wait_runtime(&ns, "alpha", RuntimePhase::Running, None).await;
+        let zeta = wait_runtime(&ns, "zeta", RuntimePhase::Running, None).await;
+        assert_eq!(url(&zeta), zeta_url);
+        assert!(url(&alpha).ends_with(":8111"), "{}", url(&alpha));
+        assert_eq!(runtime_port(&ns, "zeta").await, "8100");
+        assert_eq!(runtime_port(&ns, "alpha").await, "8110");
+        let service = ns.api::<Service>().get("zeta").await.unwrap().spec.unwrap();
+        assert_eq!(service.ports.unwrap()[0].port, 8101);
+        assert_eq!(
+            service.publish_not_ready_addresses,
+            Some(true),
+            "zeta's address must not depend on alpha being ready"
+        );
+
+        // Stopped and started: the same ports.
+        let instances = ns.api::<ComputeInstance>();
+        merge(&instances, "ci", json!({"spec": {"state": "Stopped"}})).await;
+        wait_state(&ns, "ci", InstanceState::Stopped, None).await;
+        merge(&instances, "ci", json!({"spec": {"state": "Running"}})).await;
+        wait_running_with(&ns, "ci", &["zeta", "alpha"]).await;
+        let zeta = wait_runtime(&ns, "zeta", RuntimePhase::Running, None).await;
+        let alpha = wait_runtime(&ns, "alpha", RuntimePhase::Running, None).await;
+        assert_eq!(url(&zeta), zeta_url);
+        assert!(url(&alpha).ends_with(":8111"), "{}", url(&alpha));
+        assert_eq!(runtime_port(&ns, "zeta").await, "8100");
+
+        // zeta leaves: alpha keeps 8111; a newcomer takes the lowest free slot, zeta's.
+        ns.api::<PromptFlowRuntime>()
+            .delete("zeta", &DeleteParams::background())
+            .await
+            .unwrap();
+        create_on_instance(&ns, "beta", "ci", true).await;
+        wait_running_with(&ns, "ci", &["beta", "alpha"]).await;
+        let alpha = wait_runtime(&ns, "alpha", RuntimePhase::Running, None).await;
+        let beta = wait_runtime(&ns, "beta", RuntimePhase::Running, None).await;
+        assert!(url(&alpha).ends_with(":8111"), "{}", url(&alpha));
+        assert!(url(&beta).ends_with(":8101"), "{}", url(&beta));
+        assert_eq!(runtime_port(&ns, "alpha").await, "8110");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_replacement_the_api_server_would_refuse_leaves_the_serving_pod_alone() {
+    use kube::ResourceExt;
+    use kube::api::{Patch, PatchParams};
+    with_namespace("pf-replace-refused", |ns| async move {
+        let _operator = crate::harness::OperatorProcess::for_namespace(&ns.name);
+        crate::runtime::create_runtime(&ns, "chat", json!({})).await;
+        crate::runtime::wait_status(&ns, "chat", "Running", None).await;
+        let pods = ns.api::<Pod>();
+        let serving = pods.get("chat-runtime").await.unwrap();
+
+        // A limit below the size's 8Gi request: valid for the CRD, refused by pod validation.
+        let runtimes = ns.api::<PromptFlowRuntime>();
+        let lower = json!({"spec": {"compute": {"serverless": {"resources": {"limits": {"memory": "4Gi"}}}}}});
+        runtimes
+            .patch("chat", &PatchParams::default(), &Patch::Merge(lower))
+            .await
+            .unwrap();
+        let refused = crate::runtime::wait_condition(&ns, "chat", "SpecApplied", "False", "PodRejected").await;
+        let status = refused.status.unwrap();
+        let condition = status.conditions.iter().find(|c| c.type_ == "SpecApplied").unwrap();
+        assert!(
+            condition.message.contains("keeps serving") && condition.message.contains("memory"),
+            "{}",
+            condition.message
+        );
+        assert_eq!(status.phase, RuntimePhase::Running, "the serving pod still serves");
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let still = pods.get("chat-runtime").await.unwrap();
+        assert_eq!(
+            still.uid(),
+            serving.uid(),
+            "the serving pod was deleted for a pod that cannot be made"
+        );
+        assert!(still.metadata.deletion_timestamp.is_none());
+        let warnings = crate::runtime::events_for(&ns, "chat")
+            .await
+            .into_iter()
+            .filter(|e| e.0 == "Warning" && e.1 == "PodRejected")
+            .count();
+        assert_eq!(warnings, 1);
+
+        // Back to what the pod runs: nothing to replace, and the spec counts as applied again.
+        let back = json!({"spec": {"compute": {"serverless": {"resources": null}}}});
+        runtimes
+            .patch("chat", &PatchParams::default(), &Patch::Merge(back))
+            .await
+            .unwrap();
+        crate::runtime::wait_condition(&ns, "chat", "SpecApplied", "True", "SpecApplied").await;
+        assert_eq!(pods.get("chat-runtime").await.unwrap().uid(), serving.uid());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_instance_restart_the_api_server_would_refuse_keeps_its_pod_and_runtimes() {
+    use kube::ResourceExt;
+    with_namespace("pf-ci-refused", |ns| async move {
+        let _operator = operator(&ns);
+        create_instance(&ns, "ci", json!({})).await;
+        create_on_instance(&ns, "chat", "ci", true).await;
+        wait_running_with(&ns, "ci", &["chat"]).await;
+        let serving = ns.api::<Pod>().get("ci-instance").await.unwrap();
+
+        // A memory limit below the size's 14Gi request: the restart's pod would be invalid.
+        let instances = ns.api::<ComputeInstance>();
+        merge(
+            &instances,
+            "ci",
+            json!({"spec": {"resources": {"limits": {"memory": "4Gi"}}}}),
+        )
+        .await;
+        let refused = wait_state(&ns, "ci", InstanceState::Running, Some("PodRejected")).await;
+        let status = refused.status.unwrap();
+        assert!(
+            status.message.as_deref().unwrap_or_default().contains("memory"),
+            "{status:?}"
+        );
+        assert_eq!(status.runtimes, ["chat"]);
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let still = ns.api::<Pod>().get("ci-instance").await.unwrap();
+        assert_eq!(
+            still.uid(),
+            serving.uid(),
+            "the instance's pod went for one that cannot be made"
+        );
+        wait_runtime(&ns, "chat", RuntimePhase::Running, None).await;
+
+        // Fixed: no restart is needed any more.
+        merge(&instances, "ci", json!({"spec": {"resources": null}})).await;
+        wait_state(&ns, "ci", InstanceState::Running, Some("PodReady")).await;
+        assert_eq!(ns.api::<Pod>().get("ci-instance").await.unwrap().uid(), serving.uid());
+    })
+    .await;
+}
