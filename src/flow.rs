@@ -88,48 +88,77 @@ impl Default for RequirementsPolicy {
     }
 }
 
-/// Options of a requirements file that choose where packages come from (pip's names, long and
-/// short). `-r` and `-c` are followed into the files of the folder instead.
-const SOURCE_OPTIONS: [&str; 9] = [
-    "--index-url",
-    "--extra-index-url",
-    "--no-index",
-    "--find-links",
-    "--trusted-host",
-    "--editable",
-    "-i",
-    "-f",
-    "-e",
-];
+/// Options a requirements file may carry: they choose among the index's files, never a source.
+const ALLOWED_OPTIONS: [&str; 3] = ["--pre", "--prefer-binary", "--require-hashes"];
+/// Allowed options that take a value (`--only-binary :all:` or `--only-binary=:all:`).
+const ALLOWED_VALUE_OPTIONS: [&str; 2] = ["--only-binary", "--no-binary"];
+/// Includes, followed into the folder's own files.
+const INCLUDES: [&str; 4] = ["-r", "--requirement", "-c", "--constraint"];
 
-/// VCS schemes pip installs from (`git+https://…`).
-const VCS_PREFIXES: [&str; 4] = ["git+", "hg+", "svn+", "bzr+"];
+/// Lines as Python's `str.splitlines` cuts them (pip reads files so): besides `\n`, `\r\n` and
+/// `\r`, also form feeds, group separators, NEL and the Unicode line separators.
+fn python_lines(text: &str) -> Vec<&str> {
+    let mut lines = vec![];
+    let mut start = 0;
+    let mut chars = text.char_indices().peekable();
+    while let Some((at, c)) = chars.next() {
+        let breaks = matches!(
+            c,
+            '\n' | '\r' | '\u{0b}' | '\u{0c}' | '\u{1c}' | '\u{1d}' | '\u{1e}' | '\u{85}' | '\u{2028}' | '\u{2029}'
+        );
+        if breaks {
+            lines.push(&text[start..at]);
+            let mut next = at + c.len_utf8();
+            if c == '\r' && chars.peek().is_some_and(|(_, n)| *n == '\n') {
+                chars.next();
+                next += 1;
+            }
+            start = next;
+        }
+    }
+    if start < text.len() {
+        lines.push(&text[start..]);
+    }
+    lines
+}
+
+/// pip's comment rule: `#` at the start of a line or after whitespace starts a comment.
+fn without_comment(line: &str) -> &str {
+    let bytes = line.as_bytes();
+    for (at, b) in bytes.iter().enumerate() {
+        if *b == b'#' && (at == 0 || bytes[at - 1].is_ascii_whitespace()) {
+            return &line[..at];
+        }
+    }
+    line
+}
 
 /// The first line of requirements file `file` (and of the folder's files it includes with `-r`
-/// or `-c`) that names a package source of its own: an index or source option, a URL or a VCS
-/// link. `Some("requirements.txt line 3: …")`.
+/// or `-c`) that could take packages from elsewhere than the configured index. An allowlist:
+/// each line is a package name with versions, extras and markers (and `--hash` options), an
+/// include of another file of the folder, or one of [`ALLOWED_OPTIONS`]. Lines are joined and
+/// comments dropped as pip does. `Some("requirements.txt line 3: …")`.
 fn source_option(files: &dyn Fn(&str) -> Option<String>, file: &str, depth: usize) -> Option<String> {
     let text = files(file)?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut logical = String::new();
     let mut first_line = 0;
-    for (index, raw) in text.lines().enumerate() {
+    for (index, raw) in python_lines(text).into_iter().enumerate() {
         if logical.is_empty() {
             first_line = index + 1;
         }
-        // pip joins lines ending in a backslash, then drops comments (`#` at the start or after
-        // whitespace).
-        if let Some(joined) = raw.strip_suffix('\\') {
+        let comment = raw.trim_start().starts_with('#');
+        if !comment && let Some(joined) = raw.strip_suffix('\\') {
             logical.push_str(joined);
             continue;
         }
         logical.push_str(raw);
         let line = std::mem::take(&mut logical);
-        let line = match line.find(" #").or_else(|| line.find("\t#")) {
-            _ if line.trim_start().starts_with('#') => continue,
-            Some(at) => line[..at].to_owned(),
-            None => line,
-        };
-        if let Some(found) = source_in_line(files, line.trim(), depth) {
+        let line = without_comment(&line).trim();
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(found) = source_in_line(files, line, depth) {
             return Some(format!("{file} line {first_line}: {found}"));
         }
     }
@@ -137,47 +166,81 @@ fn source_option(files: &dyn Fn(&str) -> Option<String>, file: &str, depth: usiz
 }
 
 fn source_in_line(files: &dyn Fn(&str) -> Option<String>, line: &str, depth: usize) -> Option<String> {
-    let first = line.split_whitespace().next()?;
-    for option in SOURCE_OPTIONS {
-        let long = option.starts_with("--");
-        let named = if long {
-            first == option || first.starts_with(&format!("{option}="))
-        } else {
-            first.starts_with(option)
-        };
-        if named {
-            return Some(format!("{option} names a package source"));
-        }
+    if line.contains("${") {
+        return Some(format!(
+            "{line:?} uses an environment variable, which pip expands after this check"
+        ));
     }
-    for include in ["-r", "--requirement", "-c", "--constraint"] {
-        let target = if first == include {
-            line.split_whitespace().nth(1)
-        } else if include.starts_with("--") {
-            first.strip_prefix(&format!("{include}="))
-        } else {
-            first
-                .strip_prefix(include)
-                .filter(|rest| !rest.is_empty() && !rest.starts_with('-'))
-        };
-        if let Some(target) = target {
-            if target.contains("://") {
-                return Some(format!("{include} {target} names a file by URL"));
-            }
-            if depth >= 8 {
-                return Some(format!(
-                    "{include} {target}: requirement files included more than 8 deep"
-                ));
-            }
-            return source_option(files, target.trim_start_matches("./"), depth + 1)
-                .map(|found| format!("included from here: {found}"));
-        }
-    }
+    let tokens: Vec<&str> = line.split_whitespace().collect();
+    let first = tokens[0];
     if first.starts_with('-') {
-        // Other options (`--hash`, `--pre`, `--only-binary`, …) choose among the index's files.
+        let mut rest = tokens.iter().copied();
+        while let Some(token) = rest.next() {
+            if ALLOWED_OPTIONS.contains(&token)
+                || ALLOWED_VALUE_OPTIONS
+                    .iter()
+                    .any(|o| token.starts_with(&format!("{o}=")))
+            {
+                continue;
+            }
+            if ALLOWED_VALUE_OPTIONS.contains(&token) {
+                rest.next();
+                continue;
+            }
+            let include = INCLUDES.iter().find_map(|option| {
+                if token == *option {
+                    Some(rest.next().unwrap_or_default())
+                } else if option.starts_with("--") {
+                    token.strip_prefix(&format!("{option}="))
+                } else {
+                    token
+                        .strip_prefix(option)
+                        .filter(|r| !r.is_empty() && !r.starts_with('-'))
+                }
+            });
+            match include {
+                Some(target) if !target.is_empty() && !target.contains('/') && files(target).is_some() => {
+                    if depth >= 8 {
+                        return Some(format!("{token} {target}: requirement files included more than 8 deep"));
+                    }
+                    if let Some(found) = source_option(files, target, depth + 1) {
+                        return Some(format!("included from here: {found}"));
+                    }
+                }
+                Some(target) => {
+                    return Some(format!(
+                        "{token} {target:?} is not a file of the flow folder (a ConfigMap key, named as it is)"
+                    ));
+                }
+                None => {
+                    return Some(format!(
+                        "{token} is not allowed: only -r/-c of the folder's files and {}, {} may appear (index and source options, abbreviated or not, name a package source)",
+                        ALLOWED_OPTIONS.join(", "),
+                        ALLOWED_VALUE_OPTIONS.join(", ")
+                    ));
+                }
+            }
+        }
         return None;
     }
-    if VCS_PREFIXES.iter().any(|prefix| first.starts_with(prefix)) || line.contains("://") {
-        return Some(format!("{:?} is a direct URL or VCS link", line));
+    // A requirement: a name, then extras, versions and markers; per-requirement options only
+    // `--hash`.
+    let options_at = tokens.iter().position(|t| t.starts_with("--")).unwrap_or(tokens.len());
+    for option in &tokens[options_at..] {
+        if !option.starts_with("--hash=") && !option.starts_with("sha256:") && *option != "--hash" {
+            return Some(format!("{option} is not allowed after a requirement (only --hash)"));
+        }
+    }
+    let requirement = tokens[..options_at].join(" ");
+    let name_end = requirement
+        .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        .unwrap_or(requirement.len());
+    let named = name_end > 0 && requirement.as_bytes()[0].is_ascii_alphanumeric();
+    let rest = &requirement[name_end..];
+    if !named || rest.contains(['@', '/', '\\']) || rest.contains("://") {
+        return Some(format!(
+            "{requirement:?} is not a package name with versions and markers (direct URLs, VCS links, paths and archives come from outside the index)"
+        ));
     }
     None
 }
@@ -400,22 +463,47 @@ mod tests {
         };
         let strict = RequirementsPolicy::default();
         for (requirements, line, named) in [
-            ("requests\n--index-url https://evil.example/simple\n", 2, "--index-url"),
+            (
+                "requests\n--index-url https://evil.example/simple\n",
+                2,
+                "--index-url is not allowed",
+            ),
             (
                 "--extra-index-url=https://evil.example/simple\nrequests\n",
                 1,
-                "--extra-index-url",
+                "--extra-index-url=",
             ),
-            ("-ihttps://evil.example/simple\n", 1, "-i names"),
-            ("requests\n\n-f /tmp/wheels\n", 3, "-f names"),
+            ("-ihttps://evil.example/simple\n", 1, "-ihttps"),
+            ("requests\n\n-f /tmp/wheels\n", 3, "-f is not allowed"),
             ("--trusted-host evil.example\n", 1, "--trusted-host"),
             ("--no-index\n", 1, "--no-index"),
-            ("-e git+https://evil.example/x.git#egg=x\n", 1, "-e names"),
-            ("git+https://evil.example/x.git\n", 1, "VCS link"),
-            ("x @ https://evil.example/x-1.0.tar.gz\n", 1, "direct URL"),
-            ("requests \\\n  @ https://evil.example/r.whl\n", 1, "direct URL"),
-            ("-r https://evil.example/r.txt\n", 1, "by URL"),
+            ("-e git+https://evil.example/x.git#egg=x\n", 1, "-e is not allowed"),
+            ("git+https://evil.example/x.git\n", 1, "not a package name"),
+            ("x @ https://evil.example/x-1.0.tar.gz\n", 1, "not a package name"),
+            ("requests \\\n  @ https://evil.example/r.whl\n", 1, "not a package name"),
+            ("-r https://evil.example/r.txt\n", 1, "not a file of the flow folder"),
             ("# ours\n-r more.txt\n", 2, "more.txt line 1: --extra-index-url"),
+            // What pip also honours: other options first, abbreviations, a comment ending in a
+            // backslash, paths, environment variables, Python's other line breaks, a BOM.
+            (
+                "--pre --index-url https://evil.example/simple\n",
+                1,
+                "--index-url is not allowed",
+            ),
+            ("--prefer-binary -f https://evil.example/w/\n", 1, "-f is not allowed"),
+            ("--extra https://evil.example/simple\n", 1, "--extra is not allowed"),
+            ("--find https://evil.example/w/\n", 1, "--find is not allowed"),
+            ("--req more.txt\n", 1, "--req is not allowed"),
+            ("# note \\\n--index-url https://evil.example/simple\n", 2, "--index-url"),
+            ("-r /flow/more.txt\n", 1, "not a file of the flow folder"),
+            ("-r 'more.txt'\n", 1, "not a file of the flow folder"),
+            ("/flow/evil-1.0-py3-none-any.whl\n", 1, "not a package name"),
+            ("./evil.tar.gz\n", 1, "not a package name"),
+            ("requests ${EVIL}\n", 1, "environment variable"),
+            ("requests\u{0c}-f .\n", 2, "-f is not allowed"),
+            ("requests\u{2028}--index-url=https://evil.example\n", 2, "--index-url="),
+            ("\u{feff}-f ./w\n", 1, "-f is not allowed"),
+            ("requests --global-option=--evil\n", 1, "only --hash"),
         ] {
             let err = read("f", Some(&flow(requirements)), &strict).unwrap_err();
             assert_eq!(err.reason(), "FlowInvalid", "{requirements:?}");
@@ -430,6 +518,7 @@ mod tests {
             "# --index-url https://evil.example in a comment\nnumpy>=1.26 ; python_version >= '3.9'\n",
             "--only-binary :all:\n--pre\npandas  # see https://pandas.pydata.org\n",
             "-r extra.txt\n",
+            "promptflow[azure]>=1.10,<2 \\\n  ; platform_machine == 'x86_64'\r\nlangchain_core~=0.2\n",
         ] {
             let mut files = flow(fine);
             files.data.as_mut().unwrap().insert("extra.txt".into(), "tqdm\n".into());

@@ -154,6 +154,9 @@ pub mod reasons {
     /// With `--runtime-network-policy`, a NetworkPolicy of the operator's name in the namespace
     /// was not made by the operator: it is left untouched and the runtime waits.
     pub const NETWORK_POLICY_CONFLICT: &str = "NetworkPolicyConflict";
+    /// A compute instance keeps its pod as it is: a runtime it carries cannot be resolved now,
+    /// and a restart would take that runtime off.
+    pub const RUNTIME_UNRESOLVED: &str = "RuntimeUnresolved";
 
     /// Reasons of a runtime that is not available on purpose: it is at rest, neither
     /// `Reconciling` nor `Stalled` (Argo CD: Suspended).

@@ -48,7 +48,7 @@ impl<K: Resource<DynamicType = ()>> Default for DependencyIndex<K> {
 impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
     /// Replaces what `runtime` depends on.
     pub fn record(&self, runtime: ObjectRef<K>, dependencies: Vec<Dependency>) {
-        let mut maps = self.maps.lock().expect("index lock");
+        let mut maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         Self::unlink(&mut maps, &runtime);
         for dependency in &dependencies {
             maps.dependents
@@ -61,7 +61,7 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
 
     /// Adds one dependency to what `object` depends on.
     pub fn add(&self, object: &ObjectRef<K>, dependency: Dependency) {
-        let mut maps = self.maps.lock().expect("index lock");
+        let mut maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let list = maps.dependencies.entry(object.clone()).or_default();
         if list.contains(&dependency) {
             return;
@@ -72,13 +72,13 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
 
     /// Forgets a runtime that no longer exists.
     pub fn forget(&self, runtime: &ObjectRef<K>) {
-        let mut maps = self.maps.lock().expect("index lock");
+        let mut maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         Self::unlink(&mut maps, runtime);
     }
 
     /// The runtimes that depend on `dependency`.
     pub fn dependents(&self, dependency: &Dependency) -> Vec<ObjectRef<K>> {
-        let maps = self.maps.lock().expect("index lock");
+        let maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         maps.dependents
             .get(dependency)
             .map(|set| set.iter().cloned().collect())
@@ -87,7 +87,7 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
 
     /// Keeps only the runtimes for which `keep` holds.
     pub fn retain(&self, keep: impl Fn(&ObjectRef<K>) -> bool) {
-        let mut maps = self.maps.lock().expect("index lock");
+        let mut maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let gone: Vec<_> = maps.dependencies.keys().filter(|key| !keep(key)).cloned().collect();
         for runtime in gone {
             Self::unlink(&mut maps, &runtime);
@@ -96,7 +96,11 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
 
     /// How many runtimes are indexed (for tests and metrics).
     pub fn len(&self) -> usize {
-        self.maps.lock().expect("index lock").dependencies.len()
+        self.maps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .dependencies
+            .len()
     }
 
     /// Whether no runtime is indexed.

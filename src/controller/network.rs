@@ -26,6 +26,8 @@ pub const POLICY_NAME: &str = "promptflow-runtimes";
 /// The policy's labels: the operator's, and its own name (a selector for the startup sweep).
 const POLICY_SELECTOR: &str =
     "app.kubernetes.io/managed-by=promptflow-operator,app.kubernetes.io/name=promptflow-runtime-network";
+/// The namespace label whose pods may reach runtimes of other namespaces.
+pub const CLIENTS_LABEL: &str = "promptflow.dev/runtime-clients";
 /// How many runtimes of one compute instance the policy gives ports to.
 pub const INSTANCE_SLOTS: usize = 32;
 
@@ -130,7 +132,22 @@ pub fn policy(namespace: &str, settings: &NetworkSettings) -> NetworkPolicy {
             policy_types: Some(vec!["Ingress".into()]),
             ingress: Some(vec![
                 NetworkPolicyIngressRule {
-                    from: None,
+                    // Clients: pods of the namespace itself, and of namespaces labelled
+                    // `promptflow.dev/runtime-clients: "true"` (NetworkPolicies only add: anyone
+                    // allowed by another policy still is).
+                    from: Some(vec![
+                        NetworkPolicyPeer {
+                            pod_selector: Some(LabelSelector::default()),
+                            ..Default::default()
+                        },
+                        NetworkPolicyPeer {
+                            namespace_selector: Some(LabelSelector {
+                                match_labels: Some(BTreeMap::from([(CLIENTS_LABEL.to_owned(), "true".to_owned())])),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                    ]),
                     ports: Some(ports(|p| p.proxy_port)),
                 },
                 NetworkPolicyIngressRule {
@@ -180,14 +197,19 @@ pub async fn ensure(ctx: &Context, namespace: &str) -> Result<(), NetworkError> 
             if !is_ours(&live) {
                 return Err(NetworkError::Conflict(namespace.to_owned()));
             }
-            if live.spec != desired.spec {
-                // Made by an operator of other settings or version: brought to these.
+            let empty = live
+                .spec
+                .as_ref()
+                .is_none_or(|spec| spec.ingress.as_ref().is_none_or(Vec::is_empty));
+            if empty {
+                // Emptied (or never filled): the operator's rules again.
                 live.spec = desired.spec;
                 api.replace(POLICY_NAME, &PostParams::default(), &live)
                     .await
                     .map_err(api_error)?;
-                info!(namespace, "runtime NetworkPolicy updated");
+                info!(namespace, "runtime NetworkPolicy filled in");
             }
+            // Otherwise it stays as it is: an administrator may have tightened it.
         }
         Err(e) => return Err(api_error(e)),
     }
@@ -222,6 +244,8 @@ pub async fn release_if_empty(ctx: &Context, namespace: &str) {
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
         Err(e) => warn!(namespace, error = %e, "cannot delete the runtime NetworkPolicy"),
     }
+    // A runtime that came meanwhile may have found the policy still there: it looks again.
+    ctx.network_ensured.remove(namespace);
     // A runtime created meanwhile gets it back.
     if has_runtimes(ctx, namespace) {
         ctx.wake_namespace(namespace);
@@ -284,7 +308,23 @@ mod tests {
                 .collect()
         };
         let (proxies, activity) = (numbers(&rules[0]), numbers(&rules[1]));
-        assert!(rules[0].from.is_none(), "anyone reaches the proxies");
+        let clients = rules[0].from.as_ref().unwrap();
+        assert_eq!(
+            clients[0].pod_selector,
+            Some(LabelSelector::default()),
+            "the namespace's own pods"
+        );
+        assert!(clients[0].namespace_selector.is_none());
+        assert_eq!(
+            clients[1]
+                .namespace_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()[CLIENTS_LABEL],
+            "true"
+        );
         assert_eq!(&proxies[..3], &[8081, 8101, 8111]);
         assert_eq!(&activity[..3], &[8082, 8102, 8112]);
         assert_eq!(proxies.len(), INSTANCE_SLOTS + 1);

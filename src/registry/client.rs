@@ -222,18 +222,14 @@ impl Session {
                 if !parsed.scheme.eq_ignore_ascii_case("Bearer") {
                     continue;
                 }
-                let realm = parsed
-                    .params
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case("realm"))
-                    .map(|(_, v)| v.to_unescaped());
-                if let Some(realm) = realm {
-                    realm_allowed(&realm, &registry, &self.settings.insecure_hosts).map_err(|detail| {
-                        RegistryError::Unauthorized {
+                // Every realm named, in every challenge: clients differ in which one they use.
+                for (_, realm) in parsed.params.iter().filter(|(k, _)| k.eq_ignore_ascii_case("realm")) {
+                    realm_allowed(&realm.to_unescaped(), &registry, &self.settings.insecure_hosts).map_err(
+                        |detail| RegistryError::Unauthorized {
                             repository: repository.to_owned(),
                             detail,
-                        }
-                    })?;
+                        },
+                    )?;
                 }
             }
         }

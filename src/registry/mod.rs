@@ -109,12 +109,18 @@ impl VersionCache {
 
     /// Button presses being answered now (each holds a slot).
     pub fn presses_in_progress(&self) -> usize {
-        self.asked.lock().expect("version cache lock").len()
+        self.asked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 
     /// Repositories (per credential) whose answer is kept.
     pub fn answers_kept(&self) -> usize {
-        self.entries.lock().expect("version cache lock").len()
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 
     /// The check interval.
@@ -132,7 +138,7 @@ impl VersionCache {
     /// returned meanwhile.
     pub fn lookup(&self, repository: &str, credential: Option<&Credential>) -> Lookup {
         let key = (repository.to_owned(), fingerprint(credential));
-        let mut entries = self.entries.lock().expect("version cache lock");
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = entries.entry(key.clone()).or_default();
         entry.used = Instant::now();
         let stale = match &entry.answer {
@@ -164,13 +170,13 @@ impl VersionCache {
         let pressed = Instant::now();
         let key = (repository.to_owned(), fingerprint(credential));
         let slot = {
-            let mut asked = self.asked.lock().expect("version cache lock");
+            let mut asked = self.asked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             asked.entry(key.clone()).or_default().clone()
         };
         let answer = self.press(&slot, pressed, key.clone(), repository, credential).await;
         // A slot nobody holds can serve no later press (its request started before it), so the
         // last press of a burst takes it out: the map holds presses in progress only.
-        let mut asked = self.asked.lock().expect("version cache lock");
+        let mut asked = self.asked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if asked
             .get(&key)
             .is_some_and(|held| Arc::ptr_eq(held, &slot) && Arc::strong_count(&slot) == 2)
@@ -198,7 +204,7 @@ impl VersionCache {
         let answer = ask(&self.registry, &self.denied, &*self.requests, repository, credential).await;
         *last = Some((started, answer.clone()));
         let changed = {
-            let mut entries = self.entries.lock().expect("version cache lock");
+            let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let entry = entries.entry(key).or_default();
             let changed = entry.answer.as_ref().is_none_or(|(_, before)| differs(before, &answer));
             entry.answer = Some((Instant::now(), answer.clone()));
@@ -229,7 +235,7 @@ impl VersionCache {
                 let answer = ask(&registry, &denied, &*requests, &key.0, credential.as_ref()).await;
                 let failed = answer.is_err();
                 let (changed, still_used) = {
-                    let mut entries = entries.lock().expect("version cache lock");
+                    let mut entries = entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     // `refresh` runs under the lock `lookup` holds, so unused entries go here.
                     entries.retain(|k, entry| *k == key || entry.refreshing || entry.used.elapsed() < unused);
                     let entry = entries.entry(key.clone()).or_default();

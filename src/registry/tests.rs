@@ -248,6 +248,15 @@ async fn credentials_never_go_to_a_token_realm_that_is_not_https() {
     assert!(error.to_string().contains("credentials are not sent"), "{error}");
     assert_eq!(token_hits.load(Ordering::Relaxed), 0);
 
+    // A second realm parameter (a client may take the last) is checked too.
+    let (second, second_hits) = challenging("https://auth.example/token\",realm=\"http://{token}/token").await;
+    let error = session(&second)
+        .tags(&format!("{second}/team/runtime"), Some(&credential))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("credentials are not sent"), "{error}");
+    assert_eq!(second_hits.load(Ordering::Relaxed), 0);
+
     // Anonymous checks send nothing to protect: the realm is asked as the registry says.
     let _ = session(&host).tags(&format!("{host}/team/runtime"), None).await;
     assert!(token_hits.load(Ordering::Relaxed) > 0, "an anonymous token is fetched");

@@ -90,7 +90,7 @@ async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
         kubectl_stdin(&["apply", "-f", "-"], &rbac).await;
         // The admission policies the chart installs bind the operator's own service account.
         let policies = documents_of(&rendered, &["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]);
-        assert_eq!(policies.matches("\nkind: ValidatingAdmissionPolicy\n").count(), 3, "{policies}");
+        assert_eq!(policies.matches("\nkind: ValidatingAdmissionPolicy\n").count(), 4, "{policies}");
         kubectl_stdin(&["apply", "-f", "-"], &policies).await;
         let account = format!("{release}-promptflow-operator");
 
@@ -198,6 +198,7 @@ async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
         let restricted = json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}});
         let pod = |metadata: serde_json::Value, security: serde_json::Value| {
             json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": {
+                "automountServiceAccountToken": false,
                 "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
                 "containers": [{"name": "c", "image": "busybox", "securityContext": security}]}})
         };
@@ -214,8 +215,20 @@ async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
         let mut host = pod(json!({"name": "host", "labels": labels, "ownerReferences": owner}), restricted.clone());
         host["spec"]["hostNetwork"] = json!(true);
         host["spec"]["volumes"] = json!([{"name": "root", "hostPath": {"path": "/"}}]);
+        let mut token = pod(json!({"name": "token", "labels": labels, "ownerReferences": owner}), restricted.clone());
+        token["spec"]["automountServiceAccountToken"] = json!(true);
+        token["spec"]["serviceAccountName"] = json!("default");
+        let mut two_owners = owner.clone();
+        two_owners.as_array_mut().unwrap().push(json!({"apiVersion": "v1", "kind": "ConfigMap", "name": "kube-root-ca.crt", "uid": "0"}));
+        let two_owners = pod(json!({"name": "two-owners", "labels": labels, "ownerReferences": two_owners}), restricted.clone());
+        let mut capable = restricted.clone();
+        capable["capabilities"]["add"] = json!(["SYS_ADMIN"]);
+        let capable = pod(json!({"name": "capable", "labels": labels, "ownerReferences": owner}), capable);
         let dry = PostParams { dry_run: true, ..Default::default() };
         for (object, expected) in [
+            (token, "without a service account token"),
+            (two_owners, "their only owner"),
+            (capable, "Pod Security"),
             (pod(json!({"name": "privileged", "labels": labels, "ownerReferences": owner}), privileged), "may not create privileged containers"),
             (unlabelled, "labelled app.kubernetes.io/managed-by=promptflow-operator"),
             (root, "run as non-root"),
@@ -231,13 +244,41 @@ async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
         }
         let service = |metadata: serde_json::Value| {
             serde_json::from_value::<k8s_openapi::api::core::v1::Service>(json!({"metadata": metadata,
-                "spec": {"selector": {"app": "db"}, "ports": [{"port": 5432}]}})).unwrap()
+                "spec": {"clusterIP": "None", "selector": {"app": "db"}, "ports": [{"port": 5432}]}})).unwrap()
         };
         let denied = services_as_operator.create(&dry, &service(json!({"name": "db", "labels": labels}))).await;
         assert!(
             matches!(&denied, Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("whose controller is a PromptFlowRuntime or ComputeInstance")),
             "a Service without an owner: {denied:?}"
         );
+        let mut exposed = service(json!({"name": "db", "labels": labels, "ownerReferences": owner}));
+        exposed.spec.as_mut().unwrap().type_ = Some("LoadBalancer".into());
+        exposed.spec.as_mut().unwrap().cluster_ip = None;
+        let denied = services_as_operator.create(&dry, &exposed).await;
+        assert!(
+            matches!(&denied, Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("headless ClusterIP")),
+            "a LoadBalancer: {denied:?}"
+        );
+        // Someone else's pod cannot be made the operator's by an update, nor deleted.
+        let theirs = crate::runtime::create(
+            &ns.api::<k8s_openapi::api::core::v1::Pod>(),
+            json!({"metadata": {"name": "theirs"}, "spec": {"containers": [{"name": "app", "image": "busybox"}]}}),
+        )
+        .await;
+        let hijack = json!({"metadata": {"labels": labels, "ownerReferences": owner}});
+        let denied = pods_as_operator
+            .patch("theirs", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(hijack))
+            .await;
+        assert!(
+            matches!(&denied, Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("already were the operator's")),
+            "{denied:?}"
+        );
+        let denied = pods_as_operator.delete("theirs", &kube::api::DeleteParams::default()).await;
+        assert!(
+            matches!(&denied, Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("may only delete what the operator made")),
+            "{denied:?}"
+        );
+        assert_eq!(ns.api::<k8s_openapi::api::core::v1::Pod>().get("theirs").await.unwrap().metadata.uid, theirs.metadata.uid);
         // The runtime NetworkPolicy the operator made under the policy; no other is allowed.
         let network_policies: kube::Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
             kube::Api::namespaced(as_operator_client.clone(), &ns.name);

@@ -187,3 +187,45 @@ async fn an_instance_restart_the_api_server_would_refuse_keeps_its_pod_and_runti
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_runtime_whose_flow_goes_keeps_its_containers_and_its_neighbours_their_work() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::ResourceExt;
+    with_namespace("pf-ci-unresolved", |ns| async move {
+        let _operator = operator(&ns);
+        let flow = json!({"metadata": {"name": "flow-a"}, "data": {"flow.dag.yaml": "inputs: {}\n"}});
+        crate::runtime::create(&ns.api::<ConfigMap>(), flow.clone()).await;
+        create_instance(&ns, "ci", json!({})).await;
+        let on_ci = json!({"instance": {"name": "ci", "acknowledgeRestart": true}});
+        crate::runtime::create_runtime(&ns, "a", json!({"compute": on_ci, "flow": {"configMapName": "flow-a"}})).await;
+        create_on_instance(&ns, "b", "ci", true).await;
+        wait_running_with(&ns, "ci", &["a", "b"]).await;
+        wait_runtime(&ns, "a", RuntimePhase::Running, None).await;
+        let serving = ns.api::<Pod>().get("ci-instance").await.unwrap();
+
+        // a's flow goes: a keeps serving from the containers it has, b keeps its work.
+        ns.api::<ConfigMap>()
+            .delete("flow-a", &DeleteParams::default())
+            .await
+            .unwrap();
+        let held = wait_state(&ns, "ci", InstanceState::Running, Some("RuntimeUnresolved")).await;
+        assert!(held.status.unwrap().message.unwrap_or_default().contains("runtime a"));
+        let a = crate::runtime::wait_condition(&ns, "a", "SpecApplied", "False", "FlowNotFound").await;
+        assert_eq!(a.status.unwrap().phase, RuntimePhase::Running);
+        wait_runtime(&ns, "b", RuntimePhase::Running, None).await;
+        tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+        assert_eq!(
+            ns.api::<Pod>().get("ci-instance").await.unwrap().uid(),
+            serving.uid(),
+            "the instance restarted for one runtime's missing flow"
+        );
+
+        // Back: nothing to restart for.
+        crate::runtime::create(&ns.api::<ConfigMap>(), flow).await;
+        wait_state(&ns, "ci", InstanceState::Running, Some("PodReady")).await;
+        crate::runtime::wait_condition(&ns, "a", "SpecApplied", "True", "SpecApplied").await;
+        assert_eq!(ns.api::<Pod>().get("ci-instance").await.unwrap().uid(), serving.uid());
+    })
+    .await;
+}

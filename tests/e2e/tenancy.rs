@@ -376,7 +376,7 @@ async fn the_runtime_network_policy_in(ns: TestNamespace, foreign: TestNamespace
             (port(&rules[0], 0), port(&rules[1], 0)),
             (Some(Int(8081)), Some(Int(8082)))
         );
-        assert!(rules[0].from.is_none() && rules[1].from.is_some());
+        assert!(rules[0].from.is_some() && rules[1].from.is_some());
         // Its selector picks the runtime pods, not the user's.
         let selector = spec.pod_selector.unwrap();
         let expressions = selector.match_expressions.unwrap();

@@ -28,24 +28,25 @@ pub fn wants(runtime: &PromptFlowRuntime, namespace: &str, name: &str) -> bool {
 
 /// The runtimes to attach, sorted by name (the order new ones take free slots in), read and resolved. `dependencies`
 /// collects what was read, for the instance's dependency index.
-pub async fn runtimes(
-    instance: &ComputeInstance,
-    ctx: &Context,
-    dependencies: &mut Vec<Dependency>,
-) -> Result<Vec<(Arc<PromptFlowRuntime>, plan::Resolved)>> {
+pub async fn runtimes(instance: &ComputeInstance, ctx: &Context, dependencies: &mut Vec<Dependency>) -> Result<Attach> {
     let namespace = instance.namespace().unwrap_or_default();
     let name = instance.name_any();
     let mut wanted = ctx.runtimes.state_filter(|rt| wants(rt, &namespace, &name));
     wanted.sort_by_key(|rt| rt.name_any());
     let key = ObjectRef::from_obj(instance);
     let mut resolved = Vec::with_capacity(wanted.len());
+    let mut unresolved = vec![];
     for runtime in wanted {
         let observed = observe::observe(&runtime, ctx, &namespace, |read| {
             dependencies.extend(read.into_iter().filter(|d| !matches!(d, Dependency::Instance(..))));
             ctx.instance_index.record(key.clone(), dependencies.clone());
         })
         .await?;
-        if let (_, Ok(mut found)) = plan::resolve(&runtime, &observed, &ctx.template.requirements) {
+        let (_, outcome) = plan::resolve(&runtime, &observed, &ctx.template.requirements);
+        if outcome.is_err() {
+            unresolved.push(runtime.name_any());
+        }
+        if let Ok(mut found) = outcome {
             // The version the runtime's own reconcile pinned; a runtime not pinned yet waits.
             versions::apply_pin(&runtime, &mut found);
             if runtime.spec.image.version.is_some()
@@ -56,7 +57,16 @@ pub async fn runtimes(
             }
         }
     }
-    Ok(resolved)
+    Ok(Attach { resolved, unresolved })
+}
+
+/// The runtimes to attach, and those that want to be attached but cannot be resolved now (a
+/// flow, service account or pull secret gone): they say why in their own status.
+pub struct Attach {
+    /// Resolved, sorted by name.
+    pub resolved: Vec<(Arc<PromptFlowRuntime>, plan::Resolved)>,
+    /// Names of the unresolved ones.
+    pub unresolved: Vec<String>,
 }
 
 /// The resolved runtimes as the pod builder takes them, each in its slot: the one it has in the

@@ -83,25 +83,31 @@ impl InstanceMemory {
 
     /// The status to decide from: ours, when the cache still shows the version we wrote over.
     fn baseline(&self, instance: &ComputeInstance) -> Option<ComputeInstanceStatus> {
-        let statuses = self.statuses.lock().expect("instance memory lock");
+        let statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let own = statuses.get(&ObjectRef::from_obj(instance))?;
         (own.over.is_some() && own.over == instance.metadata.resource_version).then(|| own.status.clone())
     }
 
     /// How long a restart first seen now (or earlier) still waits for more changes to join it.
     fn batch_wait(&self, key: &ObjectRef<ComputeInstance>, window: Duration) -> Option<Duration> {
-        let mut pending = self.pending.lock().expect("instance memory lock");
+        let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let first = *pending.entry(key.clone()).or_insert_with(Instant::now);
         window.checked_sub(first.elapsed()).filter(|left| !left.is_zero())
     }
 
     fn settled(&self, key: &ObjectRef<ComputeInstance>) {
-        self.pending.lock().expect("instance memory lock").remove(key);
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
     }
 
     /// Drops what is kept for a deleted instance.
     pub fn forget(&self, key: &ObjectRef<ComputeInstance>) {
-        self.statuses.lock().expect("instance memory lock").remove(key);
+        self.statuses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
         self.settled(key);
     }
 
@@ -120,6 +126,18 @@ impl InstanceMemory {
 
 /// Reconciles one compute instance from its full state.
 pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Result<Action> {
+    let key = ObjectRef::from_obj(&*instance);
+    let result = reconcile_instance(instance.clone(), ctx.clone()).await;
+    // Deleted while this reconcile ran: what it recorded after the deletion was forgotten is
+    // forgotten again, and nothing is retried.
+    if ctx.instances.get(&key).is_none() {
+        forget(&ctx, &instance);
+        return Ok(Action::await_change());
+    }
+    result
+}
+
+async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Result<Action> {
     ctx.caches_filled().await?;
     let own_view;
     let instance = match ctx.instance_memory.baseline(&instance) {
@@ -298,7 +316,7 @@ pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Res
             return Ok(Action::requeue(earliest(wake_at, Some(RETRY)).unwrap_or(RETRY)));
         }
     };
-    let resolved = attach::runtimes(instance, &ctx, &mut dependencies).await?;
+    let attach::Attach { resolved, unresolved } = attach::runtimes(instance, &ctx, &mut dependencies).await?;
     ctx.instance_index.record(key.clone(), dependencies);
     let attached = attach::as_attached(&resolved, live.as_deref());
     let pod = pod_builder::instance_pod(&InstancePodInputs {
@@ -317,6 +335,41 @@ pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Res
     if changes.is_none() {
         // Nothing to restart for (any more): a later change starts a fresh batch window.
         ctx.instance_memory.settled(&key);
+    }
+    // A runtime the pod carries whose flow, account or pull secret stopped resolving keeps its
+    // containers as they are: restarting would take it off and cost every runtime its work.
+    let holding: Vec<&str> = live
+        .as_deref()
+        .filter(|live| live.metadata.deletion_timestamp.is_none())
+        .map(|live| {
+            pod_builder::attached(live)
+                .into_iter()
+                .filter(|carried| unresolved.iter().any(|u| u == carried))
+                .collect()
+        })
+        .unwrap_or_default();
+    if changes.is_some()
+        && !holding.is_empty()
+        && let Some(live) = live.as_deref()
+    {
+        ctx.instance_memory.settled(&key);
+        let ready = matches!(pod_state::classify(live), PodState::Ready { .. });
+        let held = InstanceReport {
+            state: decisions::running_state(Some(previous.state), Some(ready)),
+            reason: reasons::RUNTIME_UNRESOLVED.to_owned(),
+            message: format!(
+                "pod {} is kept as it is: runtime {} cannot be resolved now (its status says why), and a restart would take it off; fix it or detach it, and pending changes follow",
+                live.name_any(),
+                holding.join(", ")
+            ),
+            runtimes: carried_names(live),
+            next,
+            conditions,
+            last_activity,
+            handled,
+        };
+        report::write(instance, &ctx, &held).await?;
+        return Ok(wake_at.map_or_else(Action::await_change, Action::requeue));
     }
     if let Some(changes) = &changes {
         // A restart waits a moment for more attach and detach changes to join it.

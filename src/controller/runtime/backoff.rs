@@ -31,7 +31,7 @@ impl Backoff {
 
     /// Counts one more attempt for `key` and returns how long to wait before the next.
     pub fn next(&self, key: &ObjectRef<PromptFlowRuntime>) -> Duration {
-        let mut attempts = self.attempts.lock().expect("backoff lock");
+        let mut attempts = self.attempts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let count = attempts.entry(key.clone()).or_insert(0);
         *count = count.saturating_add(1);
         FIRST.saturating_mul(1 << (*count - 1).min(6)).min(LONGEST)
@@ -39,12 +39,18 @@ impl Backoff {
 
     /// Starts over for `key`.
     pub fn reset(&self, key: &ObjectRef<PromptFlowRuntime>) {
-        self.attempts.lock().expect("backoff lock").remove(key);
+        self.attempts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
     }
 
     /// Keeps only the runtimes for which `keep` holds.
     pub fn retain(&self, keep: impl Fn(&ObjectRef<PromptFlowRuntime>) -> bool) {
-        self.attempts.lock().expect("backoff lock").retain(|key, _| keep(key));
+        self.attempts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|key, _| keep(key));
     }
 }
 

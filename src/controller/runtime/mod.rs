@@ -44,7 +44,14 @@ pub use super::context::{Context, MANAGER};
 pub async fn reconcile(runtime: Arc<PromptFlowRuntime>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_timer();
     let key = ObjectRef::from_obj(&*runtime);
-    match reconcile_runtime(&runtime, &ctx).await {
+    let result = reconcile_runtime(&runtime, &ctx).await;
+    // Deleted while this reconcile ran (its writes then fail with 404): what it recorded after
+    // the deletion was forgotten is forgotten again, and nothing is retried.
+    if ctx.runtimes.get(&key).is_none() {
+        forget(&ctx, &runtime);
+        return Ok(Action::await_change());
+    }
+    match result {
         Ok(action) => {
             ctx.failures.reset(&key);
             Ok(action)

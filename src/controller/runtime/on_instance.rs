@@ -102,6 +102,9 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
                 asked.name
             ),
         ),
+        // Still carried by the instance's pod (which keeps it as it is): it serves as before,
+        // and SpecApplied says what to fix.
+        (Err(_), Some(instance)) if placement.is_some() => instance_verdict(instance, live.as_deref(), &name, ctx),
         (Err(problem), _) => Verdict::not_available(problem.reason, problem.message.clone()),
         (_, None) => Verdict::not_available(
             reasons::COMPUTE_INSTANCE_NOT_FOUND,

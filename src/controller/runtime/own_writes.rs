@@ -39,7 +39,7 @@ impl OwnWrites {
     /// The status to compare against: ours when the cached runtime predates our last write.
     pub fn status_baseline(&self, runtime: &PromptFlowRuntime) -> Option<PromptFlowRuntimeStatus> {
         let key = ObjectRef::from_obj(runtime);
-        let mut statuses = self.statuses.lock().expect("own writes lock");
+        let mut statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let cached_version = runtime.metadata.resource_version.clone().unwrap_or_default();
         match statuses.get(&key) {
             Some(written) if written.stale.contains(&cached_version) => Some(written.status.clone()),
@@ -56,7 +56,7 @@ impl OwnWrites {
         let (Some(over), Some(produced)) = (runtime.metadata.resource_version.clone(), produced) else {
             return;
         };
-        let mut statuses = self.statuses.lock().expect("own writes lock");
+        let mut statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = statuses
             .entry(ObjectRef::from_obj(runtime))
             .or_insert_with(|| OwnStatusWrite {
@@ -76,7 +76,7 @@ impl OwnWrites {
     /// When a pod missing from the cache was created by us moments ago: how long to keep trusting
     /// that it exists. A pod the cache shows ends the entry.
     pub fn pod_pending(&self, pod: &ObjectRef<Pod>, cached: bool) -> Option<Duration> {
-        let mut pods = self.pods.lock().expect("own writes lock");
+        let mut pods = self.pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if cached {
             pods.remove(pod);
             return None;
@@ -89,14 +89,17 @@ impl OwnWrites {
     }
 
     pub fn created_pod(&self, pod: ObjectRef<Pod>) {
-        self.pods.lock().expect("own writes lock").insert(pod, Instant::now());
+        self.pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(pod, Instant::now());
     }
 
     /// Whether a Service the cache does not show (or shows as it was) was applied by us moments
     /// ago, so applying it again would repeat the write. A Service the cache shows as wanted ends
     /// the entry.
     pub fn service_pending(&self, service: &ObjectRef<Service>, cached_as_wanted: bool) -> bool {
-        let mut services = self.services.lock().expect("own writes lock");
+        let mut services = self.services.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if cached_as_wanted {
             services.remove(service);
             return false;
@@ -120,7 +123,7 @@ impl OwnWrites {
 
     /// Whether the cached pod with `uid` is one we already deleted (the cache lags behind).
     pub fn already_deleted(&self, pod: &ObjectRef<Pod>, uid: Option<&str>) -> bool {
-        let mut deleted = self.deleted.lock().expect("own writes lock");
+        let mut deleted = self.deleted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match (deleted.get(pod), uid) {
             (Some(gone), Some(uid)) if gone == uid => true,
             (Some(_), _) => {
@@ -132,7 +135,10 @@ impl OwnWrites {
     }
 
     pub fn deleted_pod(&self, pod: ObjectRef<Pod>, uid: String) {
-        self.deleted.lock().expect("own writes lock").insert(pod, uid);
+        self.deleted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(pod, uid);
     }
 
     /// Keeps only the runtimes for which `keep` holds (pods follow their runtime's name).
@@ -156,20 +162,37 @@ impl OwnWrites {
             .lock()
             .expect("own writes lock")
             .retain(|pod, _| !runtime_pod(pod) || keep(&runtime_of(pod)));
-        self.services.lock().expect("own writes lock").retain(|service, _| {
-            let mut key = ObjectRef::<PromptFlowRuntime>::new(&service.name);
-            key.namespace = service.namespace.clone();
-            keep(&key)
-        });
+        self.services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|service, _| {
+                let mut key = ObjectRef::<PromptFlowRuntime>::new(&service.name);
+                key.namespace = service.namespace.clone();
+                keep(&key)
+            });
     }
 
     /// Entries kept, all maps together.
     pub fn len(&self) -> usize {
-        let lock = "own writes lock";
-        self.statuses.lock().expect(lock).len()
-            + self.pods.lock().expect(lock).len()
-            + self.deleted.lock().expect(lock).len()
-            + self.services.lock().expect(lock).len()
+        self.statuses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+            + self
+                .pods
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .len()
+            + self
+                .deleted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .len()
+            + self
+                .services
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .len()
     }
 
     /// Whether nothing is kept.
@@ -179,18 +202,29 @@ impl OwnWrites {
 
     /// Drops what is kept for a pod whose owner was deleted.
     pub fn forget_pod(&self, pod: &ObjectRef<Pod>) {
-        self.pods.lock().expect("own writes lock").remove(pod);
-        self.deleted.lock().expect("own writes lock").remove(pod);
+        self.pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(pod);
+        self.deleted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(pod);
     }
 
     /// Drops what is kept for a deleted runtime.
     pub fn forget(&self, runtime: &ObjectRef<PromptFlowRuntime>, pod: &ObjectRef<Pod>) {
-        self.statuses.lock().expect("own writes lock").remove(runtime);
-        self.pods.lock().expect("own writes lock").remove(pod);
-        self.deleted.lock().expect("own writes lock").remove(pod);
+        self.statuses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(runtime);
+        self.forget_pod(pod);
         let mut service = ObjectRef::<Service>::new(&runtime.name);
         service.namespace = runtime.namespace.clone();
-        self.services.lock().expect("own writes lock").remove(&service);
+        self.services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&service);
     }
 }
 
