@@ -58,10 +58,12 @@ pub fn decide(instance: &ComputeInstance, inputs: &RunInputs) -> Run {
         stop,
     };
     if instance.spec.state == DesiredState::Stopped {
+        // A stop asked for meanwhile is done already: recorded as handled, so it does not stop
+        // the instance again right after the next start.
         return stop(
             reasons::STOPPED_BY_SPEC,
             "spec.state is Stopped; set it to Running to start the instance".to_owned(),
-            None,
+            fresh(annotations::STOP, handled.stop.as_ref()),
         );
     }
     if let Some(value) = fresh(annotations::STOP, handled.stop.as_ref()) {
@@ -236,6 +238,18 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn a_stop_asked_for_while_stopped_by_spec_is_handled_then() {
+        let off = instance("Stopped", serde_json::json!({"promptflow.dev/stop": "b"}), None);
+        assert!(matches!(decide(&off, &QUIET), Run::No { stop: Some(v), .. } if v == "b"));
+        let back = instance(
+            "Running",
+            serde_json::json!({"promptflow.dev/stop": "b"}),
+            stopped(reasons::STOPPED_BY_SPEC, Some("b")),
+        );
+        assert!(runs(&decide(&back, &QUIET)), "the old stop fired after the start");
     }
 
     #[test]

@@ -229,3 +229,100 @@ async fn a_runtime_whose_flow_goes_keeps_its_containers_and_its_neighbours_their
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_runtime_moved_off_an_instance_is_sized_by_quota_and_a_stop_while_stopped_stays_handled() {
+    use kube::api::{Patch, PatchParams};
+    with_namespace("pf-ci-paths", |ns| async move {
+        let _operator = operator(&ns);
+        create_instance(&ns, "ci", json!({})).await;
+        create_on_instance(&ns, "chat", "ci", true).await;
+        let on_ci = wait_runtime(&ns, "chat", RuntimePhase::Running, None).await;
+        assert_eq!(on_ci.status.unwrap().instance_type.as_deref(), Some("Standard_DS3_v2"));
+
+        // Serverless now: the first catalog size that fits, not the instance's.
+        let runtimes = ns.api::<PromptFlowRuntime>();
+        let serverless = json!({"spec": {"compute": {"instance": null, "serverless": {}}}});
+        runtimes
+            .patch("chat", &PatchParams::default(), &Patch::Merge(serverless))
+            .await
+            .unwrap();
+        let moved = crate::harness::wait_for(
+            &runtimes,
+            "chat",
+            |rt: Option<&PromptFlowRuntime>| {
+                rt.and_then(|r| r.status.as_ref())
+                    .is_some_and(|s| s.phase == RuntimePhase::Running && s.compute.as_deref() == Some("Serverless"))
+            },
+            std::time::Duration::from_secs(60),
+        )
+        .await;
+        assert_eq!(moved.status.unwrap().instance_type.as_deref(), Some("Standard_D2s_v3"));
+        let pod = ns.api::<Pod>().get("chat-runtime").await.unwrap();
+        assert_eq!(
+            pod.metadata.annotations.unwrap()["promptflow.dev/instance-type"],
+            "Standard_D2s_v3"
+        );
+
+        // A stop asked for while spec.state is Stopped is done by then: it does not stop the
+        // instance again after the next start.
+        let instances = ns.api::<ComputeInstance>();
+        merge(&instances, "ci", json!({"spec": {"state": "Stopped"}})).await;
+        wait_state(&ns, "ci", InstanceState::Stopped, Some("StoppedBySpec")).await;
+        merge(
+            &instances,
+            "ci",
+            json!({"metadata": {"annotations": {"promptflow.dev/stop": "1"}}}),
+        )
+        .await;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        merge(&instances, "ci", json!({"spec": {"state": "Running"}})).await;
+        wait_state(&ns, "ci", InstanceState::Running, None).await;
+        tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+        let status = instances.get("ci").await.unwrap().status.unwrap();
+        assert_eq!(status.state, InstanceState::Running, "{status:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deleting_a_runtime_never_waits_on_an_instance_that_cannot_let_go_or_that_it_left() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use kube::ResourceExt;
+    with_namespace("pf-ci-stuck", |ns| async move {
+        let _operator = operator(&ns);
+        let runtimes = ns.api::<PromptFlowRuntime>();
+        let deadline = std::time::Duration::from_secs(30);
+
+        // Moved to another instance and deleted at once: it waits for the one it left.
+        create_instance(&ns, "one", json!({})).await;
+        create_instance(&ns, "two", json!({})).await;
+        create_on_instance(&ns, "mover", "one", true).await;
+        wait_running_with(&ns, "one", &["mover"]).await;
+        let mover = wait_runtime(&ns, "mover", RuntimePhase::Running, None).await;
+        merge(
+            &runtimes,
+            "mover",
+            json!({"spec": {"compute": {"instance": {"name": "two"}}}}),
+        )
+        .await;
+        runtimes.delete("mover", &DeleteParams::background()).await.unwrap();
+        crate::harness::wait_deleted(&runtimes, "mover", &mover.uid().unwrap(), deadline).await;
+
+        // An instance whose own service account is gone cannot restart: its runtime's deletion
+        // does not wait for it.
+        crate::runtime::create(&ns.api::<ServiceAccount>(), json!({"metadata": {"name": "ci-account"}})).await;
+        create_instance(&ns, "ci", json!({"serviceAccountName": "ci-account"})).await;
+        create_on_instance(&ns, "chat", "ci", true).await;
+        wait_running_with(&ns, "ci", &["chat"]).await;
+        let chat = wait_runtime(&ns, "chat", RuntimePhase::Running, None).await;
+        ns.api::<ServiceAccount>()
+            .delete("ci-account", &DeleteParams::default())
+            .await
+            .unwrap();
+        runtimes.delete("chat", &DeleteParams::background()).await.unwrap();
+        wait_state(&ns, "ci", InstanceState::Running, Some("ServiceAccountNotFound")).await;
+        crate::harness::wait_deleted(&runtimes, "chat", &chat.uid().unwrap(), deadline).await;
+    })
+    .await;
+}

@@ -462,7 +462,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
     let retry = if conflict {
         Some(apply::CONFLICT_RECHECK)
     } else {
-        action_delay(&outcome.action)
+        outcome.requeue.or_else(|| action_delay(&outcome.action))
     };
     Ok(earliest(wake_at, retry).map_or_else(Action::await_change, Action::requeue))
 }

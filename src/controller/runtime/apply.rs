@@ -37,6 +37,8 @@ pub struct PodOutcome {
     pub template_current: Option<bool>,
     /// The `promptflow.dev/restart` value this apply handled.
     pub handled_restart: Option<String>,
+    /// How soon to look again, when the action is a requeue (kube's `Action` does not say).
+    pub requeue: Option<Duration>,
     /// The replacement the API server would refuse (a dry-run create), with why: the live pod
     /// keeps serving and `SpecApplied` says so.
     pub refused: Option<String>,
@@ -51,6 +53,15 @@ impl PodOutcome {
             template_current: None,
             handled_restart: None,
             refused: None,
+            requeue: None,
+        }
+    }
+
+    /// A quiet outcome that looks again after `delay`.
+    fn later(verdict: Verdict, delay: Duration) -> Self {
+        Self {
+            requeue: Some(delay),
+            ..Self::quiet(verdict, Action::requeue(delay))
         }
     }
 }
@@ -152,14 +163,14 @@ pub async fn apply_pod(
     if let Some(trust) = ctx.own_writes.pod_pending(&pod_ref, live.is_some()) {
         return Ok(PodOutcome {
             template_current: Some(true),
-            ..PodOutcome::quiet(starting, Action::requeue(trust))
+            ..PodOutcome::later(starting, trust)
         });
     }
     let owner_uid = desired.pod.owner_references().first().map(|o| o.uid.clone());
     if let Some(live) = live.filter(|live| !controlled_by(&live.metadata, owner_uid.as_deref())) {
-        return Ok(PodOutcome::quiet(
+        return Ok(PodOutcome::later(
             Verdict::not_available(reasons::POD_CONFLICT, pod_conflict(&desired.pod, &live.name_any())),
-            Action::requeue(CONFLICT_RECHECK),
+            CONFLICT_RECHECK,
         ));
     }
     let Some(live) = live else {
@@ -178,13 +189,13 @@ pub async fn apply_pod(
             Err(kube::Error::Api(status)) if status.code == 409 => match pods.get_opt(&pod_name).await? {
                 Some(found) if controlled_by(&found.metadata, owner_uid.as_deref()) => Ok(found),
                 Some(_) => {
-                    return Ok(PodOutcome::quiet(
+                    return Ok(PodOutcome::later(
                         Verdict::not_available(reasons::POD_CONFLICT, pod_conflict(&desired.pod, &pod_name)),
-                        Action::requeue(CONFLICT_RECHECK),
+                        CONFLICT_RECHECK,
                     ));
                 }
                 // Gone again (being deleted): look again shortly.
-                None => return Ok(PodOutcome::quiet(starting, Action::requeue(Duration::from_secs(2)))),
+                None => return Ok(PodOutcome::later(starting, Duration::from_secs(2))),
             },
             other => other,
         };
@@ -203,6 +214,7 @@ pub async fn apply_pod(
                     // A restart asked for before there was a pod is done by creating it.
                     handled_restart: restart.map(str::to_owned),
                     refused: None,
+                    requeue: None,
                 })
             }
             Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains("exceeded quota") => {
@@ -230,9 +242,9 @@ pub async fn apply_pod(
                     status.message,
                     SERVER_ERROR_RETRY.as_secs()
                 );
-                Ok(PodOutcome::quiet(
+                Ok(PodOutcome::later(
                     Verdict::not_available(reasons::POD_REJECTED, message),
-                    Action::requeue(SERVER_ERROR_RETRY),
+                    SERVER_ERROR_RETRY,
                 ))
             }
             Err(err) => Err(err.into()),
@@ -283,6 +295,7 @@ pub async fn apply_pod(
             template_current: Some(template_current),
             handled_restart,
             refused: None,
+            requeue: None,
         });
     }
     let (why, reason) = match restart {
@@ -298,6 +311,7 @@ pub async fn apply_pod(
         template_current: Some(template_current),
         handled_restart,
         refused: None,
+        requeue: None,
     })
 }
 

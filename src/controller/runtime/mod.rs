@@ -118,7 +118,8 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         // compute instance waits for the instance to let go of its container.
         if !on_instance::release(ctx, runtime).await? {
             // Woken when an instance pod changes (also right after an operator restart).
-            ctx.index.record(key.clone(), on_instance::instances_watched(runtime));
+            ctx.index
+                .record(key.clone(), on_instance::instances_holding(ctx, runtime));
         }
         return Ok(Action::await_change());
     }

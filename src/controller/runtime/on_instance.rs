@@ -286,12 +286,53 @@ pub fn detached(ctx: &Context, runtime: &PromptFlowRuntime) -> bool {
             .is_none_or(|i| {
                 i.metadata.deletion_timestamp.is_some()
                     || !crate::build::controlled_by(&pod.metadata, i.metadata.uid.as_deref())
+                    || cannot_restart(&i)
             })
     })
 }
 
+/// Whether an instance cannot make a pod now (its own service account or pull secret is gone or
+/// invalid): it cannot take a runtime off, so a runtime being deleted does not wait for it; its
+/// container stays in the pod, unreachable (its Service goes), until the instance next restarts.
+fn cannot_restart(instance: &ComputeInstance) -> bool {
+    instance
+        .status
+        .as_ref()
+        .and_then(|s| s.reason.as_deref())
+        .is_some_and(|reason| {
+            [
+                reasons::SERVICE_ACCOUNT_NOT_FOUND,
+                reasons::PULL_SECRET_NOT_FOUND,
+                reasons::PULL_SECRET_INVALID,
+            ]
+            .contains(&reason)
+        })
+}
+
 /// The instances a runtime waits on: the one it asks for and the one its status last named.
 pub fn instances_watched(runtime: &PromptFlowRuntime) -> Vec<Dependency> {
+    instances_watched_with(runtime, &[])
+}
+
+/// [`instances_watched`], and every instance whose pod carries the runtime now: a runtime that
+/// moved on and was deleted waits for the one it left, which its spec and status no longer name.
+pub fn instances_holding(ctx: &Context, runtime: &PromptFlowRuntime) -> Vec<Dependency> {
+    let namespace = runtime.namespace().unwrap_or_default();
+    let name = runtime.name_any();
+    let carrying: Vec<String> = ctx
+        .pods
+        .state_filter(|pod| {
+            pod.namespace().as_deref() == Some(namespace.as_str())
+                && pod.labels().contains_key(instance_pod::INSTANCE_LABEL)
+                && instance_pod::attached_to(&pod.metadata).contains(&name.as_str())
+        })
+        .iter()
+        .map(|pod| instance_pod::instance_name(&pod.name_any()).to_owned())
+        .collect();
+    instances_watched_with(runtime, &carrying)
+}
+
+fn instances_watched_with(runtime: &PromptFlowRuntime, carrying: &[String]) -> Vec<Dependency> {
     let namespace = runtime.namespace().unwrap_or_default();
     let last = runtime
         .status
@@ -300,7 +341,7 @@ pub fn instances_watched(runtime: &PromptFlowRuntime) -> Vec<Dependency> {
         .filter(|c| c != "Serverless");
     let asked = runtime.spec.compute.instance.as_ref().map(|i| i.name.clone());
     let mut watched = vec![];
-    for instance in [asked, last].into_iter().flatten() {
+    for instance in [asked, last].into_iter().flatten().chain(carrying.iter().cloned()) {
         let dependency = Dependency::Instance(namespace.clone(), instance);
         if !watched.contains(&dependency) {
             watched.push(dependency);

@@ -29,9 +29,14 @@ pub fn choose<'a>(
     let named = named_size(runtime);
     // The size chosen at first start is kept: the live pod's, else the one the status recorded
     // (between deleting a pod and creating its replacement, quota usage still counts the old one).
-    let chosen_before = live
-        .and_then(live_size)
-        .or_else(|| runtime.status.as_ref()?.instance_type.as_deref());
+    let chosen_before = live.and_then(live_size).or_else(|| {
+        // Only a size chosen for a serverless pod: a runtime that comes off a compute
+        // instance is sized by quota, not by the instance it ran on.
+        let status = runtime.status.as_ref()?;
+        (status.compute.as_deref() == Some("Serverless"))
+            .then_some(status.instance_type.as_deref())
+            .flatten()
+    });
     if let Some(named) = named {
         let size = catalog.get(named).ok_or_else(|| Problem {
             reason: reasons::UNKNOWN_INSTANCE_TYPE,
@@ -127,6 +132,30 @@ mod tests {
         assert_eq!(kept.name, "Standard_E4ds_v4");
         assert!(!needs_sizing(&rt, Some(&sized_pod("Standard_E4ds_v4"))));
         assert!(needs_sizing(&rt, None));
+    }
+
+    #[test]
+    fn a_runtime_off_a_compute_instance_is_sized_by_quota_not_by_the_instance() {
+        let catalog = Catalog::builtin();
+        let with_status = |compute: &str| {
+            let mut rt = runtime(serde_json::json!({}));
+            rt.status = Some(
+                serde_json::from_value(serde_json::json!({"phase": "Not available", "compute": compute,
+                    "instanceType": "Standard_E4ds_v4"}))
+                .unwrap(),
+            );
+            rt
+        };
+        let moved = with_status("team-ci");
+        assert_eq!(
+            choose(&moved, None, &[], &catalog).unwrap().name,
+            catalog.instance_types[0].name
+        );
+        let serverless = with_status("Serverless");
+        assert_eq!(
+            choose(&serverless, None, &[], &catalog).unwrap().name,
+            "Standard_E4ds_v4"
+        );
     }
 
     #[test]
