@@ -152,12 +152,26 @@ async fn a_serving_runtime_stays_running_when_its_service_account_goes() {
             pod.uid(),
             "the serving pod is kept"
         );
-        let warnings: Vec<_> = events_for(&ns, "chat")
+        // The event follows the status write: wait for it, then make sure it is the only one.
+        let mut warnings = vec![];
+        for _ in 0..40 {
+            warnings = events_for(&ns, "chat")
+                .await
+                .into_iter()
+                .filter(|e| e.0 == "Warning")
+                .collect();
+            if !warnings.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let again: Vec<_> = events_for(&ns, "chat")
             .await
             .into_iter()
             .filter(|e| e.0 == "Warning")
             .collect();
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!((warnings.len(), again.len()), (1, 1), "{again:?}");
         assert!(
             warnings[0].2.contains("keeps serving") && warnings[0].2.contains("puller"),
             "{warnings:?}"
