@@ -283,6 +283,17 @@ mod tests {
         }
     }
 
+    /// A runtime in `slot`, without a flow.
+    fn at_slot<'a>(runtime: &'a PromptFlowRuntime, image: &str, secrets: &[&str], slot: usize) -> AttachedRuntime<'a> {
+        AttachedRuntime {
+            runtime,
+            image: image.into(),
+            identity: identity(secrets),
+            flow: None,
+            slot,
+        }
+    }
+
     fn build(runtimes: &[AttachedRuntime<'_>]) -> Pod {
         let catalog = Catalog::builtin();
         let instance = instance();
@@ -300,20 +311,8 @@ mod tests {
     fn each_runtime_gets_its_containers_on_its_own_ports() {
         let (a, b) = (runtime("a"), runtime("b"));
         let runtimes = [
-            AttachedRuntime {
-                runtime: &a,
-                image: "r.example/rt:1".into(),
-                identity: identity(&["shared", "team"]),
-                flow: None,
-                slot: 0,
-            },
-            AttachedRuntime {
-                runtime: &b,
-                image: "r.example/rt:2".into(),
-                identity: identity(&[]),
-                flow: None,
-                slot: 1,
-            },
+            at_slot(&a, "r.example/rt:1", &["shared", "team"], 0),
+            at_slot(&b, "r.example/rt:2", &[], 1),
         ];
         let pod = build(&runtimes);
         assert_eq!(pod.metadata.name.as_deref(), Some("ci-instance"));
@@ -404,20 +403,8 @@ mod tests {
     fn a_free_slot_is_kept_free_in_the_pod() {
         let (a, c) = (runtime("a"), runtime("c"));
         let runtimes = [
-            AttachedRuntime {
-                runtime: &a,
-                image: "r.example/rt:1".into(),
-                identity: identity(&[]),
-                flow: None,
-                slot: 0,
-            },
-            AttachedRuntime {
-                runtime: &c,
-                image: "r.example/rt:1".into(),
-                identity: identity(&[]),
-                flow: None,
-                slot: 2,
-            },
+            at_slot(&a, "r.example/rt:1", &[], 0),
+            at_slot(&c, "r.example/rt:1", &[], 2),
         ];
         let pod = build(&runtimes);
         assert_eq!(pod.metadata.annotations.as_ref().unwrap()[RUNTIMES_ANNOTATION], "a,,c");
@@ -429,13 +416,7 @@ mod tests {
     fn attaching_a_runtime_changes_the_inputs_hash() {
         let a = runtime("a");
         let empty = build(&[]);
-        let with_a = build(&[AttachedRuntime {
-            runtime: &a,
-            image: "r.example/rt:1".into(),
-            identity: identity(&[]),
-            flow: None,
-            slot: 0,
-        }]);
+        let with_a = build(&[at_slot(&a, "r.example/rt:1", &[], 0)]);
         assert_ne!(
             super::super::pod::live_inputs_hash(&empty),
             super::super::pod::live_inputs_hash(&with_a)
