@@ -78,9 +78,12 @@ pub fn assign_slots(names: &[String], live: &[Option<&str>], published: impl Fn(
         .iter()
         .map(|name| live.iter().position(|held| *held == Some(name.as_str())))
         .collect();
+    // A URL names a slot only within what this pod could have (a status edited by hand must not
+    // make a pod of millions of slots).
+    let possible = names.len() + live.len();
     for (index, name) in names.iter().enumerate() {
         if slots[index].is_none()
-            && let Some(slot) = published(name)
+            && let Some(slot) = published(name).filter(|slot| *slot < possible)
             && !slots.contains(&Some(slot))
         {
             slots[index] = Some(slot);
@@ -149,7 +152,7 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
     let mut volumes = vec![];
     let mut pull_secrets = inputs.identity.pull_secrets.clone();
     let mut runtime_digests = vec![];
-    for attached in inputs.runtimes {
+    for (position, attached) in inputs.runtimes.iter().enumerate() {
         let slot = attached.slot;
         let runtime_name = attached.runtime.name_any();
         let flow = attached.flow.as_ref().map(|(cm, env)| (cm.as_str(), env));
@@ -172,7 +175,9 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
         let flow_hash = flow.map(|(_, env)| env.content_hash.as_str());
         runtime_digests.push(serde_json::json!({
             "name": runtime_name,
-            "slot": slot,
+            // Only a slot that is not the runtime's place in name order (as before slots were
+            // kept): pods made before keep their hash, so an operator upgrade restarts nothing.
+            "slot": (slot != position).then_some(slot),
             "inputs": inputs_digest(attached.runtime, &attached.image, &attached.identity, flow_hash, &inputs.size.name),
             "flowContent": flow_hash,
         }));
@@ -387,6 +392,9 @@ mod tests {
             assign_slots(&names(&["omega", "zeta"]), &[Some("zeta")], published),
             [1, 0]
         );
+        // A URL edited to a slot this pod could never have is not taken.
+        let edited = |_: &str| Some(214_748_364);
+        assert_eq!(assign_slots(&names(&["a", "b"]), &[], edited), [0, 1]);
         assert_eq!(slot_of_url("http://zeta.v1.svc:8101"), Some(0));
         assert_eq!(slot_of_url("http://zeta.v1.svc:8121"), Some(2));
         for url in [

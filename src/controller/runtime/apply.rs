@@ -66,6 +66,9 @@ impl PodOutcome {
     }
 }
 
+/// The generated name's prefix of a dry-run replacement.
+const PROBE_PREFIX: &str = "pf-probe-";
+
 /// `text` with every `<prefix><5 generated characters>` written as `name`.
 fn without_generated_suffix(text: &str, prefix: &str, name: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -93,7 +96,10 @@ fn without_generated_suffix(text: &str, prefix: &str, name: &str) -> String {
 /// released). `Some(why)` when refused.
 async fn refused_replacement(pods: &Api<Pod>, pod: &Pod) -> Result<Option<String>> {
     let mut probe = pod.clone();
-    probe.metadata.generate_name = probe.metadata.name.take().map(|name| format!("{name}-"));
+    // A short fixed prefix: the API server cuts long ones, and the message must name the pod
+    // the same way every time.
+    probe.metadata.name = None;
+    probe.metadata.generate_name = Some(PROBE_PREFIX.into());
     let params = PostParams {
         dry_run: true,
         field_manager: Some(MANAGER.into()),
@@ -105,11 +111,7 @@ async fn refused_replacement(pods: &Api<Pod>, pod: &Pod) -> Result<Option<String
             // The message names the generated name, new on every try: the real one instead, so
             // the status (and its event) stays the same while nothing changes.
             let name = pod.name_any();
-            Ok(Some(without_generated_suffix(
-                &status.message,
-                &format!("{name}-"),
-                &name,
-            )))
+            Ok(Some(without_generated_suffix(&status.message, PROBE_PREFIX, &name)))
         }
         Err(err) => Err(err.into()),
     }
@@ -279,7 +281,8 @@ pub async fn apply_pod(
         return Ok(PodOutcome {
             template_current: Some(template_current),
             refused: Some(message),
-            ..PodOutcome::quiet(pod_state::pod_verdict(&pod_name, image, &state), Action::await_change())
+            // What refuses it (a LimitRange, a webhook, namespace labels) is not watched.
+            ..PodOutcome::later(pod_state::pod_verdict(&pod_name, image, &state), CONFLICT_RECHECK)
         });
     }
     delete_pod(ctx, live, owner_uid.as_deref()).await?;

@@ -292,7 +292,8 @@ pub fn detached(ctx: &Context, runtime: &PromptFlowRuntime) -> bool {
 }
 
 /// Whether an instance cannot make a pod now (its own service account or pull secret is gone or
-/// invalid): it cannot take a runtime off, so a runtime being deleted does not wait for it; its
+/// invalid, it holds its pod for a runtime that cannot be resolved, or its new pod would be
+/// refused): it cannot take a runtime off, so a runtime being deleted does not wait for it; its
 /// container stays in the pod, unreachable (its Service goes), until the instance next restarts.
 fn cannot_restart(instance: &ComputeInstance) -> bool {
     instance
@@ -304,6 +305,9 @@ fn cannot_restart(instance: &ComputeInstance) -> bool {
                 reasons::SERVICE_ACCOUNT_NOT_FOUND,
                 reasons::PULL_SECRET_NOT_FOUND,
                 reasons::PULL_SECRET_INVALID,
+                // Held for another runtime, or its new pod refused: no restart takes anyone off.
+                reasons::RUNTIME_UNRESOLVED,
+                reasons::POD_REJECTED,
             ]
             .contains(&reason)
         })
