@@ -406,6 +406,12 @@ pub fn forget(ctx: &Context, runtime: &PromptFlowRuntime) {
 /// Transient errors requeue with exponential backoff per runtime (5s doubling to 5m).
 pub fn error_policy(runtime: Arc<PromptFlowRuntime>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_failed(error);
+    // Deleted meanwhile (the store drops it before the deletion is forgotten): no backoff entry
+    // is kept for it, or nothing would ever take it out again.
+    if ctx.runtimes.get(&ObjectRef::from_obj(&*runtime)).is_none() {
+        ctx.failures.reset(&ObjectRef::from_obj(&*runtime));
+        return Action::await_change();
+    }
     let delay = ctx.failures.next(&ObjectRef::from_obj(&*runtime));
     warn!(name = %runtime.name_any(), namespace = ?runtime.namespace(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
