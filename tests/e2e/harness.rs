@@ -65,7 +65,11 @@ where
         Ok(Ok(Some(object))) => object,
         Ok(Ok(None)) => panic!("{name} was deleted while waiting"),
         Ok(Err(err)) => panic!("watching {name} failed: {err}"),
-        Err(_) => panic!("timed out after {timeout:?} waiting for {name}"),
+        Err(_) => {
+            // What it looked like at the end says why (its status, conditions, annotations).
+            let last = api.get_opt(name).await.ok().flatten();
+            panic!("timed out after {timeout:?} waiting for {name}; last seen: {last:#?}")
+        }
     }
 }
 

@@ -69,7 +69,7 @@ async fn a_runtime_started_after_a_stop_gets_a_full_timeout() {
         }
         annotate(&ns, "paused", "promptflow.dev/stop", "1").await;
         wait_status(&ns, "paused", "Not available", Some("StoppedByUser")).await;
-        wait_stopped_idle(&ns, "idled", TIMEOUT + Duration::from_secs(30)).await;
+        wait_stopped_idle(&ns, "idled", TIMEOUT + Duration::from_secs(60)).await;
 
         for name in ["idled", "paused"] {
             annotate(&ns, name, "promptflow.dev/start", "1").await;

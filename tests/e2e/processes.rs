@@ -86,6 +86,7 @@ pub struct PodProcesses {
 impl PodProcesses {
     /// Starts the activity proxy on `ip` (8081 traffic, 8082 activity) in front of `ip:8080`.
     pub async fn proxy(ip: &str) -> Self {
+        wait_free(&[format!("{ip}:8081"), format!("{ip}:8082")]).await;
         let child = Command::new(env!("CARGO_BIN_EXE_promptflow-operator"))
             .args([
                 "activity-proxy",
@@ -107,6 +108,7 @@ impl PodProcesses {
 
     /// Also serves the flow in `flow_dir` with `pf flow serve` on `ip:8080`.
     pub async fn with_flow(mut self, ip: &str, flow_dir: &Path) -> Self {
+        wait_free(&[format!("{ip}:8080")]).await;
         let venv = promptflow_venv();
         let child = Command::new(venv.join("bin/pf"))
             .args(["flow", "serve", "--source"])
@@ -140,6 +142,22 @@ impl PodProcesses {
     pub async fn stop(&mut self) {
         for child in &mut self.children {
             let _ = child.kill().await;
+        }
+    }
+}
+
+/// Waits until nothing listens on `addresses`: a process another stand-in started for a pod
+/// that had this IP before (kwok hands IPs on at once) may hold them for a moment after that pod
+/// is gone; starting ours meanwhile would fail to bind while the old one answers for it.
+async fn wait_free(addresses: &[String]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for address in addresses {
+        while let Err(err) = std::net::TcpListener::bind(address.as_str()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{address} stayed taken by another process for 20s: {err}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
