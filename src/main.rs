@@ -13,9 +13,10 @@ use futures::FutureExt;
 use clap::Parser;
 use clap::builder::TypedValueParser;
 use promptflow_operator::admin::{self, AdminState};
+use promptflow_operator::build::instance::ResourceLayout;
 use promptflow_operator::build::pod::{PodSecurity, PodTemplate};
 use promptflow_operator::catalog::Catalog;
-use promptflow_operator::controller::context::InstanceSettings;
+use promptflow_operator::controller::context::{InstanceSettings, LayoutChoice};
 use promptflow_operator::controller::watch_health::WatchHealth;
 use promptflow_operator::controller::{self, Settings};
 use promptflow_operator::error::Error;
@@ -25,6 +26,34 @@ use promptflow_operator::metrics::Metrics;
 use promptflow_operator::registry::RegistrySettings;
 use promptflow_operator::{preflight, proxy, telemetry};
 use tracing::{error, info};
+
+/// The `--instance-resources` choices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum InstanceResources {
+    Auto,
+    Pod,
+    Containers,
+}
+
+/// The layout instance pods start with: pod-level resources are beta and on by default from
+/// Kubernetes 1.34.
+fn instance_layout(
+    choice: InstanceResources,
+    version: &k8s_openapi::apimachinery::pkg::version::Info,
+) -> ResourceLayout {
+    let minor: u32 = version
+        .minor
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap_or(0);
+    let major: u32 = version.major.parse().unwrap_or(0);
+    match choice {
+        InstanceResources::Pod => ResourceLayout::Pod,
+        InstanceResources::Containers => ResourceLayout::Containers,
+        InstanceResources::Auto if major > 1 || (major == 1 && minor >= 34) => ResourceLayout::Pod,
+        InstanceResources::Auto => ResourceLayout::Containers,
+    }
+}
 
 /// Kubernetes operator for prompt flow runtimes. The cluster comes from the standard kubeconfig
 /// resolution: $KUBECONFIG, ~/.kube/config, or the in-cluster service account.
@@ -104,6 +133,11 @@ struct Args {
     /// `idleTimeBeforeShutdown` values are raised to it. Lower it only for tests.
     #[arg(long, env = "PF_INSTANCE_MIN_IDLE", default_value = "15m", value_parser = parse_go_duration)]
     instance_min_idle: Duration,
+    /// How a compute instance pod holds its size: `pod` (pod-level resources, Kubernetes 1.34+),
+    /// `containers` (equal shares per container), or `auto` (pod-level from 1.34, falling back
+    /// to shares when the API server drops them).
+    #[arg(long, env = "PF_INSTANCE_RESOURCES", value_enum, default_value_t = InstanceResources::Auto)]
+    instance_resources: InstanceResources,
     /// A PEM bundle of CAs trusted for registries besides the system's (repeatable).
     #[arg(long, env = "PF_REGISTRY_CA_FILE", value_delimiter = ',')]
     registry_ca_file: Vec<std::path::PathBuf>,
@@ -246,7 +280,8 @@ async fn run(args: Args) -> Result<(), Error> {
         .map_err(|e| Error::Connect(kube::Error::InferConfig(e)))?;
     let client = controller::counting_client(config, metrics.clone()).map_err(Error::Connect)?;
     let version = client.apiserver_version().await.map_err(Error::Connect)?;
-    info!(server = %version.git_version, "connected to the Kubernetes API");
+    let layout = instance_layout(args.instance_resources, &version);
+    info!(server = %version.git_version, instance_resources = layout.as_str(), "connected to the Kubernetes API");
     preflight::check_crds(&client).await?;
     info!("both CRDs are installed and Established");
     if args.check {
@@ -312,6 +347,7 @@ async fn run(args: Args) -> Result<(), Error> {
             image: args.instance_image,
             batch: Duration::from_secs(args.instance_restart_batch_seconds),
             min_idle: args.instance_min_idle,
+            layout: LayoutChoice::new(layout),
         },
         network: args
             .runtime_network_policy

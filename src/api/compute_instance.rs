@@ -180,6 +180,11 @@ pub struct ComputeInstanceStatus {
     /// already handled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handled_actions: Option<super::HandledActions>,
+    /// How the instance pod holds the instance's size: `Pod` (pod-level resources: the
+    /// containers share the size) or `Containers` (equal shares per container, where the API
+    /// server has no pod-level resources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_layout: Option<String>,
     /// Conditions: `Ready`, `Idle`, `Accepted`, and kstatus' `Reconciling` and `Stalled` (present
     /// only when true).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

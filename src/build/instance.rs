@@ -2,6 +2,12 @@
 //! instance. Its primary container holds the machine's size; every attached runtime adds its
 //! containers (runtime and activity proxy, as serverless runtimes have) on ports of its own slot.
 //! A pod's containers cannot change, which is why attaching or detaching restarts the instance.
+//!
+//! The instance's size belongs to the pod, not to each container: with pod-level resources
+//! ([`ResourceLayout::Pod`], Kubernetes 1.34+) the pod holds the size's cpu and memory and its
+//! containers share them, as processes share a VM; where the API server lacks that field
+//! ([`ResourceLayout::Containers`]) the size is split into equal shares, one per main container.
+//! Either way the pod claims the size once (plus each runtime's small proxy), never per runtime.
 
 use std::collections::BTreeMap;
 
@@ -26,6 +32,8 @@ pub const INSTANCE_LABEL: &str = "promptflow.dev/compute-instance";
 pub const RUNTIMES_ANNOTATION: &str = "promptflow.dev/runtimes";
 /// The primary container's name.
 pub const INSTANCE_CONTAINER: &str = "instance";
+/// Annotation: how the pod's size is laid out (`Pod` or `Containers`).
+pub const LAYOUT_ANNOTATION: &str = "promptflow.dev/resource-layout";
 /// The image of the primary container unless the operator is told otherwise.
 pub const DEFAULT_INSTANCE_IMAGE: &str = "mcr.microsoft.com/azureml/promptflow/promptflow-runtime-stable:latest";
 
@@ -106,6 +114,123 @@ pub fn slot_of_url(url: &str) -> Option<usize> {
         .flatten()
 }
 
+/// How an instance's size is laid over its pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResourceLayout {
+    /// Pod-level resources hold the size's cpu and memory; containers share them. Ephemeral
+    /// storage (which pod-level resources do not cover) is split into equal shares.
+    Pod,
+    /// Each main container (the instance's and each runtime's) holds an equal share of the size.
+    Containers,
+}
+
+impl ResourceLayout {
+    /// The name the pod annotation and the status carry.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pod => "Pod",
+            Self::Containers => "Containers",
+        }
+    }
+}
+
+/// The layout a pod was built with, from its annotation.
+pub fn layout_of(pod: &Pod) -> Option<ResourceLayout> {
+    match pod.annotations().get(LAYOUT_ANNOTATION).map(String::as_str) {
+        Some("Pod") => Some(ResourceLayout::Pod),
+        Some("Containers") => Some(ResourceLayout::Containers),
+        _ => None,
+    }
+}
+
+/// Whether the API server dropped the pod-level resources of a pod built with them: the
+/// cluster does not have the PodLevelResources feature, and the pod is bounded by nothing.
+pub fn pod_level_dropped(pod: &Pod) -> bool {
+    layout_of(pod) == Some(ResourceLayout::Pod) && pod.spec.as_ref().is_some_and(|spec| spec.resources.is_none())
+}
+
+/// Resources pod-level resources cover.
+fn pod_level(resource: &str) -> bool {
+    matches!(resource, "cpu" | "memory") || resource.starts_with("hugepages-")
+}
+
+/// One of `parts` equal shares of `quantity`, rounded down (cpu to millicores, the rest to
+/// whole Mi, or bytes below that); `None` when it does not parse.
+fn share_of(resource: &str, quantity: &Quantity, parts: usize) -> Option<Quantity> {
+    // The decimal arithmetic under the parse panics on quantities beyond its range.
+    let parsed = std::panic::catch_unwind(|| kube_quantity::ParsedQuantity::try_from(quantity).ok())
+        .ok()
+        .flatten()?;
+    let value = parsed.to_bytes_f64().filter(|v| v.is_finite() && *v >= 0.0)?;
+    let parts = parts.max(1) as f64;
+    if resource == "cpu" {
+        let millis = (value * 1000.0 / parts).floor().max(1.0);
+        return Some(Quantity(format!("{millis}m")));
+    }
+    let units = (value / parts).floor().max(1.0);
+    const MI: f64 = 1024.0 * 1024.0;
+    Some(Quantity(if units >= MI {
+        format!("{}Mi", (units / MI).floor())
+    } else {
+        format!("{units}")
+    }))
+}
+
+/// The part of `resources` for `keep`, each quantity divided into `parts` shares.
+fn shares(resources: &ResourceRequirements, parts: usize, keep: impl Fn(&str) -> bool) -> ResourceRequirements {
+    let split = |list: &Option<BTreeMap<String, Quantity>>| {
+        let out: BTreeMap<String, Quantity> = list
+            .iter()
+            .flatten()
+            .filter(|(resource, _)| keep(resource))
+            .map(|(resource, quantity)| {
+                let share = if parts > 1 {
+                    share_of(resource, quantity, parts).unwrap_or_else(|| quantity.clone())
+                } else {
+                    quantity.clone()
+                };
+                (resource.clone(), share)
+            })
+            .collect();
+        (!out.is_empty()).then_some(out)
+    };
+    ResourceRequirements {
+        requests: split(&resources.requests),
+        limits: split(&resources.limits),
+        ..Default::default()
+    }
+}
+
+/// The instance container's, each runtime container's and the pod's resources for an instance
+/// of `size` (`resources`) carrying `runtimes` runtimes. Resources neither pod-level resources
+/// nor shares can hold (extended resources such as GPUs) stay whole with the instance container.
+fn laid_out(
+    resources: &ResourceRequirements,
+    runtimes: usize,
+    layout: ResourceLayout,
+) -> (ResourceRequirements, ResourceRequirements, Option<ResourceRequirements>) {
+    let parts = runtimes + 1;
+    let shared = |resource: &str| pod_level(resource) || resource == "ephemeral-storage";
+    let (kept, pod) = match layout {
+        ResourceLayout::Pod => {
+            let pod = shares(resources, 1, pod_level);
+            (shares(resources, parts, |r| r == "ephemeral-storage"), Some(pod))
+        }
+        ResourceLayout::Containers => (shares(resources, parts, shared), None),
+    };
+    let extended = shares(resources, 1, |r| !shared(r));
+    let mut instance = kept.clone();
+    for (target, source) in [
+        (&mut instance.requests, extended.requests),
+        (&mut instance.limits, extended.limits),
+    ] {
+        if let Some(source) = source {
+            target.get_or_insert_with(BTreeMap::new).extend(source);
+        }
+    }
+    (instance, kept, pod)
+}
+
 /// Everything the instance pod is built from.
 pub struct InstancePodInputs<'a> {
     /// The instance.
@@ -120,19 +245,8 @@ pub struct InstancePodInputs<'a> {
     pub runtimes: &'a [AttachedRuntime<'a>],
     /// The operator's side of the template.
     pub template: &'a PodTemplate,
-}
-
-/// What a runtime container on an instance asks for: a small request of its own, and up to the
-/// instance's limits (runtimes share the machine, as on a real compute instance).
-pub fn runtime_resources(instance: &ResourceRequirements) -> ResourceRequirements {
-    ResourceRequirements {
-        requests: Some(BTreeMap::from([
-            ("cpu".to_owned(), Quantity("100m".into())),
-            ("memory".to_owned(), Quantity("256Mi".into())),
-        ])),
-        limits: instance.limits.clone(),
-        ..Default::default()
-    }
+    /// How the size is laid over the pod.
+    pub layout: ResourceLayout,
 }
 
 /// Builds the instance pod, hashes included.
@@ -140,11 +254,13 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
     let instance = inputs.instance;
     let name = instance.name_any();
     let resources = with_overrides(inputs.size.resources(), instance.spec.resources.as_ref());
+    let (instance_resources, runtime_resources, pod_resources) =
+        laid_out(&resources, inputs.runtimes.len(), inputs.layout);
     let mut containers = vec![Container {
         name: INSTANCE_CONTAINER.into(),
         image: Some(inputs.image.to_owned()),
         command: Some(vec!["sleep".into(), "infinity".into()]),
-        resources: Some(resources.clone()),
+        resources: Some(instance_resources),
         security_context: container_security(&inputs.template.security),
         ..Default::default()
     }];
@@ -159,7 +275,7 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
         let parts = runtime_parts(&PartsInputs {
             runtime_name: &runtime_name,
             image: &attached.image,
-            resources: runtime_resources(&resources),
+            resources: runtime_resources.clone(),
             flow,
             template: inputs.template,
             placement: &Placement::on_instance(&runtime_name, slot),
@@ -191,13 +307,14 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
         init_containers: (!init_containers.is_empty()).then_some(init_containers),
         volumes: (!volumes.is_empty()).then_some(volumes),
         node_selector: (!inputs.size.node_selector.is_empty()).then(|| inputs.size.node_selector.clone()),
+        resources: pod_resources,
         ..pod_spec_base(&identity, inputs.template)
     };
     let mut attached = vec![String::new(); inputs.runtimes.iter().map(|a| a.slot + 1).max().unwrap_or(0)];
     for runtime in inputs.runtimes {
         attached[runtime.slot] = runtime.runtime.name_any();
     }
-    let decided = serde_json::json!({
+    let mut decided = serde_json::json!({
         "instanceType": inputs.size.name,
         "resources": instance.spec.resources,
         "serviceAccount": identity.service_account,
@@ -205,6 +322,11 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
         "image": inputs.image,
         "runtimes": runtime_digests,
     });
+    if inputs.layout == ResourceLayout::Containers {
+        // Pods made before layouts (and pod-level pods) keep their hash: an upgrade restarts no
+        // instance; a pod-level pod on a cluster found to drop the field is remade in shares.
+        decided["layout"] = serde_json::json!(inputs.layout.as_str());
+    }
     let runtime_hashes = decided["runtimes"].to_string();
     Pod {
         metadata: ObjectMeta {
@@ -219,6 +341,7 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
                 ),
                 (INSTANCE_TYPE_ANNOTATION.to_owned(), inputs.size.name.clone()),
                 (RUNTIMES_ANNOTATION.to_owned(), attached.join(",")),
+                (LAYOUT_ANNOTATION.to_owned(), inputs.layout.as_str().to_owned()),
             ])),
             owner_references: instance.controller_owner_ref(&()).map(|owner| vec![owner]),
             ..Default::default()
@@ -300,6 +423,10 @@ mod tests {
     }
 
     fn build(runtimes: &[AttachedRuntime<'_>]) -> Pod {
+        build_in(runtimes, ResourceLayout::Pod)
+    }
+
+    fn build_in(runtimes: &[AttachedRuntime<'_>], layout: ResourceLayout) -> Pod {
         let catalog = Catalog::builtin();
         let instance = instance();
         instance_pod(&InstancePodInputs {
@@ -309,6 +436,7 @@ mod tests {
             image: DEFAULT_INSTANCE_IMAGE,
             runtimes,
             template: &PodTemplate::default(),
+            layout,
         })
     }
 
@@ -431,5 +559,76 @@ mod tests {
         );
         assert!(attached(&empty).is_empty());
         assert_eq!(build(&[]).metadata.annotations, empty.metadata.annotations, "stable");
+    }
+
+    /// A container's quantity of `resource` in its limits, when it has one.
+    fn limit(container: &Container, resource: &str) -> Option<String> {
+        let limits = container.resources.as_ref()?.limits.as_ref()?;
+        limits.get(resource).map(|q| q.0.clone())
+    }
+
+    #[test]
+    fn the_pod_holds_the_size_once_and_its_containers_share_it() {
+        let (a, b) = (runtime("a"), runtime("b"));
+        let runtimes = [
+            at_slot(&a, "r.example/rt:1", &[], 0),
+            at_slot(&b, "r.example/rt:1", &[], 1),
+        ];
+        // Standard_DS3_v2: 4 cpu, 14Gi memory, 28Gi ephemeral storage.
+        let pod = build(&runtimes);
+        assert_eq!(layout_of(&pod), Some(ResourceLayout::Pod));
+        let spec = pod.spec.as_ref().unwrap();
+        let whole = spec.resources.as_ref().expect("pod-level resources");
+        for list in [&whole.requests, &whole.limits] {
+            let list = list.as_ref().unwrap();
+            assert_eq!((list["cpu"].0.as_str(), list["memory"].0.as_str()), ("4", "14Gi"));
+            assert!(
+                !list.contains_key("ephemeral-storage"),
+                "pod-level resources do not hold it"
+            );
+        }
+        for container in spec.containers.iter().filter(|c| !c.name.starts_with("px-")) {
+            assert_eq!(limit(container, "cpu"), None, "{} shares the pod's cpu", container.name);
+            assert_eq!(limit(container, "memory"), None, "{}", container.name);
+            // 28Gi in three shares, rounded down to whole Mi.
+            assert_eq!(limit(container, "ephemeral-storage").as_deref(), Some("9557Mi"));
+        }
+        assert!(!pod_level_dropped(&pod));
+        let mut dropped = pod.clone();
+        dropped.spec.as_mut().unwrap().resources = None;
+        assert!(pod_level_dropped(&dropped), "the API server dropped the field");
+
+        // Without pod-level resources: three equal shares, the pod claims the size once.
+        let shared = build_in(&runtimes, ResourceLayout::Containers);
+        let spec = shared.spec.as_ref().unwrap();
+        assert!(spec.resources.is_none());
+        let main: Vec<_> = spec.containers.iter().filter(|c| !c.name.starts_with("px-")).collect();
+        assert_eq!(main.len(), 3);
+        for container in main {
+            assert_eq!(limit(container, "cpu").as_deref(), Some("1333m"), "{}", container.name);
+            assert_eq!(limit(container, "memory").as_deref(), Some("4778Mi"));
+            let requests = container.resources.as_ref().unwrap().requests.as_ref().unwrap();
+            assert_eq!(requests["cpu"].0, "1333m");
+        }
+        assert_ne!(
+            super::super::pod::live_inputs_hash(&pod),
+            super::super::pod::live_inputs_hash(&shared),
+            "a pod found without its pod-level resources is remade in shares"
+        );
+        // Alone, the instance container holds the whole size.
+        let alone = build_in(&[], ResourceLayout::Containers);
+        assert_eq!(
+            limit(&alone.spec.as_ref().unwrap().containers[0], "cpu").as_deref(),
+            Some("4")
+        );
+    }
+
+    #[test]
+    fn shares_round_down_and_never_reach_zero() {
+        assert_eq!(share_of("cpu", &Quantity("1".into()), 3).unwrap().0, "333m");
+        assert_eq!(share_of("cpu", &Quantity("1m".into()), 3).unwrap().0, "1m");
+        assert_eq!(share_of("memory", &Quantity("1Gi".into()), 2).unwrap().0, "512Mi");
+        assert_eq!(share_of("memory", &Quantity("1000".into()), 3).unwrap().0, "333");
+        assert!(share_of("memory", &Quantity("lots".into()), 3).is_none());
     }
 }

@@ -15,6 +15,7 @@ use super::lean::{LeanPod, LeanService};
 use super::recorder::Recorder;
 use super::runtime::{Backoff, OwnWrites};
 use crate::api::{ComputeInstance, PromptFlowRuntime};
+use crate::build::instance::ResourceLayout;
 use crate::build::pod::PodTemplate;
 use crate::catalog::Catalog;
 use crate::idle::IdleSettings;
@@ -92,6 +93,43 @@ pub struct InstanceSettings {
     pub batch: Duration,
     /// The shortest idle shutdown time; shorter `idleTimeBeforeShutdown` values are raised to it.
     pub min_idle: Duration,
+    /// How instance pods hold their size: pod-level resources until the API server is seen to
+    /// drop them (then shares, for the rest of the process).
+    pub layout: LayoutChoice,
+}
+
+/// The resource layout of new instance pods, shared by every reconcile: starts as the operator
+/// decided at start (the flag, or the server's version) and falls back to shares once.
+#[derive(Clone, Debug)]
+pub struct LayoutChoice(Arc<std::sync::atomic::AtomicBool>);
+
+impl LayoutChoice {
+    /// A choice starting at `layout`.
+    pub fn new(layout: ResourceLayout) -> Self {
+        Self(Arc::new(std::sync::atomic::AtomicBool::new(
+            layout == ResourceLayout::Pod,
+        )))
+    }
+
+    /// The layout new pods get.
+    pub fn get(&self) -> ResourceLayout {
+        if self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            ResourceLayout::Pod
+        } else {
+            ResourceLayout::Containers
+        }
+    }
+
+    /// Pod-level resources are not kept by this cluster: shares from now on. True the first time.
+    pub fn fall_back(&self) -> bool {
+        self.0.swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl PartialEq for LayoutChoice {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
 }
 
 impl Default for InstanceSettings {
@@ -100,6 +138,7 @@ impl Default for InstanceSettings {
             image: crate::build::instance::DEFAULT_INSTANCE_IMAGE.to_owned(),
             batch: Duration::from_secs(5),
             min_idle: Duration::from_secs(15 * 60),
+            layout: LayoutChoice::new(ResourceLayout::Pod),
         }
     }
 }

@@ -7,7 +7,7 @@
 //!   `last-applied-configuration`), owner references, finalizers, deletionTimestamp, generation;
 //! - pods: only the `promptflow.dev/` labels and annotations, the creation time, of the owner
 //!   references only the controller's uid (who made the pod); each container's name and
-//!   resources (a resize gives its quota usage back), the phase and its message, pod IP, the
+//!   resources (a resize gives its quota usage back), whether it has pod-level resources, the phase and its message, pod IP, the
 //!   `Ready` and `PodScheduled` conditions (type, status, reason, message) and container
 //!   statuses
 //!   (name, ready, restart count, state and last state without times or ids);
@@ -116,6 +116,10 @@ pub struct LeanPod {
 struct LeanPodSpec {
     #[serde(default)]
     containers: Vec<LeanContainer>,
+    /// Whether the pod has pod-level resources (kept as presence only: the instance controller
+    /// asks whether the API server kept them).
+    #[serde(default)]
+    resources: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -216,6 +220,7 @@ impl LeanPod {
                         ..Default::default()
                     })
                     .collect(),
+                resources: self.spec.resources.map(|_| ResourceRequirements::default()),
                 ..Default::default()
             }),
             status: self.status.as_ref().map(|status| PodStatus {

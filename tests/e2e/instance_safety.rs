@@ -326,3 +326,98 @@ async fn deleting_a_runtime_never_waits_on_an_instance_that_cannot_let_go_or_tha
     })
     .await;
 }
+
+/// An instance of Standard_DS3_v2 (4 cpu, 14Gi) with two runtimes, in a namespace whose quota
+/// holds one such machine and a little more: admitted only when the pod claims the size once.
+/// Returns the running instance pod.
+async fn two_runtimes_under_a_quota_for_one_machine(ns: &TestNamespace) -> Pod {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    use std::time::Duration;
+    let hard = json!({"requests.cpu": "5", "limits.cpu": "5", "requests.memory": "16Gi", "limits.memory": "16Gi"});
+    crate::runtime::create(
+        &ns.api::<ResourceQuota>(),
+        json!({"metadata": {"name": "one-machine"}, "spec": {"hard": hard}}),
+    )
+    .await;
+    crate::harness::wait_for(
+        &ns.api::<ResourceQuota>(),
+        "one-machine",
+        |q: Option<&ResourceQuota>| q.and_then(|q| q.status.as_ref()?.hard.as_ref()).is_some(),
+        Duration::from_secs(30),
+    )
+    .await;
+    create_instance(ns, "ci", json!({})).await;
+    create_on_instance(ns, "chat", "ci", true).await;
+    create_on_instance(ns, "eval", "ci", true).await;
+    wait_running_with(ns, "ci", &["chat", "eval"]).await;
+    for name in ["chat", "eval"] {
+        wait_runtime(ns, name, RuntimePhase::Running, None).await;
+    }
+    ns.api::<Pod>().get("ci-instance").await.unwrap()
+}
+
+fn limit_of(container: &k8s_openapi::api::core::v1::Container, resource: &str) -> Option<String> {
+    let limits = container.resources.as_ref()?.limits.as_ref()?;
+    limits.get(resource).map(|q| q.0.clone())
+}
+
+#[tokio::test]
+async fn an_instance_claims_its_size_once_with_pod_level_resources() {
+    with_namespace("pf-ci-pod-size", |ns| async move {
+        let _operator = operator(&ns);
+        let pod = two_runtimes_under_a_quota_for_one_machine(&ns).await;
+        let spec = pod.spec.unwrap();
+        let whole = spec.resources.expect("the API server kept the pod-level resources");
+        let limits = whole.limits.unwrap();
+        assert_eq!((limits["cpu"].0.as_str(), limits["memory"].0.as_str()), ("4", "14Gi"));
+        for container in spec.containers.iter().filter(|c| !c.name.starts_with("px-")) {
+            assert_eq!(
+                limit_of(container, "cpu"),
+                None,
+                "{} claims cpu of its own",
+                container.name
+            );
+            assert_eq!(limit_of(container, "memory"), None, "{}", container.name);
+        }
+        let status = ns.api::<ComputeInstance>().get("ci").await.unwrap().status.unwrap();
+        assert_eq!(status.resource_layout.as_deref(), Some("Pod"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_pod_level_resources_the_size_is_split_into_shares() {
+    with_namespace("pf-ci-shares", |ns| async move {
+        let _operator = crate::harness::OperatorProcess::start(
+            &crate::harness::kubeconfig(),
+            &[
+                "--watch-namespace",
+                &ns.name,
+                "--instance-restart-batch-seconds=3",
+                "--instance-resources=containers",
+            ],
+        );
+        let pod = two_runtimes_under_a_quota_for_one_machine(&ns).await;
+        let spec = pod.spec.unwrap();
+        assert!(spec.resources.is_none());
+        let main: Vec<_> = spec.containers.iter().filter(|c| !c.name.starts_with("px-")).collect();
+        assert_eq!(main.len(), 3);
+        for container in main {
+            assert_eq!(
+                limit_of(container, "cpu").as_deref(),
+                Some("1333m"),
+                "{}",
+                container.name
+            );
+            assert_eq!(
+                limit_of(container, "memory").as_deref(),
+                Some("4778Mi"),
+                "{}",
+                container.name
+            );
+        }
+        let status = ns.api::<ComputeInstance>().get("ci").await.unwrap().status.unwrap();
+        assert_eq!(status.resource_layout.as_deref(), Some("Containers"));
+    })
+    .await;
+}

@@ -33,7 +33,7 @@ use crate::api::conditions::{self, reasons};
 use crate::api::{
     ComputeInstance, ComputeInstanceStatus, HandledActions, InstanceState, RuntimePhase, ScheduledAction,
 };
-use crate::build::instance::{self as pod_builder, InstancePodInputs};
+use crate::build::instance::{self as pod_builder, InstancePodInputs, ResourceLayout};
 use crate::build::pod::live_inputs_hash;
 use crate::error::{Error, Result};
 use crate::identity;
@@ -160,6 +160,13 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
     let now = Timestamp::now();
     let previous = instance.status.clone().unwrap_or_default();
     let live = ctx.own_pod(&pod_builder::pod_name(&name), &namespace, instance);
+    if live.as_deref().is_some_and(pod_builder::pod_level_dropped) && ctx.instance_settings.layout.fall_back() {
+        warn!(
+            %name, %namespace,
+            "the API server dropped the pod-level resources of the instance pod (no PodLevelResources feature): instance pods hold their size in per-container shares from now on"
+        );
+    }
+    let live_layout = live.as_deref().and_then(pod_builder::layout_of);
 
     // Schedules: what fell due since the announced trigger, and what comes next.
     let (compiled, problems) = schedule::compile(&instance.spec.schedules);
@@ -205,6 +212,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
             conditions,
             last_activity: None,
             handled: HandledActions::default(),
+            layout: None,
         };
         report::write(instance, &ctx, &failed).await?;
         return Ok(Action::await_change());
@@ -265,6 +273,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
             conditions,
             last_activity,
             handled,
+            layout: None,
         };
         report::write(instance, &ctx, &stopped).await?;
         return Ok(wake_at.map_or_else(Action::await_change, Action::requeue));
@@ -311,6 +320,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
                 conditions,
                 last_activity,
                 handled,
+                layout: live_layout,
             };
             report::write(instance, &ctx, &waiting).await?;
             return Ok(Action::requeue(earliest(wake_at, Some(RETRY)).unwrap_or(RETRY)));
@@ -326,6 +336,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
         image: &image,
         runtimes: &attached,
         template: &ctx.template,
+        layout: ctx.instance_settings.layout.get(),
     });
     let changes = live
         .as_deref()
@@ -367,6 +378,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
             conditions,
             last_activity,
             handled,
+            layout: live_layout,
         };
         report::write(instance, &ctx, &held).await?;
         return Ok(wake_at.map_or_else(Action::await_change, Action::requeue));
@@ -383,6 +395,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
                 conditions,
                 last_activity,
                 handled,
+                layout: live_layout,
             };
             report::write(instance, &ctx, &keep).await?;
             info!(%name, %namespace, %changes, wait_ms = wait.as_millis() as u64, "restart batched");
@@ -405,6 +418,8 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
     let pod_ready = verdict.phase == RuntimePhase::Running;
     let conflict = verdict.reason == reasons::POD_CONFLICT;
     let refused = outcome.refused.is_some();
+    // The live pod's layout while it stays; the new one's when a pod is being made.
+    let keeps_live = refused || (changes.is_none() && live.is_some());
     let (state, reason, message) = if verdict.reason == reasons::POD_REJECTED || conflict {
         (InstanceState::Failed, verdict.reason, verdict.message)
     } else if let Some(why) = outcome.refused {
@@ -447,6 +462,11 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
         .filter(|_| state != InstanceState::Restarting || refused)
         .map(carried_names)
         .unwrap_or_default();
+    let layout = if keeps_live {
+        live_layout
+    } else {
+        Some(ctx.instance_settings.layout.get()).filter(|_| state != InstanceState::Stopped)
+    };
     let running = InstanceReport {
         state,
         reason,
@@ -456,6 +476,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
         conditions,
         last_activity,
         handled,
+        layout,
     };
     report::write(instance, &ctx, &running).await?;
     info!(%name, %namespace, state = ?state, "reconciled compute instance");
@@ -483,6 +504,16 @@ fn describe_changes(live: &Pod, desired: &Pod) -> String {
     }
     if !detach.is_empty() {
         parts.push(format!("detach {}", detach.join(", ")));
+    }
+    let (was, will) = (pod_builder::layout_of(live), pod_builder::layout_of(desired));
+    match will {
+        Some(ResourceLayout::Containers) if was == Some(ResourceLayout::Pod) => parts.push(
+            "hold the size in per-container shares (the API server does not keep pod-level resources)".to_owned(),
+        ),
+        Some(ResourceLayout::Pod) if was == Some(ResourceLayout::Containers) => {
+            parts.push("hold the size in pod-level resources".to_owned());
+        }
+        _ => {}
     }
     if parts.is_empty() {
         parts.push("update the runtimes' or the instance's containers".to_owned());

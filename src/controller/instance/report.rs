@@ -8,6 +8,7 @@ use kube::{Api, Resource, ResourceExt};
 
 use crate::api::conditions::{self, reasons};
 use crate::api::{ComputeInstance, ComputeInstanceStatus, HandledActions, InstanceState, ScheduledAction};
+use crate::build::instance::ResourceLayout;
 use crate::controller::context::{Context, MANAGER};
 use crate::controller::runtime::report::{Notice, publish};
 use crate::controller::runtime::status::{ConditionState, condition, progress, set_condition};
@@ -31,6 +32,8 @@ pub struct InstanceReport {
     pub last_activity: Option<Time>,
     /// Action values handled now.
     pub handled: HandledActions,
+    /// How the pod (the live one, or the one being made) holds the instance's size.
+    pub layout: Option<ResourceLayout>,
 }
 
 /// The status over `previous` at `generation`; transitions at `now`.
@@ -76,6 +79,7 @@ pub fn compose(
         observed_generation: generation,
         last_activity_time: report.last_activity.clone().or(previous.last_activity_time),
         handled_actions: (handled_actions != HandledActions::default()).then_some(handled_actions),
+        resource_layout: report.layout.map(|layout| layout.as_str().to_owned()),
         conditions: all,
     }
 }
