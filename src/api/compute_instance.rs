@@ -68,6 +68,68 @@ pub struct ComputeInstanceSpec {
     #[schemars(length(max = 4))]
     #[x_kube(merge_strategy = ListMerge::Atomic)]
     pub schedules: Vec<Schedule>,
+
+    /// The instance's disk: a PersistentVolumeClaim `<instance>-home`, mounted at
+    /// `/home/promptflow` in the instance container and every runtime container, kept across
+    /// stop, start, restart and runtime attach and detach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<InstanceStorage>,
+}
+
+/// Where an instance's disk is mounted in the instance container and every runtime container.
+pub const HOME_MOUNT: &str = "/home/promptflow";
+
+/// The instance's disk.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[x_kube(
+    validation = Rule::new("!isQuantity(oldSelf.size) || !isQuantity(self.size) || quantity(self.size).compareTo(quantity(oldSelf.size)) >= 0")
+        .message("spec.storage.size can only grow: a PersistentVolumeClaim cannot shrink"),
+    validation = Rule::new("has(self.storageClassName) == has(oldSelf.storageClassName) && (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)")
+        .message("spec.storage.storageClassName cannot change: the claim is bound to a volume of its class"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStorage {
+    /// The disk's size, a positive quantity such as `32Gi`. It can only grow, and only where
+    /// the storage class allows expansion.
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))")
+        .message("spec.storage.size must be a positive quantity such as 32Gi"))]
+    pub size: String,
+    /// The claim's storage class. Absent: the cluster's default class (or, without one, a
+    /// PersistentVolume without a class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = validation::matches(DNS1123_SUBDOMAIN, "spec.storage.storageClassName must be a DNS-1123 subdomain"))]
+    pub storage_class_name: Option<String>,
+    /// `Delete` (the default): the claim is owned by the instance and goes with it. `Retain`:
+    /// the claim stays when the instance is deleted, and an instance made again under the same
+    /// name takes it back.
+    #[serde(default)]
+    pub reclaim_policy: ReclaimPolicy,
+}
+
+/// What happens to an instance's disk when the instance is deleted.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReclaimPolicy {
+    /// The claim is deleted with the instance.
+    #[default]
+    Delete,
+    /// The claim stays.
+    Retain,
+}
+
+/// The disk's state, as the instance's status shows it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageStatus {
+    /// The PersistentVolumeClaim.
+    pub claim_name: String,
+    /// The claim's phase: `Pending`, `Bound` or `Lost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// The capacity of the bound volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<String>,
 }
 
 fn default_service_account() -> String {
@@ -185,6 +247,9 @@ pub struct ComputeInstanceStatus {
     /// server has no pod-level resources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_layout: Option<String>,
+    /// The instance's disk, when `spec.storage` asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageStatus>,
     /// Conditions: `Ready`, `Idle`, `Accepted`, and kstatus' `Reconciling` and `Stalled` (present
     /// only when true).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

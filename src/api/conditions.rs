@@ -17,6 +17,8 @@ pub const IDLE: &str = "Idle";
 /// A ComputeInstance accepted its spec: `False` names the schedule whose cron or time zone
 /// cannot be used (the others still apply).
 pub const ACCEPTED: &str = "Accepted";
+/// A ComputeInstance's disk (`spec.storage`): its PersistentVolumeClaim is Bound at the size asked.
+pub const STORAGE_READY: &str = "StorageReady";
 
 /// kstatus' "abnormal-true" condition: present (`True`) while the operator works towards the
 /// spec (starting, restarting, updating); absent once it is reached or cannot be reached.
@@ -157,6 +159,18 @@ pub mod reasons {
     /// A compute instance keeps its pod as it is: a runtime it carries cannot be resolved now,
     /// and a restart would take that runtime off.
     pub const RUNTIME_UNRESOLVED: &str = "RuntimeUnresolved";
+    /// The instance's disk claim is Bound.
+    pub const CLAIM_BOUND: &str = "ClaimBound";
+    /// The instance's disk claim waits for a volume (none matches, no provisioner made one, or
+    /// its class binds when the pod is scheduled).
+    pub const CLAIM_PENDING: &str = "ClaimPending";
+    /// The instance's disk claim lost its volume.
+    pub const CLAIM_LOST: &str = "ClaimLost";
+    /// A PersistentVolumeClaim of the disk's name exists that the operator did not make for
+    /// this instance: it is left untouched.
+    pub const STORAGE_CONFLICT: &str = "StorageConflict";
+    /// The API server refused to grow the disk claim (its class does not allow expansion).
+    pub const STORAGE_RESIZE_REFUSED: &str = "StorageResizeRefused";
 
     /// Reasons of a runtime that is not available on purpose: it is at rest, neither
     /// `Reconciling` nor `Stalled` (Argo CD: Suspended).
@@ -169,10 +183,13 @@ pub mod reasons {
     /// Problems the operator or the cluster may still get past by themselves (a retry, a node the
     /// autoscaler adds, a pull that succeeds on the next try): `Reconciling`, not `Stalled`, so a
     /// GitOps tool waits instead of failing at the first blip.
-    pub const TRANSIENT: [&str; 3] = [POD_UNSCHEDULABLE, ERR_IMAGE_PULL, RECONCILE_FAILED];
+    pub const TRANSIENT: [&str; 4] = [POD_UNSCHEDULABLE, ERR_IMAGE_PULL, RECONCILE_FAILED, CLAIM_PENDING];
 
     /// Reasons that ask the user to act: a transition into one of them is a Warning event.
-    pub const PROBLEMS: [&str; 20] = [
+    pub const PROBLEMS: [&str; 23] = [
+        CLAIM_PENDING,
+        CLAIM_LOST,
+        STORAGE_CONFLICT,
         SERVICE_CONFLICT,
         NETWORK_POLICY_CONFLICT,
         POD_CONFLICT,

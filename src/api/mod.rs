@@ -8,8 +8,8 @@ mod runtime;
 pub mod validation;
 
 pub use compute_instance::{
-    ComputeInstance, ComputeInstanceSpec, ComputeInstanceStatus, DesiredState, InstanceState, Schedule, ScheduleAction,
-    ScheduledAction,
+    ComputeInstance, ComputeInstanceSpec, ComputeInstanceStatus, DesiredState, HOME_MOUNT, InstanceState,
+    InstanceStorage, ReclaimPolicy, Schedule, ScheduleAction, ScheduledAction, StorageStatus,
 };
 pub use resources::ResourceOverrides;
 pub use runtime::{

@@ -11,7 +11,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, ResourceRequirements};
+use k8s_openapi::api::core::v1::{
+    Container, PersistentVolumeClaimVolumeSource, Pod, PodSpec, ResourceRequirements, Volume, VolumeMount,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
@@ -247,6 +249,25 @@ pub struct InstancePodInputs<'a> {
     pub template: &'a PodTemplate,
     /// How the size is laid over the pod.
     pub layout: ResourceLayout,
+    /// The instance's disk (`spec.storage`): its PersistentVolumeClaim's name.
+    pub home_claim: Option<&'a str>,
+}
+
+/// The instance's disk's claim name for an instance.
+pub fn home_claim_name(instance_name: &str) -> String {
+    format!("{instance_name}-home")
+}
+
+/// The pod volume of the instance's disk.
+const HOME_VOLUME: &str = "home";
+
+/// Mounts the instance's disk into `container` at [`crate::api::HOME_MOUNT`].
+fn mount_home(container: &mut Container) {
+    container.volume_mounts.get_or_insert_with(Vec::new).push(VolumeMount {
+        name: HOME_VOLUME.into(),
+        mount_path: crate::api::HOME_MOUNT.into(),
+        ..Default::default()
+    });
 }
 
 /// Builds the instance pod, hashes included.
@@ -302,7 +323,21 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
         pull_secrets,
         ..inputs.identity.clone()
     };
-    let spec = PodSpec {
+    if let Some(claim) = inputs.home_claim {
+        // The instance container and every runtime container (not the proxies) see the disk.
+        for container in containers.iter_mut().filter(|c| !c.name.starts_with("px-")) {
+            mount_home(container);
+        }
+        volumes.push(Volume {
+            name: HOME_VOLUME.into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.to_owned(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let mut spec = PodSpec {
         containers,
         init_containers: (!init_containers.is_empty()).then_some(init_containers),
         volumes: (!volumes.is_empty()).then_some(volumes),
@@ -310,6 +345,10 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
         resources: pod_resources,
         ..pod_spec_base(&identity, inputs.template)
     };
+    if let (Some(_), Some(security)) = (inputs.home_claim, spec.security_context.as_mut()) {
+        // The disk belongs to the user the containers run as.
+        security.fs_group = security.run_as_user;
+    }
     let mut attached = vec![String::new(); inputs.runtimes.iter().map(|a| a.slot + 1).max().unwrap_or(0)];
     for runtime in inputs.runtimes {
         attached[runtime.slot] = runtime.runtime.name_any();
@@ -322,6 +361,9 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
         "image": inputs.image,
         "runtimes": runtime_digests,
     });
+    if let Some(claim) = inputs.home_claim {
+        decided["home"] = serde_json::json!(claim);
+    }
     if inputs.layout == ResourceLayout::Containers {
         // Pods made before layouts (and pod-level pods) keep their hash: an upgrade restarts no
         // instance; a pod-level pod on a cluster found to drop the field is remade in shares.
@@ -437,6 +479,7 @@ mod tests {
             runtimes,
             template: &PodTemplate::default(),
             layout,
+            home_claim: None,
         })
     }
 

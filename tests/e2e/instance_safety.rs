@@ -421,3 +421,189 @@ async fn without_pod_level_resources_the_size_is_split_into_shares() {
     })
     .await;
 }
+
+/// A static PersistentVolume of `class` (the controller-manager's binder binds claims to it; no
+/// provisioner is needed).
+async fn static_volume(name: &str, class: &str, size: &str) {
+    use k8s_openapi::api::core::v1::PersistentVolume;
+    let api: kube::Api<PersistentVolume> = kube::Api::all(crate::harness::client().await);
+    crate::runtime::create(
+        &api,
+        json!({"metadata": {"name": name}, "spec": {
+            "capacity": {"storage": size}, "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain", "storageClassName": class,
+            "hostPath": {"path": format!("/tmp/{name}")}}}),
+    )
+    .await;
+}
+
+async fn delete_volume(name: &str) {
+    use k8s_openapi::api::core::v1::PersistentVolume;
+    let api: kube::Api<PersistentVolume> = kube::Api::all(crate::harness::client().await);
+    let _ = api.delete(name, &DeleteParams::default()).await;
+}
+
+/// The disk claim's uid and whether it is Bound.
+async fn claim(ns: &TestNamespace, name: &str) -> Option<(String, bool, usize)> {
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    use kube::ResourceExt;
+    let found = ns.api::<PersistentVolumeClaim>().get_opt(name).await.unwrap()?;
+    let bound = found.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+    Some((found.uid().unwrap(), bound, found.owner_references().len()))
+}
+
+/// Which containers of the live instance pod mount the disk claim `claim` at /home/promptflow.
+async fn mounted_in(ns: &TestNamespace, claim: &str) -> Vec<String> {
+    let spec = ns.api::<Pod>().get("ci-instance").await.unwrap().spec.unwrap();
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| {
+            v.persistent_volume_claim
+                .as_ref()
+                .is_some_and(|c| c.claim_name == claim)
+        })
+        .map(|v| v.name.clone())
+        .unwrap_or_else(|| panic!("the pod has no volume of claim {claim}"));
+    spec.containers
+        .iter()
+        .filter(|c| {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == volume && m.mount_path == "/home/promptflow")
+        })
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+async fn wait_claim(
+    ns: &TestNamespace,
+    name: &str,
+    check: impl Fn(Option<&(String, bool, usize)>) -> bool,
+) -> Option<(String, bool, usize)> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let found = claim(ns, name).await;
+        if check(found.as_ref()) {
+            return found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "claim {name}: {found:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
+
+/// Creates the instance `keep` with a retained disk of `class` and waits until it runs.
+async fn create_running_retained(ns: &TestNamespace, class: &str) {
+    let storage = json!({"size": "1Gi", "storageClassName": class, "reclaimPolicy": "Retain"});
+    create_instance(ns, "keep", json!({ "storage": storage })).await;
+    wait_state(ns, "keep", InstanceState::Running, None).await;
+}
+
+#[tokio::test]
+async fn the_instance_disk_outlives_stop_start_and_attach_and_follows_its_reclaim_policy() {
+    with_namespace("pf-ci-disk", |ns| async move {
+        let _operator = operator(&ns);
+        let class = format!("disk-{}", ns.name);
+        let (volume, kept_volume) = (format!("{}-a", ns.name), format!("{}-b", ns.name));
+        static_volume(&volume, &class, "2Gi").await;
+        static_volume(&kept_volume, &class, "2Gi").await;
+        let instances = ns.api::<ComputeInstance>();
+
+        // Shrinking is refused at apply time.
+        create_instance(
+            &ns,
+            "ci",
+            json!({"storage": {"size": "1Gi", "storageClassName": class}}),
+        )
+        .await;
+        let shrink = instances
+            .patch(
+                "ci",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({"spec": {"storage": {"size": "512Mi"}}})),
+            )
+            .await
+            .expect_err("a disk cannot shrink");
+        assert!(
+            shrink.to_string().contains("spec.storage.size can only grow"),
+            "{shrink}"
+        );
+
+        create_on_instance(&ns, "chat", "ci", true).await;
+        wait_running_with(&ns, "ci", &["chat"]).await;
+        let (uid, bound, owners) = wait_claim(&ns, "ci-home", |c| c.is_some_and(|c| c.1)).await.unwrap();
+        assert!(bound);
+        assert_eq!(owners, 1, "under Delete the instance owns its claim");
+        assert_eq!(mounted_in(&ns, "ci-home").await, ["instance", "rt-chat"]);
+        let status = wait_state(&ns, "ci", InstanceState::Running, None)
+            .await
+            .status
+            .unwrap();
+        let disk = status.storage.expect("status.storage");
+        assert_eq!(
+            (disk.claim_name.as_str(), disk.phase.as_deref()),
+            ("ci-home", Some("Bound"))
+        );
+        assert_eq!(disk.capacity.as_deref(), Some("2Gi"));
+        let ready = status.conditions.iter().find(|c| c.type_ == "StorageReady").unwrap();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "ClaimBound"));
+
+        // Stop and start, then another runtime attaches: the same claim throughout.
+        merge(&instances, "ci", json!({"spec": {"state": "Stopped"}})).await;
+        wait_state(&ns, "ci", InstanceState::Stopped, None).await;
+        assert_eq!(claim(&ns, "ci-home").await.map(|c| c.0), Some(uid.clone()));
+        merge(&instances, "ci", json!({"spec": {"state": "Running"}})).await;
+        wait_running_with(&ns, "ci", &["chat"]).await;
+        create_on_instance(&ns, "eval", "ci", true).await;
+        wait_running_with(&ns, "ci", &["chat", "eval"]).await;
+        assert_eq!(claim(&ns, "ci-home").await.map(|c| c.0), Some(uid.clone()));
+        assert_eq!(mounted_in(&ns, "ci-home").await, ["instance", "rt-chat", "rt-eval"]);
+
+        // A disk no volume can hold says why.
+        create_instance(
+            &ns,
+            "lonely",
+            json!({"storage": {"size": "1Gi", "storageClassName": format!("none-{}", ns.name)}}),
+        )
+        .await;
+        let lonely = wait_state(&ns, "lonely", InstanceState::Creating, Some("ClaimPending")).await;
+        let message = lonely.status.unwrap().message.unwrap_or_default();
+        assert!(
+            message.contains("no PersistentVolume of storage class none-"),
+            "{message}"
+        );
+
+        // Deleted under Delete: the claim goes with the instance.
+        for name in ["chat", "eval"] {
+            ns.api::<PromptFlowRuntime>()
+                .delete(name, &DeleteParams::default())
+                .await
+                .unwrap();
+        }
+        instances.delete("ci", &DeleteParams::foreground()).await.unwrap();
+        wait_claim(&ns, "ci-home", |c| c.is_none()).await;
+
+        // Under Retain the claim stays without owner, and an instance made again takes it back.
+        create_running_retained(&ns, &class).await;
+        let (kept, _, owners) = wait_claim(&ns, "keep-home", |c| c.is_some_and(|c| c.1)).await.unwrap();
+        assert_eq!(owners, 0);
+        let first = instances.get("keep").await.unwrap().metadata.uid.unwrap();
+        instances.delete("keep", &DeleteParams::default()).await.unwrap();
+        crate::harness::wait_deleted(&instances, "keep", &first, std::time::Duration::from_secs(60)).await;
+        assert_eq!(
+            claim(&ns, "keep-home").await.map(|c| c.0),
+            Some(kept.clone()),
+            "a retained disk stays"
+        );
+        create_running_retained(&ns, &class).await;
+        let status = instances.get("keep").await.unwrap().status.unwrap();
+        assert_eq!(status.storage.and_then(|s| s.phase), Some("Bound".into()));
+        assert_eq!(claim(&ns, "keep-home").await.map(|c| c.0), Some(kept));
+
+        delete_volume(&volume).await;
+        delete_volume(&kept_volume).await;
+    })
+    .await;
+}

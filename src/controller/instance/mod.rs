@@ -8,6 +8,7 @@
 mod attach;
 mod idle;
 mod report;
+mod storage;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -159,6 +160,8 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
     let key = ObjectRef::from_obj(instance);
     let now = Timestamp::now();
     let previous = instance.status.clone().unwrap_or_default();
+    // The disk's last known state, while the instance has one and this reconcile does not look.
+    let kept_storage = previous.storage.clone().filter(|_| instance.spec.storage.is_some());
     let live = ctx.own_pod(&pod_builder::pod_name(&name), &namespace, instance);
     if live.as_deref().is_some_and(pod_builder::pod_level_dropped) && ctx.instance_settings.layout.fall_back() {
         warn!(
@@ -213,6 +216,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
             last_activity: None,
             handled: HandledActions::default(),
             layout: None,
+            storage: kept_storage.clone(),
         };
         report::write(instance, &ctx, &failed).await?;
         return Ok(Action::await_change());
@@ -274,6 +278,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
             last_activity,
             handled,
             layout: None,
+            storage: kept_storage.clone(),
         };
         report::write(instance, &ctx, &stopped).await?;
         return Ok(wake_at.map_or_else(Action::await_change, Action::requeue));
@@ -321,6 +326,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
                 last_activity,
                 handled,
                 layout: live_layout,
+                storage: kept_storage.clone(),
             };
             report::write(instance, &ctx, &waiting).await?;
             return Ok(Action::requeue(earliest(wake_at, Some(RETRY)).unwrap_or(RETRY)));
@@ -329,6 +335,36 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
     let attach::Attach { resolved, unresolved } = attach::runtimes(instance, &ctx, &mut dependencies).await?;
     ctx.instance_index.record(key.clone(), dependencies);
     let attached = attach::as_attached(&resolved, live.as_deref());
+    // The disk: made when absent; a claim of its name that is not the instance's holds the pod
+    // (a pod without the disk the user asked for would lose what they write).
+    let disk = match &instance.spec.storage {
+        Some(asked) => Some(storage::ensure(&ctx, instance, asked).await?),
+        None => None,
+    };
+    if let Some(disk) = &disk {
+        conditions.push(disk.condition.clone());
+        wake_at = earliest(wake_at, disk.requeue);
+    }
+    if let Some(disk) = disk.as_ref().filter(|d| d.claim.is_none()) {
+        let ready = live
+            .as_deref()
+            .map(|pod| matches!(pod_state::classify(pod), PodState::Ready { .. }));
+        let (reason, message) = disk.waiting.clone().unwrap_or_default();
+        let held = InstanceReport {
+            state: decisions::running_state(Some(previous.state), ready),
+            reason,
+            message,
+            runtimes: live.as_deref().map(carried_names).unwrap_or_default(),
+            next,
+            conditions,
+            last_activity,
+            handled,
+            layout: live_layout,
+            storage: Some(disk.status.clone()),
+        };
+        report::write(instance, &ctx, &held).await?;
+        return Ok(wake_at.map_or_else(Action::await_change, Action::requeue));
+    }
     let pod = pod_builder::instance_pod(&InstancePodInputs {
         instance,
         size,
@@ -337,6 +373,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
         runtimes: &attached,
         template: &ctx.template,
         layout: ctx.instance_settings.layout.get(),
+        home_claim: disk.as_ref().and_then(|d| d.claim.as_deref()),
     });
     let changes = live
         .as_deref()
@@ -379,6 +416,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
             last_activity,
             handled,
             layout: live_layout,
+            storage: kept_storage.clone(),
         };
         report::write(instance, &ctx, &held).await?;
         return Ok(wake_at.map_or_else(Action::await_change, Action::requeue));
@@ -396,6 +434,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
                 last_activity,
                 handled,
                 layout: live_layout,
+                storage: kept_storage.clone(),
             };
             report::write(instance, &ctx, &keep).await?;
             info!(%name, %namespace, %changes, wait_ms = wait.as_millis() as u64, "restart batched");
@@ -457,6 +496,12 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
             _ => (state, verdict.reason, verdict.message),
         }
     };
+    // A pod waiting for its disk says so, rather than only that it is not scheduled.
+    let (reason, message) = match disk.as_ref().and_then(|d| d.waiting.clone()) {
+        Some(waiting) if state != InstanceState::Running && !reasons::PROBLEMS.contains(&reason.as_str()) => waiting,
+        Some(waiting) if reason == reasons::POD_UNSCHEDULABLE => waiting,
+        _ => (reason, message),
+    };
     let runtimes = live
         .as_deref()
         .filter(|_| state != InstanceState::Restarting || refused)
@@ -477,6 +522,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
         last_activity,
         handled,
         layout,
+        storage: disk.as_ref().map(|d| d.status.clone()),
     };
     report::write(instance, &ctx, &running).await?;
     info!(%name, %namespace, state = ?state, "reconciled compute instance");

@@ -7,7 +7,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
 use crate::api::conditions::{self, reasons};
-use crate::api::{ComputeInstance, ComputeInstanceStatus, HandledActions, InstanceState, ScheduledAction};
+use crate::api::{
+    ComputeInstance, ComputeInstanceStatus, HandledActions, InstanceState, ScheduledAction, StorageStatus,
+};
 use crate::build::instance::ResourceLayout;
 use crate::controller::context::{Context, MANAGER};
 use crate::controller::runtime::report::{Notice, publish};
@@ -34,6 +36,8 @@ pub struct InstanceReport {
     pub handled: HandledActions,
     /// How the pod (the live one, or the one being made) holds the instance's size.
     pub layout: Option<ResourceLayout>,
+    /// The instance's disk.
+    pub storage: Option<StorageStatus>,
 }
 
 /// The status over `previous` at `generation`; transitions at `now`.
@@ -80,6 +84,7 @@ pub fn compose(
         last_activity_time: report.last_activity.clone().or(previous.last_activity_time),
         handled_actions: (handled_actions != HandledActions::default()).then_some(handled_actions),
         resource_layout: report.layout.map(|layout| layout.as_str().to_owned()),
+        storage: report.storage.clone(),
         conditions: all,
     }
 }
