@@ -6,11 +6,18 @@ source "$(dirname "$0")/lib.sh"
 source "$HACK_DIR/cluster-lib.sh"
 
 if cluster_healthy; then
-  log "cluster already up"
-  print_exports
-  exit 0
-fi
-if [ -d "$CLUSTER_DIR" ]; then
+  # kwok reads its stages at start: a cluster started before hack/kwok-stages changed is started
+  # again, so every test sees the stages it was written for.
+  write_kwok_config "$CLUSTER_DIR/kwok.yaml.next"
+  if cmp -s "$CLUSTER_DIR/kwok.yaml.next" "$CLUSTER_DIR/kwok.yaml"; then
+    rm -f "$CLUSTER_DIR/kwok.yaml.next"
+    log "cluster already up"
+    print_exports
+    exit 0
+  fi
+  log "the kwok stages changed since the cluster started: starting it again"
+  "$HACK_DIR/cluster-down.sh"
+elif [ -d "$CLUSTER_DIR" ]; then
   log "found a stale $CLUSTER_DIR from an earlier run: cleaning it"
   "$HACK_DIR/cluster-down.sh"
 fi

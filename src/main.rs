@@ -347,7 +347,7 @@ async fn run(args: Args) -> Result<(), Error> {
             image: args.instance_image,
             batch: Duration::from_secs(args.instance_restart_batch_seconds),
             min_idle: args.instance_min_idle,
-            layout: LayoutChoice::new(layout),
+            layout: LayoutChoice::new(layout, args.instance_resources == InstanceResources::Auto),
         },
         network: args
             .runtime_network_policy

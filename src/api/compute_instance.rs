@@ -82,15 +82,14 @@ pub const HOME_MOUNT: &str = "/home/promptflow";
 /// The instance's disk.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[x_kube(
-    validation = Rule::new("!isQuantity(oldSelf.size) || !isQuantity(self.size) || quantity(self.size).compareTo(quantity(oldSelf.size)) >= 0")
-        .message("spec.storage.size can only grow: a PersistentVolumeClaim cannot shrink"),
     validation = Rule::new("has(self.storageClassName) == has(oldSelf.storageClassName) && (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)")
         .message("spec.storage.storageClassName cannot change: the claim is bound to a volume of its class"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct InstanceStorage {
-    /// The disk's size, a positive quantity such as `32Gi`. It can only grow, and only where
-    /// the storage class allows expansion.
+    /// The disk's size, a positive quantity such as `32Gi`. A claim can only grow, and only
+    /// where its storage class allows expansion; a size it cannot take is reported in the
+    /// `StorageReady` condition (the disk stays as it is).
     #[schemars(length(min = 1, max = 64))]
     #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))")
         .message("spec.storage.size must be a positive quantity such as 32Gi"))]

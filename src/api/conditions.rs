@@ -169,8 +169,13 @@ pub mod reasons {
     /// A PersistentVolumeClaim of the disk's name exists that the operator did not make for
     /// this instance: it is left untouched.
     pub const STORAGE_CONFLICT: &str = "StorageConflict";
-    /// The API server refused to grow the disk claim (its class does not allow expansion).
+    /// The disk claim cannot take `spec.storage.size`: the API server refused to grow it (its
+    /// class does not allow expansion), or the size asks it to shrink.
     pub const STORAGE_RESIZE_REFUSED: &str = "StorageResizeRefused";
+    /// The disk claim's storage class is not the one `spec.storage.storageClassName` asks.
+    pub const STORAGE_MISMATCH: &str = "StorageMismatch";
+    /// The API server refused to create the disk claim (a storage quota, a LimitRange).
+    pub const CLAIM_REJECTED: &str = "ClaimRejected";
 
     /// Reasons of a runtime that is not available on purpose: it is at rest, neither
     /// `Reconciling` nor `Stalled` (Argo CD: Suspended).
@@ -186,8 +191,9 @@ pub mod reasons {
     pub const TRANSIENT: [&str; 4] = [POD_UNSCHEDULABLE, ERR_IMAGE_PULL, RECONCILE_FAILED, CLAIM_PENDING];
 
     /// Reasons that ask the user to act: a transition into one of them is a Warning event.
-    pub const PROBLEMS: [&str; 23] = [
+    pub const PROBLEMS: [&str; 24] = [
         CLAIM_PENDING,
+        CLAIM_REJECTED,
         CLAIM_LOST,
         STORAGE_CONFLICT,
         SERVICE_CONFLICT,

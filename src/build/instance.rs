@@ -34,6 +34,8 @@ pub const INSTANCE_LABEL: &str = "promptflow.dev/compute-instance";
 pub const RUNTIMES_ANNOTATION: &str = "promptflow.dev/runtimes";
 /// The primary container's name.
 pub const INSTANCE_CONTAINER: &str = "instance";
+/// Annotation: the uid of the runtime in each slot, as [`RUNTIMES_ANNOTATION`] lists them.
+pub const RUNTIME_UIDS_ANNOTATION: &str = "promptflow.dev/runtime-uids";
 /// Annotation: how the pod's size is laid out (`Pod` or `Containers`).
 pub const LAYOUT_ANNOTATION: &str = "promptflow.dev/resource-layout";
 /// The image of the primary container unless the operator is told otherwise.
@@ -143,12 +145,6 @@ pub fn layout_of(pod: &Pod) -> Option<ResourceLayout> {
         Some("Containers") => Some(ResourceLayout::Containers),
         _ => None,
     }
-}
-
-/// Whether the API server dropped the pod-level resources of a pod built with them: the
-/// cluster does not have the PodLevelResources feature, and the pod is bounded by nothing.
-pub fn pod_level_dropped(pod: &Pod) -> bool {
-    layout_of(pod) == Some(ResourceLayout::Pod) && pod.spec.as_ref().is_some_and(|spec| spec.resources.is_none())
 }
 
 /// Resources pod-level resources cover.
@@ -300,6 +296,7 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
             flow,
             template: inputs.template,
             placement: &Placement::on_instance(&runtime_name, slot),
+            parallel_install: inputs.layout == ResourceLayout::Pod,
         });
         containers.extend(parts.containers);
         init_containers.extend(parts.init_containers);
@@ -349,9 +346,11 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
         // The disk belongs to the user the containers run as.
         security.fs_group = security.run_as_user;
     }
-    let mut attached = vec![String::new(); inputs.runtimes.iter().map(|a| a.slot + 1).max().unwrap_or(0)];
+    let slots = inputs.runtimes.iter().map(|a| a.slot + 1).max().unwrap_or(0);
+    let (mut attached, mut uids) = (vec![String::new(); slots], vec![String::new(); slots]);
     for runtime in inputs.runtimes {
         attached[runtime.slot] = runtime.runtime.name_any();
+        uids[runtime.slot] = runtime.runtime.uid().unwrap_or_default();
     }
     let mut decided = serde_json::json!({
         "instanceType": inputs.size.name,
@@ -384,6 +383,7 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
                 (INSTANCE_TYPE_ANNOTATION.to_owned(), inputs.size.name.clone()),
                 (RUNTIMES_ANNOTATION.to_owned(), attached.join(",")),
                 (LAYOUT_ANNOTATION.to_owned(), inputs.layout.as_str().to_owned()),
+                (RUNTIME_UIDS_ANNOTATION.to_owned(), uids.join(",")),
             ])),
             owner_references: instance.controller_owner_ref(&()).map(|owner| vec![owner]),
             ..Default::default()
@@ -414,12 +414,44 @@ pub fn slots_of(metadata: &ObjectMeta) -> Vec<Option<&str>> {
         .unwrap_or_default()
 }
 
-/// Where a runtime sits in a live instance pod, when the pod carries it.
-pub fn placement_in(pod: &Pod, runtime_name: &str) -> Option<Placement> {
+/// The uid of the runtime in each slot, as the pod was made (`None`: a free slot, or a pod made
+/// before uids were recorded).
+fn uids_of(metadata: &ObjectMeta) -> Vec<Option<&str>> {
+    metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(RUNTIME_UIDS_ANNOTATION))
+        .map(|list| list.split(',').map(|uid| (!uid.is_empty()).then_some(uid)).collect())
+        .unwrap_or_default()
+}
+
+/// Where `runtime` sits in a live instance pod, when the pod carries it: its name in a slot
+/// made for it, not for an earlier runtime of the same name (deleted while the instance could
+/// not restart, then made again).
+pub fn placement_in(pod: &Pod, runtime: &PromptFlowRuntime) -> Option<Placement> {
+    let name = runtime.name_any();
     let slot = slots_of(&pod.metadata)
         .iter()
-        .position(|name| *name == Some(runtime_name))?;
-    Some(Placement::on_instance(runtime_name, slot))
+        .position(|carried| *carried == Some(name.as_str()))?;
+    let made_for = uids_of(&pod.metadata).get(slot).copied().flatten();
+    if made_for.is_some_and(|uid| Some(uid) != runtime.metadata.uid.as_deref()) {
+        return None;
+    }
+    Some(Placement::on_instance(&name, slot))
+}
+
+/// The runtimes a live pod carries under their name that are not the runtimes of that name
+/// now (`current` gives a name's uid): the pod must be remade to carry the new ones.
+pub fn recreated(pod: &Pod, current: impl Fn(&str) -> Option<String>) -> Vec<&str> {
+    let uids = uids_of(&pod.metadata);
+    slots_of(&pod.metadata)
+        .into_iter()
+        .enumerate()
+        .filter_map(|(slot, name)| {
+            let (name, made_for) = (name?, uids.get(slot).copied().flatten()?);
+            current(name).is_some_and(|uid| uid != made_for).then_some(name)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -519,8 +551,8 @@ mod tests {
             .collect();
         assert_eq!(secrets, ["shared", "team"]);
         assert_eq!(attached(&pod), ["a", "b"]);
-        assert_eq!(placement_in(&pod, "b").unwrap().proxy_port, 8111);
-        assert!(placement_in(&pod, "c").is_none());
+        assert_eq!(placement_in(&pod, &b).unwrap().proxy_port, 8111);
+        assert!(placement_in(&pod, &runtime("c")).is_none());
         let env = spec.containers[3].env.as_ref().unwrap();
         assert!(
             env.iter()
@@ -588,7 +620,7 @@ mod tests {
         let pod = build(&runtimes);
         assert_eq!(pod.metadata.annotations.as_ref().unwrap()[RUNTIMES_ANNOTATION], "a,,c");
         assert_eq!(attached(&pod), ["a", "c"]);
-        assert_eq!(placement_in(&pod, "c").unwrap().proxy_port, 8121);
+        assert_eq!(placement_in(&pod, &c).unwrap().proxy_port, 8121);
     }
 
     #[test]
@@ -636,10 +668,6 @@ mod tests {
             // 28Gi in three shares, rounded down to whole Mi.
             assert_eq!(limit(container, "ephemeral-storage").as_deref(), Some("9557Mi"));
         }
-        assert!(!pod_level_dropped(&pod));
-        let mut dropped = pod.clone();
-        dropped.spec.as_mut().unwrap().resources = None;
-        assert!(pod_level_dropped(&dropped), "the API server dropped the field");
 
         // Without pod-level resources: three equal shares, the pod claims the size once.
         let shared = build_in(&runtimes, ResourceLayout::Containers);
@@ -673,5 +701,54 @@ mod tests {
         assert_eq!(share_of("memory", &Quantity("1Gi".into()), 2).unwrap().0, "512Mi");
         assert_eq!(share_of("memory", &Quantity("1000".into()), 3).unwrap().0, "333");
         assert!(share_of("memory", &Quantity("lots".into()), 3).is_none());
+    }
+
+    #[test]
+    fn with_pod_level_resources_each_runtime_installs_beside_the_others() {
+        let a = runtime("a");
+        let flow = FlowEnvironment {
+            image: None,
+            requirements_file: Some("requirements.txt".into()),
+            content_hash: "h".into(),
+        };
+        let with_flow = || AttachedRuntime {
+            flow: Some(("flow-a".into(), flow.clone())),
+            ..at_slot(&a, "r.example/rt:1", &[], 0)
+        };
+        let pod = build_in(&[with_flow()], ResourceLayout::Pod);
+        let spec = pod.spec.as_ref().unwrap();
+        assert!(
+            spec.init_containers.is_none(),
+            "no init container holds the others back"
+        );
+        let installer = spec
+            .containers
+            .iter()
+            .find(|c| c.name == "req-a")
+            .expect("installer container");
+        let command = installer.command.as_ref().unwrap();
+        assert_eq!(&command[..2], ["sh", "-c"]);
+        assert!(
+            command
+                .iter()
+                .any(|arg| arg == "requirements.txt" || arg.ends_with("/requirements.txt"))
+        );
+        let probe = installer.readiness_probe.as_ref().unwrap().exec.as_ref().unwrap();
+        assert_eq!(
+            probe.command.as_ref().unwrap().last().map(String::as_str),
+            Some("/opt/promptflow/packages/.installed")
+        );
+        let limits = installer.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(
+            limits.keys().collect::<Vec<_>>(),
+            ["ephemeral-storage"],
+            "it shares cpu and memory"
+        );
+
+        // In shares, an install still runs first, as an init container.
+        let shared = build_in(&[with_flow()], ResourceLayout::Containers);
+        let init = shared.spec.as_ref().unwrap().init_containers.as_ref().unwrap();
+        assert_eq!(init[0].name, "req-a");
+        assert!(init[0].readiness_probe.is_none());
     }
 }

@@ -3,8 +3,8 @@
 //! [`Placement`] (its own serverless pod, or a slot in a compute instance's pod).
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, Probe,
-    ResourceRequirements, SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, ExecAction,
+    HTTPGetAction, Probe, ResourceRequirements, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -107,7 +107,15 @@ pub struct PartsInputs<'a> {
     pub template: &'a PodTemplate,
     /// Names and ports.
     pub placement: &'a Placement,
+    /// Install the flow's requirements in a container of its own that runs beside the others
+    /// (a runtime on an instance with pod-level resources: one runtime's failing install must
+    /// not keep its neighbours from starting), instead of an init container before them.
+    pub parallel_install: bool,
 }
+
+/// The file a parallel installer writes when the install succeeded; its readiness probe looks
+/// for it.
+pub const INSTALLED_MARKER: &str = ".installed";
 
 /// Builds one runtime's containers, init container and volumes.
 pub fn runtime_parts(inputs: &PartsInputs<'_>) -> RuntimeParts {
@@ -174,25 +182,73 @@ pub fn runtime_parts(inputs: &PartsInputs<'_>) -> RuntimeParts {
                 ..Default::default()
             };
             env.push(user_base.clone());
-            parts.init_containers.push(Container {
+            let install = vec![
+                "python".to_owned(),
+                "-m".into(),
+                "pip".into(),
+                "install".into(),
+                "--no-cache-dir".into(),
+                "--user".into(),
+                "-r".into(),
+                format!("{FLOW_MOUNT}/{requirements}"),
+            ];
+            let mut installer = Container {
                 name: placement.name("install-requirements", "req"),
                 image: Some(inputs.image.to_owned()),
-                command: Some(vec![
-                    "python".into(),
-                    "-m".into(),
-                    "pip".into(),
-                    "install".into(),
-                    "--no-cache-dir".into(),
-                    "--user".into(),
-                    "-r".into(),
-                    format!("{FLOW_MOUNT}/{requirements}"),
-                ]),
+                command: Some(install.clone()),
                 volume_mounts: Some(vec![flow_mount, packages]),
                 env: Some(pip_environment(user_base, policy)),
                 resources: Some(inputs.resources.clone()),
                 security_context: container_security(&inputs.template.security),
                 ..Default::default()
-            });
+            };
+            if inputs.parallel_install {
+                // Installs, marks success, then idles; a failed install exits and the kubelet
+                // tries again with backoff, for this runtime alone. Ready once installed.
+                let marker = format!("{PACKAGES_MOUNT}/{INSTALLED_MARKER}");
+                installer.command = Some(vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "\"$@\" && touch \"$MARKER\" && exec sleep infinity".into(),
+                    "install".into(),
+                ]);
+                installer.command.as_mut().expect("set").extend(install);
+                installer.env.get_or_insert_with(Vec::new).push(EnvVar {
+                    name: "MARKER".into(),
+                    value: Some(marker.clone()),
+                    ..Default::default()
+                });
+                // pip's last lines become the termination message a failed install reports.
+                installer.termination_message_policy = Some("FallbackToLogsOnError".into());
+                // It shares the pod's cpu and memory; of ephemeral storage it asks little (pip's
+                // temporary files) and may use up to the runtime's share.
+                let share = inputs
+                    .resources
+                    .limits
+                    .as_ref()
+                    .and_then(|l| l.get("ephemeral-storage"))
+                    .cloned();
+                installer.resources = Some(ResourceRequirements {
+                    requests: share.as_ref().map(|_| {
+                        std::collections::BTreeMap::from([(
+                            "ephemeral-storage".to_owned(),
+                            k8s_openapi::apimachinery::pkg::api::resource::Quantity("64Mi".into()),
+                        )])
+                    }),
+                    limits: share.map(|q| std::collections::BTreeMap::from([("ephemeral-storage".to_owned(), q)])),
+                    ..Default::default()
+                });
+                installer.readiness_probe = Some(Probe {
+                    exec: Some(ExecAction {
+                        command: Some(vec!["test".into(), "-f".into(), marker]),
+                    }),
+                    period_seconds: Some(5),
+                    ..Default::default()
+                });
+                parts.containers.push(installer);
+            } else {
+                parts.init_containers.push(installer);
+            }
         }
     }
 

@@ -132,6 +132,7 @@ pub fn runtime_pod(inputs: &RuntimePodInputs<'_>) -> Pod {
         flow: inputs.flow,
         template: inputs.template,
         placement: &Placement::serverless(),
+        parallel_install: false,
     });
     let spec = PodSpec {
         containers: parts.containers,

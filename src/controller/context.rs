@@ -98,31 +98,55 @@ pub struct InstanceSettings {
     pub layout: LayoutChoice,
 }
 
-/// The resource layout of new instance pods, shared by every reconcile: starts as the operator
-/// decided at start (the flag, or the server's version) and falls back to shares once.
+/// The resource layout of new instance pods, shared by every reconcile: as the flag says, or
+/// (auto on a server that should have pod-level resources) pod-level until one dry run has shown
+/// whether the API server keeps them.
 #[derive(Clone, Debug)]
-pub struct LayoutChoice(Arc<std::sync::atomic::AtomicBool>);
+pub struct LayoutChoice(Arc<std::sync::atomic::AtomicU8>);
+
+const UNVERIFIED: u8 = 0;
+const POD_LEVEL: u8 = 1;
+const SHARES: u8 = 2;
 
 impl LayoutChoice {
-    /// A choice starting at `layout`.
-    pub fn new(layout: ResourceLayout) -> Self {
-        Self(Arc::new(std::sync::atomic::AtomicBool::new(
-            layout == ResourceLayout::Pod,
-        )))
+    /// A choice of `layout`; `verify`: pod-level only once the API server is seen to keep it.
+    pub fn new(layout: ResourceLayout, verify: bool) -> Self {
+        let state = match layout {
+            ResourceLayout::Pod if verify => UNVERIFIED,
+            ResourceLayout::Pod => POD_LEVEL,
+            ResourceLayout::Containers => SHARES,
+        };
+        Self(Arc::new(std::sync::atomic::AtomicU8::new(state)))
     }
 
     /// The layout new pods get.
     pub fn get(&self) -> ResourceLayout {
-        if self.0.load(std::sync::atomic::Ordering::Relaxed) {
-            ResourceLayout::Pod
-        } else {
-            ResourceLayout::Containers
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            SHARES => ResourceLayout::Containers,
+            _ => ResourceLayout::Pod,
         }
     }
 
-    /// Pod-level resources are not kept by this cluster: shares from now on. True the first time.
-    pub fn fall_back(&self) -> bool {
-        self.0.swap(false, std::sync::atomic::Ordering::Relaxed)
+    /// Whether the API server has yet to show that it keeps pod-level resources.
+    pub fn unverified(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) == UNVERIFIED
+    }
+
+    /// Records what the API server showed; true when this call settled it.
+    pub fn settle(&self, layout: ResourceLayout) -> bool {
+        let to = if layout == ResourceLayout::Pod {
+            POD_LEVEL
+        } else {
+            SHARES
+        };
+        self.0
+            .compare_exchange(
+                UNVERIFIED,
+                to,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
     }
 }
 
@@ -138,7 +162,7 @@ impl Default for InstanceSettings {
             image: crate::build::instance::DEFAULT_INSTANCE_IMAGE.to_owned(),
             batch: Duration::from_secs(5),
             min_idle: Duration::from_secs(15 * 60),
-            layout: LayoutChoice::new(ResourceLayout::Pod),
+            layout: LayoutChoice::new(ResourceLayout::Pod, false),
         }
     }
 }

@@ -90,7 +90,7 @@ async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
         kubectl_stdin(&["apply", "-f", "-"], &rbac).await;
         // The admission policies the chart installs bind the operator's own service account.
         let policies = documents_of(&rendered, &["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]);
-        assert_eq!(policies.matches("\nkind: ValidatingAdmissionPolicy\n").count(), 4, "{policies}");
+        assert_eq!(policies.matches("\nkind: ValidatingAdmissionPolicy\n").count(), 5, "{policies}");
         kubectl_stdin(&["apply", "-f", "-"], &policies).await;
         let account = format!("{release}-promptflow-operator");
 
@@ -290,6 +290,31 @@ async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
             matches!(&denied, Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("may only create or update the NetworkPolicy promptflow-runtimes")),
             "{denied:?}"
         );
+        // A user's claim cannot be given an owner (the garbage collector would delete it with
+        // an object that does not exist); the operator's own disk claim is admitted.
+        use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+        let claim_spec = json!({"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}});
+        crate::runtime::create(
+            &ns.api::<PersistentVolumeClaim>(),
+            json!({"metadata": {"name": "data"}, "spec": claim_spec}),
+        )
+        .await;
+        let claims: kube::Api<PersistentVolumeClaim> = kube::Api::namespaced(as_operator_client.clone(), &ns.name);
+        let orphaning = json!({"metadata": {"ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap",
+            "name": "gone", "uid": "00000000-0000-0000-0000-000000000000"}]}});
+        let denied = claims
+            .patch("data", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(orphaning))
+            .await;
+        assert!(
+            matches!(&denied, Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("PersistentVolumeClaim")),
+            "{denied:?}"
+        );
+        let disk = json!({"metadata": {"name": "ci-home", "labels": {"app.kubernetes.io/managed-by": "promptflow-operator",
+            "promptflow.dev/compute-instance": "ci"}}, "spec": claim_spec});
+        claims
+            .create(&dry, &serde_json::from_value(disk).unwrap())
+            .await
+            .expect("the operator's disk claim is admitted");
         // What the operator makes passes the same checks.
         let allowed = pod(json!({"name": "allowed", "labels": labels, "ownerReferences": owner}), restricted);
         pods_as_operator.create(&dry, &serde_json::from_value(allowed).unwrap()).await.expect("a restricted pod of the operator's is admitted");

@@ -141,7 +141,7 @@ pub async fn wait_state(ns: &TestNamespace, name: &str, state: InstanceState, re
 }
 
 /// Waits until the instance is Stopped with `reason`.
-async fn wait_stopped(ns: &TestNamespace, name: &str, reason: &str, timeout: Duration) -> ComputeInstance {
+pub(crate) async fn wait_stopped(ns: &TestNamespace, name: &str, reason: &str, timeout: Duration) -> ComputeInstance {
     wait_instance(ns, name, &format!("Stopped {reason}"), timeout, |s| {
         s.state == InstanceState::Stopped && s.reason.as_deref() == Some(reason)
     })

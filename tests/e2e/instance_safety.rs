@@ -323,6 +323,32 @@ async fn deleting_a_runtime_never_waits_on_an_instance_that_cannot_let_go_or_tha
         runtimes.delete("chat", &DeleteParams::background()).await.unwrap();
         wait_state(&ns, "ci", InstanceState::Running, Some("ServiceAccountNotFound")).await;
         crate::harness::wait_deleted(&runtimes, "chat", &chat.uid().unwrap(), deadline).await;
+
+        // Made again under the same name meanwhile: the deleted one's containers are not it.
+        let serving = ns.api::<Pod>().get("ci-instance").await.unwrap().uid();
+        create_on_instance(&ns, "chat", "ci", true).await;
+        let waiting = wait_runtime(
+            &ns,
+            "chat",
+            RuntimePhase::NotAvailable,
+            Some("WaitingForInstanceRestart"),
+        )
+        .await;
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let still = ns.api::<PromptFlowRuntime>().get("chat").await.unwrap();
+        assert_eq!(
+            still.status.as_ref().map(|s| s.phase),
+            Some(RuntimePhase::NotAvailable),
+            "the new chat took the deleted one's containers: {:?}",
+            waiting.status
+        );
+        // The account back, the instance restarts to carry the new one.
+        crate::runtime::create(&ns.api::<ServiceAccount>(), json!({"metadata": {"name": "ci-account"}})).await;
+        wait_runtime(&ns, "chat", RuntimePhase::Running, None).await;
+        let pod = ns.api::<Pod>().get("ci-instance").await.unwrap();
+        assert_ne!(pod.uid(), serving, "the pod was remade");
+        let new_uid = ns.api::<PromptFlowRuntime>().get("chat").await.unwrap().uid().unwrap();
+        assert_eq!(pod.annotations()["promptflow.dev/runtime-uids"], new_uid);
     })
     .await;
 }
@@ -511,26 +537,12 @@ async fn the_instance_disk_outlives_stop_start_and_attach_and_follows_its_reclai
         static_volume(&kept_volume, &class, "2Gi").await;
         let instances = ns.api::<ComputeInstance>();
 
-        // Shrinking is refused at apply time.
         create_instance(
             &ns,
             "ci",
             json!({"storage": {"size": "1Gi", "storageClassName": class}}),
         )
         .await;
-        let shrink = instances
-            .patch(
-                "ci",
-                &kube::api::PatchParams::default(),
-                &kube::api::Patch::Merge(json!({"spec": {"storage": {"size": "512Mi"}}})),
-            )
-            .await
-            .expect_err("a disk cannot shrink");
-        assert!(
-            shrink.to_string().contains("spec.storage.size can only grow"),
-            "{shrink}"
-        );
-
         create_on_instance(&ns, "chat", "ci", true).await;
         wait_running_with(&ns, "ci", &["chat"]).await;
         let (uid, bound, owners) = wait_claim(&ns, "ci-home", |c| c.is_some_and(|c| c.1)).await.unwrap();
@@ -604,6 +616,216 @@ async fn the_instance_disk_outlives_stop_start_and_attach_and_follows_its_reclai
 
         delete_volume(&volume).await;
         delete_volume(&kept_volume).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_runtimes_failing_install_keeps_neither_its_neighbours_nor_the_idle_shutdown_from_working() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use std::time::Duration;
+    with_namespace("pf-ci-install", |ns| async move {
+        // The instance image selects the kwok stage that plays a kubelet whose runtime "bad"
+        // cannot install its requirements (hack/kwok-stages/instance-installer.yaml).
+        let operator = crate::harness::OperatorProcess::start(
+            &crate::harness::kubeconfig(),
+            &[
+                "--watch-namespace",
+                &ns.name,
+                "--instance-restart-batch-seconds=3",
+                "--instance-min-idle=1s",
+                "--instance-image=registry.invalid/simulate/instance:1",
+            ],
+        );
+        let flow = json!({"metadata": {"name": "needs-packages"}, "data": {
+            "flow.dag.yaml": "environment:\n  python_requirements_txt: requirements.txt\n",
+            "requirements.txt": "requests==2.32.3\n"}});
+        crate::runtime::create(&ns.api::<ConfigMap>(), flow).await;
+        create_instance(&ns, "ci", json!({"idleTimeBeforeShutdown": "10s"})).await;
+        let on_ci = json!({"instance": {"name": "ci", "acknowledgeRestart": true}});
+        let uses_flow = json!({"configMapName": "needs-packages"});
+        crate::runtime::create_runtime(&ns, "good", json!({"compute": on_ci, "flow": uses_flow})).await;
+        let failing = json!({"repository": "registry.invalid/simulate/pip-fails", "version": "1"});
+        crate::runtime::create_runtime(
+            &ns,
+            "bad",
+            json!({"compute": on_ci, "flow": uses_flow, "image": failing}),
+        )
+        .await;
+
+        // good runs; bad says its install fails, naming its installer; the instance runs.
+        wait_runtime(&ns, "good", RuntimePhase::Running, None).await;
+        let bad = wait_runtime(&ns, "bad", RuntimePhase::NotAvailable, Some("CrashLoopBackOff")).await;
+        let message = bad.status.unwrap().message.unwrap_or_default();
+        assert!(
+            message.contains("requirements cannot be installed")
+                && message.contains("req-bad")
+                && message.contains("No matching distribution"),
+            "{message}"
+        );
+        let running = wait_state(&ns, "ci", InstanceState::Running, Some("PodReady")).await;
+        let mut carried = running.status.unwrap().runtimes;
+        carried.sort();
+        assert_eq!(carried, ["bad", "good"]);
+
+        // Each runtime's proxy runs (the kubelet starts it whatever the installer does): asked
+        // at the deadline, neither saw activity, so the instance stops for idleness.
+        let pod = ns.api::<Pod>().get("ci-instance").await.unwrap();
+        let slots = pod.metadata.annotations.as_ref().unwrap()["promptflow.dev/runtimes"].clone();
+        let ip = pod.status.and_then(|s| s.pod_ip).expect("pod IP");
+        let mut proxies = vec![];
+        for (slot, name) in slots.split(',').enumerate() {
+            assert!(["bad", "good"].contains(&name), "{slots}");
+            // Slot i: the runtime on 8100 + 10 i, its proxy on the next two ports.
+            proxies.push(crate::processes::PodProcesses::proxy_on(&ip, 8100 + 10 * slot as u16).await);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = ns
+                .api::<ComputeInstance>()
+                .get("ci")
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            if status.state == InstanceState::Stopped && status.reason.as_deref() == Some("IdleShutdown") {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let log = operator.log_text();
+                let tail: Vec<_> = log.lines().rev().take(40).collect();
+                panic!(
+                    "ci did not stop for idleness: {status:?}\noperator log (last lines first):\n{}",
+                    tail.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await;
+}
+
+/// The StorageReady condition of instance `name`: (status, reason, message).
+async fn storage_ready(ns: &TestNamespace, name: &str) -> Option<(String, String, String)> {
+    let instance = ns.api::<ComputeInstance>().get(name).await.unwrap();
+    let condition = instance
+        .status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "StorageReady")?;
+    Some((condition.status, condition.reason, condition.message))
+}
+
+async fn wait_storage_reason(ns: &TestNamespace, name: &str, reason: &str) -> String {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let found = storage_ready(ns, name).await;
+        if let Some((_, found_reason, message)) = &found
+            && found_reason == reason
+        {
+            return message.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{name} StorageReady: {found:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_instance_disk_follows_policy_changes_and_reports_what_it_cannot_take() {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    with_namespace("pf-ci-disk-edges", |ns| async move {
+        let _operator = operator(&ns);
+        let class = format!("disk-{}", ns.name);
+        let volumes = [format!("{}-a", ns.name), format!("{}-b", ns.name)];
+        for volume in &volumes {
+            static_volume(volume, &class, "2Gi").await;
+        }
+        crate::runtime::create(
+            &ns.api::<ResourceQuota>(),
+            json!({"metadata": {"name": "disks"}, "spec": {"hard": {"requests.storage": "3Gi"}}}),
+        )
+        .await;
+        crate::harness::wait_for(
+            &ns.api::<ResourceQuota>(),
+            "disks",
+            |q: Option<&ResourceQuota>| q.and_then(|q| q.status.as_ref()?.hard.as_ref()).is_some(),
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+        let instances = ns.api::<ComputeInstance>();
+        let disk =
+            |policy: &str| json!({"storage": {"size": "1Gi", "storageClassName": class, "reclaimPolicy": policy}});
+
+        // Retain set while stopped reaches the claim; deleting the instance then keeps it.
+        create_instance(&ns, "flip", disk("Delete")).await;
+        wait_state(&ns, "flip", InstanceState::Running, None).await;
+        wait_claim(&ns, "flip-home", |c| c.is_some_and(|c| c.1 && c.2 == 1)).await;
+        merge(&instances, "flip", json!({"spec": {"state": "Stopped"}})).await;
+        wait_state(&ns, "flip", InstanceState::Stopped, None).await;
+        merge(
+            &instances,
+            "flip",
+            json!({"spec": {"storage": {"reclaimPolicy": "Retain"}}}),
+        )
+        .await;
+        let (kept, _, _) = wait_claim(&ns, "flip-home", |c| c.is_some_and(|c| c.2 == 0))
+            .await
+            .unwrap();
+        let uid = instances.get("flip").await.unwrap().metadata.uid.unwrap();
+        instances.delete("flip", &DeleteParams::default()).await.unwrap();
+        crate::harness::wait_deleted(&instances, "flip", &uid, std::time::Duration::from_secs(60)).await;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert_eq!(claim(&ns, "flip-home").await.map(|c| c.0), Some(kept.clone()));
+
+        // A retained disk taken back under Delete is used, never owned: it outlives the new one.
+        create_instance(&ns, "flip", disk("Delete")).await;
+        wait_state(&ns, "flip", InstanceState::Running, None).await;
+        wait_storage_reason(&ns, "flip", "ClaimBound").await;
+        let (again, _, owners) = claim(&ns, "flip-home").await.unwrap();
+        assert_eq!((again.as_str(), owners), (kept.as_str(), 0));
+        let uid = instances.get("flip").await.unwrap().metadata.uid.unwrap();
+        instances.delete("flip", &DeleteParams::default()).await.unwrap();
+        crate::harness::wait_deleted(&instances, "flip", &uid, std::time::Duration::from_secs(60)).await;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert_eq!(claim(&ns, "flip-home").await.map(|c| c.0), Some(kept));
+
+        // A size the claim cannot take is accepted, reported, and can be set back.
+        create_instance(&ns, "sized", disk("Delete")).await;
+        wait_state(&ns, "sized", InstanceState::Running, None).await;
+        wait_storage_reason(&ns, "sized", "ClaimBound").await;
+        merge(&instances, "sized", json!({"spec": {"storage": {"size": "512Mi"}}})).await;
+        let message = wait_storage_reason(&ns, "sized", "StorageResizeRefused").await;
+        assert!(message.contains("cannot shrink"), "{message}");
+        assert_eq!(
+            instances.get("sized").await.unwrap().status.unwrap().state,
+            InstanceState::Running
+        );
+        merge(&instances, "sized", json!({"spec": {"storage": {"size": "1Gi"}}})).await;
+        wait_storage_reason(&ns, "sized", "ClaimBound").await;
+
+        // Storage removed and added back with another class: the claim keeps its class, and
+        // says so.
+        merge(&instances, "sized", json!({"spec": {"storage": null}})).await;
+        let other = json!({"size": "1Gi", "storageClassName": format!("other-{}", ns.name)});
+        merge(&instances, "sized", json!({"spec": {"storage": other}})).await;
+        let message = wait_storage_reason(&ns, "sized", "StorageMismatch").await;
+        assert!(message.contains(&class), "{message}");
+
+        // A claim the quota refuses: the instance waits, saying why.
+        create_instance(
+            &ns,
+            "big",
+            json!({"storage": {"size": "5Gi", "storageClassName": class}}),
+        )
+        .await;
+        let refused = wait_state(&ns, "big", InstanceState::Creating, Some("ClaimRejected")).await;
+        let message = refused.status.unwrap().message.unwrap_or_default();
+        assert!(message.contains("exceeded quota"), "{message}");
+        assert!(ns.api::<Pod>().get_opt("big-instance").await.unwrap().is_none());
+
+        for volume in &volumes {
+            delete_volume(volume).await;
+        }
     })
     .await;
 }

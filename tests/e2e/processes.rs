@@ -86,13 +86,24 @@ pub struct PodProcesses {
 impl PodProcesses {
     /// Starts the activity proxy on `ip` (8081 traffic, 8082 activity) in front of `ip:8080`.
     pub async fn proxy(ip: &str) -> Self {
-        wait_free(&[format!("{ip}:8081"), format!("{ip}:8082")]).await;
+        Self::proxy_on(ip, 8080).await
+    }
+
+    /// Starts the activity proxy of the runtime listening on `ip:runtime_port`: traffic on the
+    /// next port, activity on the one after (a compute instance slot's ports, or a serverless
+    /// pod's 8080–8082).
+    pub async fn proxy_on(ip: &str, runtime_port: u16) -> Self {
+        let (listen, activity) = (
+            format!("{ip}:{}", runtime_port + 1),
+            format!("{ip}:{}", runtime_port + 2),
+        );
+        wait_free(&[listen.clone(), activity.clone()]).await;
         let child = Command::new(env!("CARGO_BIN_EXE_promptflow-operator"))
             .args([
                 "activity-proxy",
-                &format!("--listen={ip}:8081"),
-                &format!("--upstream={ip}:8080"),
-                &format!("--activity-listen={ip}:8082"),
+                &format!("--listen={listen}"),
+                &format!("--upstream={ip}:{runtime_port}"),
+                &format!("--activity-listen={activity}"),
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -101,7 +112,7 @@ impl PodProcesses {
             .spawn()
             .expect("start the activity proxy");
         let mut processes = Self { children: vec![child] };
-        wait_answers(&format!("{ip}:8082"), "/healthz", Duration::from_secs(10)).await;
+        wait_answers(&activity, "/healthz", Duration::from_secs(10)).await;
         processes.assert_running(ip);
         processes
     }

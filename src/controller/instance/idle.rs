@@ -11,7 +11,6 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::ResourceExt;
 
 use crate::api::conditions::{self, reasons};
 use crate::api::{ComputeInstance, InstanceState, PromptFlowRuntime};
@@ -89,7 +88,7 @@ pub async fn look(
         // The one moment the proxies are asked.
         let ip = live.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
         for runtime in runtimes {
-            let Some(placement) = placement_in(live, &runtime.name_any()) else {
+            let Some(placement) = placement_in(live, runtime) else {
                 continue;
             };
             match ctx.probe.read_port(&ip, placement.activity_port).await {

@@ -163,12 +163,6 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
     // The disk's last known state, while the instance has one and this reconcile does not look.
     let kept_storage = previous.storage.clone().filter(|_| instance.spec.storage.is_some());
     let live = ctx.own_pod(&pod_builder::pod_name(&name), &namespace, instance);
-    if live.as_deref().is_some_and(pod_builder::pod_level_dropped) && ctx.instance_settings.layout.fall_back() {
-        warn!(
-            %name, %namespace,
-            "the API server dropped the pod-level resources of the instance pod (no PodLevelResources feature): instance pods hold their size in per-container shares from now on"
-        );
-    }
     let live_layout = live.as_deref().and_then(pod_builder::layout_of);
 
     // Schedules: what fell due since the announced trigger, and what comes next.
@@ -221,6 +215,17 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
         report::write(instance, &ctx, &failed).await?;
         return Ok(Action::await_change());
     };
+
+    // The disk, in every state: it outlives the pod, and its owner follows the reclaim policy
+    // whether the instance runs or not.
+    let disk = match &instance.spec.storage {
+        Some(asked) => Some(storage::ensure(&ctx, instance, asked).await?),
+        None => None,
+    };
+    if let Some(disk) = &disk {
+        conditions.push(disk.condition.clone());
+    }
+    let kept_storage = disk.as_ref().map(|d| d.status.clone());
 
     // Idle: asked only of a Running instance at its deadline.
     let ready_pod = live
@@ -335,14 +340,9 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
     let attach::Attach { resolved, unresolved } = attach::runtimes(instance, &ctx, &mut dependencies).await?;
     ctx.instance_index.record(key.clone(), dependencies);
     let attached = attach::as_attached(&resolved, live.as_deref());
-    // The disk: made when absent; a claim of its name that is not the instance's holds the pod
-    // (a pod without the disk the user asked for would lose what they write).
-    let disk = match &instance.spec.storage {
-        Some(asked) => Some(storage::ensure(&ctx, instance, asked).await?),
-        None => None,
-    };
+    // A claim of the disk's name that is not the instance's holds the pod (a pod without the
+    // disk the user asked for would lose what they write).
     if let Some(disk) = &disk {
-        conditions.push(disk.condition.clone());
         wake_at = earliest(wake_at, disk.requeue);
     }
     if let Some(disk) = disk.as_ref().filter(|d| d.claim.is_none()) {
@@ -360,26 +360,54 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
             last_activity,
             handled,
             layout: live_layout,
-            storage: Some(disk.status.clone()),
+            storage: kept_storage.clone(),
         };
         report::write(instance, &ctx, &held).await?;
         return Ok(wake_at.map_or_else(Action::await_change, Action::requeue));
     }
-    let pod = pod_builder::instance_pod(&InstancePodInputs {
+    let inputs = |layout| InstancePodInputs {
         instance,
         size,
         identity: &pull,
         image: &image,
         runtimes: &attached,
         template: &ctx.template,
-        layout: ctx.instance_settings.layout.get(),
+        layout,
         home_claim: disk.as_ref().and_then(|d| d.claim.as_deref()),
-    });
+    };
+    if ctx.instance_settings.layout.unverified() {
+        check_layout(
+            &ctx,
+            &namespace,
+            &pod_builder::instance_pod(&inputs(ResourceLayout::Pod)),
+        )
+        .await;
+    }
+    let pod = pod_builder::instance_pod(&inputs(ctx.instance_settings.layout.get()));
     let changes = live
         .as_deref()
         .filter(|live| live.metadata.deletion_timestamp.is_none())
         .filter(|live| live_inputs_hash(live) != live_inputs_hash(&pod))
         .map(|live| describe_changes(live, &pod));
+    // A runtime deleted while the instance could not restart left its containers under its
+    // name; one made again under that name is not them, and the pod is remade to carry it.
+    let remade: Vec<String> = live
+        .as_deref()
+        .filter(|live| live.metadata.deletion_timestamp.is_none())
+        .map(|live| {
+            pod_builder::recreated(live, |name| {
+                ctx.runtimes
+                    .get(&ObjectRef::new(name).within(&namespace))
+                    .and_then(|runtime| runtime.uid())
+            })
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let remade_note =
+        (!remade.is_empty()).then(|| format!("runtime {} was made again under its name", remade.join(", ")));
+    let changes = changes.or_else(|| remade_note.as_ref().map(|note| format!("take the new one: {note}")));
     if changes.is_none() {
         // Nothing to restart for (any more): a later change starts a fresh batch window.
         ctx.instance_memory.settled(&key);
@@ -449,7 +477,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
             size: size.name.clone(),
         },
     };
-    let outcome = apply::apply_pod(&ctx, &desired, live.as_deref(), None).await?;
+    let outcome = apply::apply_pod(&ctx, &desired, live.as_deref(), remade_note.as_deref()).await?;
     if changes.is_some() {
         ctx.instance_memory.settled(&key);
     }
@@ -522,7 +550,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
         last_activity,
         handled,
         layout,
-        storage: disk.as_ref().map(|d| d.status.clone()),
+        storage: kept_storage,
     };
     report::write(instance, &ctx, &running).await?;
     info!(%name, %namespace, state = ?state, "reconciled compute instance");
@@ -532,6 +560,35 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
         outcome.requeue.or_else(|| action_delay(&outcome.action))
     };
     Ok(earliest(wake_at, retry).map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Whether the API server keeps pod-level resources, asked once per process with a dry-run
+/// create of an instance pod: a cluster without the feature drops the field, and instance pods
+/// then hold their size in shares. Until one dry run is answered, pod-level is assumed.
+async fn check_layout(ctx: &Context, namespace: &str, pod: &Pod) {
+    let pods: kube::Api<Pod> = kube::Api::namespaced(ctx.client.clone(), namespace);
+    let mut probe = pod.clone();
+    probe.metadata.name = None;
+    probe.metadata.generate_name = Some(apply::PROBE_PREFIX.into());
+    let params = kube::api::PostParams {
+        dry_run: true,
+        field_manager: Some(super::context::MANAGER.into()),
+    };
+    match pods.create(&params, &probe).await {
+        Ok(made) if made.spec.as_ref().is_some_and(|spec| spec.resources.is_some()) => {
+            ctx.instance_settings.layout.settle(ResourceLayout::Pod);
+        }
+        Ok(_) => {
+            if ctx.instance_settings.layout.settle(ResourceLayout::Containers) {
+                warn!(
+                    "the API server drops pod-level resources (no PodLevelResources feature): compute instance pods hold their size in per-container shares"
+                );
+            }
+        }
+        Err(err) => {
+            info!(%namespace, error = %err, "cannot check pod-level resources yet; asking again at the next instance")
+        }
+    }
 }
 
 /// The runtimes a live pod carries.

@@ -24,6 +24,11 @@ use crate::controller::context::{Context, MANAGER};
 use crate::controller::runtime::status::ConditionState;
 use crate::error::Result;
 
+/// Annotation on a disk claim: the uid of the instance it was made for. Only that instance
+/// owns it under `Delete`; a claim retained from an earlier instance of the name is used by a
+/// new one, never made to go with it.
+pub const MADE_FOR_ANNOTATION: &str = "promptflow.dev/instance-uid";
+
 /// How soon a Pending claim is looked at again.
 pub const PENDING_RECHECK: Duration = Duration::from_secs(10);
 
@@ -56,6 +61,10 @@ fn desired_claim(instance: &ComputeInstance, storage: &InstanceStorage) -> Persi
                 ),
                 (INSTANCE_LABEL.to_owned(), name),
             ])),
+            annotations: Some(BTreeMap::from([(
+                MADE_FOR_ANNOTATION.to_owned(),
+                instance.uid().unwrap_or_default(),
+            )])),
             owner_references: owner(instance, storage.reclaim_policy).map(|o| vec![o]),
             ..Default::default()
         },
@@ -83,11 +92,42 @@ fn owner(instance: &ComputeInstance, policy: ReclaimPolicy) -> Option<OwnerRefer
 /// and owned by this instance or (retained from an earlier one, or kept under `Retain`) by
 /// nobody. A claim owned by anything else is not ours to mount.
 fn is_ours(claim: &PersistentVolumeClaim, instance: &ComputeInstance) -> bool {
-    let labels = claim.labels();
-    let made_by_us = labels.get("app.kubernetes.io/managed-by").map(String::as_str) == Some(MANAGED_BY)
-        && labels.get(INSTANCE_LABEL) == Some(&instance.name_any());
     let owners = claim.owner_references();
-    made_by_us && (owners.is_empty() || owners.iter().all(|o| Some(&o.uid) == instance.uid().as_ref()))
+    made_by_us(claim, instance) && (owners.is_empty() || owners.iter().all(|o| Some(&o.uid) == instance.uid().as_ref()))
+}
+
+fn made_by_us(claim: &PersistentVolumeClaim, instance: &ComputeInstance) -> bool {
+    let labels = claim.labels();
+    labels.get("app.kubernetes.io/managed-by").map(String::as_str) == Some(MANAGED_BY)
+        && labels.get(INSTANCE_LABEL) == Some(&instance.name_any())
+}
+
+/// Whether `claim` was made for this very instance (not retained from an earlier one).
+fn made_for(claim: &PersistentVolumeClaim, instance: &ComputeInstance) -> bool {
+    claim.annotations().get(MADE_FOR_ANNOTATION) == instance.uid().as_ref()
+}
+
+/// A claim the operator made for an earlier instance of this name that still owns it: the
+/// garbage collector deletes it with that instance.
+fn of_an_earlier_instance(claim: &PersistentVolumeClaim, instance: &ComputeInstance) -> bool {
+    made_by_us(claim, instance)
+        && claim.owner_references().iter().any(|o| {
+            o.kind == "ComputeInstance" && o.name == instance.name_any() && Some(&o.uid) != instance.uid().as_ref()
+        })
+}
+
+/// The disk held back: no pod mounts a claim that is not the instance's.
+fn held(name: &str, reason: &str, message: String) -> Disk {
+    Disk {
+        claim: None,
+        status: StorageStatus {
+            claim_name: name.to_owned(),
+            ..Default::default()
+        },
+        condition: ConditionState::new(conditions::STORAGE_READY, false, reason, message.clone()),
+        waiting: Some((reason.to_owned(), message)),
+        requeue: Some(PENDING_RECHECK),
+    }
 }
 
 /// Makes sure the instance's disk exists as `spec.storage` asks, and reports it.
@@ -107,33 +147,46 @@ pub async fn ensure(ctx: &Context, instance: &ComputeInstance, storage: &Instanc
                     info!(claim = %name, %namespace, "created compute instance disk claim");
                     created
                 }
-                // Made by someone else meanwhile: judged at the next look.
+                // Made by someone else meanwhile: nothing mounts it before it is judged.
                 Err(kube::Error::Api(status)) if status.code == 409 => {
-                    return Ok(pending(&name, "the claim was created meanwhile; looking again".into()));
+                    return Ok(held(
+                        &name,
+                        reasons::CLAIM_PENDING,
+                        format!("claim {name} was made by someone else meanwhile; looking at it again"),
+                    ));
+                }
+                // A storage quota, a LimitRange for claims, an admission policy.
+                Err(kube::Error::Api(status)) if (400..500).contains(&status.code) && status.code != 429 => {
+                    return Ok(held(
+                        &name,
+                        reasons::CLAIM_REJECTED,
+                        format!(
+                            "the API server refused to create claim {name}: {}; fix spec.storage (or what refuses it) — the instance waits without a pod",
+                            status.message
+                        ),
+                    ));
                 }
                 Err(err) => return Err(err.into()),
             }
         }
     };
-    if !is_ours(&claim, instance) {
-        let message = format!(
-            "PersistentVolumeClaim {name} exists and was not made by the operator for this instance; it is left untouched and the instance runs without its disk: rename or delete that claim"
-        );
-        return Ok(Disk {
-            claim: None,
-            status: StorageStatus {
-                claim_name: name,
-                ..Default::default()
-            },
-            condition: ConditionState::new(
-                conditions::STORAGE_READY,
-                false,
-                reasons::STORAGE_CONFLICT,
-                message.clone(),
+    if of_an_earlier_instance(&claim, instance) {
+        return Ok(held(
+            &name,
+            reasons::CLAIM_PENDING,
+            format!(
+                "claim {name} still belongs to an earlier instance of this name and goes with it; a new one is made once it is gone"
             ),
-            waiting: Some((reasons::STORAGE_CONFLICT.to_owned(), message)),
-            requeue: Some(PENDING_RECHECK),
-        });
+        ));
+    }
+    if !is_ours(&claim, instance) {
+        return Ok(held(
+            &name,
+            reasons::STORAGE_CONFLICT,
+            format!(
+                "PersistentVolumeClaim {name} exists and was not made by the operator for this instance; it is left untouched and the instance waits without a pod: rename or delete that claim"
+            ),
+        ));
     }
     if claim.metadata.deletion_timestamp.is_some() {
         return Ok(pending(
@@ -174,7 +227,9 @@ async fn keep_owner(
     instance: &ComputeInstance,
     policy: ReclaimPolicy,
 ) -> Result<PersistentVolumeClaim> {
-    let wanted = owner(instance, policy);
+    // A claim retained from an earlier instance of the name is used, never made to go with
+    // this one.
+    let wanted = owner(instance, policy).filter(|_| made_for(&claim, instance));
     let has = !claim.owner_references().is_empty();
     if has == wanted.is_some() {
         return Ok(claim);
@@ -210,10 +265,16 @@ async fn grow(
             .and_then(|p| p.to_bytes_f64())
     };
     let wanted = Quantity(storage.size.clone());
-    let larger = match (asked.and_then(bytes), bytes(&wanted)) {
-        (Some(now), Some(then)) => then > now,
-        _ => false,
+    let (larger, smaller) = match (asked.and_then(bytes), bytes(&wanted)) {
+        (Some(now), Some(then)) => (then > now, then < now),
+        _ => (false, false),
     };
+    if smaller {
+        return Ok(Some(format!(
+            "a claim cannot shrink: it keeps {}; set spec.storage.size to that or more",
+            asked.map(|q| q.0.as_str()).unwrap_or_default()
+        )));
+    }
     if !larger {
         return Ok(None);
     }
@@ -243,7 +304,26 @@ fn report(name: &str, claim: &PersistentVolumeClaim, storage: &InstanceStorage, 
         phase: Some(phase.clone()),
         capacity: capacity.clone(),
     };
+    let has_class = claim.spec.as_ref().and_then(|s| s.storage_class_name.clone());
+    let class_differs = storage
+        .storage_class_name
+        .as_ref()
+        .is_some_and(|asked| has_class.as_ref() != Some(asked));
     let (condition, waiting, requeue) = match phase.as_str() {
+        "Bound" if class_differs => (
+            ConditionState::new(
+                conditions::STORAGE_READY,
+                false,
+                reasons::STORAGE_MISMATCH,
+                format!(
+                    "claim {name} is Bound with storage class {} but spec.storage.storageClassName asks {}; a claim's class cannot change: set it back, or delete the claim (and its data) to have a new one made",
+                    has_class.as_deref().unwrap_or("(none)"),
+                    storage.storage_class_name.as_deref().unwrap_or_default()
+                ),
+            ),
+            None,
+            None,
+        ),
         "Bound" => {
             let condition = match resize {
                 Some(why) => ConditionState::new(
@@ -251,7 +331,7 @@ fn report(name: &str, claim: &PersistentVolumeClaim, storage: &InstanceStorage, 
                     false,
                     reasons::STORAGE_RESIZE_REFUSED,
                     format!(
-                        "claim {name} is Bound ({}) but cannot grow to spec.storage.size {}: {why}",
+                        "claim {name} is Bound ({}) but cannot take spec.storage.size {}: {why}",
                         capacity.as_deref().unwrap_or("unknown size"),
                         storage.size
                     ),
@@ -339,9 +419,18 @@ mod tests {
         let mut foreign = claim.clone();
         foreign.metadata.labels = None;
         assert!(!is_ours(&foreign, &deleting));
-        let mut other_owner = claim;
+        let mut other_owner = claim.clone();
         other_owner.metadata.owner_references.as_mut().unwrap()[0].uid = "u2".into();
         assert!(!is_ours(&other_owner, &deleting));
+        // That owner being an earlier instance of the name: its claim goes with it; wait.
+        assert!(of_an_earlier_instance(&other_owner, &deleting));
+        assert!(!of_an_earlier_instance(&claim, &deleting));
+
+        // Made for this instance, or retained from an earlier one (never to be owned again).
+        assert!(made_for(&claim, &deleting));
+        let mut later = deleting.clone();
+        later.metadata.uid = Some("u3".into());
+        assert!(!made_for(&claim, &later));
     }
 
     #[test]

@@ -67,7 +67,7 @@ impl PodOutcome {
 }
 
 /// The generated name's prefix of a dry-run replacement.
-const PROBE_PREFIX: &str = "pf-probe-";
+pub const PROBE_PREFIX: &str = "pf-probe-";
 
 /// `text` with every `<prefix><5 generated characters>` written as `name`.
 fn without_generated_suffix(text: &str, prefix: &str, name: &str) -> String {

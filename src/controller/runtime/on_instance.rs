@@ -15,7 +15,7 @@ use tracing::info;
 use super::plan::{self, PodFacts};
 use super::report::{self, Report};
 use super::status::{ConditionState, Verdict};
-use super::{Context, apply, observe};
+use super::{Context, apply, observe, pod_state};
 use crate::api::conditions::{self, reasons};
 use crate::api::{
     ComputeInstance, DETACH_FINALIZER, DesiredState, HandledActions, InstanceCompute, InstanceState, PromptFlowRuntime,
@@ -53,7 +53,7 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
     let live = instance
         .as_ref()
         .and_then(|instance| ctx.own_pod(&instance_pod::pod_name(&asked.name), &namespace, &**instance));
-    let placement = live.as_deref().and_then(|pod| placement_in(pod, &name));
+    let placement = live.as_deref().and_then(|pod| placement_in(pod, runtime));
     let mut conditions = vec![identity];
     // While the first registry answer is awaited there is no version to record yet: writing
     // the unpinned image would read as a pin.
@@ -104,7 +104,7 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
         ),
         // Still carried by the instance's pod (which keeps it as it is): it serves as before,
         // and SpecApplied says what to fix.
-        (Err(_), Some(instance)) if placement.is_some() => instance_verdict(instance, live.as_deref(), &name, ctx),
+        (Err(_), Some(instance)) if placement.is_some() => instance_verdict(instance, live.as_deref(), runtime, ctx),
         (Err(problem), _) => Verdict::not_available(problem.reason, problem.message.clone()),
         (_, None) => Verdict::not_available(
             reasons::COMPUTE_INSTANCE_NOT_FOUND,
@@ -113,7 +113,7 @@ pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &Insta
                 asked.name
             ),
         ),
-        (_, Some(instance)) => instance_verdict(instance, live.as_deref(), &name, ctx),
+        (_, Some(instance)) => instance_verdict(instance, live.as_deref(), runtime, ctx),
     };
     let url = match &placement {
         Some(placement) => {
@@ -177,7 +177,12 @@ fn actions_not_supported(runtime: &PromptFlowRuntime, instance: &str) -> Option<
 }
 
 /// The runtime's verdict from its instance and the instance's pod.
-fn instance_verdict(instance: &ComputeInstance, live: Option<&Pod>, name: &str, ctx: &Context) -> Verdict {
+fn instance_verdict(
+    instance: &ComputeInstance,
+    live: Option<&Pod>,
+    runtime: &PromptFlowRuntime,
+    ctx: &Context,
+) -> Verdict {
     let instance_name = instance.name_any();
     let status = instance.status.clone().unwrap_or_default();
     if instance.metadata.deletion_timestamp.is_some() {
@@ -214,7 +219,7 @@ fn instance_verdict(instance: &ComputeInstance, live: Option<&Pod>, name: &str, 
             format!("waiting for compute instance {instance_name} to start with this runtime"),
         );
     };
-    let Some(placement) = placement_in(pod, name) else {
+    let Some(placement) = placement_in(pod, runtime) else {
         return Verdict::not_available(
             reasons::WAITING_FOR_INSTANCE_RESTART,
             format!(
@@ -225,11 +230,47 @@ fn instance_verdict(instance: &ComputeInstance, live: Option<&Pod>, name: &str, 
     };
     let container = placement.runtime_container();
     let pod_name = pod.name_any();
-    let found = pod
-        .status
-        .as_ref()
+    let status = pod.status.as_ref();
+    let found = status
         .and_then(|s| s.container_statuses.as_ref())
         .and_then(|all| all.iter().find(|c| c.name == container));
+    // The runtime's requirements installer (its own container beside the others, or an init
+    // container before all of them): a failed install is this runtime's problem alone.
+    let installer_name = placement.name("install-requirements", "req");
+    let installer = status
+        .into_iter()
+        .flat_map(|s| {
+            s.container_statuses
+                .iter()
+                .flatten()
+                .chain(s.init_container_statuses.iter().flatten())
+        })
+        .find(|c| c.name == installer_name);
+    if let Some(installer) = installer {
+        if let Some(problem) = pod_state::container_problem(installer) {
+            return Verdict {
+                phase: RuntimePhase::NotAvailable,
+                reason: problem.reason.clone(),
+                message: format!(
+                    "the flow's requirements cannot be installed: container {installer_name} of pod {pod_name}: {}: {}; fix the requirements file (kubectl logs {pod_name} -c {installer_name} --previous); the instance's other runtimes are not affected",
+                    problem.reason, problem.message
+                ),
+                problem: true,
+            };
+        }
+        let installed = installer.ready
+            || installer
+                .state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .is_some_and(|t| t.exit_code == 0);
+        if !installed {
+            return Verdict::not_available(
+                reasons::POD_STARTING,
+                format!("installing the flow's requirements (container {installer_name} of pod {pod_name})"),
+            );
+        }
+    }
     match found {
         Some(state) if state.ready => Verdict {
             phase: RuntimePhase::Running,

@@ -3,10 +3,12 @@
 //! ended, or being deleted. Pure.
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use kube::ResourceExt;
 
 use super::status::Verdict;
 use crate::api::RuntimePhase;
 use crate::api::conditions::reasons;
+use crate::build::instance::{INSTANCE_CONTAINER, INSTANCE_LABEL};
 use crate::build::pod::RUNTIME_PORT;
 
 /// What the runtime pod is doing.
@@ -68,11 +70,16 @@ pub fn classify(pod: &Pod) -> PodState {
             message: format!("pod phase {phase}{}", suffix(&detail)),
         };
     }
+    // A compute instance's pod is the instance's: its runtimes' containers speak for their
+    // runtimes (each runtime's status follows its own), not for the instance. Init containers
+    // hold every container back, so they count for all.
+    let instance_pod = pod.labels().contains_key(INSTANCE_LABEL);
+    let counts = |name: &str| !instance_pod || name == INSTANCE_CONTAINER;
     let containers = status
         .init_container_statuses
         .iter()
         .flatten()
-        .chain(status.container_statuses.iter().flatten());
+        .chain(status.container_statuses.iter().flatten().filter(|c| counts(&c.name)));
     if let Some(problem) = containers.filter_map(container_problem).next() {
         return PodState::ContainerProblem(problem);
     }
@@ -86,11 +93,19 @@ pub fn classify(pod: &Pod) -> PodState {
             message: condition.message.clone().unwrap_or_default(),
         };
     }
-    let ready = status
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
+    let ready = if instance_pod {
+        status
+            .container_statuses
+            .iter()
+            .flatten()
+            .any(|c| c.name == INSTANCE_CONTAINER && c.ready)
+    } else {
+        status
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    };
     match (ready, status.pod_ip.clone()) {
         (true, Some(ip)) => PodState::Ready { ip },
         _ => PodState::Starting,
@@ -99,7 +114,7 @@ pub fn classify(pod: &Pod) -> PodState {
 
 /// The problem a container status shows: a waiting reason that is not part of a normal start,
 /// or a failed termination. A crash loop whose last exit was for memory reads as `OOMKilled`.
-fn container_problem(container: &ContainerStatus) -> Option<ContainerProblem> {
+pub fn container_problem(container: &ContainerStatus) -> Option<ContainerProblem> {
     let state = container.state.as_ref()?;
     let last_exit = container
         .last_state
@@ -339,5 +354,35 @@ mod tests {
             (RuntimePhase::NotAvailable, "ErrImagePull")
         );
         assert!(verdict.message.contains("img:1") && verdict.message.contains("imagePullSecrets"));
+    }
+
+    #[test]
+    fn an_instance_pod_is_judged_by_the_instance_container_alone() {
+        let instance = |statuses: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "ci-instance", "labels": {"promptflow.dev/compute-instance": "ci"}},
+                "status": {"phase": "Running", "podIP": "127.0.1.9",
+                    "conditions": [{"type": "Ready", "status": "False"}], "containerStatuses": statuses}}))
+            .unwrap()
+        };
+        let running = |name: &str| {
+            serde_json::json!({"name": name, "image": "x", "imageID": "", "ready": true,
+            "restartCount": 0, "state": {"running": {}}})
+        };
+        let crashing = serde_json::json!({"name": "req-bad", "image": "x", "imageID": "", "ready": false,
+            "restartCount": 3, "state": {"waiting": {"reason": "CrashLoopBackOff"}}});
+        // One runtime's installer crashes and the pod is not Ready: the instance still runs.
+        let pod = instance(serde_json::json!([running("instance"), crashing, running("rt-good")]));
+        assert_eq!(classify(&pod), PodState::Ready { ip: "127.0.1.9".into() });
+        // The instance's own container failing is the instance's problem.
+        let mut own = crashing_named("instance");
+        own["restartCount"] = 5.into();
+        let pod = instance(serde_json::json!([own, running("rt-good")]));
+        assert!(matches!(classify(&pod), PodState::ContainerProblem(p) if p.container == "instance"));
+    }
+
+    fn crashing_named(name: &str) -> serde_json::Value {
+        serde_json::json!({"name": name, "image": "x", "imageID": "", "ready": false,
+            "restartCount": 3, "state": {"waiting": {"reason": "CrashLoopBackOff"}}})
     }
 }
