@@ -75,6 +75,10 @@ struct Args {
     /// How many runtimes reconcile at once.
     #[arg(long, env = "PF_CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
+    /// Give turns to reconcile round robin over namespaces (a namespace's backlog never holds
+    /// another's runtimes back); false: first come, first served.
+    #[arg(long, env = "PF_NAMESPACE_FAIRNESS", default_value_t = true, action = clap::ArgAction::Set)]
+    namespace_fairness: bool,
     /// Run runtime pods under the restricted Pod Security profile (turn off for images that
     /// need root).
     #[arg(long, env = "PF_RESTRICTED_PODS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -335,6 +339,7 @@ async fn run(args: Args) -> Result<(), Error> {
             warning_max: Duration::from_secs(args.idle_warning_max_seconds),
         },
         concurrency: args.concurrency,
+        namespace_fairness: args.namespace_fairness,
         namespace: args.watch_namespace,
         registry: RegistrySettings {
             ca_bundles: read_ca_files(&args.registry_ca_file)?,

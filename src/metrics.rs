@@ -75,6 +75,8 @@ pub struct Metrics {
     phase_counter: std::sync::OnceLock<PhaseCounter>,
     maps: Family<MapLabels, Gauge>,
     map_counter: std::sync::OnceLock<PhaseCounter>,
+    waiting: Gauge,
+    waiting_counter: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
 }
 
 impl Default for Metrics {
@@ -135,7 +137,15 @@ impl Default for Metrics {
             "Entries in the operator's own in-memory maps (besides the watch caches), by map; they follow the live objects",
             maps.clone(),
         );
+        let waiting = Gauge::default();
+        registry.register(
+            "reconciles_waiting",
+            "Runtime reconciles waiting for a turn (turns go round robin over namespaces)",
+            waiting.clone(),
+        );
         Self {
+            waiting,
+            waiting_counter: std::sync::OnceLock::new(),
             maps,
             map_counter: std::sync::OnceLock::new(),
             registry_requests,
@@ -236,8 +246,16 @@ impl Metrics {
         let _ = self.map_counter.set(counter);
     }
 
+    /// Sets where the reconciles waiting for a turn are counted.
+    pub fn watch_waiting_turns(&self, counter: impl Fn() -> usize + Send + Sync + 'static) {
+        let _ = self.waiting_counter.set(Box::new(counter));
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        if let Some(count) = self.waiting_counter.get() {
+            self.waiting.set(i64::try_from(count()).unwrap_or(i64::MAX));
+        }
         if let Some(count) = self.map_counter.get() {
             for (map, n) in count() {
                 self.maps.get_or_create(&MapLabels { map }).set(n);

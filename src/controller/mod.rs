@@ -2,6 +2,7 @@
 //! whose requests are counted.
 
 pub mod context;
+pub mod fair;
 pub mod index;
 pub mod instance;
 pub mod lean;
@@ -40,6 +41,9 @@ pub struct Settings {
     pub template: PodTemplate,
     /// How many runtimes reconcile at once.
     pub concurrency: u16,
+    /// Turns round robin over namespaces ([`fair`]); false: kube-runtime's first come, first
+    /// served queue.
+    pub namespace_fairness: bool,
     /// Watch only this namespace; `None`: every namespace.
     pub namespace: Option<String>,
     /// Idle-stop settings.
@@ -346,8 +350,28 @@ pub async fn run(
             }
         })
         .applied_objects();
+    // Every ready runtime goes to its reconcile at once; the reconcile waits for a fair turn
+    // (at most `concurrency` run, round robin over namespaces): see [`fair`].
+    // Without fairness kube-runtime's queue bounds the reconciles, and every turn is free.
+    let (queue_bound, turn_limit) = if settings.namespace_fairness {
+        (0, usize::from(settings.concurrency))
+    } else {
+        (settings.concurrency, usize::MAX)
+    };
+    let turns = fair::FairGate::new(turn_limit);
+    tokio::spawn({
+        let (turns, shutdown) = (turns.clone(), shutdown.clone());
+        async move {
+            shutdown.await;
+            turns.close();
+        }
+    });
+    context.metrics.watch_waiting_turns({
+        let turns = turns.clone();
+        move || turns.waiting()
+    });
     let controller = Controller::for_stream(runtime_stream, runtime_store)
-        .with_config(controller::Config::default().concurrency(settings.concurrency))
+        .with_config(controller::Config::default().concurrency(queue_bound))
         .trigger_backoff(watch_backoff())
         .watches_stream(pod_stream, {
             let dependents = dependents.clone();
@@ -380,7 +404,18 @@ pub async fn run(
     );
     let runtimes = controller
         .run(
-            |runtime, ctx| unpanicking(runtime::reconcile(runtime, ctx)),
+            move |runtime, ctx| {
+                let turns = turns.clone();
+                async move {
+                    let namespace = runtime.namespace().unwrap_or_default();
+                    let Some(_turn) = turns.enter(&namespace).await else {
+                        // Shutting down: not run now; the next process looks at it.
+                        return Ok(controller::Action::await_change());
+                    };
+                    // Built once it has its turn, so a waiting reconcile stays small.
+                    Box::pin(unpanicking(runtime::reconcile(runtime, ctx))).await
+                }
+            },
             runtime::error_policy,
             context.clone(),
         )
