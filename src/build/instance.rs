@@ -733,6 +733,24 @@ mod tests {
                 .iter()
                 .any(|arg| arg == "requirements.txt" || arg.ends_with("/requirements.txt"))
         );
+        assert!(
+            command.iter().any(|arg| arg == "/opt/promptflow/packages/site"),
+            "{command:?}"
+        );
+        // The runtime sees the packages' directory from its start, and on its path.
+        let runtime_container = spec.containers.iter().find(|c| c.name == "rt-a").unwrap();
+        let mount = runtime_container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == "/opt/promptflow/packages/site")
+            .expect("the packages' directory is mounted");
+        assert_eq!(mount.sub_path.as_deref(), Some("site"));
+        let env = runtime_container.env.as_ref().unwrap();
+        assert!(
+            env.iter()
+                .any(|e| e.name == "PYTHONPATH" && e.value.as_deref() == Some("/opt/promptflow/packages/site"))
+        );
         let probe = installer.readiness_probe.as_ref().unwrap().exec.as_ref().unwrap();
         assert_eq!(
             probe.command.as_ref().unwrap().last().map(String::as_str),

@@ -116,6 +116,9 @@ pub struct PartsInputs<'a> {
 /// The file a parallel installer writes when the install succeeded; its readiness probe looks
 /// for it.
 pub const INSTALLED_MARKER: &str = ".installed";
+/// The directory of the packages volume a parallel installer installs into (`pip --target`) and
+/// the runtime finds them in (`PYTHONPATH`).
+pub const PARALLEL_SITE: &str = "site";
 
 /// Builds one runtime's containers, init container and volumes.
 pub fn runtime_parts(inputs: &PartsInputs<'_>) -> RuntimeParts {
@@ -171,27 +174,50 @@ pub fn runtime_parts(inputs: &PartsInputs<'_>) -> RuntimeParts {
                 ..Default::default()
             });
             let packages = VolumeMount {
-                name: packages_volume,
+                name: packages_volume.clone(),
                 mount_path: PACKAGES_MOUNT.into(),
                 ..Default::default()
             };
-            mounts.push(packages.clone());
             let user_base = EnvVar {
                 name: "PYTHONUSERBASE".into(),
                 value: Some(PACKAGES_MOUNT.into()),
                 ..Default::default()
             };
-            env.push(user_base.clone());
-            let install = vec![
+            let site = format!("{PACKAGES_MOUNT}/{PARALLEL_SITE}");
+            if inputs.parallel_install {
+                // The runtime starts beside its installer: Python puts a directory on its path
+                // only if it exists when the interpreter starts, so the runtime mounts the
+                // packages' directory itself (the kubelet makes it before any container starts)
+                // and finds what the installer puts there as it arrives.
+                mounts.push(VolumeMount {
+                    name: packages_volume,
+                    mount_path: site.clone(),
+                    sub_path: Some(PARALLEL_SITE.into()),
+                    read_only: Some(true),
+                    ..Default::default()
+                });
+                env.push(EnvVar {
+                    name: "PYTHONPATH".into(),
+                    value: Some(site.clone()),
+                    ..Default::default()
+                });
+            } else {
+                mounts.push(packages.clone());
+                env.push(user_base.clone());
+            }
+            let mut install = vec![
                 "python".to_owned(),
                 "-m".into(),
                 "pip".into(),
                 "install".into(),
                 "--no-cache-dir".into(),
-                "--user".into(),
-                "-r".into(),
-                format!("{FLOW_MOUNT}/{requirements}"),
             ];
+            if inputs.parallel_install {
+                install.extend(["--upgrade".to_owned(), "--target".into(), site]);
+            } else {
+                install.push("--user".into());
+            }
+            install.extend(["-r".to_owned(), format!("{FLOW_MOUNT}/{requirements}")]);
             let mut installer = Container {
                 name: placement.name("install-requirements", "req"),
                 image: Some(inputs.image.to_owned()),
@@ -206,10 +232,12 @@ pub fn runtime_parts(inputs: &PartsInputs<'_>) -> RuntimeParts {
                 // Installs, marks success, then idles; a failed install exits and the kubelet
                 // tries again with backoff, for this runtime alone. Ready once installed.
                 let marker = format!("{PACKAGES_MOUNT}/{INSTALLED_MARKER}");
+                // A marker of an earlier run is no proof; SIGTERM ends it at once (a shell as
+                // the container's first process ignores signals it does not trap).
                 installer.command = Some(vec![
                     "sh".into(),
                     "-c".into(),
-                    "\"$@\" && touch \"$MARKER\" && exec sleep infinity".into(),
+                    "trap 'exit 0' TERM; rm -f \"$MARKER\"; \"$@\" || exit $?; touch \"$MARKER\"; sleep infinity & wait $!".into(),
                     "install".into(),
                 ]);
                 installer.command.as_mut().expect("set").extend(install);

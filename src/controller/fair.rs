@@ -22,6 +22,8 @@ pub struct FairGate {
 #[derive(Default)]
 struct State {
     running: usize,
+    /// Turns held, per namespace.
+    holding: HashMap<String, usize>,
     closed: bool,
     /// Per namespace, its waiting reconciles, oldest first.
     waiting: HashMap<String, VecDeque<oneshot::Sender<()>>>,
@@ -32,11 +34,12 @@ struct State {
 /// A turn: while held, its reconcile runs; dropping it gives the turn on.
 pub struct Turn {
     gate: Arc<FairGate>,
+    namespace: String,
 }
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        self.gate.pass_on();
+        self.gate.pass_on(Some(&self.namespace));
     }
 }
 
@@ -44,6 +47,7 @@ impl Drop for Turn {
 /// turn handed to it meanwhile is passed on, never lost.
 struct Waiting {
     gate: Arc<FairGate>,
+    namespace: String,
     receiver: Option<oneshot::Receiver<()>>,
 }
 
@@ -52,7 +56,7 @@ impl Drop for Waiting {
         if let Some(mut receiver) = self.receiver.take() {
             receiver.close();
             if receiver.try_recv().is_ok() {
-                self.gate.pass_on();
+                self.gate.pass_on(Some(&self.namespace));
             }
         }
     }
@@ -77,7 +81,11 @@ impl FairGate {
             }
             if state.running < self.limit && state.order.is_empty() {
                 state.running += 1;
-                return Some(Turn { gate: self.clone() });
+                *state.holding.entry(namespace.to_owned()).or_default() += 1;
+                return Some(Turn {
+                    gate: self.clone(),
+                    namespace: namespace.to_owned(),
+                });
             }
             let (sender, receiver) = oneshot::channel();
             let queue = state.waiting.entry(namespace.to_owned()).or_default();
@@ -90,17 +98,36 @@ impl FairGate {
         };
         let mut waiting = Waiting {
             gate: self.clone(),
+            namespace: namespace.to_owned(),
             receiver: Some(receiver),
         };
         let handed = waiting.receiver.as_mut().expect("set above").await;
         waiting.receiver = None;
-        handed.ok().map(|()| Turn { gate: self.clone() })
+        handed.ok().map(|()| Turn {
+            gate: self.clone(),
+            namespace: namespace.to_owned(),
+        })
     }
 
-    /// Ends a turn: the next namespace in order gets it, or there is one fewer running.
-    fn pass_on(&self) {
+    /// Ends a turn of `from`: the next namespace in order that holds fewer than half the turns
+    /// gets it (so one namespace whose reconciles are slow cannot gather them all while others
+    /// wait), else the next in order; or there is one fewer running.
+    fn pass_on(&self, from: Option<&str>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(namespace) = state.order.pop_front() {
+        if let Some(from) = from
+            && let Some(held) = state.holding.get_mut(from)
+        {
+            *held -= 1;
+            if *held == 0 {
+                state.holding.remove(from);
+            }
+        }
+        let cap = (self.limit / 2).max(1);
+        while let Some(at) = (0..state.order.len())
+            .find(|&i| state.holding.get(&state.order[i]).copied().unwrap_or(0) < cap)
+            .or((!state.order.is_empty()).then_some(0))
+        {
+            let namespace = state.order.remove(at).expect("in range");
             let Some(queue) = state.waiting.get_mut(&namespace) else {
                 continue;
             };
@@ -108,12 +135,13 @@ impl FairGate {
             if queue.is_empty() {
                 state.waiting.remove(&namespace);
             } else {
-                state.order.push_back(namespace);
+                state.order.push_back(namespace.clone());
             }
             // A waiter that went away meanwhile gives its place to the next.
             if let Some(next) = next
                 && next.send(()).is_ok()
             {
+                *state.holding.entry(namespace).or_default() += 1;
                 return;
             }
         }
@@ -177,6 +205,53 @@ mod tests {
         assert_eq!(gate.waiting(), 0);
         // All turns given back: the next comes at once.
         assert!(gate.enter("any").now_or_never().flatten().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_turn_handed_to_a_waiter_that_then_goes_away_is_passed_on() {
+        let gate = FairGate::new(1);
+        let held = gate.enter("a").await.unwrap();
+        let mut leaving = Box::pin(gate.enter("b"));
+        assert!(leaving.as_mut().now_or_never().is_none(), "it waits");
+        // The turn is handed to b, which goes away before it takes it.
+        drop(held);
+        drop(leaving);
+        assert!(gate.enter("c").now_or_never().flatten().is_some(), "the turn came back");
+    }
+
+    #[tokio::test]
+    async fn a_namespace_holding_half_the_turns_lets_the_others_go_first() {
+        let gate = FairGate::new(4);
+        let mut slow = vec![];
+        for _ in 0..4 {
+            slow.push(gate.enter("slow").await.unwrap());
+        }
+        let (done, mut order) = tokio::sync::mpsc::unbounded_channel();
+        let mut tasks = vec![];
+        for (namespace, name) in [("slow", "s5"), ("slow", "s6"), ("quick", "q1"), ("quick", "q2")] {
+            let (gate, done) = (gate.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                let turn = gate.enter(namespace).await.expect("a turn");
+                done.send(name).unwrap();
+                // The slow ones keep theirs; the quick ones end at once.
+                if namespace == "slow" {
+                    std::mem::forget(turn);
+                }
+            }));
+            tokio::task::yield_now().await;
+        }
+        // Two of the slow namespace's four turns end: with half the turns still held, the
+        // quick namespace goes first although the slow one's waiters came earlier.
+        drop(slow.pop());
+        drop(slow.pop());
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        let mut seen = vec![];
+        while let Ok(name) = order.try_recv() {
+            seen.push(name);
+        }
+        assert_eq!(&seen[..2], ["q1", "q2"], "{seen:?}");
+        drop(tasks);
     }
 
     #[tokio::test]

@@ -412,6 +412,11 @@ pub async fn run(
                         // Shutting down: not run now; the next process looks at it.
                         return Ok(controller::Action::await_change());
                     };
+                    // The object as it is now, not as it was when the wait began: deleted
+                    // meanwhile, there is nothing to do (its deletion woke what must follow).
+                    let Some(runtime) = ctx.runtimes.get(&ObjectRef::from_obj(&*runtime)) else {
+                        return Ok(controller::Action::await_change());
+                    };
                     // Built once it has its turn, so a waiting reconcile stays small.
                     Box::pin(unpanicking(runtime::reconcile(runtime, ctx))).await
                 }

@@ -829,3 +829,50 @@ async fn the_instance_disk_follows_policy_changes_and_reports_what_it_cannot_tak
     })
     .await;
 }
+
+/// What a runtime beside its installer sees, with a real Python interpreter: packages that
+/// arrive in a `PYTHONPATH` directory after the interpreter started are found, provided the
+/// directory existed when it started (the runtime mounts it, so the kubelet makes it first);
+/// one made later is never looked at again.
+#[tokio::test]
+async fn packages_installed_after_the_runtime_started_are_found_when_their_directory_was_there() {
+    let python = crate::processes::promptflow_venv().join("bin/python");
+    let script = "import os, sys, time\n\
+                  while not os.path.exists(os.path.join(sys.argv[1], 'ready')):\n    time.sleep(0.05)\n\
+                  try:\n    import arrived\n    print('found', arrived.VALUE)\n\
+                  except ImportError:\n    print('missing')\n";
+    for made_first in [true, false] {
+        let root = std::env::temp_dir().join(format!("pf-site-{:08x}", rand::random::<u32>()));
+        let site = root.join("site");
+        if made_first {
+            std::fs::create_dir_all(&site).unwrap();
+        } else {
+            std::fs::create_dir_all(&root).unwrap();
+        }
+        let flag = if made_first { site.clone() } else { root.clone() };
+        let child = tokio::process::Command::new(&python)
+            .args(["-c", script])
+            .arg(&flag)
+            .env("PYTHONPATH", &site)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start python");
+        // The interpreter is up and importing before the package arrives.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        std::fs::create_dir_all(&site).unwrap();
+        std::fs::write(site.join("arrived.py"), "VALUE = 42\n").unwrap();
+        std::fs::write(flag.join("ready"), "").unwrap();
+        let output = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output())
+            .await
+            .expect("python ends")
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        if made_first {
+            assert_eq!(said, "found 42", "a package that arrives later is found");
+        } else {
+            assert_eq!(said, "missing", "a directory made after the start is not looked at");
+        }
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}

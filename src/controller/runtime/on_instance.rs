@@ -248,11 +248,21 @@ fn instance_verdict(
         .find(|c| c.name == installer_name);
     if let Some(installer) = installer {
         if let Some(problem) = pod_state::container_problem(installer) {
+            // An init container holds every container of the pod (the layout without pod-level
+            // resources); a container of its own holds only this runtime.
+            let beside = status
+                .and_then(|s| s.container_statuses.as_ref())
+                .is_some_and(|all| all.iter().any(|c| c.name == installer_name));
+            let reach = if beside {
+                "the instance's other runtimes are not affected"
+            } else {
+                "it installs before every container of the instance pod, so the instance's other runtimes wait too"
+            };
             return Verdict {
                 phase: RuntimePhase::NotAvailable,
                 reason: problem.reason.clone(),
                 message: format!(
-                    "the flow's requirements cannot be installed: container {installer_name} of pod {pod_name}: {}: {}; fix the requirements file (kubectl logs {pod_name} -c {installer_name} --previous); the instance's other runtimes are not affected",
+                    "the flow's requirements cannot be installed: container {installer_name} of pod {pod_name}: {}: {}; fix the requirements file (kubectl logs {pod_name} -c {installer_name} --previous); {reach}",
                     problem.reason, problem.message
                 ),
                 problem: true,
