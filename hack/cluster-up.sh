@@ -61,6 +61,9 @@ start kube-apiserver "$KUBE_BIN_DIR/kube-apiserver" \
   --profiling=false
 wait_for kube-apiserver 120 kubectl --kubeconfig="$CLUSTER_DIR/kubeconfig" get --raw=/readyz
 
+# kwok does not give a Running pod its readiness back as a kubelet would once its node is heard
+# from again, so a control-plane outage in the fault tests must not mark nodes (and with them
+# every pod) not ready: the node monitor waits 10 minutes.
 start kube-controller-manager "$KUBE_BIN_DIR/kube-controller-manager" \
   --kubeconfig="$CLUSTER_DIR/controller-manager.kubeconfig" \
   --authentication-kubeconfig="$CLUSTER_DIR/controller-manager.kubeconfig" \
@@ -69,7 +72,8 @@ start kube-controller-manager "$KUBE_BIN_DIR/kube-controller-manager" \
   --leader-elect=false --use-service-account-credentials=true \
   --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" \
   --service-cluster-ip-range=10.0.0.0/24 --allocate-node-cidrs=false \
-  --controllers='*' --profiling=false
+  --controllers='*' --profiling=false \
+  --node-monitor-grace-period=10m
 start kube-scheduler "$KUBE_BIN_DIR/kube-scheduler" \
   --kubeconfig="$CLUSTER_DIR/scheduler.kubeconfig" \
   --authentication-kubeconfig="$CLUSTER_DIR/scheduler.kubeconfig" \

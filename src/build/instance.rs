@@ -11,18 +11,18 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{
-    Container, PersistentVolumeClaimVolumeSource, Pod, PodSpec, ResourceRequirements, Volume, VolumeMount,
-};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::api::core::v1::{Container, PersistentVolumeClaimVolumeSource, Pod, PodSpec, Volume, VolumeMount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
+pub use super::layout::ResourceLayout;
+use super::layout::laid_out;
 use super::pod::{
     INPUTS_HASH_ANNOTATION, INSTANCE_TYPE_ANNOTATION, MANAGED_BY, PartsInputs, Placement, PodTemplate,
     SPEC_HASH_ANNOTATION, container_security, digest, inputs_digest, pod_spec_base, runtime_parts, spec_hash,
     with_overrides,
 };
+pub use super::slots::{assign_slots, attached, attached_to, placement_in, recreated, slot_of_url, slots_of};
 use crate::api::{ComputeInstance, PromptFlowRuntime};
 use crate::catalog::InstanceType;
 use crate::flow::FlowEnvironment;
@@ -81,63 +81,6 @@ pub struct AttachedRuntime<'a> {
     pub slot: usize,
 }
 
-/// The slot of each runtime in `names`: the one it has in the live pod (`live`, by slot), else
-/// the one its published URL names (`published`), when free; the others take the lowest free
-/// slots in the order given. So a runtime keeps its ports, and its URL, for as long as it stays
-/// attached, and a port a client cached never reaches another runtime while its owner is there.
-pub fn assign_slots(names: &[String], live: &[Option<&str>], published: impl Fn(&str) -> Option<usize>) -> Vec<usize> {
-    let mut slots: Vec<Option<usize>> = names
-        .iter()
-        .map(|name| live.iter().position(|held| *held == Some(name.as_str())))
-        .collect();
-    // A URL names a slot only within what this pod could have (a status edited by hand must not
-    // make a pod of millions of slots).
-    let possible = names.len() + live.len();
-    for (index, name) in names.iter().enumerate() {
-        if slots[index].is_none()
-            && let Some(slot) = published(name).filter(|slot| *slot < possible)
-            && !slots.contains(&Some(slot))
-        {
-            slots[index] = Some(slot);
-        }
-    }
-    let taken: Vec<usize> = slots.iter().flatten().copied().collect();
-    let mut free = (0..).filter(move |slot| !taken.contains(slot));
-    slots
-        .into_iter()
-        .map(|slot| slot.unwrap_or_else(|| free.next().unwrap_or_default()))
-        .collect()
-}
-
-/// The slot a runtime's published URL names, when it is an instance slot's proxy port.
-pub fn slot_of_url(url: &str) -> Option<usize> {
-    let port: i32 = url.rsplit_once(':')?.1.parse().ok()?;
-    let offset = port.checked_sub(super::parts::INSTANCE_PORT_BASE + 1)?;
-    (offset >= 0 && offset % 10 == 0)
-        .then(|| usize::try_from(offset / 10).ok())
-        .flatten()
-}
-
-/// How an instance's size is laid over its pod.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ResourceLayout {
-    /// Pod-level resources hold the size's cpu and memory; containers share them. Ephemeral
-    /// storage (which pod-level resources do not cover) is split into equal shares.
-    Pod,
-    /// Each main container (the instance's and each runtime's) holds an equal share of the size.
-    Containers,
-}
-
-impl ResourceLayout {
-    /// The name the pod annotation and the status carry.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pod => "Pod",
-            Self::Containers => "Containers",
-        }
-    }
-}
-
 /// The layout a pod was built with, from its annotation.
 pub fn layout_of(pod: &Pod) -> Option<ResourceLayout> {
     match pod.annotations().get(LAYOUT_ANNOTATION).map(String::as_str) {
@@ -145,88 +88,6 @@ pub fn layout_of(pod: &Pod) -> Option<ResourceLayout> {
         Some("Containers") => Some(ResourceLayout::Containers),
         _ => None,
     }
-}
-
-/// Resources pod-level resources cover.
-fn pod_level(resource: &str) -> bool {
-    matches!(resource, "cpu" | "memory") || resource.starts_with("hugepages-")
-}
-
-/// One of `parts` equal shares of `quantity`, rounded down (cpu to millicores, the rest to
-/// whole Mi, or bytes below that); `None` when it does not parse.
-fn share_of(resource: &str, quantity: &Quantity, parts: usize) -> Option<Quantity> {
-    // The decimal arithmetic under the parse panics on quantities beyond its range.
-    let parsed = std::panic::catch_unwind(|| kube_quantity::ParsedQuantity::try_from(quantity).ok())
-        .ok()
-        .flatten()?;
-    let value = parsed.to_bytes_f64().filter(|v| v.is_finite() && *v >= 0.0)?;
-    let parts = parts.max(1) as f64;
-    if resource == "cpu" {
-        let millis = (value * 1000.0 / parts).floor().max(1.0);
-        return Some(Quantity(format!("{millis}m")));
-    }
-    let units = (value / parts).floor().max(1.0);
-    const MI: f64 = 1024.0 * 1024.0;
-    Some(Quantity(if units >= MI {
-        format!("{}Mi", (units / MI).floor())
-    } else {
-        format!("{units}")
-    }))
-}
-
-/// The part of `resources` for `keep`, each quantity divided into `parts` shares.
-fn shares(resources: &ResourceRequirements, parts: usize, keep: impl Fn(&str) -> bool) -> ResourceRequirements {
-    let split = |list: &Option<BTreeMap<String, Quantity>>| {
-        let out: BTreeMap<String, Quantity> = list
-            .iter()
-            .flatten()
-            .filter(|(resource, _)| keep(resource))
-            .map(|(resource, quantity)| {
-                let share = if parts > 1 {
-                    share_of(resource, quantity, parts).unwrap_or_else(|| quantity.clone())
-                } else {
-                    quantity.clone()
-                };
-                (resource.clone(), share)
-            })
-            .collect();
-        (!out.is_empty()).then_some(out)
-    };
-    ResourceRequirements {
-        requests: split(&resources.requests),
-        limits: split(&resources.limits),
-        ..Default::default()
-    }
-}
-
-/// The instance container's, each runtime container's and the pod's resources for an instance
-/// of `size` (`resources`) carrying `runtimes` runtimes. Resources neither pod-level resources
-/// nor shares can hold (extended resources such as GPUs) stay whole with the instance container.
-fn laid_out(
-    resources: &ResourceRequirements,
-    runtimes: usize,
-    layout: ResourceLayout,
-) -> (ResourceRequirements, ResourceRequirements, Option<ResourceRequirements>) {
-    let parts = runtimes + 1;
-    let shared = |resource: &str| pod_level(resource) || resource == "ephemeral-storage";
-    let (kept, pod) = match layout {
-        ResourceLayout::Pod => {
-            let pod = shares(resources, 1, pod_level);
-            (shares(resources, parts, |r| r == "ephemeral-storage"), Some(pod))
-        }
-        ResourceLayout::Containers => (shares(resources, parts, shared), None),
-    };
-    let extended = shares(resources, 1, |r| !shared(r));
-    let mut instance = kept.clone();
-    for (target, source) in [
-        (&mut instance.requests, extended.requests),
-        (&mut instance.limits, extended.limits),
-    ] {
-        if let Some(source) = source {
-            target.get_or_insert_with(BTreeMap::new).extend(source);
-        }
-    }
-    (instance, kept, pod)
 }
 
 /// Everything the instance pod is built from.
@@ -391,67 +252,6 @@ pub fn instance_pod(inputs: &InstancePodInputs<'_>) -> Pod {
         spec: Some(spec),
         status: None,
     }
-}
-
-/// The runtimes a live instance pod carries, in slot order.
-pub fn attached(pod: &Pod) -> Vec<&str> {
-    attached_to(&pod.metadata)
-}
-
-/// The runtimes an instance pod's metadata says it carries, in slot order.
-pub fn attached_to(metadata: &ObjectMeta) -> Vec<&str> {
-    slots_of(metadata).into_iter().flatten().collect()
-}
-
-/// The runtime in each slot of an instance pod (`None`: a free slot).
-pub fn slots_of(metadata: &ObjectMeta) -> Vec<Option<&str>> {
-    metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(RUNTIMES_ANNOTATION))
-        .filter(|list| !list.is_empty())
-        .map(|list| list.split(',').map(|name| (!name.is_empty()).then_some(name)).collect())
-        .unwrap_or_default()
-}
-
-/// The uid of the runtime in each slot, as the pod was made (`None`: a free slot, or a pod made
-/// before uids were recorded).
-fn uids_of(metadata: &ObjectMeta) -> Vec<Option<&str>> {
-    metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(RUNTIME_UIDS_ANNOTATION))
-        .map(|list| list.split(',').map(|uid| (!uid.is_empty()).then_some(uid)).collect())
-        .unwrap_or_default()
-}
-
-/// Where `runtime` sits in a live instance pod, when the pod carries it: its name in a slot
-/// made for it, not for an earlier runtime of the same name (deleted while the instance could
-/// not restart, then made again).
-pub fn placement_in(pod: &Pod, runtime: &PromptFlowRuntime) -> Option<Placement> {
-    let name = runtime.name_any();
-    let slot = slots_of(&pod.metadata)
-        .iter()
-        .position(|carried| *carried == Some(name.as_str()))?;
-    let made_for = uids_of(&pod.metadata).get(slot).copied().flatten();
-    if made_for.is_some_and(|uid| Some(uid) != runtime.metadata.uid.as_deref()) {
-        return None;
-    }
-    Some(Placement::on_instance(&name, slot))
-}
-
-/// The runtimes a live pod carries under their name that are not the runtimes of that name
-/// now (`current` gives a name's uid): the pod must be remade to carry the new ones.
-pub fn recreated(pod: &Pod, current: impl Fn(&str) -> Option<String>) -> Vec<&str> {
-    let uids = uids_of(&pod.metadata);
-    slots_of(&pod.metadata)
-        .into_iter()
-        .enumerate()
-        .filter_map(|(slot, name)| {
-            let (name, made_for) = (name?, uids.get(slot).copied().flatten()?);
-            current(name).is_some_and(|uid| uid != made_for).then_some(name)
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -692,15 +492,6 @@ mod tests {
             limit(&alone.spec.as_ref().unwrap().containers[0], "cpu").as_deref(),
             Some("4")
         );
-    }
-
-    #[test]
-    fn shares_round_down_and_never_reach_zero() {
-        assert_eq!(share_of("cpu", &Quantity("1".into()), 3).unwrap().0, "333m");
-        assert_eq!(share_of("cpu", &Quantity("1m".into()), 3).unwrap().0, "1m");
-        assert_eq!(share_of("memory", &Quantity("1Gi".into()), 2).unwrap().0, "512Mi");
-        assert_eq!(share_of("memory", &Quantity("1000".into()), 3).unwrap().0, "333");
-        assert!(share_of("memory", &Quantity("lots".into()), 3).is_none());
     }
 
     #[test]

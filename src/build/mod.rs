@@ -1,10 +1,12 @@
 //! Pure builders of the Kubernetes objects the operator owns. Builders never call the API.
 
 pub mod instance;
+pub mod layout;
 pub mod parts;
 pub mod pod;
 pub mod proxy;
 pub mod service;
+pub mod slots;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 

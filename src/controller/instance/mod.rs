@@ -7,12 +7,13 @@
 
 mod attach;
 mod idle;
+mod memory;
 mod report;
+mod restart;
 mod storage;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
@@ -22,6 +23,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
+pub use self::memory::InstanceMemory;
 use self::report::InstanceReport;
 use super::context::Context;
 use super::index::Dependency;
@@ -31,9 +33,7 @@ use super::runtime::plan::{DesiredPod, PodFacts};
 use super::runtime::pod_state::{self, PodState};
 use super::runtime::status::ConditionState;
 use crate::api::conditions::{self, reasons};
-use crate::api::{
-    ComputeInstance, ComputeInstanceStatus, HandledActions, InstanceState, RuntimePhase, ScheduledAction,
-};
+use crate::api::{ComputeInstance, HandledActions, InstanceState, RuntimePhase, ScheduledAction};
 use crate::build::instance::{self as pod_builder, InstancePodInputs, ResourceLayout};
 use crate::build::pod::live_inputs_hash;
 use crate::error::{Error, Result};
@@ -42,88 +42,6 @@ use crate::instance::{self as decisions, Run, RunInputs, schedule};
 
 /// How long a failed instance reconcile waits before it is tried again.
 const RETRY: Duration = Duration::from_secs(10);
-
-/// What the instance controller remembers between reconciles: its own status writes (for
-/// reconciles that run before the cache shows them) and when a pending restart was first seen.
-#[derive(Default)]
-pub struct InstanceMemory {
-    statuses: Mutex<HashMap<ObjectRef<ComputeInstance>, OwnStatus>>,
-    pending: Mutex<HashMap<ObjectRef<ComputeInstance>, Instant>>,
-}
-
-struct OwnStatus {
-    /// The resource version the write replaced: a cache still showing it has not seen the write.
-    over: Option<String>,
-    status: ComputeInstanceStatus,
-}
-
-impl InstanceMemory {
-    /// Entries kept, both maps together.
-    pub fn len(&self) -> usize {
-        self.statuses.lock().unwrap_or_else(|e| e.into_inner()).len()
-            + self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether nothing is kept.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn wrote_status(
-        &self,
-        key: ObjectRef<ComputeInstance>,
-        over: Option<String>,
-        _produced: Option<String>,
-        status: ComputeInstanceStatus,
-    ) {
-        self.statuses
-            .lock()
-            .expect("instance memory lock")
-            .insert(key, OwnStatus { over, status });
-    }
-
-    /// The status to decide from: ours, when the cache still shows the version we wrote over.
-    fn baseline(&self, instance: &ComputeInstance) -> Option<ComputeInstanceStatus> {
-        let statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let own = statuses.get(&ObjectRef::from_obj(instance))?;
-        (own.over.is_some() && own.over == instance.metadata.resource_version).then(|| own.status.clone())
-    }
-
-    /// How long a restart first seen now (or earlier) still waits for more changes to join it.
-    fn batch_wait(&self, key: &ObjectRef<ComputeInstance>, window: Duration) -> Option<Duration> {
-        let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let first = *pending.entry(key.clone()).or_insert_with(Instant::now);
-        window.checked_sub(first.elapsed()).filter(|left| !left.is_zero())
-    }
-
-    fn settled(&self, key: &ObjectRef<ComputeInstance>) {
-        self.pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key);
-    }
-
-    /// Drops what is kept for a deleted instance.
-    pub fn forget(&self, key: &ObjectRef<ComputeInstance>) {
-        self.statuses
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key);
-        self.settled(key);
-    }
-
-    /// Keeps only what belongs to instances that still exist.
-    fn retain(&self, exists: &impl Fn(&ObjectRef<ComputeInstance>) -> bool) {
-        self.statuses
-            .lock()
-            .expect("instance memory lock")
-            .retain(|key, _| exists(key));
-        self.pending
-            .lock()
-            .expect("instance memory lock")
-            .retain(|key, _| exists(key));
-    }
-}
 
 /// Reconciles one compute instance from its full state.
 pub async fn reconcile(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -> Result<Action> {
@@ -376,7 +294,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
         home_claim: disk.as_ref().and_then(|d| d.claim.as_deref()),
     };
     if ctx.instance_settings.layout.unverified() {
-        check_layout(
+        restart::check_layout(
             &ctx,
             &namespace,
             &pod_builder::instance_pod(&inputs(ResourceLayout::Pod)),
@@ -388,23 +306,8 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
         .as_deref()
         .filter(|live| live.metadata.deletion_timestamp.is_none())
         .filter(|live| live_inputs_hash(live) != live_inputs_hash(&pod))
-        .map(|live| describe_changes(live, &pod));
-    // A runtime deleted while the instance could not restart left its containers under its
-    // name; one made again under that name is not them, and the pod is remade to carry it.
-    let remade: Vec<String> = live
-        .as_deref()
-        .filter(|live| live.metadata.deletion_timestamp.is_none())
-        .map(|live| {
-            pod_builder::recreated(live, |name| {
-                ctx.runtimes
-                    .get(&ObjectRef::new(name).within(&namespace))
-                    .and_then(|runtime| runtime.uid())
-            })
-        })
-        .unwrap_or_default()
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
+        .map(|live| restart::describe_changes(live, &pod));
+    let remade = restart::remade(&ctx, live.as_deref(), &namespace);
     let remade_note =
         (!remade.is_empty()).then(|| format!("runtime {} was made again under its name", remade.join(", ")));
     let changes = changes.or_else(|| remade_note.as_ref().map(|note| format!("take the new one: {note}")));
@@ -562,66 +465,9 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
     Ok(earliest(wake_at, retry).map_or_else(Action::await_change, Action::requeue))
 }
 
-/// Whether the API server keeps pod-level resources, asked once per process with a dry-run
-/// create of an instance pod: a cluster without the feature drops the field, and instance pods
-/// then hold their size in shares. Until one dry run is answered, pod-level is assumed.
-async fn check_layout(ctx: &Context, namespace: &str, pod: &Pod) {
-    let pods: kube::Api<Pod> = kube::Api::namespaced(ctx.client.clone(), namespace);
-    let mut probe = pod.clone();
-    probe.metadata.name = None;
-    probe.metadata.generate_name = Some(apply::PROBE_PREFIX.into());
-    let params = kube::api::PostParams {
-        dry_run: true,
-        field_manager: Some(super::context::MANAGER.into()),
-    };
-    match pods.create(&params, &probe).await {
-        Ok(made) if made.spec.as_ref().is_some_and(|spec| spec.resources.is_some()) => {
-            ctx.instance_settings.layout.settle(ResourceLayout::Pod);
-        }
-        Ok(_) => {
-            if ctx.instance_settings.layout.settle(ResourceLayout::Containers) {
-                warn!(
-                    "the API server drops pod-level resources (no PodLevelResources feature): compute instance pods hold their size in per-container shares"
-                );
-            }
-        }
-        Err(err) => {
-            info!(%namespace, error = %err, "cannot check pod-level resources yet; asking again at the next instance")
-        }
-    }
-}
-
 /// The runtimes a live pod carries.
 fn carried_names(pod: &Pod) -> Vec<String> {
     pod_builder::attached(pod).into_iter().map(str::to_owned).collect()
-}
-
-/// "attach b; detach a": what a restart changes, for the event and the log.
-fn describe_changes(live: &Pod, desired: &Pod) -> String {
-    let (before, after) = (pod_builder::attached(live), pod_builder::attached(desired));
-    let attach: Vec<_> = after.iter().filter(|n| !before.contains(n)).copied().collect();
-    let detach: Vec<_> = before.iter().filter(|n| !after.contains(n)).copied().collect();
-    let mut parts = vec![];
-    if !attach.is_empty() {
-        parts.push(format!("attach {}", attach.join(", ")));
-    }
-    if !detach.is_empty() {
-        parts.push(format!("detach {}", detach.join(", ")));
-    }
-    let (was, will) = (pod_builder::layout_of(live), pod_builder::layout_of(desired));
-    match will {
-        Some(ResourceLayout::Containers) if was == Some(ResourceLayout::Pod) => parts.push(
-            "hold the size in per-container shares (the API server does not keep pod-level resources)".to_owned(),
-        ),
-        Some(ResourceLayout::Pod) if was == Some(ResourceLayout::Containers) => {
-            parts.push("hold the size in pod-level resources".to_owned());
-        }
-        _ => {}
-    }
-    if parts.is_empty() {
-        parts.push("update the runtimes' or the instance's containers".to_owned());
-    }
-    parts.join("; ")
 }
 
 fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
@@ -659,24 +505,4 @@ pub fn forget(ctx: &Context, instance: &ComputeInstance) {
     let pod =
         ObjectRef::new(&pod_builder::pod_name(&instance.name_any())).within(&instance.namespace().unwrap_or_default());
     ctx.own_writes.forget_pod(&pod);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_relist_forgets_instances_that_went_away_while_the_watch_was_down() {
-        let memory = InstanceMemory::default();
-        let keys: Vec<ObjectRef<ComputeInstance>> = (0..100)
-            .map(|i| ObjectRef::new(&format!("ci-{i}")).within("team"))
-            .collect();
-        for key in &keys {
-            memory.wrote_status(key.clone(), Some("1".into()), None, ComputeInstanceStatus::default());
-            memory.batch_wait(key, Duration::from_secs(5));
-        }
-        memory.retain(&|key: &ObjectRef<ComputeInstance>| key.name == "ci-7");
-        assert_eq!(memory.statuses.lock().unwrap().len(), 1);
-        assert_eq!(memory.pending.lock().unwrap().len(), 1);
-    }
 }
