@@ -28,6 +28,13 @@ pub struct Kubelet {
 impl Kubelet {
     /// Starts playing for `ns`; `flows` maps runtime names to the flow folders their pods serve.
     pub fn start(ns: &TestNamespace, flows: BTreeMap<String, PathBuf>) -> Self {
+        Self::start_except(ns, flows, &[])
+    }
+
+    /// As [`Kubelet::start`], but the pods of the runtimes in `silent` get no processes (as if
+    /// their proxy container could not start).
+    pub fn start_except(ns: &TestNamespace, flows: BTreeMap<String, PathBuf>, silent: &[&str]) -> Self {
+        let silent: Vec<String> = silent.iter().map(|s| (*s).to_owned()).collect();
         let pods: Api<Pod> = ns.api();
         let task = tokio::spawn(async move {
             // Per pod uid: what stops its processes.
@@ -51,6 +58,9 @@ impl Kubelet {
                     let (Some(ip), false) = (ip, running.contains_key(&uid)) else {
                         continue;
                     };
+                    if silent.contains(&pod.labels()["promptflow.dev/runtime"]) {
+                        continue;
+                    }
                     let flow = flows.get(&pod.labels()["promptflow.dev/runtime"]).cloned();
                     let (stop, stopped) = oneshot::channel::<()>();
                     let task = tokio::spawn(async move {
