@@ -6,9 +6,25 @@ use std::path::PathBuf;
 use plotters::prelude::*;
 use serde::Serialize;
 
-/// Targets from the scale issue; reported against, not asserted (except zero steady writes).
+/// Targets from the scale issues. Writes are asserted (zero with nothing to do, at most five per
+/// runtime); speed and memory depend on the machine and are reported as met or missed.
 pub const TARGET_RSS_MIB_AT_10K: f64 = 64.0;
-pub const TARGET_RATIO: f64 = 1.5;
+/// Backlog to all Running, against the floor: at 10,000 runtimes and more.
+pub const TARGET_RATIO_AT_10K: f64 = 2.0;
+/// Backlog to all Running, against the floor: below 10,000 runtimes.
+pub const TARGET_RATIO: f64 = 1.3;
+/// Operator writes per runtime from creation to Running, events included.
+pub const TARGET_WRITES_PER_RUNTIME: f64 = 5.0;
+
+/// One target, as measured at one size.
+pub struct Target {
+    /// What was measured against what.
+    pub line: String,
+    /// Whether it was met.
+    pub met: bool,
+    /// Whether a miss fails the run.
+    pub asserted: bool,
+}
 
 /// One phase's timeline: seconds until all were done, and the count over time.
 #[derive(Serialize)]
@@ -111,26 +127,57 @@ pub fn backlog_summary(n: usize, run: &OperatorRun) -> String {
     )
 }
 
-/// Which targets a size met, as lines "met"/"missed".
-pub fn verdicts(size: &SizeResult) -> Vec<String> {
-    let mark = |ok: bool| if ok { "met" } else { "MISSED" };
+/// Every target at one size, met or missed, beside the floor it is measured against.
+pub fn verdicts(size: &SizeResult) -> Vec<Target> {
+    let target = |line: String, met: bool, asserted: bool| Target {
+        line: format!("{line}: {}", if met { "met" } else { "MISSED" }),
+        met,
+        asserted,
+    };
+    let ratio = if size.runtimes >= 10_000 {
+        TARGET_RATIO_AT_10K
+    } else {
+        TARGET_RATIO
+    };
+    let b = &size.backlog;
+    let writes = b.writes_per_runtime.max(size.live.writes_per_runtime);
     let mut lines = vec![
-        format!(
-            "ratio to floor (backlog) {:.2} ≤ {TARGET_RATIO}: {}",
-            size.backlog.ratio_to_floor,
-            mark(size.backlog.ratio_to_floor <= TARGET_RATIO)
+        target(
+            format!(
+                "backlog {:.1}s against the floor's {:.1}s = {:.2} ≤ {ratio}",
+                b.converged.seconds, size.floor.seconds, b.ratio_to_floor
+            ),
+            b.ratio_to_floor <= ratio,
+            false,
         ),
-        format!(
-            "steady writes {:.0}/min = 0: {}",
-            size.backlog.steady_writes_per_minute,
-            mark(size.backlog.steady_writes_per_minute == 0.0)
+        target(
+            format!("operator writes per runtime {writes:.2} ≤ {TARGET_WRITES_PER_RUNTIME} (events included)"),
+            writes <= TARGET_WRITES_PER_RUNTIME,
+            true,
+        ),
+        target(
+            format!(
+                "cluster-wide writes per runtime {:.1} (floor {:.1} per bare pod)",
+                b.converged.cluster_writes_per_object, size.floor.cluster_writes_per_object
+            ),
+            true,
+            false,
+        ),
+        target(
+            format!(
+                "steady writes {:.0}/min = 0",
+                b.steady_writes_per_minute.max(size.live.steady_writes_per_minute)
+            ),
+            b.steady_writes_per_minute == 0.0 && size.live.steady_writes_per_minute == 0.0,
+            true,
         ),
     ];
     if size.runtimes >= 10_000 {
-        let peak = size.backlog.rss_peak_mib.max(size.live.rss_peak_mib);
-        lines.push(format!(
-            "RSS peak {peak:.1} MiB ≤ {TARGET_RSS_MIB_AT_10K} MiB: {}",
-            mark(peak <= TARGET_RSS_MIB_AT_10K)
+        let peak = b.rss_peak_mib.max(size.live.rss_peak_mib);
+        lines.push(target(
+            format!("RSS peak {peak:.1} MiB ≤ {TARGET_RSS_MIB_AT_10K} MiB"),
+            peak <= TARGET_RSS_MIB_AT_10K,
+            false,
         ));
     }
     lines

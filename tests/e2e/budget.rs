@@ -13,9 +13,8 @@ use serde_json::json;
 use crate::harness::{self, OperatorProcess, with_namespace};
 
 const RUNTIMES: usize = 50;
-/// Service and pod create, status `Not available`, status `Running`, events PodCreated and
-/// Running.
-const BUDGET_PER_RUNTIME: u64 = 6;
+/// Service and pod create, status `Not available`, status `Running`, event `Running`.
+const BUDGET_PER_RUNTIME: u64 = 5;
 
 fn names() -> Vec<String> {
     (0..RUNTIMES).map(|i| format!("rt-{i:04}")).collect()

@@ -139,10 +139,14 @@ async fn samples_reach_running_and_describe_shows_events() {
 
         let (ok, describe) = harness::kubectl(&["describe", "pfrt", "chat", "-n", &ns.name]).await;
         assert!(ok, "{describe}");
+        // One event for the start, naming the pod and the image it runs.
         assert!(
-            describe.contains("PodCreated") && describe.contains("Running"),
+            describe.contains("Running")
+                && describe.contains("pod chat-runtime is Ready")
+                && describe.contains("promptflow-runtime-stable:"),
             "{describe}"
         );
+        assert!(!describe.contains("PodCreated"), "{describe}");
         let pod = &runtime_pods(&ns, "chat-flow").await[0];
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.service_account_name.as_deref(), Some("pf-puller"));

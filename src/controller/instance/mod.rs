@@ -207,6 +207,21 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
         return Ok(wake_at.map_or_else(Action::await_change, Action::requeue));
     }
 
+    // What every report from here on carries; each exit says what state the instance is in and
+    // why.
+    let frame = InstanceReport {
+        state: previous.state,
+        reason: String::new(),
+        message: String::new(),
+        runtimes: live.as_deref().map(carried_names).unwrap_or_default(),
+        next,
+        conditions,
+        last_activity,
+        handled,
+        layout: live_layout,
+        storage: kept_storage,
+    };
+
     // Runs: resolve the identity and the runtimes, then create, keep or restart the pod.
     let mut dependencies = vec![
         Dependency::ServiceAccount(namespace.clone(), instance.spec.service_account_name.clone()),
@@ -231,26 +246,13 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
     ) {
         Ok(pull) => pull,
         Err(problem) => {
-            let ready = live
-                .as_deref()
-                .map(|pod| matches!(pod_state::classify(pod), PodState::Ready { .. }));
-            let waiting = InstanceReport {
-                state: decisions::running_state(Some(previous.state), ready),
-                reason: problem.reason().to_owned(),
-                message: match &problem {
-                    identity::IdentityProblem::ServiceAccountNotFound(account) => format!(
-                        "service account {account} does not exist in the instance's namespace; create it or set spec.serviceAccountName"
-                    ),
-                    other => other.to_string(),
-                },
-                runtimes: live.as_deref().map(carried_names).unwrap_or_default(),
-                next,
-                conditions,
-                last_activity,
-                handled,
-                layout: live_layout,
-                storage: kept_storage.clone(),
+            let message = match &problem {
+                identity::IdentityProblem::ServiceAccountNotFound(account) => format!(
+                    "service account {account} does not exist in the instance's namespace; create it or set spec.serviceAccountName"
+                ),
+                other => other.to_string(),
             };
+            let waiting = frame.holding(previous.state, live.as_deref(), problem.reason().to_owned(), message);
             report::write(instance, &ctx, &waiting).await?;
             return Ok(Action::requeue(earliest(wake_at, Some(RETRY)).unwrap_or(RETRY)));
         }
@@ -264,22 +266,8 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
         wake_at = earliest(wake_at, disk.requeue);
     }
     if let Some(disk) = disk.as_ref().filter(|d| d.claim.is_none()) {
-        let ready = live
-            .as_deref()
-            .map(|pod| matches!(pod_state::classify(pod), PodState::Ready { .. }));
         let (reason, message) = disk.waiting.clone().unwrap_or_default();
-        let held = InstanceReport {
-            state: decisions::running_state(Some(previous.state), ready),
-            reason,
-            message,
-            runtimes: live.as_deref().map(carried_names).unwrap_or_default(),
-            next,
-            conditions,
-            last_activity,
-            handled,
-            layout: live_layout,
-            storage: kept_storage.clone(),
-        };
+        let held = frame.holding(previous.state, live.as_deref(), reason, message);
         report::write(instance, &ctx, &held).await?;
         return Ok(wake_at.map_or_else(Action::await_change, Action::requeue));
     }
@@ -332,23 +320,17 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
         && let Some(live) = live.as_deref()
     {
         ctx.instance_memory.settled(&key);
-        let ready = matches!(pod_state::classify(live), PodState::Ready { .. });
-        let held = InstanceReport {
-            state: decisions::running_state(Some(previous.state), Some(ready)),
-            reason: reasons::RUNTIME_UNRESOLVED.to_owned(),
-            message: format!(
-                "pod {} is kept as it is: runtime {} cannot be resolved now (its status says why), and a restart would take it off; fix it or detach it, and pending changes follow",
-                live.name_any(),
-                holding.join(", ")
-            ),
-            runtimes: carried_names(live),
-            next,
-            conditions,
-            last_activity,
-            handled,
-            layout: live_layout,
-            storage: kept_storage.clone(),
-        };
+        let message = format!(
+            "pod {} is kept as it is: runtime {} cannot be resolved now (its status says why), and a restart would take it off; fix it or detach it, and pending changes follow",
+            live.name_any(),
+            holding.join(", ")
+        );
+        let held = frame.holding(
+            previous.state,
+            Some(live),
+            reasons::RUNTIME_UNRESOLVED.to_owned(),
+            message,
+        );
         report::write(instance, &ctx, &held).await?;
         return Ok(wake_at.map_or_else(Action::await_change, Action::requeue));
     }
@@ -356,16 +338,9 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
         // A restart waits a moment for more attach and detach changes to join it.
         if let Some(wait) = ctx.instance_memory.batch_wait(&key, ctx.instance_settings.batch) {
             let keep = InstanceReport {
-                state: previous.state,
                 reason: previous.reason.clone().unwrap_or_else(|| reasons::POD_READY.to_owned()),
                 message: previous.message.clone().unwrap_or_default(),
-                runtimes: live.as_deref().map(carried_names).unwrap_or_default(),
-                next,
-                conditions,
-                last_activity,
-                handled,
-                layout: live_layout,
-                storage: kept_storage.clone(),
+                ..frame
             };
             report::write(instance, &ctx, &keep).await?;
             info!(%name, %namespace, %changes, wait_ms = wait.as_millis() as u64, "restart batched");
@@ -448,19 +423,15 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
         reason,
         message,
         runtimes,
-        next,
-        conditions,
-        last_activity,
-        handled,
         layout,
-        storage: kept_storage,
+        ..frame
     };
     report::write(instance, &ctx, &running).await?;
     info!(%name, %namespace, state = ?state, "reconciled compute instance");
     let retry = if conflict {
         Some(apply::CONFLICT_RECHECK)
     } else {
-        outcome.requeue.or_else(|| action_delay(&outcome.action))
+        outcome.requeue
     };
     Ok(earliest(wake_at, retry).map_or_else(Action::await_change, Action::requeue))
 }
@@ -475,11 +446,6 @@ fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
-}
-
-/// When `apply_pod` asked to look again (a pod it just created, a server error), look again soon.
-fn action_delay(action: &Action) -> Option<Duration> {
-    (*action != Action::await_change()).then_some(Duration::from_secs(5))
 }
 
 /// Failed reconciles are retried after a fixed delay.

@@ -1,6 +1,7 @@
 //! Report: the instance's status, written only when it differs from what is there (or what this
 //! operator last wrote, when the cache has not caught up), and one event per state transition.
 
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
@@ -12,6 +13,7 @@ use crate::api::{
 };
 use crate::build::instance::ResourceLayout;
 use crate::controller::context::{Context, MANAGER};
+use crate::controller::runtime::pod_state::{self, PodState};
 use crate::controller::runtime::report::{Notice, publish};
 use crate::controller::runtime::status::{ConditionState, condition, progress, set_condition};
 use crate::error::Result;
@@ -38,6 +40,20 @@ pub struct InstanceReport {
     pub layout: Option<ResourceLayout>,
     /// The instance's disk.
     pub storage: Option<StorageStatus>,
+}
+
+impl InstanceReport {
+    /// The report of a running instance whose pod is kept as it is (nothing is made or
+    /// restarted): its state follows the live pod, and `reason` and `message` say what holds it.
+    pub fn holding(self, previous: InstanceState, live: Option<&Pod>, reason: String, message: String) -> Self {
+        let ready = live.map(|pod| matches!(pod_state::classify(pod), PodState::Ready { .. }));
+        Self {
+            state: crate::instance::running_state(Some(previous), ready),
+            reason,
+            message,
+            ..self
+        }
+    }
 }
 
 /// The status over `previous` at `generation`; transitions at `now`.

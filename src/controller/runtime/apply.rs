@@ -1,345 +1,217 @@
-//! Apply: create the planned pod, replace a live one when the user's inputs changed, it ended or
-//! a restart was asked for, or keep it. An operator-side template change alone keeps a running
-//! runtime's pod (people work in it) and is reported instead. Returns the verdict on the pod and
-//! the event worth telling the user; never publishes itself.
+//! Apply: make the cluster match the plan, then judge what is there. A runtime with a pod of its
+//! own gets its Service, then its pod ([`pod`]); a runtime on a compute instance gets the detach
+//! finalizer, loses any pod of its own, and has its Service pointed at its slot in the instance's
+//! pod (the instance controller makes that pod). Returns the verdict, the conditions apply decides
+//! (`SpecApplied`, `TemplateCurrent`), the URL and the event worth telling the user; never writes
+//! the status or publishes an event itself.
 
-use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
-use kube::{Api, ResourceExt};
-use tracing::{info, warn};
+mod pod;
 
 use std::time::Duration;
 
-use super::plan::{DesiredPod, Problem};
-use super::pod_state::{self, PodState};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
+use tracing::warn;
+
+pub use self::pod::{PROBE_PREFIX, apply_pod};
+use super::observe::{InstanceSeen, Observed};
+use super::plan::{DesiredPod, InstanceWork, Plan, Problem, Work};
 use super::report::Notice;
-use super::status::Verdict;
-use super::{Context, MANAGER};
-use crate::api::conditions::reasons;
+use super::status::{self, ConditionState, Verdict};
+use super::{Context, MANAGER, on_instance};
+use crate::api::conditions::{self, reasons};
 use crate::api::{PromptFlowRuntime, annotations};
-use crate::build::{controlled_by, pod, service};
+use crate::build::instance::placement_in;
+use crate::build::service::{self, Target};
+use crate::build::{controlled_by, pod as pod_builder};
 use crate::error::Result;
 
-/// How long a pod the API server refused with a server error waits before it is tried again.
-const SERVER_ERROR_RETRY: Duration = Duration::from_secs(60);
-
-/// What applying the pod came to.
-pub struct PodOutcome {
-    /// The verdict on the pod.
+/// What applying the plan came to.
+pub struct Applied {
+    /// The verdict on the runtime's containers.
     pub verdict: Verdict,
-    /// When to look again.
-    pub action: Action,
+    /// `SpecApplied`, and `TemplateCurrent` or the `Idle` note of a runtime on an instance.
+    pub conditions: Vec<ConditionState>,
+    /// `status.url`, once the Service is in place.
+    pub url: Option<String>,
     /// An event for what was done, if anything.
     pub notice: Option<Notice>,
-    /// Whether the pod follows the operator's current template (`None`: no pod yet).
-    pub template_current: Option<bool>,
-    /// The `promptflow.dev/restart` value this apply handled.
+    /// The `promptflow.dev/restart` value handled.
     pub handled_restart: Option<String>,
-    /// How soon to look again, when the action is a requeue (kube's `Action` does not say).
+    /// How soon to look again; `None`: at the next change.
     pub requeue: Option<Duration>,
-    /// The replacement the API server would refuse (a dry-run create), with why: the live pod
-    /// keeps serving and `SpecApplied` says so.
-    pub refused: Option<String>,
 }
 
-impl PodOutcome {
-    fn quiet(verdict: Verdict, action: Action) -> Self {
-        Self {
-            verdict,
-            action,
-            notice: None,
-            template_current: None,
-            handled_restart: None,
-            refused: None,
-            requeue: None,
-        }
-    }
+/// Where applying ended.
+pub enum Outcome {
+    /// Applied (or held, with the reason in the verdict).
+    Applied(Applied),
+    /// The runtime's Service name is taken by an object the operator did not create for it:
+    /// nothing was created; the message says so.
+    NameTaken(String),
+}
 
-    /// A quiet outcome that looks again after `delay`.
-    fn later(verdict: Verdict, delay: Duration) -> Self {
-        Self {
-            requeue: Some(delay),
-            ..Self::quiet(verdict, Action::requeue(delay))
-        }
+/// Applies `plan`, the one way for both kinds of compute.
+pub async fn apply(ctx: &Context, runtime: &PromptFlowRuntime, plan: &Plan, observed: &Observed) -> Result<Outcome> {
+    match &plan.work {
+        Work::Pod(desired) => own_pod(ctx, runtime, desired, observed.pod.as_deref()).await,
+        Work::Instance(work) => on_instance(ctx, runtime, work, observed.instance.as_ref()).await,
     }
 }
 
-/// The generated name's prefix of a dry-run replacement.
-pub const PROBE_PREFIX: &str = "pf-probe-";
-
-/// `text` with every `<prefix><5 generated characters>` written as `name`.
-fn without_generated_suffix(text: &str, prefix: &str, name: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find(prefix) {
-        out.push_str(&rest[..at]);
-        let after = &rest[at + prefix.len()..];
-        let generated = after.bytes().take_while(u8::is_ascii_alphanumeric).count();
-        if generated == 5 {
-            out.push_str(name);
-            rest = &after[generated..];
-        } else {
-            out.push_str(prefix);
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Whether the API server would create `pod` now, asked with a server-side dry run (validation,
-/// LimitRange, Pod Security and admission webhooks all run; nothing is stored). The dry run is made
-/// under a generated name, as the live pod still holds the real one. Quota is left out: the live
-/// pod still counts against it, and it frees its share when it goes (the size was chosen with it
-/// released). `Some(why)` when refused.
-async fn refused_replacement(pods: &Api<Pod>, pod: &Pod) -> Result<Option<String>> {
-    let mut probe = pod.clone();
-    // A short fixed prefix: the API server cuts long ones, and the message must name the pod
-    // the same way every time.
-    probe.metadata.name = None;
-    probe.metadata.generate_name = Some(PROBE_PREFIX.into());
-    let params = PostParams {
-        dry_run: true,
-        field_manager: Some(MANAGER.into()),
-    };
-    match pods.create(&params, &probe).await {
-        Ok(_) => Ok(None),
-        Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains("exceeded quota") => Ok(None),
-        Err(kube::Error::Api(status)) if (400..500).contains(&status.code) && ![409, 429].contains(&status.code) => {
-            // The message names the generated name, new on every try: the real one instead, so
-            // the status (and its event) stays the same while nothing changes.
-            let name = pod.name_any();
-            Ok(Some(without_generated_suffix(&status.message, PROBE_PREFIX, &name)))
-        }
-        Err(err) => Err(err.into()),
-    }
-}
-
-/// The value of `promptflow.dev/restart` when it is one the operator has not handled yet.
-pub fn restart_requested(runtime: &PromptFlowRuntime) -> Option<&str> {
-    let asked = runtime.annotations().get(annotations::RESTART)?;
-    let handled = runtime
-        .status
-        .as_ref()
-        .and_then(|s| s.handled_actions.as_ref())
-        .and_then(|h| h.restart.as_deref());
-    (handled != Some(asked.as_str())).then_some(asked.as_str())
-}
-
-/// The outcome when the runtime's current spec cannot be turned into a pod. A pod from an
-/// earlier spec that is Ready keeps serving, and the runtime stays `Running`, like a Deployment
-/// whose rollout is stuck; without one the runtime is `Not available` for that problem.
-pub fn blocked(problem: &Problem, live: Option<&Pod>) -> PodOutcome {
-    let serving = live
-        .map(pod_state::classify)
-        .filter(|state| matches!(state, PodState::Ready { .. }));
-    match (serving, live) {
-        (Some(state), Some(live)) => PodOutcome::quiet(
-            pod_state::pod_verdict(&live.name_any(), "", &state),
-            Action::await_change(),
-        ),
-        _ => PodOutcome::quiet(
-            Verdict::not_available(problem.reason, problem.message.clone()),
-            Action::await_change(),
-        ),
-    }
-}
-
-/// Creates, replaces or keeps the pod. `restart` is a new `promptflow.dev/restart` value.
-pub async fn apply_pod(
+/// A serverless runtime's frame, running or stopped: the detach finalizer of an instance it left
+/// goes once that instance let go of it, and its Service is in place. The URL (`None` while the
+/// Service cannot be written), or the conflict message when its name is someone else's.
+pub async fn serverless_frame(
     ctx: &Context,
-    desired: &DesiredPod,
-    live: Option<&Pod>,
-    restart: Option<&str>,
-) -> Result<PodOutcome> {
-    let image = desired.facts.image.as_str();
-    let pod_name = desired.pod.name_any();
-    let namespace = desired.pod.namespace().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let pod_ref = ObjectRef::new(&pod_name).within(&namespace);
-    let starting = pod_state::pod_verdict(&pod_name, image, &PodState::Starting);
-    // Created moments ago and not in the cache yet: trust it for a while, then look again (a pod
-    // deleted before the cache ever showed it must not leave the runtime waiting forever).
-    if let Some(trust) = ctx.own_writes.pod_pending(&pod_ref, live.is_some()) {
-        return Ok(PodOutcome {
-            template_current: Some(true),
-            ..PodOutcome::later(starting, trust)
-        });
-    }
-    let owner_uid = desired.pod.owner_references().first().map(|o| o.uid.clone());
-    if let Some(live) = live.filter(|live| !controlled_by(&live.metadata, owner_uid.as_deref())) {
-        return Ok(PodOutcome::later(
-            Verdict::not_available(reasons::POD_CONFLICT, pod_conflict(&desired.pod, &live.name_any())),
-            CONFLICT_RECHECK,
-        ));
-    }
-    let Some(live) = live else {
-        // Created, never applied: a pod of that name made by someone else meanwhile is refused
-        // (409), not taken over.
-        let created = pods
-            .create(
-                &PostParams {
-                    field_manager: Some(MANAGER.into()),
-                    ..Default::default()
-                },
-                &desired.pod,
-            )
-            .await;
-        let created = match created {
-            Err(kube::Error::Api(status)) if status.code == 409 => match pods.get_opt(&pod_name).await? {
-                Some(found) if controlled_by(&found.metadata, owner_uid.as_deref()) => Ok(found),
-                Some(_) => {
-                    return Ok(PodOutcome::later(
-                        Verdict::not_available(reasons::POD_CONFLICT, pod_conflict(&desired.pod, &pod_name)),
-                        CONFLICT_RECHECK,
-                    ));
-                }
-                // Gone again (being deleted): look again shortly.
-                None => return Ok(PodOutcome::later(starting, Duration::from_secs(2))),
-            },
-            other => other,
-        };
-        return match created {
-            Ok(_) => {
-                ctx.own_writes.created_pod(pod_ref);
-                info!(pod = %pod_name, %namespace, "created runtime pod");
-                Ok(PodOutcome {
-                    verdict: starting,
-                    action: Action::await_change(),
-                    notice: Some(Notice::normal(
-                        "PodCreated",
-                        format!("created pod {pod_name} with image {image}"),
-                    )),
-                    template_current: Some(true),
-                    // A restart asked for before there was a pod is done by creating it.
-                    handled_restart: restart.map(str::to_owned),
-                    refused: None,
-                    requeue: None,
-                })
-            }
-            Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains("exceeded quota") => {
-                Ok(PodOutcome::quiet(
-                    Verdict::not_available(reasons::QUOTA_EXCEEDED, status.message),
-                    Action::await_change(),
-                ))
-            }
-            // Refused for what the pod is (validation, admission): retrying the same pod cannot
-            // succeed, so wait for a change of the runtime or of what it reads.
-            Err(kube::Error::Api(status))
-                if (400..500).contains(&status.code) && ![409, 429].contains(&status.code) =>
-            {
-                let message = format!("the API server rejected pod {pod_name}: {}", status.message);
-                Ok(PodOutcome::quiet(
-                    Verdict::not_available(reasons::POD_REJECTED, message),
-                    Action::await_change(),
-                ))
-            }
-            // A server error may be the pod (some invalid values fail decoding with 500) or the
-            // server: say so at once, and try again after a while rather than in a hot loop.
-            Err(kube::Error::Api(status)) if status.code == 500 => {
-                let message = format!(
-                    "the API server failed to create pod {pod_name}: {}; retrying every {}s",
-                    status.message,
-                    SERVER_ERROR_RETRY.as_secs()
-                );
-                Ok(PodOutcome::later(
-                    Verdict::not_available(reasons::POD_REJECTED, message),
-                    SERVER_ERROR_RETRY,
-                ))
-            }
-            Err(err) => Err(err.into()),
-        };
-    };
-    let state = pod_state::classify(live);
-    let uid = live.metadata.uid.clone();
-    // Already deleted by us, and the cache has not shown the deletion yet: do not delete again.
-    if state == PodState::Terminating || ctx.own_writes.already_deleted(&pod_ref, uid.as_deref()) {
-        return Ok(PodOutcome::quiet(
-            pod_state::pod_verdict(&pod_name, image, &PodState::Terminating),
-            Action::await_change(),
-        ));
-    }
-    let template_current = pod::live_spec_hash(live) == pod::live_spec_hash(&desired.pod);
-    // Pods made before the inputs hash existed are judged by the template alone, kept like any
-    // pod whose only change is the operator's.
-    let inputs_changed =
-        pod::live_inputs_hash(live).is_some_and(|hash| Some(hash) != pod::live_inputs_hash(&desired.pod));
-    let ended = matches!(state, PodState::Ended { .. });
-    if !inputs_changed && !ended && restart.is_none() {
-        return Ok(PodOutcome {
-            template_current: Some(template_current),
-            ..PodOutcome::quiet(pod_state::pod_verdict(&pod_name, image, &state), Action::await_change())
-        });
-    }
-    // A serving pod goes only for a replacement the API server will take.
-    if !ended && let Some(why) = refused_replacement(&pods, &desired.pod).await? {
-        let message = format!(
-            "the API server would reject the new pod, so {pod_name} keeps serving as it is: {why}; fix the runtime's spec (or what rejects it)"
-        );
-        return Ok(PodOutcome {
-            template_current: Some(template_current),
-            refused: Some(message),
-            // What refuses it (a LimitRange, a webhook, namespace labels) is not watched.
-            ..PodOutcome::later(pod_state::pod_verdict(&pod_name, image, &state), CONFLICT_RECHECK)
-        });
-    }
-    delete_pod(ctx, live, owner_uid.as_deref()).await?;
-    let handled_restart = restart.map(str::to_owned);
-    if let PodState::Ended { message } = &state {
-        return Ok(PodOutcome {
-            verdict: pod_state::pod_verdict(&pod_name, image, &state),
-            action: Action::await_change(),
-            notice: Some(Notice::warning(
-                reasons::POD_FAILED,
-                format!("pod {pod_name} ended ({message}); recreating it"),
-            )),
-            template_current: Some(template_current),
-            handled_restart,
-            refused: None,
-            requeue: None,
-        });
-    }
-    let (why, reason) = match restart {
-        Some(value) if !inputs_changed => (format!("restart {value:?} was asked for"), "PodRestarted"),
-        _ => ("the spec changed".to_owned(), "PodReplaced"),
-    };
-    info!(pod = %pod_name, %namespace, %why, "replacing runtime pod");
-    let note = format!("replacing pod {pod_name}: {why}");
-    Ok(PodOutcome {
-        verdict: Verdict::not_available(reasons::POD_CREATING, note.clone()),
-        action: Action::await_change(),
-        notice: Some(Notice::normal(reason, note)),
-        template_current: Some(template_current),
-        handled_restart,
-        refused: None,
-        requeue: None,
+    runtime: &PromptFlowRuntime,
+) -> Result<std::result::Result<Option<String>, String>> {
+    on_instance::release(ctx, runtime).await?;
+    let target = Target::Serverless;
+    Ok(match apply_service(ctx, runtime, target).await? {
+        ServiceOutcome::InPlace => Ok(Some(service::url(runtime, target))),
+        ServiceOutcome::NotWritten => Ok(None),
+        ServiceOutcome::Conflict(message) => Err(message),
     })
 }
 
-#[cfg(test)]
-#[test]
-fn generated_names_in_messages_become_the_real_one() {
-    let message = "Pod \"chat-runtime-x7k2p\" is invalid: spec.containers[0]: chat-runtime-ab is not chat-runtime-";
-    assert_eq!(
-        without_generated_suffix(message, "chat-runtime-", "chat-runtime"),
-        "Pod \"chat-runtime\" is invalid: spec.containers[0]: chat-runtime-ab is not chat-runtime-"
-    );
+/// A runtime with a pod of its own: its Service, then its pod.
+async fn own_pod(
+    ctx: &Context,
+    runtime: &PromptFlowRuntime,
+    desired: &std::result::Result<DesiredPod, Problem>,
+    live: Option<&Pod>,
+) -> Result<Outcome> {
+    let url = match serverless_frame(ctx, runtime).await? {
+        Ok(url) => url,
+        Err(message) => return Ok(Outcome::NameTaken(message)),
+    };
+    let (outcome, spec_applied) = match desired {
+        Err(problem) => (
+            pod::blocked(problem, live),
+            ConditionState::new(conditions::SPEC_APPLIED, false, problem.reason, problem.message.clone()),
+        ),
+        Ok(desired) => {
+            let outcome = apply_pod(ctx, desired, live, pod::restart_requested(runtime)).await?;
+            let spec_applied = match &outcome.refused {
+                // The status write sends the Warning when SpecApplied turns False.
+                Some(why) => ConditionState::new(conditions::SPEC_APPLIED, false, reasons::POD_REJECTED, why.clone()),
+                None => ConditionState::new(
+                    conditions::SPEC_APPLIED,
+                    true,
+                    reasons::SPEC_APPLIED,
+                    "the pod is built from the runtime's current spec",
+                ),
+            };
+            (outcome, spec_applied)
+        }
+    };
+    let mut conditions = vec![spec_applied];
+    match outcome.template_current {
+        Some(current) => conditions.push(template_condition(current)),
+        // Not judged this time (no pod was planned): what was last known stays.
+        None => conditions.extend(
+            status::carried(runtime.status.as_ref().map_or(&[], |s| s.conditions.as_slice()))
+                .into_iter()
+                .filter(|c| c.type_ == conditions::TEMPLATE_CURRENT),
+        ),
+    }
+    Ok(Outcome::Applied(Applied {
+        verdict: outcome.verdict,
+        conditions,
+        url,
+        notice: outcome.notice,
+        handled_restart: outcome.handled_restart,
+        requeue: outcome.requeue,
+    }))
+}
+
+/// A runtime on a compute instance: held by the detach finalizer, without a pod of its own, its
+/// Service pointed at its slot once the instance's pod carries it.
+async fn on_instance(
+    ctx: &Context,
+    runtime: &PromptFlowRuntime,
+    work: &InstanceWork,
+    seen: Option<&InstanceSeen>,
+) -> Result<Outcome> {
+    on_instance::hold(ctx, runtime).await?;
+    let namespace = runtime.namespace().unwrap_or_default();
+    // Moved here from serverless: its own pod goes.
+    if let Some(own) = ctx.own_pod(&pod_ref(&runtime.name_any(), &namespace).name, &namespace, runtime) {
+        delete_pod(ctx, &own, runtime.uid().as_deref()).await?;
+    }
+    let instance = seen.and_then(|seen| seen.object.as_deref());
+    let live = seen.and_then(|seen| seen.pod.as_deref());
+    let placement = live.and_then(|pod| placement_in(pod, runtime));
+    let mut verdict = on_instance::verdict(ctx, runtime, work, instance, live, placement.is_some());
+    let mut requeue = None;
+    let url = match &placement {
+        Some(placement) => {
+            let target = Target::Instance {
+                instance: &work.name,
+                port: placement.proxy_port,
+            };
+            match apply_service(ctx, runtime, target).await? {
+                ServiceOutcome::InPlace => Some(service::url(runtime, target)),
+                ServiceOutcome::NotWritten => None,
+                ServiceOutcome::Conflict(message) => {
+                    // The runtime's container stays on the instance; its name does not reach it.
+                    verdict = Verdict::not_available(reasons::SERVICE_CONFLICT, message);
+                    requeue = Some(CONFLICT_RECHECK);
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let spec_applied = match &work.containers {
+        Ok(_) => ConditionState::new(
+            conditions::SPEC_APPLIED,
+            true,
+            reasons::SPEC_APPLIED,
+            "the runtime's containers are built from its current spec",
+        ),
+        Err(problem) => ConditionState::new(conditions::SPEC_APPLIED, false, problem.reason, problem.message.clone()),
+    };
+    let mut conditions = vec![spec_applied];
+    conditions.extend(on_instance::actions_not_supported(runtime, &work.name));
+    Ok(Outcome::Applied(Applied {
+        verdict,
+        conditions,
+        url,
+        notice: None,
+        handled_restart: None,
+        requeue,
+    }))
+}
+
+/// `TemplateCurrent`: whether the pod follows the operator's current template.
+fn template_condition(current: bool) -> ConditionState {
+    if current {
+        ConditionState::new(
+            conditions::TEMPLATE_CURRENT,
+            true,
+            reasons::TEMPLATE_CURRENT,
+            "the pod follows the operator's current template",
+        )
+    } else {
+        ConditionState::new(
+            conditions::TEMPLATE_CURRENT,
+            false,
+            reasons::OPERATOR_TEMPLATE_CHANGED,
+            format!(
+                "the operator's pod template changed since this pod was made (operator upgrade, flags or catalog); the pod keeps running and takes the new template at its next start, update or spec change, or now when you set a new value of the {} annotation",
+                annotations::RESTART
+            ),
+        )
+    }
 }
 
 /// How often a runtime or instance whose pod or Service name is taken by someone else's object
 /// looks again (such objects are not watched).
 pub const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
-
-/// What a runtime or instance says when a pod of its pod's name is not its own.
-fn pod_conflict(desired: &Pod, pod_name: &str) -> String {
-    let kind = desired.owner_references().first().map_or("object", |o| o.kind.as_str());
-    format!(
-        "pod {pod_name} exists and was not created by the operator for this {kind}; it is left untouched: delete or rename it, or give the {kind} another name (looked at again every {}s)",
-        CONFLICT_RECHECK.as_secs()
-    )
-}
 
 /// Deletes the live pod (this exact one, by uid) when the operator made it for `owner_uid` (its
 /// controller owner reference), unless this operator already did and the cache has not caught
@@ -391,11 +263,7 @@ pub enum ServiceOutcome {
 /// else meanwhile is refused too. A Service that cannot be written for other reasons never keeps
 /// the runtime from running: the failure is logged and the runtime has no `status.url` until it
 /// succeeds.
-pub async fn apply_service(
-    ctx: &Context,
-    runtime: &PromptFlowRuntime,
-    target: service::Target<'_>,
-) -> Result<ServiceOutcome> {
+pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: Target<'_>) -> Result<ServiceOutcome> {
     let desired = service::runtime_service(runtime, target);
     let name = runtime.name_any();
     let namespace = runtime.namespace().unwrap_or_default();
@@ -466,5 +334,5 @@ pub async fn apply_service(
 
 /// The pod of a runtime, by the runtime's name.
 pub fn pod_ref(runtime_name: &str, namespace: &str) -> ObjectRef<Pod> {
-    ObjectRef::new(&pod::pod_name(runtime_name)).within(namespace)
+    ObjectRef::new(&pod_builder::pod_name(runtime_name)).within(namespace)
 }

@@ -1,7 +1,10 @@
-//! The PromptFlowRuntime reconciler, as a visible pipeline, one room per step:
-//! [`observe`] (read what the runtime points to) → [`plan`] (pure: validate, size and build the
-//! pod) → [`apply`] (create, replace or keep the pod) → [`report`] (compose the status, patch only
-//! on difference, one event per transition).
+//! The PromptFlowRuntime reconciler, as a visible pipeline that runs one way, one room per step:
+//! [`observe`] (read what the runtime points to) → [`plan`] (pure: resolve, pin, and decide its
+//! containers: a pod of its own, sized and built, or its part of a compute instance) → [`apply`]
+//! (the Service, and create, replace or keep the pod; or the finalizer and the Service at the
+//! instance slot) → [`report`] (compose the status, patch only on difference, one event per
+//! transition). Stopping, idle and versions are steps of their own ([`lifecycle`], [`idle`],
+//! [`versions`]); [`on_instance`] says how a runtime reads from its instance's pod.
 
 pub(crate) mod apply;
 mod backoff;
@@ -33,7 +36,6 @@ use self::status::{ConditionState, Verdict};
 use super::index::Dependency;
 use crate::api::conditions::{self, reasons};
 use crate::api::{HandledActions, PromptFlowRuntime, RuntimePhase};
-use crate::build::service;
 use crate::error::{Error, Result};
 
 pub use super::context::{Context, MANAGER};
@@ -132,29 +134,18 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         }
         Err(e) => return Err(e.into()),
     }
-
-    if let Some(asked) = &runtime.spec.compute.instance {
-        return on_instance::reconcile(runtime, ctx, asked).await;
-    }
-    // Moved off a compute instance: the finalizer goes once the instance let go (its pod
-    // changes wake this runtime: observe records the instance its status last named).
-    on_instance::release(ctx, runtime).await?;
-
-    // The Service is the way in, running or stopped.
-    let target = service::Target::Serverless;
-    let url = match apply::apply_service(ctx, runtime, target).await? {
-        apply::ServiceOutcome::InPlace => Some(service::url(runtime, target)),
-        apply::ServiceOutcome::NotWritten => None,
-        apply::ServiceOutcome::Conflict(message) => {
-            return conflict_status(runtime, ctx, reasons::SERVICE_CONFLICT, message).await;
-        }
-    };
+    // A runtime on a compute instance lives and stops with the instance; a serverless one by its
+    // annotations and status.
+    let serverless = runtime.spec.compute.instance.is_none();
     let start = match lifecycle::decide(runtime) {
+        _ if !serverless => None,
         Lifecycle::Run { start } => start,
-        stopped => return stay_stopped(runtime, ctx, stopped, url.as_deref()).await,
+        stopped => return stay_stopped(runtime, ctx, stopped).await,
     };
 
+    // Observe.
     let observed = observe::observe(runtime, ctx, &namespace, |deps| ctx.index.record(key.clone(), deps)).await?;
+    // Plan: what the containers are made of (pinned to a version), then where they run.
     let (identity, mut resolved) = plan::resolve(runtime, &observed, &ctx.template.requirements);
     let versions = match &mut resolved {
         Ok(resolved) => {
@@ -163,63 +154,37 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         }
         Err(_) => None,
     };
-    if versions.as_ref().is_some_and(|v| v.waiting) {
+    let awaiting_registry = versions.as_ref().is_some_and(|v| v.waiting);
+    if awaiting_registry && serverless {
         // First start: the registry is being asked for the version to pin; its answer wakes
         // this runtime (the requeue is a safety net).
-        return Ok(Action::requeue(Duration::from_secs(15)));
+        return Ok(Action::requeue(REGISTRY_WAIT));
     }
-    let plan = plan::finish(runtime, &observed, &ctx.catalog, &ctx.template, identity, resolved);
-    let live = observed.pod.as_deref();
-    let mut conditions = vec![plan.identity.clone()];
-    let (outcome, facts) = match &plan.pod {
-        Err(problem) => {
-            conditions.push(ConditionState::new(
-                conditions::SPEC_APPLIED,
-                false,
-                problem.reason,
-                problem.message.clone(),
-            ));
-            (apply::blocked(problem, live), None)
-        }
-        Ok(desired) => {
-            let restart = apply::restart_requested(runtime);
-            let outcome = apply::apply_pod(ctx, desired, live, restart).await?;
-            if let Some(notice) = &outcome.notice {
-                report::publish(ctx, runtime, notice).await;
-            }
-            match &outcome.refused {
-                Some(why) => {
-                    // The status write sends the Warning when SpecApplied turns False.
-                    conditions.push(ConditionState::new(
-                        conditions::SPEC_APPLIED,
-                        false,
-                        reasons::POD_REJECTED,
-                        why.clone(),
-                    ));
-                }
-                None => conditions.push(ConditionState::new(
-                    conditions::SPEC_APPLIED,
-                    true,
-                    reasons::SPEC_APPLIED,
-                    "the pod is built from the runtime's current spec",
-                )),
-            }
-            (outcome, Some(&desired.facts))
+    let plan = plan::finish(
+        runtime,
+        &observed,
+        &ctx.catalog,
+        &ctx.template,
+        identity,
+        resolved,
+        awaiting_registry,
+    );
+    // Apply.
+    let applied = match apply::apply(ctx, runtime, &plan, &observed).await? {
+        apply::Outcome::Applied(applied) => applied,
+        apply::Outcome::NameTaken(message) => {
+            return conflict_status(runtime, ctx, reasons::SERVICE_CONFLICT, message).await;
         }
     };
-    match outcome.template_current {
-        Some(current) => conditions.push(template_condition(current)),
-        // Not judged this time (no pod was planned): what was last known stays.
-        None => conditions.extend(
-            status::carried(runtime.status.as_ref().map_or(&[], |s| s.conditions.as_slice()))
-                .into_iter()
-                .filter(|c| c.type_ == conditions::TEMPLATE_CURRENT),
-        ),
+    if let Some(notice) = &applied.notice {
+        report::publish(ctx, runtime, notice).await;
     }
-    let (mut verdict, mut action, mut last_activity) = (outcome.verdict, outcome.action, None);
-    // The idle step's next look, when it has one (kube's `Action` does not expose its delay).
+    let mut conditions = vec![plan.identity.clone()];
+    conditions.extend(applied.conditions);
+    let (mut verdict, mut next, mut last_activity) = (applied.verdict, applied.requeue, None);
+    // Idle: a running runtime's own pod is asked for its activity.
     let mut idle_look = None;
-    if let (RuntimePhase::Running, Some(live)) = (verdict.phase, live) {
+    if let (RuntimePhase::Running, Some(live)) = (verdict.phase, observed.pod.as_deref()) {
         let idle = idle::idle_step(runtime, ctx, live).await?;
         if idle.deleted {
             return Ok(Action::await_change());
@@ -231,14 +196,14 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         last_activity = idle.last_activity;
         if let Some(stopped) = idle.stopped {
             verdict = stopped;
-            action = Action::await_change();
+            next = None;
         } else if let Some(requeue) = idle.requeue {
-            action = Action::requeue(requeue);
+            next = Some(requeue);
             idle_look = Some(requeue);
         }
     }
     let mut handled = HandledActions {
-        restart: outcome.handled_restart,
+        restart: applied.handled_restart,
         start,
         ..Default::default()
     };
@@ -246,45 +211,51 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     if let Some(versions) = versions {
         let (newest, check_again) = versions.record(ctx, runtime, &mut conditions, &mut handled).await;
         latest = newest;
-        // The sooner of the idle look and the next version check; a short requeue of the pod
-        // step (a pod just created, a server error) stays.
-        if action == Action::await_change() || idle_look.is_some() {
-            action = Action::requeue(idle_look.map_or(check_again, |look| look.min(check_again)));
-        }
+        let check_again = if awaiting_registry { REGISTRY_WAIT } else { check_again };
+        // The sooner of the idle look and the next version check; a shorter look the apply
+        // asked for (a pod just created, a server error, a name taken) stays.
+        next = Some(match (next, idle_look) {
+            (Some(apply_look), None) => apply_look.min(check_again),
+            _ => idle_look.map_or(check_again, |look| look.min(check_again)),
+        });
     }
+    // Report.
     let report = Report {
         verdict: &verdict,
         conditions: &conditions,
-        compute: "Serverless",
-        facts,
+        compute: compute_name(runtime),
+        facts: plan.facts(),
         handled: &handled,
-        url: url.as_deref(),
+        url: applied.url.as_deref(),
         last_activity: last_activity.as_ref(),
         latest: latest.as_deref(),
     };
     report::write_status(runtime, ctx, &report).await?;
-    info!(%name, %namespace, phase = ?verdict.phase, reason = %verdict.reason, "reconciled");
+    info!(%name, %namespace, compute = compute_name(runtime), phase = ?verdict.phase, reason = %verdict.reason, "reconciled");
     // Secrets are not watched: a runtime waiting for a pull secret to appear or be fixed looks
     // again with backoff (and at once when its service account changes).
     let waits_for_secret = plan
-        .pod
-        .as_ref()
-        .is_err_and(|p| [reasons::PULL_SECRET_NOT_FOUND, reasons::PULL_SECRET_INVALID].contains(&p.reason));
+        .problem()
+        .is_some_and(|p| [reasons::PULL_SECRET_NOT_FOUND, reasons::PULL_SECRET_INVALID].contains(&p.reason));
     if waits_for_secret {
         return Ok(Action::requeue(ctx.pull_secret_waits.next(&key)));
     }
     ctx.pull_secret_waits.reset(&key);
-    Ok(action)
+    Ok(next.map_or_else(Action::await_change, Action::requeue))
 }
+
+/// How soon a runtime whose first version answer is awaited looks again (its answer wakes it
+/// sooner).
+const REGISTRY_WAIT: Duration = Duration::from_secs(15);
 
 /// A stopped runtime (idle, or by `promptflow.dev/stop`): no pod, the object and its Service
 /// kept, the status saying how to start it again.
-async fn stay_stopped(
-    runtime: &PromptFlowRuntime,
-    ctx: &Context,
-    lifecycle: Lifecycle,
-    url: Option<&str>,
-) -> Result<Action> {
+async fn stay_stopped(runtime: &PromptFlowRuntime, ctx: &Context, lifecycle: Lifecycle) -> Result<Action> {
+    // The Service is the way in, running or stopped.
+    let url = match apply::serverless_frame(ctx, runtime).await? {
+        Ok(url) => url,
+        Err(message) => return conflict_status(runtime, ctx, reasons::SERVICE_CONFLICT, message).await,
+    };
     let namespace = runtime.namespace().unwrap_or_default();
     if let Some(live) = ctx.own_pod(&crate::build::pod::pod_name(&runtime.name_any()), &namespace, runtime) {
         apply::delete_pod(ctx, &live, runtime.uid().as_deref()).await?;
@@ -326,7 +297,7 @@ async fn stay_stopped(
         compute: "Serverless",
         facts: None,
         handled: &handled,
-        url,
+        url: url.as_deref(),
         last_activity: None,
         latest: None,
     };
@@ -360,28 +331,6 @@ async fn conflict_status(
     };
     report::write_status(runtime, ctx, &report).await?;
     Ok(Action::requeue(apply::CONFLICT_RECHECK))
-}
-
-/// `TemplateCurrent`: whether the pod follows the operator's current template.
-fn template_condition(current: bool) -> ConditionState {
-    if current {
-        ConditionState::new(
-            conditions::TEMPLATE_CURRENT,
-            true,
-            reasons::TEMPLATE_CURRENT,
-            "the pod follows the operator's current template",
-        )
-    } else {
-        ConditionState::new(
-            conditions::TEMPLATE_CURRENT,
-            false,
-            reasons::OPERATOR_TEMPLATE_CHANGED,
-            format!(
-                "the operator's pod template changed since this pod was made (operator upgrade, flags or catalog); the pod keeps running and takes the new template at its next start, update or spec change, or now when you set a new value of the {} annotation",
-                crate::api::annotations::RESTART
-            ),
-        )
-    }
 }
 
 /// Drops what is kept for runtimes that no longer exist (after a watch re-list, which reports no

@@ -13,7 +13,8 @@ use kube::{Api, ResourceExt};
 
 use super::Context;
 use super::size;
-use crate::api::{DEFAULT_SERVICE_ACCOUNT, PromptFlowRuntime};
+use crate::api::{ComputeInstance, DEFAULT_SERVICE_ACCOUNT, PromptFlowRuntime};
+use crate::build::instance as instance_pod;
 use crate::build::pod;
 use crate::controller::index::Dependency;
 use crate::error::{Error, Result};
@@ -33,6 +34,16 @@ pub struct Observed {
     pub pod: Option<Arc<Pod>>,
     /// The namespace's quotas; read only when a pod is being sized.
     pub quotas: Vec<ResourceQuota>,
+    /// The compute instance `spec.compute.instance` names, and the pod the operator made for it.
+    pub instance: Option<InstanceSeen>,
+}
+
+/// A compute instance a runtime asks for, as the caches hold it.
+pub struct InstanceSeen {
+    /// The instance, when it exists.
+    pub object: Option<Arc<ComputeInstance>>,
+    /// Its pod, when the operator made one for it.
+    pub pod: Option<Arc<Pod>>,
 }
 
 /// The flow ConfigMap a runtime names, and what was found under that name.
@@ -102,6 +113,13 @@ pub async fn observe(
     } else {
         Vec::new()
     };
+    let instance = runtime.spec.compute.instance.as_ref().map(|asked| {
+        let object = ctx.instances.get(&ObjectRef::new(&asked.name).within(namespace));
+        let pod = object
+            .as_ref()
+            .and_then(|object| ctx.own_pod(&instance_pod::pod_name(&asked.name), namespace, &**object));
+        InstanceSeen { object, pod }
+    });
     Ok(Observed {
         account_name,
         account,
@@ -109,6 +127,7 @@ pub async fn observe(
         flow,
         pod,
         quotas,
+        instance,
     })
 }
 

@@ -1,165 +1,73 @@
-//! A runtime on a compute instance: it has no pod of its own. It asks to be attached (only with
-//! `acknowledgeRestart`, since attaching restarts the instance), follows its own container's
-//! readiness in the instance pod, and points its Service at the instance pod on its port there.
-//! A finalizer keeps a deleted runtime until the instance has let go of its container.
-
-use std::time::Duration;
+//! A runtime on a compute instance has no pod of its own: the instance controller carries its
+//! containers in the instance's pod (only with `acknowledgeRestart`, since attaching restarts the
+//! instance). Here: how the runtime reads from that pod (its verdict), and the detach finalizer
+//! that keeps a deleted runtime until the instance has let go of its container. The reconcile's
+//! stages call these; nothing here calls back into them.
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tracing::info;
 
-use super::plan::{self, PodFacts};
-use super::report::{self, Report};
+use super::plan::InstanceWork;
 use super::status::{ConditionState, Verdict};
-use super::{Context, apply, observe, pod_state};
+use super::{Context, pod_state};
 use crate::api::conditions::{self, reasons};
 use crate::api::{
-    ComputeInstance, DETACH_FINALIZER, DesiredState, HandledActions, InstanceCompute, InstanceState, PromptFlowRuntime,
-    RuntimePhase, annotations,
+    ComputeInstance, DETACH_FINALIZER, DesiredState, InstanceState, PromptFlowRuntime, RuntimePhase, annotations,
 };
 use crate::build::instance::{self as instance_pod, placement_in};
-use crate::build::service::{self, Target};
 use crate::controller::index::Dependency;
 use crate::error::Result;
 
-/// Reconciles a runtime whose `spec.compute.instance` is `asked`.
-pub async fn reconcile(runtime: &PromptFlowRuntime, ctx: &Context, asked: &InstanceCompute) -> Result<Action> {
-    let namespace = runtime.namespace().unwrap_or_default();
-    let name = runtime.name_any();
-    let key = ObjectRef::from_obj(runtime);
-    if !runtime.finalizers().iter().any(|f| f == DETACH_FINALIZER) {
-        let mut finalizers = runtime.finalizers().to_vec();
-        finalizers.push(DETACH_FINALIZER.to_owned());
-        set_finalizers(ctx, runtime, finalizers).await?;
+/// Adds the detach finalizer when the runtime does not carry it yet.
+pub async fn hold(ctx: &Context, runtime: &PromptFlowRuntime) -> Result<()> {
+    if runtime.finalizers().iter().any(|f| f == DETACH_FINALIZER) {
+        return Ok(());
     }
-    // Moved here from serverless: its own pod goes.
-    if let Some(own) = ctx.own_pod(&apply::pod_ref(&name, &namespace).name, &namespace, runtime) {
-        apply::delete_pod(ctx, &own, runtime.uid().as_deref()).await?;
-    }
-    let observed = observe::observe(runtime, ctx, &namespace, |deps| ctx.index.record(key.clone(), deps)).await?;
-    let (identity, mut resolved) = plan::resolve(runtime, &observed, &ctx.template.requirements);
-    let versions = match &mut resolved {
-        Ok(resolved) => {
-            ctx.index.add(&key, Dependency::Repository(resolved.repository.clone()));
-            Some(super::versions::step(runtime, ctx, resolved).await)
-        }
-        Err(_) => None,
-    };
-    let instance = ctx.instances.get(&ObjectRef::new(&asked.name).within(&namespace));
-    let live = instance
-        .as_ref()
-        .and_then(|instance| ctx.own_pod(&instance_pod::pod_name(&asked.name), &namespace, &**instance));
-    let placement = live.as_deref().and_then(|pod| placement_in(pod, runtime));
-    let mut conditions = vec![identity];
-    // While the first registry answer is awaited there is no version to record yet: writing
-    // the unpinned image would read as a pin.
-    let first_answer_awaited = versions.as_ref().is_some_and(|v| v.waiting);
-    let facts = resolved
-        .as_ref()
-        .ok()
-        .filter(|_| !first_answer_awaited)
-        .map(|found| PodFacts {
-            image: found.image.clone(),
-            version: found.version.clone(),
-            size: instance
-                .as_ref()
-                .map(|i| i.spec.instance_type.clone())
-                .unwrap_or_default(),
-        });
-    match &resolved {
-        Ok(_) => conditions.push(ConditionState::new(
-            conditions::SPEC_APPLIED,
-            true,
-            reasons::SPEC_APPLIED,
-            "the runtime's containers are built from its current spec",
-        )),
-        Err(problem) => conditions.push(ConditionState::new(
-            conditions::SPEC_APPLIED,
-            false,
-            problem.reason,
-            problem.message.clone(),
-        )),
-    }
-    conditions.extend(actions_not_supported(runtime, &asked.name));
-    let mut handled = HandledActions::default();
-    let mut latest = None;
-    let mut requeue = None;
-    if let Some(versions) = versions {
-        let waiting = versions.waiting;
-        let (newest, check_again) = versions.record(ctx, runtime, &mut conditions, &mut handled).await;
-        latest = newest;
-        requeue = Some(if waiting { Duration::from_secs(15) } else { check_again });
-    }
-    let mut verdict = match (&resolved, instance.as_deref()) {
-        _ if !asked.acknowledge_restart => Verdict::not_available(
+    let mut finalizers = runtime.finalizers().to_vec();
+    finalizers.push(DETACH_FINALIZER.to_owned());
+    set_finalizers(ctx, runtime, finalizers).await
+}
+
+/// The verdict on a runtime planned onto an instance: what keeps it from the instance, or how
+/// its containers in the instance's pod stand. `placed`: the pod carries it in a slot.
+pub fn verdict(
+    ctx: &Context,
+    runtime: &PromptFlowRuntime,
+    work: &InstanceWork,
+    instance: Option<&ComputeInstance>,
+    live: Option<&Pod>,
+    placed: bool,
+) -> Verdict {
+    match (&work.containers, instance) {
+        _ if !work.acknowledged => Verdict::not_available(
             reasons::RESTART_NOT_ACKNOWLEDGED,
             format!(
                 "attaching this runtime restarts compute instance {}; set spec.compute.instance.acknowledgeRestart to true to proceed",
-                asked.name
+                work.name
             ),
         ),
         // Still carried by the instance's pod (which keeps it as it is): it serves as before,
         // and SpecApplied says what to fix.
-        (Err(_), Some(instance)) if placement.is_some() => instance_verdict(instance, live.as_deref(), runtime, ctx),
+        (Err(_), Some(instance)) if placed => instance_verdict(instance, live, runtime, ctx),
         (Err(problem), _) => Verdict::not_available(problem.reason, problem.message.clone()),
         (_, None) => Verdict::not_available(
             reasons::COMPUTE_INSTANCE_NOT_FOUND,
             format!(
-                "compute instance {} does not exist in namespace {namespace}; create it or change spec.compute.instance.name",
-                asked.name
+                "compute instance {} does not exist in namespace {}; create it or change spec.compute.instance.name",
+                work.name,
+                runtime.namespace().unwrap_or_default()
             ),
         ),
-        (_, Some(instance)) => instance_verdict(instance, live.as_deref(), runtime, ctx),
-    };
-    let url = match &placement {
-        Some(placement) => {
-            let target = Target::Instance {
-                instance: &asked.name,
-                port: placement.proxy_port,
-            };
-            match apply::apply_service(ctx, runtime, target).await? {
-                apply::ServiceOutcome::InPlace => Some(service::url(runtime, target)),
-                apply::ServiceOutcome::NotWritten => None,
-                apply::ServiceOutcome::Conflict(message) => {
-                    // The runtime's container stays on the instance; its name does not reach it.
-                    verdict = Verdict::not_available(reasons::SERVICE_CONFLICT, message);
-                    requeue = Some(requeue.map_or(apply::CONFLICT_RECHECK, |r| r.min(apply::CONFLICT_RECHECK)));
-                    None
-                }
-            }
-        }
-        None => None,
-    };
-    let report = Report {
-        verdict: &verdict,
-        conditions: &conditions,
-        compute: &asked.name,
-        facts: facts.as_ref(),
-        handled: &handled,
-        url: url.as_deref(),
-        last_activity: None,
-        latest: latest.as_deref(),
-    };
-    report::write_status(runtime, ctx, &report).await?;
-    info!(%name, %namespace, instance = %asked.name, phase = ?verdict.phase, reason = %verdict.reason, "reconciled");
-    // Secrets are not watched: a runtime waiting for a pull secret looks again with backoff.
-    let waits_for_secret = resolved
-        .as_ref()
-        .is_err_and(|p| [reasons::PULL_SECRET_NOT_FOUND, reasons::PULL_SECRET_INVALID].contains(&p.reason));
-    if waits_for_secret {
-        return Ok(Action::requeue(ctx.pull_secret_waits.next(&key)));
+        (_, Some(instance)) => instance_verdict(instance, live, runtime, ctx),
     }
-    ctx.pull_secret_waits.reset(&key);
-    Ok(requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
 /// The runtime action annotations do not act on a runtime on a compute instance yet: its
 /// lifecycle is the instance's. Said in the `Idle` condition instead of silently ignored.
-fn actions_not_supported(runtime: &PromptFlowRuntime, instance: &str) -> Option<ConditionState> {
+pub fn actions_not_supported(runtime: &PromptFlowRuntime, instance: &str) -> Option<ConditionState> {
     let asked: Vec<&str> = [annotations::STOP, annotations::START, annotations::RESTART]
         .into_iter()
         .filter(|a| runtime.annotations().contains_key(*a))

@@ -1,5 +1,6 @@
-//! Plan: from what was observed, decide the pod the runtime should have, or the one problem that
-//! keeps it from having one. Pure: no client, no context, unit-tested from fixtures.
+//! Plan: from what was observed, decide where the runtime's containers run and what they are made
+//! of — a pod of its own (serverless), or its containers in a compute instance's pod — or the one
+//! problem that keeps it from having them. Pure: no client, no context, unit-tested from fixtures.
 
 use k8s_openapi::api::core::v1::Pod;
 
@@ -66,8 +67,56 @@ pub struct DesiredPod {
 pub struct Plan {
     /// The `IdentityResolved` condition.
     pub identity: ConditionState,
-    /// The pod, or the problem that keeps the runtime from having one.
-    pub pod: Result<DesiredPod, Problem>,
+    /// Where the runtime's containers run.
+    pub work: Work,
+}
+
+/// Where a runtime's containers run, as planned.
+#[derive(Clone, Debug)]
+pub enum Work {
+    /// A pod of its own, or the problem that keeps the runtime from having one.
+    Pod(Box<Result<DesiredPod, Problem>>),
+    /// Containers in a compute instance's pod; the instance controller builds that pod.
+    Instance(InstanceWork),
+}
+
+/// A runtime's part of a compute instance, as planned.
+#[derive(Clone, Debug)]
+pub struct InstanceWork {
+    /// The instance's name.
+    pub name: String,
+    /// `spec.compute.instance.acknowledgeRestart`: attaching restarts the instance.
+    pub acknowledged: bool,
+    /// What its containers are made of (`None` while the registry's first answer is awaited:
+    /// the unpinned image would read as a pin), or the problem that keeps it from having them.
+    pub containers: Result<Option<PodFacts>, Problem>,
+}
+
+impl Plan {
+    /// Image, version and size, once decided.
+    pub fn facts(&self) -> Option<&PodFacts> {
+        match &self.work {
+            Work::Pod(pod) => (**pod).as_ref().ok().map(|desired| &desired.facts),
+            Work::Instance(work) => work.containers.as_ref().ok().and_then(Option::as_ref),
+        }
+    }
+
+    /// The planned pod of a serverless runtime.
+    #[cfg(test)]
+    fn into_pod(self) -> Result<DesiredPod, Problem> {
+        match self.work {
+            Work::Pod(pod) => *pod,
+            Work::Instance(work) => panic!("planned on compute instance {}", work.name),
+        }
+    }
+
+    /// The problem that keeps the runtime from having its containers, if any.
+    pub fn problem(&self) -> Option<&Problem> {
+        match &self.work {
+            Work::Pod(pod) => (**pod).as_ref().err(),
+            Work::Instance(work) => work.containers.as_ref().err(),
+        }
+    }
 }
 
 /// What a runtime's containers are made of, wherever they run: image, pull identity, flow.
@@ -157,14 +206,16 @@ pub fn resolve(
     (condition, outcome)
 }
 
-/// Decides a serverless runtime's pod from what was observed.
+/// Decides a runtime's containers from what was observed.
 #[cfg(test)]
 pub fn plan(runtime: &PromptFlowRuntime, observed: &Observed, catalog: &Catalog, template: &PodTemplate) -> Plan {
     let (identity, resolved) = resolve(runtime, observed, &template.requirements);
-    finish(runtime, observed, catalog, template, identity, resolved)
+    finish(runtime, observed, catalog, template, identity, resolved, false)
 }
 
-/// Decides a serverless runtime's pod from what was resolved (and pinned).
+/// Decides a runtime's containers from what was resolved (and pinned): its own pod, sized and
+/// built, or its part of the compute instance it asks for. `awaiting_registry`: the first
+/// version answer is still awaited.
 pub fn finish(
     runtime: &PromptFlowRuntime,
     observed: &Observed,
@@ -172,9 +223,32 @@ pub fn finish(
     template: &PodTemplate,
     identity: ConditionState,
     resolved: Result<Resolved, Problem>,
+    awaiting_registry: bool,
 ) -> Plan {
-    let pod = resolved.and_then(|resolved| desired_pod(runtime, observed, catalog, template, resolved));
-    Plan { identity, pod }
+    let work = match &runtime.spec.compute.instance {
+        Some(asked) => Work::Instance(InstanceWork {
+            name: asked.name.clone(),
+            acknowledged: asked.acknowledge_restart,
+            containers: resolved.map(|found| {
+                (!awaiting_registry).then(|| PodFacts {
+                    image: found.image,
+                    version: found.version,
+                    size: observed
+                        .instance
+                        .as_ref()
+                        .and_then(|seen| seen.object.as_ref())
+                        .map(|instance| instance.spec.instance_type.clone())
+                        .unwrap_or_default(),
+                })
+            }),
+        }),
+        None => {
+            Work::Pod(Box::new(resolved.and_then(|resolved| {
+                desired_pod(runtime, observed, catalog, template, resolved)
+            })))
+        }
+    };
+    Plan { identity, work }
 }
 
 fn desired_pod(
@@ -264,6 +338,7 @@ mod tests {
                 }),
             }),
             pod: None,
+            instance: None,
             quotas: vec![],
         }
     }
@@ -275,7 +350,7 @@ mod tests {
     #[test]
     fn a_minimal_runtime_gets_the_latest_tag_and_the_first_size() {
         let plan = planned(&runtime(serde_json::json!({})), &observed(true, None));
-        let desired = plan.pod.unwrap();
+        let desired = plan.clone().into_pod().unwrap();
         assert_eq!(desired.facts.version, "latest");
         assert!(desired.facts.image.ends_with("promptflow-runtime-stable:latest"));
         assert_eq!(desired.facts.size, Catalog::builtin().instance_types[0].name);
@@ -291,10 +366,10 @@ mod tests {
     fn a_digest_is_pulled_by_digest_and_the_flow_image_wins() {
         let digest = format!("sha256:{}", "a".repeat(64));
         let rt = runtime(serde_json::json!({"image": {"repository": "r.example/rt", "version": digest}}));
-        let desired = planned(&rt, &observed(true, None)).pod.unwrap();
+        let desired = planned(&rt, &observed(true, None)).into_pod().unwrap();
         assert_eq!(desired.facts.image, format!("r.example/rt@{digest}"));
         let flow = observed(true, Some("environment: {image: 'r.example/team/flow:7'}"));
-        let desired = planned(&rt, &flow).pod.unwrap();
+        let desired = planned(&rt, &flow).into_pod().unwrap();
         assert_eq!(
             (desired.facts.image.as_str(), desired.facts.version.as_str()),
             ("r.example/team/flow:7", "7")
@@ -306,14 +381,48 @@ mod tests {
         let rt = runtime(serde_json::json!({}));
         let plan = planned(&rt, &observed(false, None));
         assert_eq!(plan.identity.status, "False");
-        let problem = plan.pod.unwrap_err();
+        let problem = plan.into_pod().unwrap_err();
         assert_eq!(problem.reason, reasons::SERVICE_ACCOUNT_NOT_FOUND);
         assert!(problem.message.contains("service account default"));
 
         let problem = planned(&rt, &observed(true, Some("environment: [unclosed")))
-            .pod
+            .into_pod()
             .unwrap_err();
         assert_eq!(problem.reason, reasons::FLOW_INVALID);
         assert!(problem.message.contains("chat-flow"), "{}", problem.message);
+    }
+
+    #[test]
+    fn a_runtime_on_an_instance_is_planned_as_its_part_of_the_instance_never_a_pod() {
+        let rt = runtime(serde_json::json!({"compute": {"instance": {"name": "ci", "acknowledgeRestart": true}}}));
+        let mut seen = observed(true, None);
+        let instance: crate::api::ComputeInstance = serde_json::from_value(serde_json::json!({
+            "apiVersion": "promptflow.dev/v1alpha1", "kind": "ComputeInstance",
+            "metadata": {"name": "ci", "namespace": "team"},
+            "spec": {"instanceType": "Standard_DS3_v2"}
+        }))
+        .unwrap();
+        seen.instance = Some(crate::controller::runtime::observe::InstanceSeen {
+            object: Some(Arc::new(instance)),
+            pod: None,
+        });
+        let catalog = Catalog::builtin();
+        let template = PodTemplate::default();
+        let (identity, resolved) = resolve(&rt, &seen, &template.requirements);
+        let plan = finish(&rt, &seen, &catalog, &template, identity, resolved, false);
+        let Work::Instance(work) = &plan.work else {
+            panic!("{plan:?}")
+        };
+        assert_eq!((work.name.as_str(), work.acknowledged), ("ci", true));
+        assert_eq!(plan.facts().unwrap().size, "Standard_DS3_v2");
+        // The registry's first answer awaited: no facts yet, so no pin is read into the status.
+        let (identity, resolved) = resolve(&rt, &seen, &template.requirements);
+        let plan = finish(&rt, &seen, &catalog, &template, identity, resolved, true);
+        assert!(plan.facts().is_none() && plan.problem().is_none(), "{plan:?}");
+        // Its problems are the plan's, as a serverless runtime's are.
+        let lost = observed(false, None);
+        let (identity, resolved) = resolve(&rt, &lost, &template.requirements);
+        let plan = finish(&rt, &lost, &catalog, &template, identity, resolved, false);
+        assert_eq!(plan.problem().unwrap().reason, reasons::SERVICE_ACCOUNT_NOT_FOUND);
     }
 }

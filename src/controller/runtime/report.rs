@@ -98,7 +98,12 @@ fn transitions(
     let message = new.message.clone().unwrap_or_default();
     let reason = new.reason.clone().unwrap_or_default();
     if new.phase == RuntimePhase::Running && !was_running {
-        notices.push(Notice::normal("Running", message));
+        // The one event of a start: what runs, and where.
+        let note = match &new.image {
+            Some(image) => format!("{message}; image {image}"),
+            None => message.clone(),
+        };
+        notices.push(Notice::normal("Running", note));
     } else if new.phase == RuntimePhase::NotAvailable && !same_problem && problem {
         notices.push(Notice::warning(&reason, message));
     }
