@@ -1,7 +1,8 @@
-//! Apply: make the cluster match the plan, then judge what is there. A runtime with a pod of its
-//! own gets its Service, then its pod ([`pod`]); a runtime on a compute instance gets the detach
-//! finalizer, loses any pod of its own, and has its Service pointed at its slot in the instance's
-//! pod (the instance controller makes that pod). Returns the verdict, the conditions apply decides
+//! Apply: make the cluster match the plan, then judge what is there. First, before anything is
+//! read, the runtime's [`frame`]: a serverless runtime's Service; a runtime on a compute instance's
+//! detach finalizer, and no pod of its own. Then the plan: a runtime with a pod of its own gets
+//! its pod ([`pod`]); a runtime on an instance has its Service pointed at its slot in the
+//! instance's pod (the instance controller makes that pod). Returns the verdict, the conditions apply decides
 //! (`SpecApplied`, `TemplateCurrent`), the URL and the event worth telling the user; never writes
 //! the status or publishes an event itself.
 
@@ -44,27 +45,40 @@ pub struct Applied {
     pub requeue: Option<Duration>,
 }
 
-/// Where applying ended.
-pub enum Outcome {
-    /// Applied (or held, with the reason in the verdict).
-    Applied(Applied),
-    /// The runtime's Service name is taken by an object the operator did not create for it:
-    /// nothing was created; the message says so.
-    NameTaken(String),
+/// What a runtime has whatever its state, made before anything is read for it: a serverless
+/// runtime, running or stopped, its Service (the URL: `None` while the Service cannot be
+/// written) and the detach finalizer of an instance it left released once that instance let go;
+/// a runtime on an instance, the detach finalizer and no pod of its own. `Err`: the Service's
+/// name is someone else's (nothing was made; the message says so).
+pub async fn frame(ctx: &Context, runtime: &PromptFlowRuntime) -> Result<std::result::Result<Option<String>, String>> {
+    if runtime.spec.compute.instance.is_none() {
+        return serverless_frame(ctx, runtime).await;
+    }
+    on_instance::hold(ctx, runtime).await?;
+    let namespace = runtime.namespace().unwrap_or_default();
+    // Moved here from serverless: its own pod goes.
+    if let Some(own) = ctx.own_pod(&pod_ref(&runtime.name_any(), &namespace).name, &namespace, runtime) {
+        delete_pod(ctx, &own, runtime.uid().as_deref()).await?;
+    }
+    Ok(Ok(None))
 }
 
-/// Applies `plan`, the one way for both kinds of compute.
-pub async fn apply(ctx: &Context, runtime: &PromptFlowRuntime, plan: &Plan, observed: &Observed) -> Result<Outcome> {
+/// Applies `plan` inside the runtime's [`frame`] (`url`: the one the frame made), the one way
+/// for both kinds of compute.
+pub async fn apply(
+    ctx: &Context,
+    runtime: &PromptFlowRuntime,
+    plan: &Plan,
+    observed: &Observed,
+    url: Option<String>,
+) -> Result<Applied> {
     match &plan.work {
-        Work::Pod(desired) => own_pod(ctx, runtime, desired, observed.pod.as_deref()).await,
+        Work::Pod(desired) => own_pod(ctx, runtime, desired, observed.pod.as_deref(), url).await,
         Work::Instance(work) => on_instance(ctx, runtime, work, observed.instance.as_ref()).await,
     }
 }
 
-/// A serverless runtime's frame, running or stopped: the detach finalizer of an instance it left
-/// goes once that instance let go of it, and its Service is in place. The URL (`None` while the
-/// Service cannot be written), or the conflict message when its name is someone else's.
-pub async fn serverless_frame(
+async fn serverless_frame(
     ctx: &Context,
     runtime: &PromptFlowRuntime,
 ) -> Result<std::result::Result<Option<String>, String>> {
@@ -83,11 +97,8 @@ async fn own_pod(
     runtime: &PromptFlowRuntime,
     desired: &std::result::Result<DesiredPod, Problem>,
     live: Option<&Pod>,
-) -> Result<Outcome> {
-    let url = match serverless_frame(ctx, runtime).await? {
-        Ok(url) => url,
-        Err(message) => return Ok(Outcome::NameTaken(message)),
-    };
+    url: Option<String>,
+) -> Result<Applied> {
     let (outcome, spec_applied) = match desired {
         Err(problem) => (
             pod::blocked(problem, live),
@@ -118,30 +129,24 @@ async fn own_pod(
                 .filter(|c| c.type_ == conditions::TEMPLATE_CURRENT),
         ),
     }
-    Ok(Outcome::Applied(Applied {
+    Ok(Applied {
         verdict: outcome.verdict,
         conditions,
         url,
         notice: outcome.notice,
         handled_restart: outcome.handled_restart,
         requeue: outcome.requeue,
-    }))
+    })
 }
 
-/// A runtime on a compute instance: held by the detach finalizer, without a pod of its own, its
-/// Service pointed at its slot once the instance's pod carries it.
+/// A runtime on a compute instance (its frame holds it with the detach finalizer, without a pod
+/// of its own): its Service pointed at its slot once the instance's pod carries it.
 async fn on_instance(
     ctx: &Context,
     runtime: &PromptFlowRuntime,
     work: &InstanceWork,
     seen: Option<&InstanceSeen>,
-) -> Result<Outcome> {
-    on_instance::hold(ctx, runtime).await?;
-    let namespace = runtime.namespace().unwrap_or_default();
-    // Moved here from serverless: its own pod goes.
-    if let Some(own) = ctx.own_pod(&pod_ref(&runtime.name_any(), &namespace).name, &namespace, runtime) {
-        delete_pod(ctx, &own, runtime.uid().as_deref()).await?;
-    }
+) -> Result<Applied> {
     let instance = seen.and_then(|seen| seen.object.as_deref());
     let live = seen.and_then(|seen| seen.pod.as_deref());
     let placement = live.and_then(|pod| placement_in(pod, runtime));
@@ -177,14 +182,14 @@ async fn on_instance(
     };
     let mut conditions = vec![spec_applied];
     conditions.extend(on_instance::actions_not_supported(runtime, &work.name));
-    Ok(Outcome::Applied(Applied {
+    Ok(Applied {
         verdict,
         conditions,
         url,
         notice: None,
         handled_restart: None,
         requeue,
-    }))
+    })
 }
 
 /// `TemplateCurrent`: whether the pod follows the operator's current template.

@@ -1,4 +1,5 @@
-//! The PromptFlowRuntime reconciler, as a visible pipeline that runs one way, one room per step:
+//! The PromptFlowRuntime reconciler, as a visible pipeline that runs one way, one room per step,
+//! inside the runtime's frame ([`apply::frame`]: its Service, or its hold on an instance):
 //! [`observe`] (read what the runtime points to) → [`plan`] (pure: resolve, pin, and decide its
 //! containers: a pod of its own, sized and built, or its part of a compute instance) → [`apply`]
 //! (the Service, and create, replace or keep the pod; or the finalizer and the Service at the
@@ -134,13 +135,19 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         }
         Err(e) => return Err(e.into()),
     }
+    // The frame: what the runtime has whatever its state (a serverless runtime's Service is the
+    // way in, running or stopped).
+    let url = match apply::frame(ctx, runtime).await? {
+        Ok(url) => url,
+        Err(message) => return conflict_status(runtime, ctx, reasons::SERVICE_CONFLICT, message).await,
+    };
     // A runtime on a compute instance lives and stops with the instance; a serverless one by its
     // annotations and status.
     let serverless = runtime.spec.compute.instance.is_none();
     let start = match lifecycle::decide(runtime) {
         _ if !serverless => None,
         Lifecycle::Run { start } => start,
-        stopped => return stay_stopped(runtime, ctx, stopped).await,
+        stopped => return stay_stopped(runtime, ctx, stopped, url.as_deref()).await,
     };
 
     // Observe.
@@ -170,12 +177,7 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         awaiting_registry,
     );
     // Apply.
-    let applied = match apply::apply(ctx, runtime, &plan, &observed).await? {
-        apply::Outcome::Applied(applied) => applied,
-        apply::Outcome::NameTaken(message) => {
-            return conflict_status(runtime, ctx, reasons::SERVICE_CONFLICT, message).await;
-        }
-    };
+    let applied = apply::apply(ctx, runtime, &plan, &observed, url).await?;
     if let Some(notice) = &applied.notice {
         report::publish(ctx, runtime, notice).await;
     }
@@ -250,12 +252,12 @@ const REGISTRY_WAIT: Duration = Duration::from_secs(15);
 
 /// A stopped runtime (idle, or by `promptflow.dev/stop`): no pod, the object and its Service
 /// kept, the status saying how to start it again.
-async fn stay_stopped(runtime: &PromptFlowRuntime, ctx: &Context, lifecycle: Lifecycle) -> Result<Action> {
-    // The Service is the way in, running or stopped.
-    let url = match apply::serverless_frame(ctx, runtime).await? {
-        Ok(url) => url,
-        Err(message) => return conflict_status(runtime, ctx, reasons::SERVICE_CONFLICT, message).await,
-    };
+async fn stay_stopped(
+    runtime: &PromptFlowRuntime,
+    ctx: &Context,
+    lifecycle: Lifecycle,
+    url: Option<&str>,
+) -> Result<Action> {
     let namespace = runtime.namespace().unwrap_or_default();
     if let Some(live) = ctx.own_pod(&crate::build::pod::pod_name(&runtime.name_any()), &namespace, runtime) {
         apply::delete_pod(ctx, &live, runtime.uid().as_deref()).await?;
@@ -297,7 +299,7 @@ async fn stay_stopped(runtime: &PromptFlowRuntime, ctx: &Context, lifecycle: Lif
         compute: "Serverless",
         facts: None,
         handled: &handled,
-        url: url.as_deref(),
+        url,
         last_activity: None,
         latest: None,
     };
