@@ -96,25 +96,48 @@ pub fn url(runtime: &PromptFlowRuntime, target: Target<'_>) -> String {
     )
 }
 
-/// Whether a live Service already is what [`runtime_service`] builds (the fields the operator
-/// sets), so nothing needs writing.
-pub fn matches(live: &Service, desired: &Service) -> bool {
-    let spec = |s: &Service| {
-        s.spec.as_ref().map(|spec| {
-            (
-                spec.cluster_ip.clone(),
-                spec.publish_not_ready_addresses.unwrap_or_default(),
-                spec.selector.clone(),
-                spec.ports.clone().map(normalized_ports),
-            )
-        })
-    };
-    live.metadata.labels == desired.metadata.labels && spec(live) == spec(desired)
+/// Whether a live Service is as the operator wants it is whether their shapes are equal: a
+/// one-way digest of what the operator writes in a Service and compares: labels, cluster IP,
+/// `publishNotReadyAddresses`, selector and ports (name, port, target port; not what the API
+/// server fills in, such as node ports and defaults). The Service cache keeps this instead of
+/// the fields (stable within one process, which is all it is compared in).
+pub fn shape(service: &Service) -> u64 {
+    let spec = service.spec.as_ref();
+    shape_of(
+        service.metadata.labels.as_ref(),
+        spec.and_then(|s| s.cluster_ip.as_deref()),
+        spec.and_then(|s| s.publish_not_ready_addresses).unwrap_or_default(),
+        spec.and_then(|s| s.selector.as_ref()),
+        spec.and_then(|s| s.ports.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|p| (p.name.as_deref(), p.port, p.target_port.as_ref())),
+    )
 }
 
-/// Ports as the operator writes them, ignoring what the API server fills in (nodePort, defaults).
-fn normalized_ports(ports: Vec<ServicePort>) -> Vec<(Option<String>, i32, Option<IntOrString>)> {
-    ports.into_iter().map(|p| (p.name, p.port, p.target_port)).collect()
+/// [`shape`] from the fields themselves (the lean Service cache reads them straight from JSON).
+pub fn shape_of<'a>(
+    labels: Option<&BTreeMap<String, String>>,
+    cluster_ip: Option<&str>,
+    publish_not_ready_addresses: bool,
+    selector: Option<&BTreeMap<String, String>>,
+    ports: impl Iterator<Item = (Option<&'a str>, i32, Option<&'a IntOrString>)>,
+) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    labels.hash(&mut hasher);
+    cluster_ip.hash(&mut hasher);
+    publish_not_ready_addresses.hash(&mut hasher);
+    selector.hash(&mut hasher);
+    for (name, port, target) in ports {
+        (name, port).hash(&mut hasher);
+        match target {
+            None => 0u8.hash(&mut hasher),
+            Some(IntOrString::Int(number)) => (1u8, number).hash(&mut hasher),
+            Some(IntOrString::String(name)) => (2u8, name).hash(&mut hasher),
+        }
+    }
+    hasher.finish()
 }
 
 #[cfg(test)]
@@ -153,13 +176,17 @@ mod tests {
         let mut live = service.clone();
         live.spec.as_mut().unwrap().cluster_ips = Some(vec!["None".into()]);
         live.spec.as_mut().unwrap().session_affinity = Some("None".into());
-        assert!(matches(&live, &service), "fields the API server fills in do not count");
+        assert_eq!(
+            shape(&live),
+            shape(&service),
+            "fields the API server fills in do not count"
+        );
         assert_eq!(
             service.spec.as_ref().unwrap().cluster_ip.as_deref(),
             Some("None"),
             "headless"
         );
         live.spec.as_mut().unwrap().selector = None;
-        assert!(!matches(&live, &service));
+        assert_ne!(shape(&live), shape(&service));
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::channel::mpsc::UnboundedSender;
-use k8s_openapi::api::core::v1::{Pod, ResourceQuota, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, ResourceQuota, ServiceAccount};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 
@@ -183,11 +183,9 @@ impl Context {
             .filter(|pod| crate::build::controlled_by(&pod.metadata, owner.meta().uid.as_deref()))
     }
 
-    /// The cached Service `name` of `namespace`, as a `Service` holding the fields the cache keeps.
-    pub fn service(&self, name: &str, namespace: &str) -> Option<Arc<Service>> {
-        self.services
-            .get(&ObjectRef::new(name).within(namespace))
-            .map(|lean| Arc::new(lean.to_service()))
+    /// The cached Service `name` of `namespace`: who it is and a digest of its shape.
+    pub fn service(&self, name: &str, namespace: &str) -> Option<Arc<crate::controller::lean::LeanService>> {
+        self.services.get(&ObjectRef::new(name).within(namespace))
     }
 
     /// Waits until the caches hold a full list: decisions need complete caches (a service

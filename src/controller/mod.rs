@@ -156,7 +156,6 @@ pub async fn run(
     )
     .backoff(watch_backoff())
     .filter(tracked(&health, "services"))
-    .modify(lean::trim)
     .reflect(service_writer)
     .touched_objects();
     let account_stream = watcher(scoped::<ServiceAccount>(&client, scope), watcher::Config::default())

@@ -287,7 +287,9 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
     {
         return Ok(conflict());
     }
-    let as_wanted = live.as_deref().is_some_and(|live| service::matches(live, &desired));
+    let as_wanted = live
+        .as_deref()
+        .is_some_and(|live| live.shape == service::shape(&desired));
     if as_wanted || ctx.own_writes.service_pending(&service_ref, as_wanted) {
         return Ok(ServiceOutcome::InPlace);
     }
