@@ -405,7 +405,9 @@ pub async fn run(
         .run(
             move |runtime, ctx| {
                 let turns = turns.clone();
-                async move {
+                // Boxed: kube-runtime keeps every running reconcile inline in one table, and with
+                // fair turns all ready runtimes are running (waiting for their turn) at once.
+                Box::pin(async move {
                     let namespace = runtime.namespace().unwrap_or_default();
                     let Some(_turn) = turns.enter(&namespace).await else {
                         // Shutting down: not run now; the next process looks at it.
@@ -418,7 +420,7 @@ pub async fn run(
                     };
                     // Built once it has its turn, so a waiting reconcile stays small.
                     Box::pin(unpanicking(runtime::reconcile(runtime, ctx))).await
-                }
+                })
             },
             runtime::error_policy,
             context.clone(),

@@ -29,7 +29,16 @@ pub struct OwnWrites {
 struct OwnStatusWrite {
     stale: HashSet<String>,
     latest: String,
-    status: PromptFlowRuntimeStatus,
+    /// Boxed: the map's table holds every entry inline, and keeps its size after a burst.
+    status: Box<PromptFlowRuntimeStatus>,
+}
+
+/// Gives back a map's table once most of it is empty: tables keep their largest size, and a
+/// burst of thousands of runtimes would otherwise hold that memory for good.
+fn shrink_when_sparse<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
+    }
 }
 
 /// How long a created pod is trusted to exist before the cache shows it.
@@ -42,10 +51,11 @@ impl OwnWrites {
         let mut statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let cached_version = runtime.metadata.resource_version.clone().unwrap_or_default();
         match statuses.get(&key) {
-            Some(written) if written.stale.contains(&cached_version) => Some(written.status.clone()),
+            Some(written) if written.stale.contains(&cached_version) => Some((*written.status).clone()),
             Some(_) => {
                 // The cache caught up with our write, or moved past it: it is the truth again.
                 statuses.remove(&key);
+                shrink_when_sparse(&mut statuses);
                 runtime.status.clone()
             }
             None => runtime.status.clone(),
@@ -62,7 +72,7 @@ impl OwnWrites {
             .or_insert_with(|| OwnStatusWrite {
                 stale: Default::default(),
                 latest: String::new(),
-                status: status.clone(),
+                status: Box::new(status.clone()),
             });
         entry.stale.insert(over);
         if !entry.latest.is_empty() {
@@ -70,7 +80,7 @@ impl OwnWrites {
             entry.stale.insert(previous);
         }
         entry.latest = produced;
-        entry.status = status;
+        *entry.status = status;
     }
 
     /// When a pod missing from the cache was created by us moments ago: how long to keep trusting
@@ -78,7 +88,9 @@ impl OwnWrites {
     pub fn pod_pending(&self, pod: &ObjectRef<Pod>, cached: bool) -> Option<Duration> {
         let mut pods = self.pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if cached {
-            pods.remove(pod);
+            if pods.remove(pod).is_some() {
+                shrink_when_sparse(&mut pods);
+            }
             return None;
         }
         let remaining = CREATED_POD_GRACE.checked_sub(pods.get(pod)?.elapsed());
@@ -101,7 +113,9 @@ impl OwnWrites {
     pub fn service_pending(&self, service: &ObjectRef<Service>, cached_as_wanted: bool) -> bool {
         let mut services = self.services.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if cached_as_wanted {
-            services.remove(service);
+            if services.remove(service).is_some() {
+                shrink_when_sparse(&mut services);
+            }
             return false;
         }
         match services.get(service) {
