@@ -205,6 +205,53 @@ fn entry_credential(entry: &AuthEntry) -> Option<Credential> {
     })
 }
 
+/// A stable, one-way name for a login (the version cache's key; never the secret itself).
+pub fn login_key(credential: Option<&Credential>) -> String {
+    use sha2::Digest as _;
+    credential.map_or_else(String::new, |c| {
+        let digest = sha2::Sha256::digest(format!("{}\0{}", c.username, c.password));
+        crate::flow::hex(&digest[..8])
+    })
+}
+
+/// What an account's pull secrets came to, without their contents: for each registry host they
+/// name, the key of the login they hold for it ([`login_key`]; empty when the entry holds none).
+/// Remembered per service account, so a settled runtime is kept without reading its secrets.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Logins {
+    hosts: Vec<(String, String)>,
+}
+
+impl Logins {
+    /// The logins of `secrets` (the account's pull secrets in its order, as resolved).
+    pub fn of(secrets: &[Option<&Secret>]) -> Self {
+        let mut hosts: Vec<String> = secrets
+            .iter()
+            .flatten()
+            .filter_map(|secret| registry_hosts(secret).ok())
+            .flatten()
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        let hosts = hosts
+            .into_iter()
+            .map(|host| {
+                let key = login_key(credential(secrets, &host).as_ref());
+                (host, key)
+            })
+            .collect();
+        Self { hosts }
+    }
+
+    /// Whether a secret names `host`, and the key of its login for it.
+    pub fn for_host(&self, host: &str) -> Option<&str> {
+        self.hosts
+            .iter()
+            .find(|(named, _)| named == host)
+            .map(|(_, key)| key.as_str())
+    }
+}
+
 /// `https://host:port/v1/` and `host:port` name the same registry.
 fn normalize_host(key: &str) -> String {
     let without_scheme = key.split_once("://").map_or(key, |(_, rest)| rest);
@@ -268,6 +315,31 @@ mod tests {
     }
 
     const AUTH: &str = r#"{"auths":{"https://127.0.0.1:5000/v2/":{"auth":"c2VjcmV0OnRva2Vu"}}}"#;
+
+    #[test]
+    fn logins_remember_which_hosts_hold_a_login_and_a_key_of_it_never_the_secret() {
+        let first = secret(DOCKER_CONFIG_JSON, AUTH);
+        let second = secret(
+            DOCKER_CONFIG_JSON,
+            r#"{"auths":{"127.0.0.1:5000":{"auth":"b3RoZXI6cGFzcw=="},"ghcr.io":{}}}"#,
+        );
+        let logins = Logins::of(&[Some(&first), Some(&second)]);
+        // The first secret in the account's order gives the login, as `credential` does.
+        let expected = login_key(credential(&[Some(&first)], "127.0.0.1:5000").as_ref());
+        assert_eq!(logins.for_host("127.0.0.1:5000"), Some(expected.as_str()));
+        assert_eq!(expected.len(), 16);
+        // Named without a login: credentials for the host, but none to ask the registry with.
+        assert_eq!(logins.for_host("ghcr.io"), Some(""));
+        assert_eq!(logins.for_host("docker.io"), None);
+        let printed = format!("{logins:?}");
+        assert!(!printed.contains("c2VjcmV0") && !printed.contains("token"), "{printed}");
+        // Another password is another key.
+        let rotated = secret(
+            DOCKER_CONFIG_JSON,
+            r#"{"auths":{"127.0.0.1:5000":{"auth":"c2VjcmV0OnJvdGF0ZWQ="}}}"#,
+        );
+        assert_ne!(Logins::of(&[Some(&rotated)]), Logins::of(&[Some(&first)]));
+    }
 
     #[test]
     fn account_with_a_valid_secret_resolves_with_credentials_for_its_registry() {

@@ -61,6 +61,8 @@ pub struct Context {
     pub failures: Backoff,
     /// Backoff of runtimes blocked by a pull secret (secrets are not watched).
     pub pull_secret_waits: Backoff,
+    /// What service accounts' pull secrets came to when last read (no contents).
+    pub logins: super::runtime::observe::RememberedLogins,
     /// Runtimes.
     pub runtimes: Store<PromptFlowRuntime>,
     /// Compute instances.

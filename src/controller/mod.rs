@@ -233,6 +233,7 @@ pub async fn run(
         own_writes: Default::default(),
         failures: Default::default(),
         pull_secret_waits: Default::default(),
+        logins: Default::default(),
         runtimes: runtime_store.clone(),
         instances: instance_store.clone(),
         instance_index: DependencyIndex::default(),

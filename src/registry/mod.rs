@@ -10,8 +10,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
 pub use self::client::{Registry, RegistryError, RegistrySettings};
 use self::version::Version;
 use crate::identity::Credential;
@@ -137,24 +135,40 @@ impl VersionCache {
     /// tags). An answer older than the interval starts a refresh in the background and is
     /// returned meanwhile.
     pub fn lookup(&self, repository: &str, credential: Option<&Credential>) -> Lookup {
-        let key = (repository.to_owned(), fingerprint(credential));
+        let key = (repository.to_owned(), crate::identity::login_key(credential));
         let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = entries.entry(key.clone()).or_default();
         entry.used = Instant::now();
-        let stale = match &entry.answer {
-            None => true,
-            Some((checked, answer)) => {
-                let ttl = if answer.is_ok() { self.interval } else { FAILURE_TTL };
-                checked.elapsed() >= ttl
-            }
-        };
-        if stale && !entry.refreshing {
+        if self.stale(entry) && !entry.refreshing {
             entry.refreshing = true;
             self.refresh(key, credential.cloned());
         }
         match &entry.answer {
             Some((_, answer)) => Lookup::Known(answer.clone()),
             None => Lookup::Pending,
+        }
+    }
+
+    /// The answer for `repository` and the login `login_key` names ([`crate::identity::login_key`]),
+    /// when one is known and not due to be asked again. Asks nothing: `None` means the caller
+    /// needs the login itself ([`lookup`](Self::lookup)).
+    pub fn fresh(&self, repository: &str, login_key: &str) -> Option<Result<Option<Latest>, RegistryError>> {
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = entries.get_mut(&(repository.to_owned(), login_key.to_owned()))?;
+        if self.stale(entry) {
+            return None;
+        }
+        entry.used = Instant::now();
+        entry.answer.as_ref().map(|(_, answer)| answer.clone())
+    }
+
+    fn stale(&self, entry: &Entry) -> bool {
+        match &entry.answer {
+            None => true,
+            Some((checked, answer)) => {
+                let ttl = if answer.is_ok() { self.interval } else { FAILURE_TTL };
+                checked.elapsed() >= ttl
+            }
         }
     }
 
@@ -168,7 +182,7 @@ impl VersionCache {
         // Buttons pressed on many runtimes at once (`kubectl annotate --all`) queue here and share
         // the request that starts after the last of them: at most two requests for a burst.
         let pressed = Instant::now();
-        let key = (repository.to_owned(), fingerprint(credential));
+        let key = (repository.to_owned(), crate::identity::login_key(credential));
         let slot = {
             let mut asked = self.asked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             asked.entry(key.clone()).or_default().clone()
@@ -274,12 +288,4 @@ async fn ask(
     requests("manifest");
     let digest = session.digest(repository, version.as_str(), credential).await?;
     Ok(Some(Latest { version, digest }))
-}
-
-/// A stable, one-way name for a credential (the cache key never holds the secret itself).
-fn fingerprint(credential: Option<&Credential>) -> String {
-    credential.map_or_else(String::new, |c| {
-        let digest = Sha256::digest(format!("{}\0{}", c.username, c.password));
-        crate::flow::hex(&digest[..8])
-    })
 }

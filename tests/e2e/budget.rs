@@ -154,3 +154,90 @@ fn write_paths_name_their_runtime() {
     );
     assert_eq!(runtime_of("/apis/events.k8s.io/v1/namespaces/a/events"), None);
 }
+
+/// The operator's reads of Secrets so far.
+async fn secret_reads(operator: &OperatorProcess) -> u64 {
+    operator
+        .metrics()
+        .await
+        .lines()
+        .find(|l| l.starts_with(r#"promptflow_operator_kube_requests_total{kind="read",resource="secrets"}"#))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A settled runtime reads no pull secrets: the reconciles after it runs (its own status, its
+/// pod's, annotations nobody acts on) read none; a changed service account is read again, and a
+/// pull secret deleted meanwhile is then reported while the pod keeps serving.
+#[tokio::test]
+async fn a_settled_runtime_reads_no_pull_secrets() {
+    with_namespace("pf-settled", |ns| async move {
+        const N: usize = 3;
+        let registry = crate::registry::LocalRegistry::read();
+        let operator = crate::versions::operator(&ns, &registry);
+        registry.identity(&ns, &registry.password).await;
+        let repository = format!("{}/team/{}", registry.host, ns.name);
+        registry.push(&repository, "20240101.v1").await;
+        let names: Vec<String> = (0..N).map(|i| format!("rt-{i}")).collect();
+        for name in &names {
+            crate::runtime::create_runtime(&ns, name, crate::versions::spec(&repository)).await;
+        }
+        let api = ns.api::<PromptFlowRuntime>();
+        harness::wait_all_running(&api, N, Duration::from_secs(90)).await;
+        operator
+            .wait_reconciled(0, &names, "phase=Running", 2, Duration::from_secs(30))
+            .await;
+        let settled = secret_reads(&operator).await;
+        assert!(
+            settled >= N as u64,
+            "each runtime read its pull secret to make its pod: {settled}"
+        );
+
+        for round in 0..3 {
+            let mark = operator.log_text().len();
+            for name in &names {
+                let patch = json!({"metadata": {"annotations": {"e2e.promptflow.dev/touched": round.to_string()}}});
+                api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                    .unwrap();
+            }
+            operator
+                .wait_reconciled(mark, &names, "phase=Running", 1, Duration::from_secs(30))
+                .await;
+        }
+        let after_touches = secret_reads(&operator).await;
+        assert_eq!(
+            after_touches, settled,
+            "settled runtimes read pull secrets on no-op reconciles"
+        );
+
+        // The pull secret goes, and the account changes: each runtime reads again, says so, and
+        // keeps its serving pod.
+        ns.api::<k8s_openapi::api::core::v1::Secret>()
+            .delete("regcred", &Default::default())
+            .await
+            .unwrap();
+        ns.api::<k8s_openapi::api::core::v1::ServiceAccount>()
+            .patch(
+                "puller",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"e2e.promptflow.dev/changed": "yes"}}})),
+            )
+            .await
+            .unwrap();
+        for name in &names {
+            let runtime =
+                crate::runtime::wait_condition(&ns, name, "IdentityResolved", "False", "PullSecretNotFound").await;
+            assert_eq!(
+                runtime.status.unwrap().phase,
+                promptflow_operator::api::RuntimePhase::Running,
+                "{name}: the pod from before keeps serving"
+            );
+        }
+        assert!(
+            secret_reads(&operator).await >= settled + N as u64,
+            "a changed account is read again"
+        );
+    })
+    .await;
+}

@@ -37,7 +37,7 @@ pub async fn runtimes(instance: &ComputeInstance, ctx: &Context, dependencies: &
     let mut resolved = Vec::with_capacity(wanted.len());
     let mut unresolved = vec![];
     for runtime in wanted {
-        let observed = observe::observe(&runtime, ctx, &namespace, |read| {
+        let observed = observe::observe(&runtime, ctx, &namespace, false, |read| {
             dependencies.extend(read.into_iter().filter(|d| !matches!(d, Dependency::Instance(..))));
             ctx.instance_index.record(key.clone(), dependencies.clone());
         })

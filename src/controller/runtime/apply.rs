@@ -6,7 +6,7 @@
 //! (`SpecApplied`, `TemplateCurrent`), the URL and the event worth telling the user; never writes
 //! the status or publishes an event itself.
 
-mod pod;
+pub(crate) mod pod;
 
 use std::time::Duration;
 

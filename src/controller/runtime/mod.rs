@@ -150,32 +150,51 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         stopped => return stay_stopped(runtime, ctx, stopped, url.as_deref()).await,
     };
 
-    // Observe.
-    let observed = observe::observe(runtime, ctx, &namespace, |deps| ctx.index.record(key.clone(), deps)).await?;
-    // Plan: what the containers are made of (pinned to a version), then where they run.
-    let (identity, mut resolved) = plan::resolve(runtime, &observed, &ctx.template.requirements);
-    let versions = match &mut resolved {
-        Ok(resolved) => {
-            ctx.index.add(&key, Dependency::Repository(resolved.repository.clone()));
-            Some(versions::step(runtime, ctx, resolved).await)
+    // Observe: a settled runtime remembers its pull secrets instead of reading them.
+    let mut observed = observe::observe(runtime, ctx, &namespace, true, |deps| {
+        ctx.index.record(key.clone(), deps)
+    })
+    .await?;
+    // Plan: what the containers are made of (pinned to a version), then where they run. When the
+    // remembered logins will not do (a version check is due, or the pod is to be made again),
+    // the secrets are read and the plan made again from them.
+    let (plan, versions, awaiting_registry) = loop {
+        let (identity, mut resolved) = plan::resolve(runtime, &observed, &ctx.template.requirements);
+        let versions = match &mut resolved {
+            Ok(resolved) => {
+                ctx.index.add(&key, Dependency::Repository(resolved.repository.clone()));
+                match versions::step(runtime, ctx, resolved).await {
+                    Some(outcome) => Some(outcome),
+                    None => {
+                        observed.read_pull_secrets(ctx, &namespace).await?;
+                        continue;
+                    }
+                }
+            }
+            Err(_) => None,
+        };
+        let awaiting_registry = versions.as_ref().is_some_and(|v| v.waiting);
+        if awaiting_registry && serverless {
+            // First start: the registry is being asked for the version to pin; its answer wakes
+            // this runtime (the requeue is a safety net).
+            return Ok(Action::requeue(REGISTRY_WAIT));
         }
-        Err(_) => None,
+        let plan = plan::finish(
+            runtime,
+            &observed,
+            &ctx.catalog,
+            &ctx.template,
+            identity,
+            resolved,
+            awaiting_registry,
+        );
+        if observed.remembered() && !keeps_pod(&plan, &observed) {
+            observed.read_pull_secrets(ctx, &namespace).await?;
+            continue;
+        }
+        remember_logins(ctx, &namespace, &observed, &plan);
+        break (plan, versions, awaiting_registry);
     };
-    let awaiting_registry = versions.as_ref().is_some_and(|v| v.waiting);
-    if awaiting_registry && serverless {
-        // First start: the registry is being asked for the version to pin; its answer wakes
-        // this runtime (the requeue is a safety net).
-        return Ok(Action::requeue(REGISTRY_WAIT));
-    }
-    let plan = plan::finish(
-        runtime,
-        &observed,
-        &ctx.catalog,
-        &ctx.template,
-        identity,
-        resolved,
-        awaiting_registry,
-    );
     // Apply.
     let applied = apply::apply(ctx, runtime, &plan, &observed, url).await?;
     if let Some(notice) = &applied.notice {
@@ -244,6 +263,37 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     }
     ctx.pull_secret_waits.reset(&key);
     Ok(next.map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Whether a serverless runtime's plan keeps the pod it has (what remembered logins allow).
+fn keeps_pod(plan: &plan::Plan, observed: &observe::Observed) -> bool {
+    match (&plan.work, observed.pod.as_deref()) {
+        (plan::Work::Pod(desired), Some(live)) => (**desired)
+            .as_ref()
+            .is_ok_and(|desired| apply::pod::keeps(&desired.pod, live)),
+        _ => false,
+    }
+}
+
+/// Remembers what the account's pull secrets, as read, came to when they resolved.
+fn remember_logins(ctx: &Context, namespace: &str, observed: &observe::Observed, plan: &plan::Plan) {
+    let (observe::PullSecrets::Read(secrets), Some(account)) = (&observed.pull, observed.account.as_deref()) else {
+        return;
+    };
+    if plan.identity.status != "True" {
+        return;
+    }
+    let names = crate::identity::pull_secret_names(account);
+    let read: Vec<_> = names
+        .iter()
+        .map(|name| secrets.get(name).and_then(Option::as_ref))
+        .collect();
+    ctx.logins
+        .remember(namespace, account, crate::identity::Logins::of(&read), |ns, name| {
+            ctx.accounts
+                .get(&ObjectRef::new(name).within(ns))
+                .and_then(|a| a.metadata.resource_version.clone())
+        });
 }
 
 /// How soon a runtime whose first version answer is awaited looks again (its answer wakes it

@@ -1,8 +1,11 @@
 //! Observe: read what a runtime points to. Service accounts, pods and quotas come from the watch
 //! caches; pull secrets and the flow ConfigMap are read from the API one by one, so no cache ever
-//! holds secret data. What a reconcile is about to read is recorded in the dependency index
-//! *before* it reads, so a change landing in between still wakes the runtime. Secrets are not
-//! watched: a runtime blocked by one is looked at again with backoff.
+//! holds secret data. A settled runtime (its pod made, nothing asked of it) reads no secrets: what
+//! its account's secrets came to when last read is remembered, without their contents, until the
+//! account changes, a pod is to be made or a version check is due. What a reconcile is about to
+//! read is recorded in the dependency index *before* it reads, so a change landing in between
+//! still wakes the runtime. Secrets are not watched: a runtime blocked by one is looked at again
+//! with backoff.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use crate::build::instance as instance_pod;
 use crate::build::pod;
 use crate::controller::index::Dependency;
 use crate::error::{Error, Result};
-use crate::identity;
+use crate::identity::{self, Logins};
 
 /// What the reconcile read about the runtime's surroundings.
 pub struct Observed {
@@ -26,8 +29,8 @@ pub struct Observed {
     pub account_name: String,
     /// That account, when it exists.
     pub account: Option<Arc<ServiceAccount>>,
-    /// Each imagePullSecret the account names, `None` when it does not exist.
-    pub secrets: BTreeMap<String, Option<Secret>>,
+    /// The account's imagePullSecrets, read or remembered.
+    pub pull: PullSecrets,
     /// The flow ConfigMap, when the runtime names one.
     pub flow: Option<FlowSource>,
     /// The runtime's pod, when it exists.
@@ -36,6 +39,90 @@ pub struct Observed {
     pub quotas: Vec<ResourceQuota>,
     /// The compute instance `spec.compute.instance` names, and the pod the operator made for it.
     pub instance: Option<InstanceSeen>,
+}
+
+/// A runtime's pull secrets: read from the API, or, for a settled runtime (its pod made, nothing
+/// asked of it), what they came to the last time its account's secrets were read ([`Logins`]),
+/// while the account is unchanged. A reconcile that then needs them (a pod to make, a version
+/// check due) reads them after all ([`Observed::read_pull_secrets`]).
+pub enum PullSecrets {
+    /// Each imagePullSecret the account names, `None` when it does not exist.
+    Read(BTreeMap<String, Option<Secret>>),
+    /// Not read: the account resolved at its current version, to these logins.
+    Remembered(Arc<Logins>),
+}
+
+impl Observed {
+    /// Whether the pull secrets were remembered rather than read.
+    pub fn remembered(&self) -> bool {
+        matches!(self.pull, PullSecrets::Remembered(_))
+    }
+
+    /// Reads the pull secrets a remembered observation skipped.
+    pub async fn read_pull_secrets(&mut self, ctx: &Context, namespace: &str) -> Result<()> {
+        if self.remembered() {
+            let names = self
+                .account
+                .as_deref()
+                .map(identity::pull_secret_names)
+                .unwrap_or_default();
+            self.pull = PullSecrets::Read(read_secrets(ctx, namespace, names).await?);
+        }
+        Ok(())
+    }
+}
+
+/// A service account by namespace and name.
+type AccountKey = (String, String);
+
+/// What service accounts' pull secrets came to when last read, by namespace and account, with the
+/// account's resourceVersion then: a changed account is read again. No secret contents (only
+/// [`login_key`](identity::login_key)s); one entry per account, whatever its runtimes number.
+#[derive(Default)]
+pub struct RememberedLogins {
+    accounts: std::sync::Mutex<std::collections::HashMap<AccountKey, (String, Arc<Logins>)>>,
+}
+
+impl RememberedLogins {
+    /// What `account` (at its current resourceVersion) came to, if remembered.
+    pub fn get(&self, namespace: &str, account: &ServiceAccount) -> Option<Arc<Logins>> {
+        let version = account.metadata.resource_version.as_deref()?;
+        let accounts = self.accounts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (seen, logins) = accounts.get(&(namespace.to_owned(), account.name_any()))?;
+        (seen == version).then(|| logins.clone())
+    }
+
+    /// Remembers what `account` came to; entries of accounts gone or changed since go (`current`
+    /// gives an account's resourceVersion now).
+    pub fn remember(
+        &self,
+        namespace: &str,
+        account: &ServiceAccount,
+        logins: Logins,
+        current: impl Fn(&str, &str) -> Option<String>,
+    ) {
+        let Some(version) = account.metadata.resource_version.clone() else {
+            return;
+        };
+        let key = (namespace.to_owned(), account.name_any());
+        let mut accounts = self.accounts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if accounts
+            .get(&key)
+            .is_some_and(|(seen, known)| *seen == version && **known == logins)
+        {
+            return;
+        }
+        accounts.retain(|(ns, name), (seen, _)| current(ns, name).as_ref() == Some(seen));
+        accounts.insert(key, (version, Arc::new(logins)));
+    }
+
+    /// Accounts remembered.
+    pub fn len(&self) -> usize {
+        self.accounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
 }
 
 /// A compute instance a runtime asks for, as the caches hold it.
@@ -55,11 +142,14 @@ pub struct FlowSource {
 }
 
 /// Reads everything `runtime` points to; what it is about to read goes to `record` first.
-/// A runtime on a compute instance has no pod of its own and is never sized.
+/// A runtime on a compute instance has no pod of its own and is never sized. With `remember`,
+/// a serverless runtime whose pod exists and which asks for nothing (no restart, check or update
+/// pending) takes its account's remembered logins instead of reading its pull secrets.
 pub async fn observe(
     runtime: &PromptFlowRuntime,
     ctx: &Context,
     namespace: &str,
+    remember: bool,
     record: impl FnOnce(Vec<Dependency>),
 ) -> Result<Observed> {
     let account_name = runtime
@@ -88,12 +178,18 @@ pub async fn observe(
     record(dependencies);
 
     let account = ctx.accounts.get(&ObjectRef::new(&account_name).within(namespace));
-    let secret_names = account.as_deref().map(identity::pull_secret_names).unwrap_or_default();
-    let mut secrets = BTreeMap::new();
-    for secret in secret_names {
-        let found = read_secret(&ctx.client, namespace, &secret).await?;
-        secrets.insert(secret, found);
-    }
+    let remembered = account
+        .as_deref()
+        .filter(|_| remember && pod.is_some() && !super::versions::asked(runtime))
+        .filter(|_| super::apply::pod::restart_requested(runtime).is_none())
+        .and_then(|account| ctx.logins.get(namespace, account));
+    let pull = match remembered {
+        Some(logins) => PullSecrets::Remembered(logins),
+        None => {
+            let names = account.as_deref().map(identity::pull_secret_names).unwrap_or_default();
+            PullSecrets::Read(read_secrets(ctx, namespace, names).await?)
+        }
+    };
     let flow = match flow_name {
         Some(config_map) => {
             let found = Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace)
@@ -123,12 +219,21 @@ pub async fn observe(
     Ok(Observed {
         account_name,
         account,
-        secrets,
+        pull,
         flow,
         pod,
         quotas,
         instance,
     })
+}
+
+async fn read_secrets(ctx: &Context, namespace: &str, names: Vec<String>) -> Result<BTreeMap<String, Option<Secret>>> {
+    let mut secrets = BTreeMap::new();
+    for name in names {
+        let found = read_secret(&ctx.client, namespace, &name).await?;
+        secrets.insert(name, found);
+    }
+    Ok(secrets)
 }
 
 /// Reads one Secret. Parsed here rather than by the client library, which logs the whole response
@@ -151,4 +256,32 @@ pub(crate) async fn read_secret(client: &kube::Client, namespace: &str, name: &s
         name: format!("{namespace}/{name}"),
         why: format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(name: &str, version: &str) -> ServiceAccount {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "a", "resourceVersion": version}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn remembered_logins_hold_while_the_account_is_unchanged_and_go_with_it() {
+        let memory = RememberedLogins::default();
+        let (v1, v2) = (account("puller", "1"), account("puller", "2"));
+        assert!(memory.get("a", &v1).is_none());
+        memory.remember("a", &v1, Logins::default(), |_, _| Some("1".into()));
+        assert!(memory.get("a", &v1).is_some());
+        assert!(memory.get("a", &v2).is_none(), "a changed account is read again");
+        assert!(memory.get("b", &v1).is_none(), "by namespace");
+        // Another account remembered: the first, changed meanwhile, is dropped.
+        memory.remember("a", &account("other", "5"), Logins::default(), |_, name| {
+            (name == "other").then(|| "5".into())
+        });
+        assert_eq!(memory.len(), 1);
+    }
 }

@@ -2,9 +2,11 @@
 //! of — a pod of its own (serverless), or its containers in a compute instance's pod — or the one
 //! problem that keeps it from having them. Pure: no client, no context, unit-tested from fixtures.
 
-use k8s_openapi::api::core::v1::Pod;
+use std::collections::BTreeMap;
 
-use super::observe::Observed;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+
+use super::observe::{Observed, PullSecrets};
 use super::size;
 use super::status::ConditionState;
 use crate::api::PromptFlowRuntime;
@@ -119,6 +121,15 @@ impl Plan {
     }
 }
 
+/// The login version checks use for the image's registry.
+#[derive(Clone, Debug)]
+pub enum Login {
+    /// Read from the pull secrets: the login, if one holds it.
+    Read(Option<crate::identity::Credential>),
+    /// Remembered: only its key ([`identity::login_key`]; empty for none).
+    Remembered(String),
+}
+
 /// What a runtime's containers are made of, wherever they run: image, pull identity, flow.
 #[derive(Clone, Debug)]
 pub struct Resolved {
@@ -135,8 +146,8 @@ pub struct Resolved {
     pub repository: String,
     /// The image comes from the flow's `environment.image` (never pinned by the operator).
     pub from_flow: bool,
-    /// The pull identity's login for the image's registry, if it has one.
-    pub credential: Option<crate::identity::Credential>,
+    /// The pull identity's login for the image's registry.
+    pub login: Login,
 }
 
 /// Resolves the runtime's image, identity and flow: the `IdentityResolved` condition, and what
@@ -162,12 +173,21 @@ pub fn resolve(
         runtime.spec.image.repository.clone()
     };
     let registry = identity::registry_host(&image);
-    let resolved = identity::resolve(
-        &observed.account_name,
-        observed.account.as_deref(),
-        &observed.secrets,
-        &registry,
-    );
+    let resolved = match &observed.pull {
+        PullSecrets::Read(secrets) => {
+            identity::resolve(&observed.account_name, observed.account.as_deref(), secrets, &registry)
+        }
+        // Remembered only for an account that resolved, and only while it is unchanged.
+        PullSecrets::Remembered(logins) => Ok(PullIdentity {
+            service_account: observed.account_name.clone(),
+            pull_secrets: observed
+                .account
+                .as_deref()
+                .map(identity::pull_secret_names)
+                .unwrap_or_default(),
+            has_registry_credentials: logins.for_host(&registry).is_some(),
+        }),
+    };
     let condition = match &resolved {
         Ok(found) => ConditionState::new(
             conditions::IDENTITY_RESOLVED,
@@ -187,12 +207,14 @@ pub fn resolve(
             None => None,
             Some((config_map, read)) => Some((config_map, read.map_err(|p| Problem::from(&p))?)),
         };
-        let secrets: Vec<Option<&k8s_openapi::api::core::v1::Secret>> = identity
-            .pull_secrets
-            .iter()
-            .map(|name| observed.secrets.get(name).and_then(Option::as_ref))
-            .collect();
-        let credential = identity::credential(&secrets, &registry);
+        let login = match &observed.pull {
+            PullSecrets::Read(secrets) => {
+                Login::Read(identity::credential(&pull_secrets(&identity, secrets), &registry))
+            }
+            PullSecrets::Remembered(logins) => {
+                Login::Remembered(logins.for_host(&registry).unwrap_or_default().to_owned())
+            }
+        };
         Ok(Resolved {
             image,
             version,
@@ -200,10 +222,22 @@ pub fn resolve(
             flow,
             repository,
             from_flow,
-            credential,
+            login,
         })
     });
     (condition, outcome)
+}
+
+/// The pull secrets `identity` names, in its order, as read.
+pub fn pull_secrets<'a>(
+    identity: &PullIdentity,
+    secrets: &'a BTreeMap<String, Option<Secret>>,
+) -> Vec<Option<&'a Secret>> {
+    identity
+        .pull_secrets
+        .iter()
+        .map(|name| secrets.get(name).and_then(Option::as_ref))
+        .collect()
 }
 
 /// Decides a runtime's containers from what was observed.
@@ -313,7 +347,6 @@ fn identity_message(identity: &PullIdentity, host: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::sync::Arc;
 
     use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
@@ -329,7 +362,7 @@ mod tests {
         Observed {
             account_name: "default".into(),
             account: account.then(|| Arc::new(ServiceAccount::default())),
-            secrets: BTreeMap::new(),
+            pull: PullSecrets::Read(BTreeMap::new()),
             flow: flow.map(|dag| FlowSource {
                 config_map: "chat-flow".into(),
                 found: Some(ConfigMap {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use kube::ResourceExt;
 
 use super::Context;
-use super::plan::Resolved;
+use super::plan::{Login, Resolved};
 use super::report::Notice;
 use super::status::ConditionState;
 use crate::api::conditions::{self, reasons};
@@ -70,6 +70,17 @@ fn fresh(runtime: &PromptFlowRuntime, annotation: &str, handled: Option<&String>
         .cloned()
 }
 
+/// Whether the check-version or update button was pressed and not yet handled.
+pub fn asked(runtime: &PromptFlowRuntime) -> bool {
+    let handled = runtime
+        .status
+        .as_ref()
+        .and_then(|s| s.handled_actions.clone())
+        .unwrap_or_default();
+    fresh(runtime, annotations::CHECK_VERSION, handled.check_version.as_ref()).is_some()
+        || fresh(runtime, annotations::UPDATE, handled.update.as_ref()).is_some()
+}
+
 /// The pin a runtime's status holds for `repository`: its image and version, when the image is
 /// from that repository (a runtime that started unpinned on `latest` keeps that too).
 pub fn pinned(runtime: &PromptFlowRuntime, repository: &str) -> Option<(String, String)> {
@@ -92,8 +103,10 @@ pub fn apply_pin(runtime: &PromptFlowRuntime, resolved: &mut Resolved) {
     }
 }
 
-/// Decides the version to run (updating `resolved`) and reports on newer ones.
-pub async fn step(runtime: &PromptFlowRuntime, ctx: &Context, resolved: &mut Resolved) -> VersionOutcome {
+/// Decides the version to run (updating `resolved`) and reports on newer ones. `None`: the
+/// login was remembered and the registry's answer for it is due to be asked again (or a button
+/// was pressed), which takes the login itself: read the pull secrets and step again.
+pub async fn step(runtime: &PromptFlowRuntime, ctx: &Context, resolved: &mut Resolved) -> Option<VersionOutcome> {
     let status = runtime.status.clone().unwrap_or_default();
     let handled_before = status.handled_actions.clone().unwrap_or_default();
     let check = fresh(
@@ -106,10 +119,14 @@ pub async fn step(runtime: &PromptFlowRuntime, ctx: &Context, resolved: &mut Res
     let requeue = jittered(cache.interval(), &runtime.uid().unwrap_or_default());
     // The buttons ask the registry now (this runtime's reconcile waits for it, at most the call
     // timeout); everything else reads the shared answer without waiting.
-    let lookup = if check.is_some() || update.is_some() {
-        Lookup::Known(cache.ask_now(&resolved.repository, resolved.credential.as_ref()).await)
-    } else {
-        cache.lookup(&resolved.repository, resolved.credential.as_ref())
+    let pressed = check.is_some() || update.is_some();
+    let lookup = match &resolved.login {
+        Login::Remembered(_) if pressed => return None,
+        Login::Remembered(key) => Lookup::Known(cache.fresh(&resolved.repository, key)?),
+        Login::Read(credential) if pressed => {
+            Lookup::Known(cache.ask_now(&resolved.repository, credential.as_ref()).await)
+        }
+        Login::Read(credential) => cache.lookup(&resolved.repository, credential.as_ref()),
     };
     let handled = HandledActions {
         check_version: check.clone(),
@@ -136,7 +153,7 @@ pub async fn step(runtime: &PromptFlowRuntime, ctx: &Context, resolved: &mut Res
             // A check-version value is handled once the registry answered.
             outcome.handled.check_version = None;
             outcome.handled.update = None;
-            return outcome;
+            return Some(outcome);
         }
     };
     let spec_version = runtime.spec.image.version.clone();
@@ -212,7 +229,7 @@ pub async fn step(runtime: &PromptFlowRuntime, ctx: &Context, resolved: &mut Res
             ),
         ));
     }
-    outcome
+    Some(outcome)
 }
 
 /// `UpdateAvailable` from the newest allowed version; an event when a newer one first appears.

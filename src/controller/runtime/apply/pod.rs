@@ -140,6 +140,14 @@ pub fn blocked(problem: &Problem, live: Option<&Pod>) -> PodOutcome {
     }
 }
 
+/// Whether applying `desired` keeps `live` as it is, restarts aside: the user's inputs are the
+/// same and the pod has not ended or begun to go.
+pub fn keeps(desired: &Pod, live: &Pod) -> bool {
+    let state = pod_state::classify(live);
+    pod::live_inputs_hash(live).is_some_and(|hash| Some(hash) == pod::live_inputs_hash(desired))
+        && !matches!(state, PodState::Ended { .. } | PodState::Terminating)
+}
+
 /// Creates, replaces or keeps the pod. `restart` is a new `promptflow.dev/restart` value.
 pub async fn apply_pod(
     ctx: &Context,
