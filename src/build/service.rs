@@ -65,16 +65,24 @@ pub fn runtime_service(runtime: &PromptFlowRuntime, target: Target<'_>) -> Servi
             ..Default::default()
         },
         spec: Some(ServiceSpec {
+            // Set, so that the operator owns it: a Service switched to `ExternalName` by someone
+            // else is switched back (DNS would send the runtime's clients elsewhere).
+            type_: Some("ClusterIP".into()),
+            // Empty, and so owned by the operator too: another manager's external name or IPs
+            // (left beside the operator's fields by a server-side apply, and refused with them by
+            // the chart's admission policy) are cleared by the repair.
+            external_name: Some(String::new()),
+            external_ips: Some(Vec::new()),
             // Headless: DNS answers the pod IP, so no cluster IP is allocated and kube-proxy
             // programs nothing per runtime (thousands of runtimes would exhaust a service range).
             cluster_ip: Some("None".into()),
             // On a compute instance the pod is Ready only when every runtime is: each runtime's
             // address follows its own containers (its proxy answers 502 while its runtime is
             // down), so one broken runtime does not take its neighbours' DNS away.
-            publish_not_ready_addresses: matches!(target, Target::Instance { .. }).then_some(true),
+            publish_not_ready_addresses: Some(matches!(target, Target::Instance { .. })),
             selector: Some(selector),
             ports: Some(vec![ServicePort {
-                name: Some("http".into()),
+                name: Some(PORT_NAME.into()),
                 port: target.port(),
                 target_port: Some(target_port),
                 protocol: Some("TCP".into()),
@@ -96,15 +104,30 @@ pub fn url(runtime: &PromptFlowRuntime, target: Target<'_>) -> String {
     )
 }
 
+/// The labels the operator puts on a runtime's Service ([`labels`]); others' labels are theirs.
+pub const OWN_LABELS: [&str; 5] = [
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/component",
+    "app.kubernetes.io/managed-by",
+    RUNTIME_LABEL,
+];
+
+/// The name of the operator's port on a runtime's Service; others' ports are theirs.
+pub const PORT_NAME: &str = "http";
+
 /// Whether a live Service is as the operator wants it is whether their shapes are equal: a
-/// one-way digest of what the operator writes in a Service and compares: labels, cluster IP,
-/// `publishNotReadyAddresses`, selector and ports (name, port, target port; not what the API
-/// server fills in, such as node ports and defaults). The Service cache keeps this instead of
-/// the fields (stable within one process, which is all it is compared in).
+/// one-way digest of what the operator writes in a Service and owns: its own labels, type,
+/// cluster IP, `publishNotReadyAddresses`, selector and its port (name, port, target port). Not
+/// what the API server fills in (node ports, defaults), nor what others add beside the
+/// operator's (labels, ports), which a server-side apply leaves in place: comparing those would
+/// write the Service again at every look. The Service cache keeps this instead of the fields
+/// (stable within one process, which is all it is compared in).
 pub fn shape(service: &Service) -> u64 {
     let spec = service.spec.as_ref();
     shape_of(
         service.metadata.labels.as_ref(),
+        spec.and_then(|s| s.type_.as_deref()),
         spec.and_then(|s| s.cluster_ip.as_deref()),
         spec.and_then(|s| s.publish_not_ready_addresses).unwrap_or_default(),
         spec.and_then(|s| s.selector.as_ref()),
@@ -116,8 +139,10 @@ pub fn shape(service: &Service) -> u64 {
 }
 
 /// [`shape`] from the fields themselves (the lean Service cache reads them straight from JSON).
+/// A missing type is `ClusterIP`, the API server's default.
 pub fn shape_of<'a>(
     labels: Option<&BTreeMap<String, String>>,
+    type_: Option<&str>,
     cluster_ip: Option<&str>,
     publish_not_ready_addresses: bool,
     selector: Option<&BTreeMap<String, String>>,
@@ -125,11 +150,14 @@ pub fn shape_of<'a>(
 ) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::hash::DefaultHasher::new();
-    labels.hash(&mut hasher);
+    for key in OWN_LABELS {
+        labels.and_then(|labels| labels.get(key)).hash(&mut hasher);
+    }
+    type_.unwrap_or("ClusterIP").hash(&mut hasher);
     cluster_ip.hash(&mut hasher);
     publish_not_ready_addresses.hash(&mut hasher);
     selector.hash(&mut hasher);
-    for (name, port, target) in ports {
+    for (name, port, target) in ports.filter(|(name, _, _)| *name == Some(PORT_NAME)) {
         (name, port).hash(&mut hasher);
         match target {
             None => 0u8.hash(&mut hasher),
@@ -143,6 +171,14 @@ pub fn shape_of<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_own_labels_are_the_labels_the_operator_writes() {
+        let written: Vec<String> = labels("chat").into_keys().collect();
+        let mut own: Vec<String> = OWN_LABELS.iter().map(|k| (*k).to_owned()).collect();
+        own.sort();
+        assert_eq!(written, own);
+    }
 
     #[test]
     fn the_service_selects_the_runtime_pod_on_the_proxy_port() {

@@ -309,7 +309,8 @@ pub struct LeanService {
     /// Name, namespace, uid, resourceVersion, deletion timestamp and the controller's owner
     /// reference (the runtime's watch maps a Service to its owner by it).
     pub metadata: ObjectMeta,
-    /// The digest of labels, cluster IP, `publishNotReadyAddresses`, selector and ports.
+    /// The digest of its own labels, type, cluster IP, `publishNotReadyAddresses`, selector
+    /// and its port.
     pub shape: u64,
 }
 
@@ -326,6 +327,8 @@ struct RawService {
 #[derive(Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct LeanServiceSpec {
+    #[serde(rename = "type")]
+    type_: Option<String>,
     #[serde(rename = "clusterIP")]
     cluster_ip: Option<String>,
     publish_not_ready_addresses: Option<bool>,
@@ -346,6 +349,7 @@ impl From<RawService> for LeanService {
         let spec = raw.spec;
         let shape = crate::build::service::shape_of(
             raw.metadata.labels.as_ref(),
+            spec.type_.as_deref(),
             spec.cluster_ip.as_deref(),
             spec.publish_not_ready_addresses.unwrap_or_default(),
             spec.selector.as_ref(),
@@ -507,8 +511,20 @@ mod tests {
             "PromptFlowRuntime"
         );
         assert!(lean.metadata.labels.is_none() && lean.metadata.managed_fields.is_none());
+        // Others' labels and ports beside the operator's are theirs, not a difference.
+        for addition in [
+            serde_json::json!({"metadata": {"labels": {"team": "a"}}}),
+            serde_json::json!({"spec": {"ports": [{"name": "http", "port": 8080, "targetPort": 8081},
+                {"name": "metrics", "port": 9100}]}}),
+        ] {
+            let mut added = serde_json::to_value(&full).unwrap();
+            json_patch_merge(&mut added, &addition);
+            let lean: LeanService = serde_json::from_value(added).unwrap();
+            assert_eq!(lean.shape, crate::build::service::shape(&written), "{addition}");
+        }
         for change in [
-            serde_json::json!({"metadata": {"labels": {"a": "c"}}}),
+            serde_json::json!({"metadata": {"labels": {"app.kubernetes.io/instance": "other"}}}),
+            serde_json::json!({"spec": {"type": "ExternalName"}}),
             serde_json::json!({"spec": {"selector": {"a": "c"}}}),
             serde_json::json!({"spec": {"publishNotReadyAddresses": true}}),
             serde_json::json!({"spec": {"ports": [{"name": "http", "port": 8080, "targetPort": "http"}]}}),

@@ -156,6 +156,25 @@ async fn the_operator_runs_with_nothing_but_the_charts_rbac() {
         runtimes.patch("chat", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(patch)).await.unwrap();
         harness::wait_deleted(&pods, "chat-runtime", &first.metadata.uid.unwrap(), Duration::from_secs(30)).await;
         harness::wait_for(&pods, "chat-runtime", conditions::is_pod_running(), Duration::from_secs(30)).await;
+        // Someone switches the runtime's Service to ExternalName, with external IPs: repaired
+        // under the chart's policy, their externalName and IPs cleared.
+        let services = ns.api::<k8s_openapi::api::core::v1::Service>();
+        let away = json!({"spec": {"type": "ExternalName", "externalName": "elsewhere.example.com", "externalIPs": ["192.0.2.7"]}});
+        services.patch("chat", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(away)).await.unwrap();
+        harness::wait_for(
+            &services,
+            "chat",
+            |svc: Option<&k8s_openapi::api::core::v1::Service>| {
+                svc.and_then(|s| s.spec.as_ref()).is_some_and(|spec| {
+                    spec.type_.as_deref() == Some("ClusterIP")
+                        && spec.cluster_ip.as_deref() == Some("None")
+                        && spec.external_name.is_none()
+                        && spec.external_ips.is_none()
+                })
+            },
+            Duration::from_secs(30),
+        )
+        .await;
         runtimes.delete("chat", &DeleteParams::background()).await.unwrap();
         harness::wait_deleted(&runtimes, "chat", &running.metadata.uid.clone().unwrap(), Duration::from_secs(30)).await;
         // The namespace's last runtime took it along.

@@ -103,9 +103,12 @@ async fn a_replacement_the_api_server_would_refuse_leaves_the_serving_pod_alone(
         let pods = ns.api::<Pod>();
         let serving = pods.get("chat-runtime").await.unwrap();
 
-        // A limit below the size's 8Gi request: valid for the CRD, refused by pod validation.
+        // A new version and a limit below the size's 8Gi request: valid for the CRD, refused by
+        // pod validation.
         let runtimes = ns.api::<PromptFlowRuntime>();
-        let lower = json!({"spec": {"compute": {"serverless": {"resources": {"limits": {"memory": "4Gi"}}}}}});
+        let before = runtimes.get("chat").await.unwrap().status.unwrap();
+        let lower = json!({"spec": {"image": {"version": "20991231.v1"},
+            "compute": {"serverless": {"resources": {"limits": {"memory": "4Gi"}}}}}});
         runtimes
             .patch("chat", &PatchParams::default(), &Patch::Merge(lower))
             .await
@@ -119,6 +122,10 @@ async fn a_replacement_the_api_server_would_refuse_leaves_the_serving_pod_alone(
             condition.message
         );
         assert_eq!(status.phase, RuntimePhase::Running, "the serving pod still serves");
+        // The status names what runs, not the image that was refused.
+        let image = serving.spec.as_ref().unwrap().containers[0].image.clone();
+        assert_eq!(status.image, image, "status.image is the serving pod's");
+        assert_eq!(status.version, before.version);
         tokio::time::sleep(std::time::Duration::from_secs(3)).await;
         let still = pods.get("chat-runtime").await.unwrap();
         assert_eq!(
@@ -135,7 +142,7 @@ async fn a_replacement_the_api_server_would_refuse_leaves_the_serving_pod_alone(
         assert_eq!(warnings, 1);
 
         // Back to what the pod runs: nothing to replace, and the spec counts as applied again.
-        let back = json!({"spec": {"compute": {"serverless": {"resources": null}}}});
+        let back = json!({"spec": {"image": {"version": null}, "compute": {"serverless": {"resources": null}}}});
         runtimes
             .patch("chat", &PatchParams::default(), &Patch::Merge(back))
             .await

@@ -147,6 +147,11 @@ async fn samples_reach_running_and_describe_shows_events() {
             "{describe}"
         );
         assert!(!describe.contains("PodCreated"), "{describe}");
+        // And where clients reach it: the Service URL, not the runtime container's own port
+        // (which skips the activity proxy).
+        let url = status.url.clone().unwrap();
+        assert!(describe.contains(&format!("reach it at {url}")), "{describe}");
+        assert!(!describe.contains(":8080"), "{describe}");
         let pod = &runtime_pods(&ns, "chat-flow").await[0];
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.service_account_name.as_deref(), Some("pf-puller"));

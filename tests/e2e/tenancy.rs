@@ -564,3 +564,78 @@ async fn the_operators_maps_return_to_the_live_objects_after_churn() {
     })
     .await;
 }
+
+/// A runtime's Service edited by someone else: switched to `ExternalName` (DNS would send the
+/// runtime's clients elsewhere), it is put back; labelled or given another port, the user's
+/// additions stay and the operator does not write it again and again.
+#[tokio::test]
+async fn a_runtimes_service_edited_by_others_is_repaired_once_and_left_in_peace() {
+    use kube::api::{Patch, PatchParams};
+    with_namespace("pf-svc-edits", |ns| async move {
+        let operator = OperatorProcess::for_namespace(&ns.name);
+        create_runtime(&ns, "chat", json!({})).await;
+        wait_status(&ns, "chat", "Running", None).await;
+        let services = ns.api::<Service>();
+        let user = PatchParams::apply("e2e-user").force();
+
+        let away = json!({"apiVersion": "v1", "kind": "Service",
+            "spec": {"type": "ExternalName", "externalName": "elsewhere.example.com"}});
+        services
+            .patch("chat", &PatchParams::default(), &Patch::Merge(&away))
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let spec = services.get("chat").await.unwrap().spec.unwrap();
+            // (The other manager's externalName may stay: the API server ignores it for ClusterIP.)
+            if spec.type_.as_deref() == Some("ClusterIP") && spec.cluster_ip.as_deref() == Some("None") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the Service stays {:?} {:?}",
+                spec.type_,
+                spec.external_name
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        // Another team's label and port: theirs to keep; the operator writes at most once more.
+        let writes = || async {
+            operator
+                .metrics()
+                .await
+                .lines()
+                .find(|l| l.starts_with(r#"promptflow_operator_kube_requests_total{kind="write",resource="services"}"#))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let theirs = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"labels": {"team": "a"}},
+            "spec": {"ports": [{"name": "metrics", "port": 9100, "protocol": "TCP"}]}});
+        services.patch("chat", &user, &Patch::Apply(&theirs)).await.unwrap();
+        let before = writes().await;
+        // Past the operator's trust in its own last write (30 s), every reconcile compares again.
+        tokio::time::sleep(Duration::from_secs(32)).await;
+        let runtimes = ns.api::<PromptFlowRuntime>();
+        for round in 0..3 {
+            let mark = operator.log_text().len();
+            let touch = json!({"metadata": {"annotations": {"e2e.promptflow.dev/touched": round.to_string()}}});
+            runtimes
+                .patch("chat", &PatchParams::default(), &Patch::Merge(touch))
+                .await
+                .unwrap();
+            operator
+                .wait_reconciled(mark, &["chat".to_owned()], "phase=Running", 1, Duration::from_secs(30))
+                .await;
+        }
+        let service = services.get("chat").await.unwrap();
+        assert_eq!(service.labels().get("team").map(String::as_str), Some("a"));
+        assert_eq!(service.spec.unwrap().ports.unwrap().len(), 2, "their port stays");
+        let again = writes().await - before;
+        assert!(
+            again <= 1,
+            "the operator wrote the Service {again} times for others' additions"
+        );
+    })
+    .await;
+}

@@ -43,6 +43,9 @@ pub struct Applied {
     pub handled_restart: Option<String>,
     /// How soon to look again; `None`: at the next change.
     pub requeue: Option<Duration>,
+    /// The pod from an earlier spec keeps serving because its replacement was refused: the
+    /// status keeps naming what that pod runs, not what was planned.
+    pub kept_older: bool,
 }
 
 /// What a runtime has whatever its state, made before anything is read for it: a serverless
@@ -119,6 +122,7 @@ async fn own_pod(
             (outcome, spec_applied)
         }
     };
+    let kept_older = outcome.refused.is_some();
     let mut conditions = vec![spec_applied];
     match outcome.template_current {
         Some(current) => conditions.push(template_condition(current)),
@@ -136,6 +140,7 @@ async fn own_pod(
         notice: outcome.notice,
         handled_restart: outcome.handled_restart,
         requeue: outcome.requeue,
+        kept_older,
     })
 }
 
@@ -189,6 +194,7 @@ async fn on_instance(
         notice: None,
         handled_restart: None,
         requeue,
+        kept_older: false,
     })
 }
 
@@ -290,7 +296,12 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
     let as_wanted = live
         .as_deref()
         .is_some_and(|live| live.shape == service::shape(&desired));
-    if as_wanted || ctx.own_writes.service_pending(&service_ref, as_wanted) {
+    let cached_version = live.as_deref().and_then(|live| live.metadata.resource_version.clone());
+    // Asked even when the cache shows it as wanted, which ends the entry.
+    let pending = ctx
+        .own_writes
+        .service_pending(&service_ref, cached_version.as_deref(), as_wanted);
+    if as_wanted || pending {
         return Ok(ServiceOutcome::InPlace);
     }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -304,7 +315,7 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
         };
         match services.create(&params, &desired).await {
             Ok(_) => {
-                ctx.own_writes.applied_service(service_ref);
+                ctx.own_writes.applied_service(service_ref, None);
                 return Ok(ServiceOutcome::InPlace);
             }
             Err(kube::Error::Api(status)) if status.code == 409 => match services.get_opt(&name).await? {
@@ -326,7 +337,7 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
         .await
     {
         Ok(_) => {
-            ctx.own_writes.applied_service(service_ref);
+            ctx.own_writes.applied_service(service_ref, cached_version);
             Ok(ServiceOutcome::InPlace)
         }
         // Refused (an admission policy, a full range): say so and go on; the next change of the

@@ -20,9 +20,13 @@ pub struct OwnWrites {
     pods: Mutex<HashMap<ObjectRef<Pod>, Instant>>,
     /// Pods deleted (by uid) that the cache may still show without a deletion timestamp.
     deleted: Mutex<HashMap<ObjectRef<Pod>, String>>,
-    /// Services applied and not yet seen in the cache, with when.
-    services: Mutex<HashMap<ObjectRef<Service>, Instant>>,
+    /// Services applied and not yet seen in the cache, with when, and the resourceVersion the
+    /// cache showed before the write (`None`: there was no Service).
+    services: Mutex<HashMap<ObjectRef<Service>, AppliedService>>,
 }
+
+/// When a Service was applied, and the resourceVersion the cache showed before.
+type AppliedService = (Instant, Option<String>);
 
 /// The last status written for a runtime: resourceVersions older than that write (the ones written
 /// over and the ones earlier writes produced) are known stale; `latest` is what the write produced.
@@ -107,32 +111,29 @@ impl OwnWrites {
             .insert(pod, Instant::now());
     }
 
-    /// Whether a Service the cache does not show (or shows as it was) was applied by us moments
-    /// ago, so applying it again would repeat the write. A Service the cache shows as wanted ends
-    /// the entry.
-    pub fn service_pending(&self, service: &ObjectRef<Service>, cached_as_wanted: bool) -> bool {
+    /// Whether a Service the cache does not show, or shows as it was before, was applied by us
+    /// moments ago, so applying it again would repeat the write (`cached`: the resourceVersion
+    /// the cache shows). A Service the cache shows as wanted ends the entry; so does one changed
+    /// since (someone else's edit right after our write is corrected, not trusted away).
+    pub fn service_pending(&self, service: &ObjectRef<Service>, cached: Option<&str>, cached_as_wanted: bool) -> bool {
         let mut services = self.services.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cached_as_wanted {
-            if services.remove(service).is_some() {
-                shrink_when_sparse(&mut services);
-            }
+        let Some((applied, before)) = services.get(service) else {
             return false;
+        };
+        let behind = !cached_as_wanted && applied.elapsed() < CREATED_POD_GRACE && before.as_deref() == cached;
+        if !behind {
+            services.remove(service);
+            shrink_when_sparse(&mut services);
         }
-        match services.get(service) {
-            Some(applied) if applied.elapsed() < CREATED_POD_GRACE => true,
-            Some(_) => {
-                services.remove(service);
-                false
-            }
-            None => false,
-        }
+        behind
     }
 
-    pub fn applied_service(&self, service: ObjectRef<Service>) {
+    /// Records a Service applied over the one the cache showed at `before`.
+    pub fn applied_service(&self, service: ObjectRef<Service>, before: Option<String>) {
         self.services
             .lock()
             .expect("own writes lock")
-            .insert(service, Instant::now());
+            .insert(service, (Instant::now(), before));
     }
 
     /// Whether the cached pod with `uid` is one we already deleted (the cache lags behind).
@@ -305,5 +306,25 @@ mod tests {
             !written.already_deleted(&pod, Some("uid-1")),
             "the entry ended with the new pod"
         );
+    }
+
+    #[test]
+    fn an_applied_service_is_trusted_only_while_the_cache_shows_it_as_before() {
+        let writes = OwnWrites::default();
+        let service = ObjectRef::<Service>::new("rt").within("a");
+        writes.applied_service(service.clone(), Some("5".into()));
+        assert!(
+            writes.service_pending(&service, Some("5"), false),
+            "the cache is behind"
+        );
+        assert!(
+            !writes.service_pending(&service, Some("7"), false),
+            "changed since: corrected"
+        );
+        assert!(!writes.service_pending(&service, Some("5"), false), "the entry ended");
+        writes.applied_service(service.clone(), None);
+        assert!(writes.service_pending(&service, None, false));
+        assert!(!writes.service_pending(&service, Some("8"), true), "seen as wanted");
+        assert!(writes.is_empty());
     }
 }

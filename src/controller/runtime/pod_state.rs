@@ -9,7 +9,6 @@ use super::status::Verdict;
 use crate::api::RuntimePhase;
 use crate::api::conditions::reasons;
 use crate::build::instance::{INSTANCE_CONTAINER, INSTANCE_LABEL};
-use crate::build::pod::RUNTIME_PORT;
 
 /// What the runtime pod is doing.
 #[derive(Clone, Debug, PartialEq)]
@@ -183,7 +182,7 @@ pub fn pod_verdict(pod_name: &str, image: &str, state: &PodState) -> Verdict {
         PodState::Ready { ip } => Verdict {
             phase: RuntimePhase::Running,
             reason: reasons::POD_READY.to_owned(),
-            message: format!("pod {pod_name} is Ready and serves on {ip}:{RUNTIME_PORT}"),
+            message: format!("pod {pod_name} is Ready at {ip}"),
             problem: false,
         },
         PodState::Starting => Verdict::not_available(

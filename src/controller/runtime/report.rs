@@ -98,11 +98,14 @@ fn transitions(
     let message = new.message.clone().unwrap_or_default();
     let reason = new.reason.clone().unwrap_or_default();
     if new.phase == RuntimePhase::Running && !was_running {
-        // The one event of a start: what runs, and where.
-        let note = match &new.image {
-            Some(image) => format!("{message}; image {image}"),
-            None => message.clone(),
-        };
+        // The one event of a start: what runs, and where clients reach it.
+        let mut note = message.clone();
+        if let Some(image) = &new.image {
+            note.push_str(&format!("; image {image}"));
+        }
+        if let Some(url) = &new.url {
+            note.push_str(&format!("; reach it at {url}"));
+        }
         notices.push(Notice::normal("Running", note));
     } else if new.phase == RuntimePhase::NotAvailable && !same_problem && problem {
         notices.push(Notice::warning(&reason, message));
