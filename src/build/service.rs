@@ -118,7 +118,8 @@ pub const PORT_NAME: &str = "http";
 
 /// Whether a live Service is as the operator wants it is whether their shapes are equal: a
 /// one-way digest of what the operator writes in a Service and owns: its own labels, type,
-/// cluster IP, `publishNotReadyAddresses`, selector and its port (name, port, target port). Not
+/// cluster IP, `publishNotReadyAddresses`, whether it has an external name or IPs (it owns
+/// them, empty), selector and its port (name, port, target port). Not
 /// what the API server fills in (node ports, defaults), nor what others add beside the
 /// operator's (labels, ports), which a server-side apply leaves in place: comparing those would
 /// write the Service again at every look. The Service cache keeps this instead of the fields
@@ -130,6 +131,10 @@ pub fn shape(service: &Service) -> u64 {
         spec.and_then(|s| s.type_.as_deref()),
         spec.and_then(|s| s.cluster_ip.as_deref()),
         spec.and_then(|s| s.publish_not_ready_addresses).unwrap_or_default(),
+        spec.is_some_and(|s| {
+            s.external_name.as_deref().is_some_and(|n| !n.is_empty())
+                || s.external_ips.as_ref().is_some_and(|ips| !ips.is_empty())
+        }),
         spec.and_then(|s| s.selector.as_ref()),
         spec.and_then(|s| s.ports.as_ref())
             .into_iter()
@@ -139,12 +144,13 @@ pub fn shape(service: &Service) -> u64 {
 }
 
 /// [`shape`] from the fields themselves (the lean Service cache reads them straight from JSON).
-/// A missing type is `ClusterIP`, the API server's default.
+/// A missing type is `ClusterIP`, the API server's default; `external`: an external name or IPs.
 pub fn shape_of<'a>(
     labels: Option<&BTreeMap<String, String>>,
     type_: Option<&str>,
     cluster_ip: Option<&str>,
     publish_not_ready_addresses: bool,
+    external: bool,
     selector: Option<&BTreeMap<String, String>>,
     ports: impl Iterator<Item = (Option<&'a str>, i32, Option<&'a IntOrString>)>,
 ) -> u64 {
@@ -156,6 +162,7 @@ pub fn shape_of<'a>(
     type_.unwrap_or("ClusterIP").hash(&mut hasher);
     cluster_ip.hash(&mut hasher);
     publish_not_ready_addresses.hash(&mut hasher);
+    external.hash(&mut hasher);
     selector.hash(&mut hasher);
     for (name, port, target) in ports.filter(|(name, _, _)| *name == Some(PORT_NAME)) {
         (name, port).hash(&mut hasher);

@@ -332,6 +332,9 @@ struct LeanServiceSpec {
     #[serde(rename = "clusterIP")]
     cluster_ip: Option<String>,
     publish_not_ready_addresses: Option<bool>,
+    external_name: Option<String>,
+    #[serde(rename = "externalIPs")]
+    external_ips: Option<Vec<String>>,
     selector: Option<std::collections::BTreeMap<String, String>>,
     ports: Option<Vec<LeanServicePort>>,
 }
@@ -352,6 +355,7 @@ impl From<RawService> for LeanService {
             spec.type_.as_deref(),
             spec.cluster_ip.as_deref(),
             spec.publish_not_ready_addresses.unwrap_or_default(),
+            spec.external_name.is_some_and(|n| !n.is_empty()) || spec.external_ips.is_some_and(|ips| !ips.is_empty()),
             spec.selector.as_ref(),
             spec.ports
                 .iter()
@@ -525,6 +529,7 @@ mod tests {
         for change in [
             serde_json::json!({"metadata": {"labels": {"app.kubernetes.io/instance": "other"}}}),
             serde_json::json!({"spec": {"type": "ExternalName"}}),
+            serde_json::json!({"spec": {"externalIPs": ["192.0.2.7"]}}),
             serde_json::json!({"spec": {"selector": {"a": "c"}}}),
             serde_json::json!({"spec": {"publishNotReadyAddresses": true}}),
             serde_json::json!({"spec": {"ports": [{"name": "http", "port": 8080, "targetPort": "http"}]}}),

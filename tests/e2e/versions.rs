@@ -272,3 +272,121 @@ async fn an_automatic_runtime_moves_to_a_newer_version_by_itself() {
     })
     .await;
 }
+
+/// An update whose pod the API server refuses (here a LimitRange added after the first pod): the
+/// pod from before keeps serving, the status names what it runs, and the update stays asked for,
+/// done once what refused it is gone.
+#[tokio::test]
+async fn an_update_the_api_server_refuses_stays_asked_for_until_it_can_run() {
+    use k8s_openapi::api::core::v1::LimitRange;
+    with_namespace("pf-ver-refused", |ns| async move {
+        let registry = LocalRegistry::read();
+        let _operator = operator(&ns, &registry);
+        registry.identity(&ns, &registry.password).await;
+        let repository = format!("{}/team/{}", registry.host, ns.name);
+        registry.push(&repository, "20240101.v1").await;
+        create_runtime(&ns, "chat", spec(&repository)).await;
+        running_at(&ns, "chat", "20240101.v1").await;
+        let serving = runtime_pods(&ns, "chat").await[0].clone();
+
+        registry.push(&repository, "20240301.v1").await;
+        let limits = json!({"metadata": {"name": "tiny"}, "spec": {"limits": [{"type": "Container", "max": {"memory": "1Mi"}}]}});
+        crate::runtime::create(&ns.api::<LimitRange>(), limits).await;
+        annotate(&ns, "chat", "promptflow.dev/update", "1").await;
+        let refused = wait_condition(&ns, "chat", "SpecApplied", "False", "PodRejected").await;
+        let status = refused.status.unwrap();
+        assert_eq!(status.version.as_deref(), Some("20240101.v1"), "the status names what runs");
+        assert_eq!(
+            status.image,
+            serving.spec.as_ref().unwrap().containers[0].image,
+            "the status names what runs"
+        );
+        assert_ne!(
+            status.handled_actions.as_ref().and_then(|h| h.update.as_deref()),
+            Some("1"),
+            "an update not done is not handled"
+        );
+        assert_eq!(count(&events_for(&ns, "chat").await, "Updating"), 0);
+
+        // What refused it goes: the update is done (a refused pod is tried again every 60 s).
+        ns.api::<LimitRange>().delete("tiny", &Default::default()).await.unwrap();
+        harness::wait_for(
+            &ns.api::<PromptFlowRuntime>(),
+            "chat",
+            |rt: Option<&PromptFlowRuntime>| {
+                rt.and_then(|rt| rt.status.as_ref()).is_some_and(|s| {
+                    s.version.as_deref() == Some("20240301.v1")
+                        && s.phase == promptflow_operator::api::RuntimePhase::Running
+                        && s.handled_actions.as_ref().and_then(|h| h.update.as_deref()) == Some("1")
+                })
+            },
+            Duration::from_secs(100),
+        )
+        .await;
+    })
+    .await;
+}
+
+/// A settled runtime remembers its account's pull secrets, but not for longer than a version
+/// interval: a deleted secret is reported within it, even while another account with the same
+/// login keeps the registry's answer fresh.
+#[tokio::test]
+async fn a_deleted_pull_secret_is_reported_within_a_version_interval() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    with_namespace("pf-ver-forget", |ns| async move {
+        let registry = LocalRegistry::read();
+        let _operator = OperatorProcess::start(
+            &harness::kubeconfig(),
+            &[
+                "--watch-namespace",
+                &ns.name,
+                "--registry-ca-file",
+                &registry.ca_file,
+                "--version-check-interval",
+                "20s",
+            ],
+        );
+        registry.identity(&ns, &registry.password).await;
+        // A second account with a copy of the same login.
+        let mut copy = ns.api::<Secret>().get("regcred").await.unwrap();
+        copy.metadata = kube::api::ObjectMeta {
+            name: Some("regcred2".into()),
+            ..Default::default()
+        };
+        ns.api::<Secret>().create(&Default::default(), &copy).await.unwrap();
+        let second = json!({"metadata": {"name": "puller2"}, "imagePullSecrets": [{"name": "regcred2"}]});
+        crate::runtime::create(&ns.api::<ServiceAccount>(), second).await;
+        let repository = format!("{}/team/{}", registry.host, ns.name);
+        registry.push(&repository, "20240101.v1").await;
+        create_runtime(&ns, "a", spec(&repository)).await;
+        let mut other = spec(&repository);
+        other["identity"]["serviceAccountName"] = json!("puller2");
+        create_runtime(&ns, "b", other).await;
+        running_at(&ns, "a", "20240101.v1").await;
+        running_at(&ns, "b", "20240101.v1").await;
+
+        ns.api::<Secret>().delete("regcred", &Default::default()).await.unwrap();
+        let deleted = std::time::Instant::now();
+        let pressing = async {
+            for i in 0.. {
+                annotate(&ns, "b", "promptflow.dev/check-version", &i.to_string()).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        };
+        let reported = wait_condition(&ns, "a", "IdentityResolved", "False", "PullSecretNotFound");
+        let runtime = tokio::select! {
+            runtime = reported => runtime,
+            () = pressing => unreachable!(),
+        };
+        println!(
+            "a deleted pull secret reported after {:.1}s (interval 20s)",
+            deleted.elapsed().as_secs_f64()
+        );
+        assert_eq!(
+            runtime.status.unwrap().phase,
+            promptflow_operator::api::RuntimePhase::Running,
+            "the pod from before keeps serving"
+        );
+    })
+    .await;
+}

@@ -229,7 +229,10 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         ..Default::default()
     };
     let mut latest = None;
-    if let Some(versions) = versions {
+    if let Some(mut versions) = versions {
+        if applied.kept_older {
+            versions.not_applied();
+        }
         let (newest, check_again) = versions.record(ctx, runtime, &mut conditions, &mut handled).await;
         latest = newest;
         let check_again = if awaiting_registry { REGISTRY_WAIT } else { check_again };

@@ -75,25 +75,42 @@ impl Observed {
 /// A service account by namespace and name.
 type AccountKey = (String, String);
 
+/// What an account's pull secrets came to: at which resourceVersion of the account, and when.
+struct Remembered {
+    version: String,
+    read: std::time::Instant,
+    logins: Arc<Logins>,
+}
+
+#[derive(Default)]
+struct Accounts {
+    entries: std::collections::HashMap<AccountKey, Remembered>,
+    /// Entries after the last pass that dropped gone accounts: the next pass comes when they
+    /// have doubled, so remembering stays cheap however many accounts there are.
+    after_pass: usize,
+}
+
 /// What service accounts' pull secrets came to when last read, by namespace and account, with the
-/// account's resourceVersion then: a changed account is read again. No secret contents (only
+/// account's resourceVersion then and when: a changed account is read again, and so is one read
+/// longer ago than the caller's limit (a deleted or rotated secret is noticed by then, whatever
+/// else keeps the registry's answers fresh). No secret contents (only
 /// [`login_key`](identity::login_key)s); one entry per account, whatever its runtimes number.
 #[derive(Default)]
 pub struct RememberedLogins {
-    accounts: std::sync::Mutex<std::collections::HashMap<AccountKey, (String, Arc<Logins>)>>,
+    accounts: std::sync::Mutex<Accounts>,
 }
 
 impl RememberedLogins {
-    /// What `account` (at its current resourceVersion) came to, if remembered.
-    pub fn get(&self, namespace: &str, account: &ServiceAccount) -> Option<Arc<Logins>> {
+    /// What `account` (at its current resourceVersion) came to, if read within `max_age`.
+    pub fn get(&self, namespace: &str, account: &ServiceAccount, max_age: std::time::Duration) -> Option<Arc<Logins>> {
         let version = account.metadata.resource_version.as_deref()?;
         let accounts = self.accounts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (seen, logins) = accounts.get(&(namespace.to_owned(), account.name_any()))?;
-        (seen == version).then(|| logins.clone())
+        let known = accounts.entries.get(&(namespace.to_owned(), account.name_any()))?;
+        (known.version == version && known.read.elapsed() < max_age).then(|| known.logins.clone())
     }
 
-    /// Remembers what `account` came to; entries of accounts gone or changed since go (`current`
-    /// gives an account's resourceVersion now).
+    /// Remembers what `account` came to, read now; entries of accounts gone or changed since go
+    /// from time to time (`current` gives an account's resourceVersion now).
     pub fn remember(
         &self,
         namespace: &str,
@@ -106,14 +123,27 @@ impl RememberedLogins {
         };
         let key = (namespace.to_owned(), account.name_any());
         let mut accounts = self.accounts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if accounts
-            .get(&key)
-            .is_some_and(|(seen, known)| *seen == version && **known == logins)
+        if let Some(known) = accounts.entries.get_mut(&key)
+            && known.version == version
+            && *known.logins == logins
         {
+            known.read = std::time::Instant::now();
             return;
         }
-        accounts.retain(|(ns, name), (seen, _)| current(ns, name).as_ref() == Some(seen));
-        accounts.insert(key, (version, Arc::new(logins)));
+        if accounts.entries.len() >= (2 * accounts.after_pass).max(16) {
+            accounts
+                .entries
+                .retain(|(ns, name), known| current(ns, name).as_ref() == Some(&known.version));
+            accounts.after_pass = accounts.entries.len();
+        }
+        accounts.entries.insert(
+            key,
+            Remembered {
+                version,
+                read: std::time::Instant::now(),
+                logins: Arc::new(logins),
+            },
+        );
     }
 
     /// Accounts remembered.
@@ -121,6 +151,7 @@ impl RememberedLogins {
         self.accounts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entries
             .len()
     }
 }
@@ -182,7 +213,7 @@ pub async fn observe(
         .as_deref()
         .filter(|_| remember && pod.is_some() && !super::versions::asked(runtime))
         .filter(|_| super::apply::pod::restart_requested(runtime).is_none())
-        .and_then(|account| ctx.logins.get(namespace, account));
+        .and_then(|account| ctx.logins.get(namespace, account, ctx.versions.interval()));
     let pull = match remembered {
         Some(logins) => PullSecrets::Remembered(logins),
         None => {
@@ -270,18 +301,29 @@ mod tests {
     }
 
     #[test]
-    fn remembered_logins_hold_while_the_account_is_unchanged_and_go_with_it() {
+    fn remembered_logins_hold_while_the_account_is_unchanged_and_the_read_is_recent() {
         let memory = RememberedLogins::default();
+        let hour = std::time::Duration::from_secs(3600);
         let (v1, v2) = (account("puller", "1"), account("puller", "2"));
-        assert!(memory.get("a", &v1).is_none());
+        assert!(memory.get("a", &v1, hour).is_none());
         memory.remember("a", &v1, Logins::default(), |_, _| Some("1".into()));
-        assert!(memory.get("a", &v1).is_some());
-        assert!(memory.get("a", &v2).is_none(), "a changed account is read again");
-        assert!(memory.get("b", &v1).is_none(), "by namespace");
-        // Another account remembered: the first, changed meanwhile, is dropped.
-        memory.remember("a", &account("other", "5"), Logins::default(), |_, name| {
-            (name == "other").then(|| "5".into())
-        });
-        assert_eq!(memory.len(), 1);
+        assert!(memory.get("a", &v1, hour).is_some());
+        assert!(
+            memory.get("a", &v1, std::time::Duration::ZERO).is_none(),
+            "read too long ago"
+        );
+        assert!(memory.get("a", &v2, hour).is_none(), "a changed account is read again");
+        assert!(memory.get("b", &v1, hour).is_none(), "by namespace");
+        // Gone and changed accounts are dropped once the entries have doubled since the last pass.
+        for i in 0..16 {
+            memory.remember(
+                "a",
+                &account(&format!("other-{i}"), "5"),
+                Logins::default(),
+                |_, name| name.starts_with("other-").then(|| "5".into()),
+            );
+        }
+        assert!(memory.get("a", &v1, hour).is_none());
+        assert_eq!(memory.len(), 16);
     }
 }

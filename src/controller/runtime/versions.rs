@@ -61,6 +61,18 @@ impl VersionOutcome {
     }
 }
 
+impl VersionOutcome {
+    /// The pod made from the chosen version was refused and the one from before keeps serving:
+    /// an update asked for stays asked for (tried again with the pod), and no `Updating` event
+    /// says otherwise.
+    pub fn not_applied(&mut self) {
+        self.handled.update = None;
+        if self.notice.as_ref().is_some_and(|n| n.reason == reasons::UPDATING) {
+            self.notice = None;
+        }
+    }
+}
+
 /// A fresh (not yet handled) value of an action annotation.
 fn fresh(runtime: &PromptFlowRuntime, annotation: &str, handled: Option<&String>) -> Option<String> {
     runtime
