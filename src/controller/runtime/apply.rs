@@ -314,8 +314,9 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
             ..Default::default()
         };
         match services.create(&params, &desired).await {
-            Ok(_) => {
-                ctx.own_writes.applied_service(service_ref, None);
+            Ok(created) => {
+                ctx.own_writes
+                    .applied_service(service_ref, None, created.metadata.resource_version);
                 return Ok(ServiceOutcome::InPlace);
             }
             Err(kube::Error::Api(status)) if status.code == 409 => match services.get_opt(&name).await? {
@@ -336,8 +337,9 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
         .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
         .await
     {
-        Ok(_) => {
-            ctx.own_writes.applied_service(service_ref, cached_version);
+        Ok(written) => {
+            ctx.own_writes
+                .applied_service(service_ref, cached_version, written.metadata.resource_version);
             Ok(ServiceOutcome::InPlace)
         }
         // Refused (an admission policy, a full range): say so and go on; the next change of the

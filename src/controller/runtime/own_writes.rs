@@ -25,8 +25,13 @@ pub struct OwnWrites {
     services: Mutex<HashMap<ObjectRef<Service>, AppliedService>>,
 }
 
-/// When a Service was applied, and the resourceVersion the cache showed before.
-type AppliedService = (Instant, Option<String>);
+/// A Service the operator applied: when, the resourceVersion the cache showed before (`None`:
+/// there was none) and the one the write produced.
+struct AppliedService {
+    at: Instant,
+    before: Option<String>,
+    written: Option<String>,
+}
 
 /// The last status written for a runtime: resourceVersions older than that write (the ones written
 /// over and the ones earlier writes produced) are known stale; `latest` is what the write produced.
@@ -114,13 +119,21 @@ impl OwnWrites {
     /// Whether a Service the cache does not show, or shows as it was before, was applied by us
     /// moments ago, so applying it again would repeat the write (`cached`: the resourceVersion
     /// the cache shows). A Service the cache shows as wanted ends the entry; so does one changed
-    /// since (someone else's edit right after our write is corrected, not trusted away).
+    /// since by someone else (their edit right after our write is corrected, not trusted away).
+    /// One the cache shows as our write made it, yet not as wanted (changed while it was written,
+    /// by a mutating admission webhook, say), is not written again before the grace is over:
+    /// the operator never fights another writer faster than once per grace.
     pub fn service_pending(&self, service: &ObjectRef<Service>, cached: Option<&str>, cached_as_wanted: bool) -> bool {
         let mut services = self.services.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some((applied, before)) = services.get(service) else {
+        let Some(applied) = services.get(service) else {
             return false;
         };
-        let behind = !cached_as_wanted && applied.elapsed() < CREATED_POD_GRACE && before.as_deref() == cached;
+        let ours = applied.before.as_deref() == cached
+            || applied
+                .written
+                .as_deref()
+                .is_some_and(|written| Some(written) == cached);
+        let behind = !cached_as_wanted && applied.at.elapsed() < CREATED_POD_GRACE && ours;
         if !behind {
             services.remove(service);
             shrink_when_sparse(&mut services);
@@ -128,12 +141,17 @@ impl OwnWrites {
         behind
     }
 
-    /// Records a Service applied over the one the cache showed at `before`.
-    pub fn applied_service(&self, service: ObjectRef<Service>, before: Option<String>) {
-        self.services
-            .lock()
-            .expect("own writes lock")
-            .insert(service, (Instant::now(), before));
+    /// Records a Service applied over the one the cache showed at `before`, which the write
+    /// turned into `written`.
+    pub fn applied_service(&self, service: ObjectRef<Service>, before: Option<String>, written: Option<String>) {
+        self.services.lock().expect("own writes lock").insert(
+            service,
+            AppliedService {
+                at: Instant::now(),
+                before,
+                written,
+            },
+        );
     }
 
     /// Whether the cached pod with `uid` is one we already deleted (the cache lags behind).
@@ -312,17 +330,21 @@ mod tests {
     fn an_applied_service_is_trusted_only_while_the_cache_shows_it_as_before() {
         let writes = OwnWrites::default();
         let service = ObjectRef::<Service>::new("rt").within("a");
-        writes.applied_service(service.clone(), Some("5".into()));
+        writes.applied_service(service.clone(), Some("5".into()), Some("6".into()));
         assert!(
             writes.service_pending(&service, Some("5"), false),
             "the cache is behind"
+        );
+        assert!(
+            writes.service_pending(&service, Some("6"), false),
+            "our write, changed as it was made: not fought"
         );
         assert!(
             !writes.service_pending(&service, Some("7"), false),
             "changed since: corrected"
         );
         assert!(!writes.service_pending(&service, Some("5"), false), "the entry ended");
-        writes.applied_service(service.clone(), None);
+        writes.applied_service(service.clone(), None, None);
         assert!(writes.service_pending(&service, None, false));
         assert!(!writes.service_pending(&service, Some("8"), true), "seen as wanted");
         assert!(writes.is_empty());
