@@ -155,17 +155,6 @@ fn write_paths_name_their_runtime() {
     assert_eq!(runtime_of("/apis/events.k8s.io/v1/namespaces/a/events"), None);
 }
 
-/// The operator's reads of Secrets so far.
-async fn secret_reads(operator: &OperatorProcess) -> u64 {
-    operator
-        .metrics()
-        .await
-        .lines()
-        .find(|l| l.starts_with(r#"promptflow_operator_kube_requests_total{kind="read",resource="secrets"}"#))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A settled runtime reads no pull secrets: the reconciles after it runs (its own status, its
 /// pod's, annotations nobody acts on) read none; a changed service account is read again, and a
 /// pull secret deleted meanwhile is then reported while the pod keeps serving.
@@ -187,7 +176,7 @@ async fn a_settled_runtime_reads_no_pull_secrets() {
         operator
             .wait_reconciled(0, &names, "phase=Running", 2, Duration::from_secs(30))
             .await;
-        let settled = secret_reads(&operator).await;
+        let settled = operator.requests("read", "secrets").await;
         assert!(
             settled >= N as u64,
             "each runtime read its pull secret to make its pod: {settled}"
@@ -205,7 +194,7 @@ async fn a_settled_runtime_reads_no_pull_secrets() {
                 .wait_reconciled(mark, &names, "phase=Running", 1, Duration::from_secs(30))
                 .await;
         }
-        let after_touches = secret_reads(&operator).await;
+        let after_touches = operator.requests("read", "secrets").await;
         assert_eq!(
             after_touches, settled,
             "settled runtimes read pull secrets on no-op reconciles"
@@ -235,7 +224,7 @@ async fn a_settled_runtime_reads_no_pull_secrets() {
             );
         }
         assert!(
-            secret_reads(&operator).await >= settled + N as u64,
+            operator.requests("read", "secrets").await >= settled + N as u64,
             "a changed account is read again"
         );
     })

@@ -432,6 +432,17 @@ impl OperatorProcess {
         }
     }
 
+    /// The operator's API requests so far of `kind` (`read` or `write`) on `resource` (`secrets`,
+    /// `services`, …).
+    pub async fn requests(&self, kind: &str, resource: &str) -> u64 {
+        let series = format!("promptflow_operator_kube_requests_total{{kind=\"{kind}\",resource=\"{resource}\"}} ");
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The operator's API writes so far, events included.
     pub async fn writes_including_events(&self) -> u64 {
         self.metrics()

@@ -601,19 +601,10 @@ async fn a_runtimes_service_edited_by_others_is_repaired_once_and_left_in_peace(
         }
 
         // Another team's label and port: theirs to keep; the operator writes at most once more.
-        let writes = || async {
-            operator
-                .metrics()
-                .await
-                .lines()
-                .find(|l| l.starts_with(r#"promptflow_operator_kube_requests_total{kind="write",resource="services"}"#))
-                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
         let theirs = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"labels": {"team": "a"}},
             "spec": {"ports": [{"name": "metrics", "port": 9100, "protocol": "TCP"}]}});
         services.patch("chat", &user, &Patch::Apply(&theirs)).await.unwrap();
-        let before = writes().await;
+        let before = operator.requests("write", "services").await;
         // Past the operator's trust in its own last write (30 s), every reconcile compares again.
         tokio::time::sleep(Duration::from_secs(32)).await;
         let runtimes = ns.api::<PromptFlowRuntime>();
@@ -631,7 +622,7 @@ async fn a_runtimes_service_edited_by_others_is_repaired_once_and_left_in_peace(
         let service = services.get("chat").await.unwrap();
         assert_eq!(service.labels().get("team").map(String::as_str), Some("a"));
         assert_eq!(service.spec.unwrap().ports.unwrap().len(), 2, "their port stays");
-        let again = writes().await - before;
+        let again = operator.requests("write", "services").await - before;
         assert!(
             again <= 1,
             "the operator wrote the Service {again} times for others' additions"

@@ -286,11 +286,7 @@ fn remember_logins(ctx: &Context, namespace: &str, observed: &observe::Observed,
     if plan.identity.status != "True" {
         return;
     }
-    let names = crate::identity::pull_secret_names(account);
-    let read: Vec<_> = names
-        .iter()
-        .map(|name| secrets.get(name).and_then(Option::as_ref))
-        .collect();
+    let read = plan::pull_secrets(&crate::identity::pull_secret_names(account), secrets);
     ctx.logins
         .remember(namespace, account, crate::identity::Logins::of(&read), |ns, name| {
             ctx.accounts

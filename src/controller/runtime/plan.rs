@@ -208,9 +208,10 @@ pub fn resolve(
             Some((config_map, read)) => Some((config_map, read.map_err(|p| Problem::from(&p))?)),
         };
         let login = match &observed.pull {
-            PullSecrets::Read(secrets) => {
-                Login::Read(identity::credential(&pull_secrets(&identity, secrets), &registry))
-            }
+            PullSecrets::Read(secrets) => Login::Read(identity::credential(
+                &pull_secrets(&identity.pull_secrets, secrets),
+                &registry,
+            )),
             PullSecrets::Remembered(logins) => {
                 Login::Remembered(logins.for_host(&registry).unwrap_or_default().to_owned())
             }
@@ -228,13 +229,9 @@ pub fn resolve(
     (condition, outcome)
 }
 
-/// The pull secrets `identity` names, in its order, as read.
-pub fn pull_secrets<'a>(
-    identity: &PullIdentity,
-    secrets: &'a BTreeMap<String, Option<Secret>>,
-) -> Vec<Option<&'a Secret>> {
-    identity
-        .pull_secrets
+/// The pull secrets `names` (an account's, in its order), as read.
+pub fn pull_secrets<'a>(names: &[String], secrets: &'a BTreeMap<String, Option<Secret>>) -> Vec<Option<&'a Secret>> {
+    names
         .iter()
         .map(|name| secrets.get(name).and_then(Option::as_ref))
         .collect()
