@@ -11,7 +11,7 @@ use kube::{Client, ResourceExt};
 
 use super::index::DependencyIndex;
 use super::instance::InstanceMemory;
-use super::lean::{LeanPod, LeanService};
+use super::lean::{LeanPod, LeanRuntime, LeanService};
 use super::recorder::Recorder;
 use super::runtime::{Backoff, OwnWrites};
 use crate::api::{ComputeInstance, PromptFlowRuntime};
@@ -64,7 +64,7 @@ pub struct Context {
     /// What service accounts' pull secrets came to when last read (no contents).
     pub logins: super::runtime::observe::RememberedLogins,
     /// Runtimes.
-    pub runtimes: Store<PromptFlowRuntime>,
+    pub runtimes: Store<LeanRuntime>,
     /// Compute instances.
     pub instances: Store<ComputeInstance>,
     /// Which instances read which objects (their runtimes' flows and accounts included).
@@ -213,9 +213,24 @@ impl Context {
     pub fn wake_namespace(&self, namespace: &str) {
         for runtime in self.runtimes.state() {
             if runtime.namespace().as_deref() == Some(namespace) {
-                let _ = self.wake_runtimes.unbounded_send(ObjectRef::from_obj(&*runtime));
+                let _ = self
+                    .wake_runtimes
+                    .unbounded_send(ObjectRef::new(&runtime.name_any()).within(namespace));
             }
         }
+    }
+
+    /// Whether the runtime `key` is in the cache.
+    pub fn runtime_exists(&self, key: &ObjectRef<PromptFlowRuntime>) -> bool {
+        self.runtimes.get(&super::lean::runtime_key(key)).is_some()
+    }
+
+    /// The cached runtime `name` of `namespace`, read in full; one that does not parse is left
+    /// out (its own reconcile reports it).
+    pub fn runtime(&self, name: &str, namespace: &str) -> Option<PromptFlowRuntime> {
+        self.runtimes
+            .get(&ObjectRef::new(name).within(namespace))
+            .and_then(|lean| lean.full().ok())
     }
 
     /// Wakes a compute instance.

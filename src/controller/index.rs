@@ -3,7 +3,7 @@
 //! ComputeInstance wakes exactly the objects that read it — a map lookup, never an API list.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use kube::Resource;
 use kube::runtime::reflector::ObjectRef;
@@ -23,9 +23,21 @@ pub enum Dependency {
     Repository(String),
 }
 
+/// Each object's key is one shared copy (without resourceVersion and uid) in both maps, and
+/// each dependency one shared copy too: 10,000 runtimes held three copies of their key and two
+/// of each dependency before.
 struct Maps<K: Resource<DynamicType = ()>> {
-    dependents: HashMap<Dependency, HashSet<ObjectRef<K>>>,
-    dependencies: HashMap<ObjectRef<K>, Vec<Dependency>>,
+    dependents: HashMap<Arc<Dependency>, HashSet<Arc<ObjectRef<K>>>>,
+    dependencies: HashMap<Arc<ObjectRef<K>>, Box<[Arc<Dependency>]>>,
+}
+
+/// The key of `object` as the index keeps it: name and namespace only.
+fn bare<K: Resource<DynamicType = ()>>(object: &ObjectRef<K>) -> Arc<ObjectRef<K>> {
+    let key = ObjectRef::new(&object.name);
+    Arc::new(match object.namespace.as_deref() {
+        Some(namespace) => key.within(namespace),
+        None => key,
+    })
 }
 
 /// The dependency index of one kind of object, shared by its reconciler (writer) and the watch
@@ -50,24 +62,45 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
     pub fn record(&self, runtime: ObjectRef<K>, dependencies: Vec<Dependency>) {
         let mut maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         Self::unlink(&mut maps, &runtime);
-        for dependency in &dependencies {
-            maps.dependents
-                .entry(dependency.clone())
-                .or_default()
-                .insert(runtime.clone());
+        let runtime = bare(&runtime);
+        let mut shared = Vec::with_capacity(dependencies.len());
+        for dependency in dependencies {
+            let dependency = Self::link(&mut maps, dependency, &runtime);
+            if !shared.contains(&dependency) {
+                shared.push(dependency);
+            }
         }
-        maps.dependencies.insert(runtime, dependencies);
+        maps.dependencies.insert(runtime, shared.into());
+    }
+
+    /// Adds `runtime` to the dependents of `dependency`, and gives the index's copy of it.
+    fn link(maps: &mut Maps<K>, dependency: Dependency, runtime: &Arc<ObjectRef<K>>) -> Arc<Dependency> {
+        if let Some(shared) = maps.dependents.get_key_value(&dependency).map(|(key, _)| key.clone()) {
+            if let Some(set) = maps.dependents.get_mut(&dependency) {
+                set.insert(runtime.clone());
+            }
+            return shared;
+        }
+        let dependency = Arc::new(dependency);
+        maps.dependents
+            .insert(dependency.clone(), HashSet::from([runtime.clone()]));
+        dependency
     }
 
     /// Adds one dependency to what `object` depends on.
     pub fn add(&self, object: &ObjectRef<K>, dependency: Dependency) {
         let mut maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let list = maps.dependencies.entry(object.clone()).or_default();
-        if list.contains(&dependency) {
-            return;
-        }
-        list.push(dependency.clone());
-        maps.dependents.entry(dependency).or_default().insert(object.clone());
+        let (key, list) = match maps.dependencies.remove_entry(object) {
+            Some((key, list)) if list.iter().any(|d| **d == dependency) => {
+                maps.dependencies.insert(key, list);
+                return;
+            }
+            Some((key, list)) => (key, list.into_vec()),
+            None => (bare(object), vec![]),
+        };
+        let mut list = list;
+        list.push(Self::link(&mut maps, dependency, &key));
+        maps.dependencies.insert(key, list.into());
     }
 
     /// Forgets a runtime that no longer exists.
@@ -81,7 +114,7 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
         let maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         maps.dependents
             .get(dependency)
-            .map(|set| set.iter().cloned().collect())
+            .map(|set| set.iter().map(|key| (**key).clone()).collect())
             .unwrap_or_default()
     }
 
@@ -89,6 +122,7 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
     pub fn retain(&self, keep: impl Fn(&ObjectRef<K>) -> bool) {
         let mut maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let gone: Vec<_> = maps.dependencies.keys().filter(|key| !keep(key)).cloned().collect();
+        let gone: Vec<ObjectRef<K>> = gone.into_iter().map(|key| (*key).clone()).collect();
         for runtime in gone {
             Self::unlink(&mut maps, &runtime);
         }
@@ -110,10 +144,10 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
 
     fn unlink(maps: &mut Maps<K>, runtime: &ObjectRef<K>) {
         for dependency in maps.dependencies.remove(runtime).unwrap_or_default() {
-            if let Some(set) = maps.dependents.get_mut(&dependency) {
+            if let Some(set) = maps.dependents.get_mut(&*dependency) {
                 set.remove(runtime);
                 if set.is_empty() {
-                    maps.dependents.remove(&dependency);
+                    maps.dependents.remove(&*dependency);
                 }
             }
         }

@@ -24,8 +24,7 @@ use tracing::{info, warn};
 use self::context::{Context, InstanceSettings};
 use self::index::{Dependency, DependencyIndex};
 use self::watch_health::WatchHealth;
-use crate::api::conditions::reasons;
-use crate::api::{ComputeInstance, PromptFlowRuntime};
+use crate::api::ComputeInstance;
 use crate::build::instance::INSTANCE_LABEL;
 use crate::build::pod::RUNTIME_LABEL;
 use crate::build::pod::{OWNED_POD_SELECTOR, PodTemplate};
@@ -135,7 +134,7 @@ pub async fn run(
     let (services, service_writer) = reflector::store();
     let (accounts, account_writer) = reflector::store();
     let (quotas, quota_writer) = reflector::store();
-    let (runtime_store, runtime_writer) = reflector::store::<PromptFlowRuntime>();
+    let (runtime_store, runtime_writer) = reflector::store::<lean::LeanRuntime>();
     let (instance_store, instance_writer) = reflector::store::<ComputeInstance>();
     let (wake_instances, instance_wakes) = futures::channel::mpsc::unbounded();
     let (wake_runtimes, runtime_wakes) = futures::channel::mpsc::unbounded();
@@ -280,24 +279,15 @@ pub async fn run(
     context.metrics.count_phases_with(Box::new(move || {
         let mut counts = std::collections::BTreeMap::<&'static str, i64>::new();
         for runtime in counted.state() {
-            let status = runtime.status.as_ref();
-            let stopped = status
-                .and_then(|s| s.reason.as_deref())
-                .is_some_and(|r| [reasons::STOPPED_IDLE, reasons::STOPPED_BY_USER].contains(&r));
-            let phase = match status.map(|s| s.phase) {
-                _ if stopped => "Stopped",
-                phase => phase.unwrap_or_default().as_str(),
-            };
-            *counts.entry(phase).or_default() += 1;
+            *counts.entry(runtime.phase()).or_default() += 1;
         }
         counts.into_iter().collect()
     }));
     let forgetting = context.clone();
     let watched_namespace = scope.map(str::to_owned);
-    let runtime_stream = watcher(scoped::<PromptFlowRuntime>(&client, scope), watcher::Config::default())
+    let runtime_stream = watcher(scoped::<lean::LeanRuntime>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())
         .filter(tracked(&health, "runtimes"))
-        .modify(lean::trim)
         .reflect(runtime_writer)
         .inspect_ok({
             let store = runtime_store.clone();
@@ -315,7 +305,7 @@ pub async fn run(
                 }
                 watcher::Event::InitDone => {
                     runtimes_listed.send_replace(true);
-                    runtime::forget_missing(&forgetting, |key| store.get(key).is_some());
+                    runtime::forget_missing(&forgetting, |key| store.get(&lean::runtime_key(key)).is_some());
                     if forgetting.network.is_some() {
                         let sweeping = forgetting.clone();
                         let namespace = watched_namespace.clone();
@@ -378,7 +368,7 @@ pub async fn run(
             move |pod: lean::LeanPod| dependents.of_pod(&pod)
         })
         .owns_stream(service_stream)
-        .reconcile_on(runtime_wakes)
+        .reconcile_on(runtime_wakes.map(|key| lean::runtime_key(&key)))
         .watches_stream(account_stream, dependents.of(Dependency::ServiceAccount))
         .watches_stream(
             config_map_stream,
@@ -420,6 +410,7 @@ pub async fn run(
                         return Ok(controller::Action::await_change());
                     };
                     // Built once it has its turn, so a waiting reconcile stays small.
+                    let runtime = Arc::new(runtime.full()?);
                     Box::pin(unpanicking(runtime::reconcile(runtime, ctx))).await
                 })
             },
@@ -470,15 +461,9 @@ fn instance_dependency(instance: &ComputeInstance) -> Dependency {
 
 /// Wakes the instances a runtime event concerns: the one it asks for, and the one its status
 /// last named (a runtime moving away must be detached there).
-fn wake_instances_of(ctx: &Context, runtime: &PromptFlowRuntime) {
+fn wake_instances_of(ctx: &Context, runtime: &lean::LeanRuntime) {
     let namespace = runtime.namespace().unwrap_or_default();
-    let asked = runtime.spec.compute.instance.as_ref().map(|i| i.name.as_str());
-    let last = runtime
-        .status
-        .as_ref()
-        .and_then(|s| s.compute.as_deref())
-        .filter(|c| *c != "Serverless");
-    for name in [asked, last].into_iter().flatten() {
+    for name in runtime.instances() {
         ctx.wake_instance(ObjectRef::new(name).within(&namespace));
     }
 }
@@ -490,18 +475,28 @@ struct Dependents(Arc<Context>);
 
 impl Dependents {
     /// The runtimes that read `dependency`; the compute instances that read it are woken too.
-    fn lookup(&self, dependency: &Dependency) -> Vec<ObjectRef<PromptFlowRuntime>> {
+    fn lookup(&self, dependency: &Dependency) -> Vec<ObjectRef<lean::LeanRuntime>> {
         for instance in self.0.instance_index.dependents(dependency) {
             self.0.wake_instance(instance);
         }
-        self.0.index.dependents(dependency)
+        self.lookup_runtimes(dependency)
+    }
+
+    /// The runtimes that read `dependency`, as the cache's keys.
+    fn lookup_runtimes(&self, dependency: &Dependency) -> Vec<ObjectRef<lean::LeanRuntime>> {
+        self.0
+            .index
+            .dependents(dependency)
+            .iter()
+            .map(lean::runtime_key)
+            .collect()
     }
 
     /// A watch mapper: an object of kind `K`, keyed by `dependency`, to the runtimes that read it.
     fn of<K: Resource>(
         &self,
         dependency: fn(String, String) -> Dependency,
-    ) -> impl Fn(K) -> Vec<ObjectRef<PromptFlowRuntime>> + Send + Sync + 'static {
+    ) -> impl Fn(K) -> Vec<ObjectRef<lean::LeanRuntime>> + Send + Sync + 'static {
         let handle = self.clone();
         move |object: K| match object.meta().namespace.clone() {
             Some(namespace) => handle.lookup(&dependency(namespace, object.meta().name.clone().unwrap_or_default())),
@@ -510,18 +505,13 @@ impl Dependents {
     }
 
     /// A runtime's own pod wakes it; an instance pod wakes its instance and the runtimes on it.
-    fn of_pod(&self, pod: &lean::LeanPod) -> Vec<ObjectRef<PromptFlowRuntime>> {
+    fn of_pod(&self, pod: &lean::LeanPod) -> Vec<ObjectRef<lean::LeanRuntime>> {
         let namespace = pod.namespace().unwrap_or_default();
-        let labels = pod.labels();
-        if let Some(instance) = labels.get(INSTANCE_LABEL) {
+        if let Some(instance) = pod.label(INSTANCE_LABEL) {
             self.0.wake_instance(ObjectRef::new(instance).within(&namespace));
-            return self
-                .0
-                .index
-                .dependents(&Dependency::Instance(namespace, instance.clone()));
+            return self.lookup_runtimes(&Dependency::Instance(namespace, instance.to_owned()));
         }
-        labels
-            .get(RUNTIME_LABEL)
+        pod.label(RUNTIME_LABEL)
             .map(|runtime| vec![ObjectRef::new(runtime).within(&namespace)])
             .unwrap_or_default()
     }

@@ -191,8 +191,82 @@ async fn an_instance_restart_the_api_server_would_refuse_keeps_its_pod_and_runti
         merge(&instances, "ci", json!({"spec": {"resources": null}})).await;
         wait_state(&ns, "ci", InstanceState::Running, Some("PodReady")).await;
         assert_eq!(ns.api::<Pod>().get("ci-instance").await.unwrap().uid(), serving.uid());
+        merge(
+            &instances,
+            "ci",
+            json!({"spec": {"resources": {"limits": {"memory": "4Gi"}}}}),
+        )
+        .await;
+
+        // A new version asked while the restart cannot be made: the status keeps naming the
+        // image the instance's pod runs for the runtime, not the one it cannot start.
+        let carried = runtime_image(&ns, "chat").await;
+        let runtimes = ns.api::<PromptFlowRuntime>();
+        merge(
+            &runtimes,
+            "chat",
+            json!({"spec": {"image": {"version": "20991231.v1"}}}),
+        )
+        .await;
+        let seen = wait_observed(&ns, "chat", 2).await;
+        wait_state(&ns, "ci", InstanceState::Running, Some("PodRejected")).await;
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let status = runtimes.get("chat").await.unwrap().status.unwrap();
+        assert_eq!(status.image.as_deref(), Some(carried.as_str()), "{status:?}");
+        assert_ne!(status.version.as_deref(), Some("20991231.v1"), "{status:?}");
+        assert_eq!(seen.status.unwrap().image.as_deref(), Some(carried.as_str()));
+        assert_eq!(ns.api::<Pod>().get("ci-instance").await.unwrap().uid(), serving.uid());
+
+        // Fixed: the instance restarts with the new version, and the status follows.
+        merge(&instances, "ci", json!({"spec": {"resources": null}})).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let status = runtimes.get("chat").await.unwrap().status.unwrap_or_default();
+            let pod = ns.api::<Pod>().get("ci-instance").await.ok();
+            let running = pod.as_ref().is_some_and(|p| p.uid() != serving.uid());
+            if running && status.phase == RuntimePhase::Running && status.version.as_deref() == Some("20991231.v1") {
+                let image = runtime_image(&ns, "chat").await;
+                assert!(image.ends_with(":20991231.v1"), "{image}");
+                assert_eq!(status.image.as_deref(), Some(image.as_str()));
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never restarted with the new version: {status:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
     })
     .await;
+}
+
+/// The image of runtime `name`'s container in the live instance pod `ci-instance`.
+async fn runtime_image(ns: &TestNamespace, name: &str) -> String {
+    let pod = ns.api::<Pod>().get("ci-instance").await.unwrap();
+    pod.spec
+        .unwrap()
+        .containers
+        .into_iter()
+        .find(|c| c.name == format!("rt-{name}"))
+        .and_then(|c| c.image)
+        .unwrap_or_else(|| panic!("no container rt-{name}"))
+}
+
+/// Waits until runtime `name`'s status describes generation `generation`.
+async fn wait_observed(ns: &TestNamespace, name: &str, generation: i64) -> PromptFlowRuntime {
+    let api = ns.api::<PromptFlowRuntime>();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let runtime = api.get(name).await.unwrap();
+        if runtime.status.as_ref().and_then(|s| s.observed_generation) >= Some(generation) {
+            return runtime;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "generation {generation} never observed: {runtime:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]

@@ -31,7 +31,16 @@ pub fn wants(runtime: &PromptFlowRuntime, namespace: &str, name: &str) -> bool {
 pub async fn runtimes(instance: &ComputeInstance, ctx: &Context, dependencies: &mut Vec<Dependency>) -> Result<Attach> {
     let namespace = instance.namespace().unwrap_or_default();
     let name = instance.name_any();
-    let mut wanted = ctx.runtimes.state_filter(|rt| wants(rt, &namespace, &name));
+    // Only the runtimes of this namespace that name this instance are read in full.
+    let mut wanted: Vec<Arc<PromptFlowRuntime>> = ctx
+        .runtimes
+        .state()
+        .iter()
+        .filter(|rt| rt.namespace().as_deref() == Some(namespace.as_str()) && rt.instances().any(|i| i == name))
+        .filter_map(|rt| rt.full().ok())
+        .filter(|rt| wants(rt, &namespace, &name))
+        .map(Arc::new)
+        .collect();
     wanted.sort_by_key(|rt| rt.name_any());
     let key = ObjectRef::from_obj(instance);
     let mut resolved = Vec::with_capacity(wanted.len());

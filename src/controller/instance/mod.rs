@@ -154,9 +154,9 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
     if let (Some(pod), InstanceState::Running) = (ready_pod, previous.state) {
         let carried: Vec<_> = pod_builder::attached(pod)
             .into_iter()
-            .filter_map(|rt| ctx.runtimes.get(&ObjectRef::new(rt).within(&namespace)))
+            .filter_map(|rt| ctx.runtime(rt, &namespace))
             .collect();
-        let carried: Vec<_> = carried.iter().map(|rt| &**rt).collect();
+        let carried: Vec<_> = carried.iter().collect();
         let look = idle::look(instance, &ctx, pod, &carried, now).await;
         conditions.extend(look.condition);
         idle_due = look.due;

@@ -43,7 +43,8 @@ pub struct Applied {
     pub handled_restart: Option<String>,
     /// How soon to look again; `None`: at the next change.
     pub requeue: Option<Duration>,
-    /// The pod from an earlier spec keeps serving because its replacement was refused: the
+    /// The pod from an earlier spec keeps serving because its replacement was refused (or, on
+    /// a compute instance, the instance's pod still runs another image for the runtime): the
     /// status keeps naming what that pod runs, not what was planned.
     pub kept_older: bool,
 }
@@ -187,6 +188,28 @@ async fn on_instance(
     };
     let mut conditions = vec![spec_applied];
     conditions.extend(on_instance::actions_not_supported(runtime, &work.name));
+    // The instance's pod still runs another image for this runtime (its restart waits for its
+    // batch, or cannot be made): the status keeps naming what runs. Not for a runtime whose
+    // status pin is what the instance restarts with (a pressed update, a newer version).
+    let carried = placement.as_ref().and_then(|placement| {
+        let container = placement.runtime_container();
+        live?
+            .spec
+            .as_ref()?
+            .containers
+            .iter()
+            .find(|c| c.name == container)?
+            .image
+            .clone()
+    });
+    let planned = work
+        .containers
+        .as_ref()
+        .ok()
+        .and_then(Option::as_ref)
+        .map(|facts| &facts.image);
+    let kept_older =
+        !work.pinned_by_status && matches!((&carried, planned), (Some(carried), Some(planned)) if carried != planned);
     Ok(Applied {
         verdict,
         conditions,
@@ -194,7 +217,7 @@ async fn on_instance(
         notice: None,
         handled_restart: None,
         requeue,
-        kept_older: false,
+        kept_older,
     })
 }
 

@@ -35,6 +35,7 @@ pub use self::own_writes::OwnWrites;
 use self::report::{Notice, Report};
 use self::status::{ConditionState, Verdict};
 use super::index::Dependency;
+use super::lean::LeanRuntime;
 use crate::api::conditions::{self, reasons};
 use crate::api::{HandledActions, PromptFlowRuntime, RuntimePhase};
 use crate::error::{Error, Result};
@@ -50,8 +51,8 @@ pub async fn reconcile(runtime: Arc<PromptFlowRuntime>, ctx: Arc<Context>) -> Re
     let result = reconcile_runtime(&runtime, &ctx).await;
     // Deleted while this reconcile ran (its writes then fail with 404): what it recorded after
     // the deletion was forgotten is forgotten again, and nothing is retried.
-    if ctx.runtimes.get(&key).is_none() {
-        forget(&ctx, &runtime);
+    if !ctx.runtime_exists(&key) {
+        forget(&ctx, &*runtime);
         return Ok(Action::await_change());
     }
     match result {
@@ -394,8 +395,8 @@ pub fn forget_missing(ctx: &Context, exists: impl Fn(&ObjectRef<PromptFlowRuntim
 }
 
 /// Drops everything kept for a runtime that was deleted.
-pub fn forget(ctx: &Context, runtime: &PromptFlowRuntime) {
-    let key = ObjectRef::from_obj(runtime);
+pub fn forget<K: Resource<DynamicType = ()>>(ctx: &Context, runtime: &K) {
+    let key = ObjectRef::<PromptFlowRuntime>::new(&runtime.name_any()).within(&runtime.namespace().unwrap_or_default());
     let pod = apply::pod_ref(&runtime.name_any(), &runtime.namespace().unwrap_or_default());
     ctx.index.forget(&key);
     ctx.own_writes.forget(&key, &pod);
@@ -404,15 +405,16 @@ pub fn forget(ctx: &Context, runtime: &PromptFlowRuntime) {
 }
 
 /// Transient errors requeue with exponential backoff per runtime (5s doubling to 5m).
-pub fn error_policy(runtime: Arc<PromptFlowRuntime>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(runtime: Arc<LeanRuntime>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_failed(error);
+    let key = ObjectRef::<PromptFlowRuntime>::new(&runtime.name_any()).within(&runtime.namespace().unwrap_or_default());
     // Deleted meanwhile (the store drops it before the deletion is forgotten): no backoff entry
     // is kept for it, or nothing would ever take it out again.
-    if ctx.runtimes.get(&ObjectRef::from_obj(&*runtime)).is_none() {
-        ctx.failures.reset(&ObjectRef::from_obj(&*runtime));
+    if !ctx.runtime_exists(&key) {
+        ctx.failures.reset(&key);
         return Action::await_change();
     }
-    let delay = ctx.failures.next(&ObjectRef::from_obj(&*runtime));
+    let delay = ctx.failures.next(&key);
     warn!(name = %runtime.name_any(), namespace = ?runtime.namespace(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }

@@ -233,8 +233,8 @@ pub fn detached(ctx: &Context, runtime: &PromptFlowRuntime) -> bool {
     let name = runtime.name_any();
     let carrying = ctx.pods.state_filter(|pod| {
         pod.namespace().as_deref() == Some(namespace.as_str())
-            && pod.labels().contains_key(instance_pod::INSTANCE_LABEL)
-            && instance_pod::attached_to(&pod.metadata).contains(&name.as_str())
+            && pod.label(instance_pod::INSTANCE_LABEL).is_some()
+            && instance_pod::attached_to(&pod.to_pod().metadata).contains(&name.as_str())
     });
     // Only the instance's own pod (its controller owner reference) holds the runtime: a pod
     // someone made with the instance's labels and annotation holds nothing.
@@ -286,8 +286,8 @@ pub fn instances_holding(ctx: &Context, runtime: &PromptFlowRuntime) -> Vec<Depe
         .pods
         .state_filter(|pod| {
             pod.namespace().as_deref() == Some(namespace.as_str())
-                && pod.labels().contains_key(instance_pod::INSTANCE_LABEL)
-                && instance_pod::attached_to(&pod.metadata).contains(&name.as_str())
+                && pod.label(instance_pod::INSTANCE_LABEL).is_some()
+                && instance_pod::attached_to(&pod.to_pod().metadata).contains(&name.as_str())
         })
         .iter()
         .map(|pod| instance_pod::instance_name(&pod.name_any()).to_owned())

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::runtime::reflector::ObjectRef;
 
 use crate::api::{PromptFlowRuntime, PromptFlowRuntimeStatus};
+use crate::controller::lean::status::LeanStatus;
 
 /// The operator's own recent writes. A reconcile can run on a cached runtime or pod that predates
 /// this operator's last write (the watch has not delivered it yet); judging that stale copy would
@@ -38,8 +39,9 @@ struct AppliedService {
 struct OwnStatusWrite {
     stale: HashSet<String>,
     latest: String,
-    /// Boxed: the map's table holds every entry inline, and keeps its size after a burst.
-    status: Box<PromptFlowRuntimeStatus>,
+    /// Lean, its texts shared ([`LeanStatus`]): a typed status with its conditions took about
+    /// 1.7 KiB and 30 allocations for each runtime written while its cache lags behind.
+    status: Box<LeanStatus>,
 }
 
 /// Gives back a map's table once most of it is empty: tables keep their largest size, and a
@@ -60,7 +62,7 @@ impl OwnWrites {
         let mut statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let cached_version = runtime.metadata.resource_version.clone().unwrap_or_default();
         match statuses.get(&key) {
-            Some(written) if written.stale.contains(&cached_version) => Some((*written.status).clone()),
+            Some(written) if written.stale.contains(&cached_version) => Some(written.status.full()),
             Some(_) => {
                 // The cache caught up with our write, or moved past it: it is the truth again.
                 statuses.remove(&key);
@@ -75,13 +77,14 @@ impl OwnWrites {
         let (Some(over), Some(produced)) = (runtime.metadata.resource_version.clone(), produced) else {
             return;
         };
+        let status = Box::new(LeanStatus::from(&status));
         let mut statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = statuses
             .entry(ObjectRef::from_obj(runtime))
             .or_insert_with(|| OwnStatusWrite {
                 stale: Default::default(),
                 latest: String::new(),
-                status: Box::new(status.clone()),
+                status: status.clone(),
             });
         entry.stale.insert(over);
         if !entry.latest.is_empty() {
@@ -89,7 +92,7 @@ impl OwnWrites {
             entry.stale.insert(previous);
         }
         entry.latest = produced;
-        *entry.status = status;
+        entry.status = status;
     }
 
     /// When a pod missing from the cache was created by us moments ago: how long to keep trusting

@@ -92,6 +92,10 @@ pub struct InstanceWork {
     /// What its containers are made of (`None` while the registry's first answer is awaited:
     /// the unpinned image would read as a pin), or the problem that keeps it from having them.
     pub containers: Result<Option<PodFacts>, Problem>,
+    /// The instance controller takes the runtime's version from the pin its status holds
+    /// (no `spec.image.version`, no image from the flow): the status must name the planned
+    /// image for the instance to restart with it.
+    pub pinned_by_status: bool,
 }
 
 impl Plan {
@@ -260,6 +264,8 @@ pub fn finish(
         Some(asked) => Work::Instance(InstanceWork {
             name: asked.name.clone(),
             acknowledged: asked.acknowledge_restart,
+            pinned_by_status: runtime.spec.image.version.is_none()
+                && resolved.as_ref().is_ok_and(|found| !found.from_flow),
             containers: resolved.map(|found| {
                 (!awaiting_registry).then(|| PodFacts {
                     image: found.image,
