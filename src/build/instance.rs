@@ -22,7 +22,7 @@ use super::pod::{
     SPEC_HASH_ANNOTATION, container_security, digest, inputs_digest, pod_spec_base, runtime_parts, spec_hash,
     with_overrides,
 };
-pub use super::slots::{assign_slots, attached, attached_to, placement_in, recreated, slot_of_url, slots_of};
+pub use super::slots::{assign_slots, attached, attached_to, placement_in, recreated, slot_of_url, slots_in, slots_of};
 use crate::api::{ComputeInstance, PromptFlowRuntime};
 use crate::catalog::InstanceType;
 use crate::flow::FlowEnvironment;

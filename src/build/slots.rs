@@ -58,11 +58,18 @@ pub fn attached_to(metadata: &ObjectMeta) -> Vec<&str> {
 
 /// The runtime in each slot of an instance pod (`None`: a free slot).
 pub fn slots_of(metadata: &ObjectMeta) -> Vec<Option<&str>> {
-    metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(RUNTIMES_ANNOTATION))
-        .filter(|list| !list.is_empty())
+    slots_in(
+        metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(RUNTIMES_ANNOTATION))
+            .map(String::as_str),
+    )
+}
+
+/// The runtime in each slot, from the value of the pod's runtimes annotation.
+pub fn slots_in(list: Option<&str>) -> Vec<Option<&str>> {
+    list.filter(|list| !list.is_empty())
         .map(|list| list.split(',').map(|name| (!name.is_empty()).then_some(name)).collect())
         .unwrap_or_default()
 }

@@ -213,7 +213,15 @@ async fn an_instance_restart_the_api_server_would_refuse_keeps_its_pod_and_runti
         tokio::time::sleep(std::time::Duration::from_secs(3)).await;
         let status = runtimes.get("chat").await.unwrap().status.unwrap();
         assert_eq!(status.image.as_deref(), Some(carried.as_str()), "{status:?}");
-        assert_ne!(status.version.as_deref(), Some("20991231.v1"), "{status:?}");
+        let carried_tag = carried.rsplit_once(':').map(|(_, tag)| tag.to_owned());
+        assert_eq!(status.version, carried_tag, "{status:?}");
+        let spec_applied = status.conditions.iter().find(|c| c.type_ == "SpecApplied").unwrap();
+        assert_eq!(
+            (spec_applied.status.as_str(), spec_applied.reason.as_str()),
+            ("False", "WaitingForInstanceRestart"),
+            "{spec_applied:?}"
+        );
+        assert!(spec_applied.message.contains(":20991231.v1"), "{spec_applied:?}");
         assert_eq!(seen.status.unwrap().image.as_deref(), Some(carried.as_str()));
         assert_eq!(ns.api::<Pod>().get("ci-instance").await.unwrap().uid(), serving.uid());
 
@@ -228,6 +236,8 @@ async fn an_instance_restart_the_api_server_would_refuse_keeps_its_pod_and_runti
                 let image = runtime_image(&ns, "chat").await;
                 assert!(image.ends_with(":20991231.v1"), "{image}");
                 assert_eq!(status.image.as_deref(), Some(image.as_str()));
+                let spec_applied = status.conditions.iter().find(|c| c.type_ == "SpecApplied").unwrap();
+                assert_eq!(spec_applied.status, "True", "{spec_applied:?}");
                 break;
             }
             assert!(

@@ -18,7 +18,7 @@ use tracing::warn;
 
 pub use self::pod::{PROBE_PREFIX, apply_pod};
 use super::observe::{InstanceSeen, Observed};
-use super::plan::{DesiredPod, InstanceWork, Plan, Problem, Work};
+use super::plan::{DesiredPod, InstanceWork, Plan, PodFacts, Problem, Work};
 use super::report::Notice;
 use super::status::{self, ConditionState, Verdict};
 use super::{Context, MANAGER, on_instance};
@@ -43,10 +43,12 @@ pub struct Applied {
     pub handled_restart: Option<String>,
     /// How soon to look again; `None`: at the next change.
     pub requeue: Option<Duration>,
-    /// The pod from an earlier spec keeps serving because its replacement was refused (or, on
-    /// a compute instance, the instance's pod still runs another image for the runtime): the
+    /// The pod from an earlier spec keeps serving because its replacement was refused: the
     /// status keeps naming what that pod runs, not what was planned.
     pub kept_older: bool,
+    /// On a compute instance: what the instance's pod runs for the runtime when that is not what
+    /// was planned (its restart waits for its batch, or cannot be made): the status names it.
+    pub running: Option<PodFacts>,
 }
 
 /// What a runtime has whatever its state, made before anything is read for it: a serverless
@@ -142,6 +144,7 @@ async fn own_pod(
         handled_restart: outcome.handled_restart,
         requeue: outcome.requeue,
         kept_older,
+        running: None,
     })
 }
 
@@ -186,11 +189,9 @@ async fn on_instance(
         ),
         Err(problem) => ConditionState::new(conditions::SPEC_APPLIED, false, problem.reason, problem.message.clone()),
     };
-    let mut conditions = vec![spec_applied];
-    conditions.extend(on_instance::actions_not_supported(runtime, &work.name));
     // The instance's pod still runs another image for this runtime (its restart waits for its
-    // batch, or cannot be made): the status keeps naming what runs. Not for a runtime whose
-    // status pin is what the instance restarts with (a pressed update, a newer version).
+    // batch, or cannot be made): the status names what runs. Not for a runtime whose status pin
+    // is what the instance restarts with (a pressed update, a newer version).
     let carried = placement.as_ref().and_then(|placement| {
         let container = placement.runtime_container();
         live?
@@ -202,14 +203,31 @@ async fn on_instance(
             .image
             .clone()
     });
-    let planned = work
-        .containers
-        .as_ref()
-        .ok()
-        .and_then(Option::as_ref)
-        .map(|facts| &facts.image);
-    let kept_older =
-        !work.pinned_by_status && matches!((&carried, planned), (Some(carried), Some(planned)) if carried != planned);
+    let planned = work.containers.as_ref().ok().and_then(Option::as_ref);
+    let running = match (carried, planned) {
+        (Some(carried), Some(planned)) if !work.pinned_by_status && !same_image(&carried, &planned.image) => {
+            Some(PodFacts {
+                version: version_of(&carried),
+                image: carried,
+                size: planned.size.clone(),
+            })
+        }
+        _ => None,
+    };
+    let spec_applied = match (&running, planned) {
+        (Some(running), Some(planned)) => ConditionState::new(
+            conditions::SPEC_APPLIED,
+            false,
+            reasons::WAITING_FOR_INSTANCE_RESTART,
+            format!(
+                "compute instance {} still runs {} for this runtime; it takes {} when it restarts (its status says what it waits for)",
+                work.name, running.image, planned.image
+            ),
+        ),
+        _ => spec_applied,
+    };
+    let mut conditions = vec![spec_applied];
+    conditions.extend(on_instance::actions_not_supported(runtime, &work.name));
     Ok(Applied {
         verdict,
         conditions,
@@ -217,8 +235,31 @@ async fn on_instance(
         notice: None,
         handled_restart: None,
         requeue,
-        kept_older,
+        kept_older: false,
+        running,
     })
+}
+
+/// Whether the image a pod runs is the one planned: the same string, or the same repository
+/// and tag where the plan names no digest (an admission webhook may pin digests).
+fn same_image(running: &str, planned: &str) -> bool {
+    running == planned
+        || match (crate::image_ref::parse(running), crate::image_ref::parse(planned)) {
+            (Some(running), Some(planned)) => {
+                running.registry() == planned.registry()
+                    && running.repository() == planned.repository()
+                    && running.tag() == planned.tag()
+                    && planned.digest().is_none_or(|digest| running.digest() == Some(digest))
+            }
+            _ => false,
+        }
+}
+
+/// The version an image reference names: its tag, else its digest, else `latest`.
+fn version_of(image: &str) -> String {
+    crate::image_ref::parse(image)
+        .and_then(|r| r.tag().or(r.digest()).map(str::to_owned))
+        .unwrap_or_else(|| "latest".to_owned())
 }
 
 /// `TemplateCurrent`: whether the pod follows the operator's current template.
@@ -378,4 +419,29 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
 /// The pod of a runtime, by the runtime's name.
 pub fn pod_ref(runtime_name: &str, namespace: &str) -> ObjectRef<Pod> {
     ObjectRef::new(&pod_builder::pod_name(runtime_name)).within(namespace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_running_image_is_the_planned_one_when_only_a_digest_was_added() {
+        let planned = "r.example/pf/rt:20240222.v4";
+        let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert!(same_image(planned, planned));
+        assert!(
+            same_image(&format!("{planned}@{digest}"), planned),
+            "a webhook pinned the digest"
+        );
+        assert!(!same_image("r.example/pf/rt:20240301.v1", planned));
+        assert!(!same_image("mirror.example/pf/rt:20240222.v4", planned));
+        assert!(
+            !same_image(planned, &format!("{planned}@{digest}")),
+            "the plan's digest is not running"
+        );
+        assert_eq!(version_of(planned), "20240222.v4");
+        assert_eq!(version_of(&format!("r.example/pf/rt@{digest}")), digest);
+        assert_eq!(version_of("r.example/pf/rt"), "latest");
+    }
 }

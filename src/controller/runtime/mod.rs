@@ -249,7 +249,10 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         verdict: &verdict,
         conditions: &conditions,
         compute: compute_name(runtime),
-        facts: plan.facts().filter(|_| !applied.kept_older),
+        facts: applied
+            .running
+            .as_ref()
+            .or(plan.facts().filter(|_| !applied.kept_older)),
         handled: &handled,
         url: applied.url.as_deref(),
         last_activity: last_activity.as_ref(),

@@ -234,7 +234,7 @@ pub fn detached(ctx: &Context, runtime: &PromptFlowRuntime) -> bool {
     let carrying = ctx.pods.state_filter(|pod| {
         pod.namespace().as_deref() == Some(namespace.as_str())
             && pod.label(instance_pod::INSTANCE_LABEL).is_some()
-            && instance_pod::attached_to(&pod.to_pod().metadata).contains(&name.as_str())
+            && carries(pod, &name)
     });
     // Only the instance's own pod (its controller owner reference) holds the runtime: a pod
     // someone made with the instance's labels and annotation holds nothing.
@@ -287,7 +287,7 @@ pub fn instances_holding(ctx: &Context, runtime: &PromptFlowRuntime) -> Vec<Depe
         .state_filter(|pod| {
             pod.namespace().as_deref() == Some(namespace.as_str())
                 && pod.label(instance_pod::INSTANCE_LABEL).is_some()
-                && instance_pod::attached_to(&pod.to_pod().metadata).contains(&name.as_str())
+                && carries(pod, &name)
         })
         .iter()
         .map(|pod| instance_pod::instance_name(&pod.name_any()).to_owned())
@@ -311,6 +311,14 @@ fn instances_watched_with(runtime: &PromptFlowRuntime, carrying: &[String]) -> V
         }
     }
     watched
+}
+
+/// Whether a cached instance pod carries the runtime `name` in one of its slots.
+fn carries(pod: &crate::controller::lean::LeanPod, name: &str) -> bool {
+    instance_pod::slots_in(pod.annotation(instance_pod::RUNTIMES_ANNOTATION))
+        .into_iter()
+        .flatten()
+        .any(|slot| slot == name)
 }
 
 /// Removes the detach finalizer once the instance let go (a deleted runtime, or one that moved
