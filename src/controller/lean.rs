@@ -90,7 +90,7 @@ pub fn trim_pod(pod: &mut LeanPod) {
             map.into_iter()
                 .flatten()
                 .filter(|(key, _)| key.starts_with("promptflow.dev/"))
-                .map(|(key, value)| (key.into_boxed_str(), value.into_boxed_str()))
+                .map(|(key, value)| (status::text(&key), value.into_boxed_str()))
                 .collect::<Vec<_>>()
         };
         let mut own = ours(labels);
@@ -115,7 +115,7 @@ pub fn trim_pod(pod: &mut LeanPod) {
     if let Some(status) = pod.status.as_mut() {
         status
             .conditions
-            .retain(|c| c.type_ == "Ready" || c.type_ == "PodScheduled");
+            .retain(|c| &*c.type_ == "Ready" || &*c.type_ == "PodScheduled");
     }
     if pod.label(crate::build::instance::INSTANCE_LABEL).is_none() {
         for container in &mut pod.spec.containers {
@@ -138,7 +138,7 @@ pub struct LeanPod {
     /// The operator's own labels then its own annotations (`promptflow.dev/…`), `labels` of them
     /// labels: two maps took about 1.1 KiB of every cached pod for four short entries.
     #[serde(skip)]
-    own: Box<[(Box<str>, Box<str>)]>,
+    own: Box<[(Arc<str>, Box<str>)]>,
     #[serde(skip)]
     labels: usize,
     #[serde(default)]
@@ -159,7 +159,8 @@ struct LeanPodSpec {
 
 #[derive(Clone, Debug, Default, Deserialize)]
 struct LeanContainer {
-    name: String,
+    #[serde(deserialize_with = "interned")]
+    name: Arc<str>,
     /// Kept for instance pods only (which image each runtime's container runs).
     #[serde(default)]
     image: Option<Box<str>>,
@@ -198,9 +199,12 @@ fn shared(value: ResourceRequirements) -> Arc<ResourceRequirements> {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct LeanPodStatus {
-    phase: Option<String>,
-    message: Option<String>,
-    reason: Option<String>,
+    #[serde(default, deserialize_with = "interned_opt")]
+    phase: Option<Arc<str>>,
+    #[serde(default, deserialize_with = "interned_opt")]
+    message: Option<Arc<str>>,
+    #[serde(default, deserialize_with = "interned_opt")]
+    reason: Option<Arc<str>>,
     #[serde(rename = "podIP")]
     pod_ip: Option<String>,
     #[serde(default)]
@@ -214,17 +218,31 @@ struct LeanPodStatus {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct LeanCondition {
-    #[serde(rename = "type")]
-    type_: String,
-    status: String,
-    reason: Option<String>,
-    message: Option<String>,
+    #[serde(rename = "type", deserialize_with = "interned")]
+    type_: Arc<str>,
+    #[serde(deserialize_with = "interned")]
+    status: Arc<str>,
+    #[serde(default, deserialize_with = "interned_opt")]
+    reason: Option<Arc<str>>,
+    #[serde(default, deserialize_with = "interned_opt")]
+    message: Option<Arc<str>>,
+}
+
+/// A string as its shared copy: pods repeat their containers' names, phases, condition types
+/// and reasons, and the operator's label and annotation keys.
+fn interned<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Arc<str>, D::Error> {
+    Ok(status::text(&String::deserialize(deserializer)?))
+}
+
+fn interned_opt<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Arc<str>>, D::Error> {
+    Ok(Option::<String>::deserialize(deserializer)?.map(|value| status::text(&value)))
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct LeanContainerStatus {
-    name: String,
+    #[serde(deserialize_with = "interned")]
+    name: Arc<str>,
     #[serde(default)]
     ready: bool,
     #[serde(default)]
@@ -281,7 +299,7 @@ impl LeanPod {
         let container_statuses = |all: &[LeanContainerStatus]| {
             all.iter()
                 .map(|c| ContainerStatus {
-                    name: c.name.clone(),
+                    name: c.name.to_string(),
                     ready: c.ready,
                     restart_count: c.restart_count,
                     state: c.state.as_ref().map(LeanState::to_state),
@@ -290,7 +308,7 @@ impl LeanPod {
                 })
                 .collect::<Vec<_>>()
         };
-        let map = |entries: &[(Box<str>, Box<str>)]| {
+        let map = |entries: &[(Arc<str>, Box<str>)]| {
             (!entries.is_empty()).then(|| {
                 entries
                     .iter()
@@ -311,7 +329,7 @@ impl LeanPod {
                     .containers
                     .iter()
                     .map(|c| Container {
-                        name: c.name.clone(),
+                        name: c.name.to_string(),
                         image: c.image.as_deref().map(str::to_owned),
                         resources: c.resources.as_deref().cloned(),
                         ..Default::default()
@@ -321,19 +339,19 @@ impl LeanPod {
                 ..Default::default()
             }),
             status: self.status.as_ref().map(|status| PodStatus {
-                phase: status.phase.clone(),
-                message: status.message.clone(),
-                reason: status.reason.clone(),
+                phase: status.phase.as_deref().map(str::to_owned),
+                message: status.message.as_deref().map(str::to_owned),
+                reason: status.reason.as_deref().map(str::to_owned),
                 pod_ip: status.pod_ip.clone(),
                 conditions: Some(
                     status
                         .conditions
                         .iter()
                         .map(|c| PodCondition {
-                            type_: c.type_.clone(),
-                            status: c.status.clone(),
-                            reason: c.reason.clone(),
-                            message: c.message.clone(),
+                            type_: c.type_.to_string(),
+                            status: c.status.to_string(),
+                            reason: c.reason.as_deref().map(str::to_owned),
+                            message: c.message.as_deref().map(str::to_owned),
                             ..Default::default()
                         })
                         .collect(),
@@ -655,6 +673,10 @@ mod tests {
         let resources = |p: &LeanPod| p.spec.containers[0].resources.clone().unwrap();
         assert!(Arc::ptr_eq(&resources(&a), &resources(&b)));
         assert!(!Arc::ptr_eq(&resources(&a), &resources(&c)));
+        assert!(
+            Arc::ptr_eq(&a.spec.containers[0].name, &c.spec.containers[0].name),
+            "names are shared too"
+        );
         assert_eq!(
             a.to_pod().spec.unwrap().containers[0]
                 .resources

@@ -54,8 +54,8 @@ where
 static STRINGS: LazyLock<Mutex<Table<str>>> = LazyLock::new(Default::default);
 static TEXTS: LazyLock<Mutex<Table<ConditionText>>> = LazyLock::new(Default::default);
 
-/// The shared copy of a string.
-fn text(value: &str) -> Arc<str> {
+/// The shared copy of a string (also for the pod cache's repeated names and reasons).
+pub(crate) fn text(value: &str) -> Arc<str> {
     shared(&STRINGS, value, || Arc::from(value))
 }
 
