@@ -204,27 +204,31 @@ async fn on_instance(
             .clone()
     });
     let planned = work.containers.as_ref().ok().and_then(Option::as_ref);
-    let running = match (carried, planned) {
-        (Some(carried), Some(planned)) if !work.pinned_by_status && !same_image(&carried, &planned.image) => {
-            Some(PodFacts {
-                version: version_of(&carried),
-                image: carried,
-                size: planned.size.clone(),
-            })
-        }
+    let waits = match (carried, planned) {
+        (Some(carried), Some(planned)) if another_version(&carried, &planned.image) => Some((carried, planned)),
         _ => None,
     };
-    let spec_applied = match (&running, planned) {
-        (Some(running), Some(planned)) => ConditionState::new(
+    // A runtime whose status pin is what the instance restarts with keeps naming the pin; the
+    // condition says the instance has yet to take it.
+    let running = waits
+        .as_ref()
+        .filter(|_| !work.pinned_by_status)
+        .map(|(carried, planned)| PodFacts {
+            version: version_of(carried),
+            image: carried.clone(),
+            size: planned.size.clone(),
+        });
+    let spec_applied = match &waits {
+        Some((carried, planned)) => ConditionState::new(
             conditions::SPEC_APPLIED,
             false,
             reasons::WAITING_FOR_INSTANCE_RESTART,
             format!(
                 "compute instance {} still runs {} for this runtime; it takes {} when it restarts (its status says what it waits for)",
-                work.name, running.image, planned.image
+                work.name, carried, planned.image
             ),
         ),
-        _ => spec_applied,
+        None => spec_applied,
     };
     let mut conditions = vec![spec_applied];
     conditions.extend(on_instance::actions_not_supported(runtime, &work.name));
@@ -240,19 +244,21 @@ async fn on_instance(
     })
 }
 
-/// Whether the image a pod runs is the one planned: the same string, or the same repository
-/// and tag where the plan names no digest (an admission webhook may pin digests).
-fn same_image(running: &str, planned: &str) -> bool {
-    running == planned
-        || match (crate::image_ref::parse(running), crate::image_ref::parse(planned)) {
-            (Some(running), Some(planned)) => {
-                running.registry() == planned.registry()
-                    && running.repository() == planned.repository()
-                    && running.tag() == planned.tag()
-                    && planned.digest().is_none_or(|digest| running.digest() == Some(digest))
-            }
-            _ => false,
+/// Whether a pod runs another version of the planned image: the same registry and repository
+/// with another tag, or (both pinned by digest) another digest. A reference an admission webhook
+/// rewrote (a mirror registry, a digest added or put in place of the tag) is not another version:
+/// no restart of the instance would undo it.
+fn another_version(running: &str, planned: &str) -> bool {
+    match (crate::image_ref::parse(running), crate::image_ref::parse(planned)) {
+        (Some(running), Some(planned))
+            if running.registry() == planned.registry() && running.repository() == planned.repository() =>
+        {
+            let tags = matches!((running.tag(), planned.tag()), (Some(a), Some(b)) if a != b);
+            let digests = matches!((running.digest(), planned.digest()), (Some(a), Some(b)) if a != b);
+            tags || digests
         }
+        _ => false,
+    }
 }
 
 /// The version an image reference names: its tag, else its digest, else `latest`.
@@ -426,19 +432,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_running_image_is_the_planned_one_when_only_a_digest_was_added() {
+    fn only_another_tag_or_digest_of_the_planned_repository_is_another_version() {
         let planned = "r.example/pf/rt:20240222.v4";
         let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-        assert!(same_image(planned, planned));
+        let other = "sha256:1123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert!(!another_version(planned, planned));
+        assert!(another_version("r.example/pf/rt:20240301.v1", planned));
+        assert!(another_version(
+            &format!("r.example/pf/rt:20240222.v4@{other}"),
+            &format!("{planned}@{digest}")
+        ));
+        // What webhooks do to references is not another version.
         assert!(
-            same_image(&format!("{planned}@{digest}"), planned),
-            "a webhook pinned the digest"
+            !another_version(&format!("{planned}@{digest}"), planned),
+            "a digest added"
         );
-        assert!(!same_image("r.example/pf/rt:20240301.v1", planned));
-        assert!(!same_image("mirror.example/pf/rt:20240222.v4", planned));
         assert!(
-            !same_image(planned, &format!("{planned}@{digest}")),
-            "the plan's digest is not running"
+            !another_version(&format!("r.example/pf/rt@{digest}"), "r.example/pf/rt"),
+            "the tag replaced"
+        );
+        assert!(
+            !another_version("mirror.example/pf/rt:20240301.v1", planned),
+            "a mirror"
         );
         assert_eq!(version_of(planned), "20240222.v4");
         assert_eq!(version_of(&format!("r.example/pf/rt@{digest}")), digest);
