@@ -1,12 +1,13 @@
 //! Fair turns across namespaces. kube-runtime's scheduler runs ready objects first come, first
 //! served, so a namespace that creates thousands of runtimes at once (or a relist that brings
 //! them all back) would keep every other namespace waiting until its backlog is through. The
-//! controller therefore hands every ready runtime to its reconcile at once and the reconcile
-//! waits here for a turn: at most `limit` run together, and when one ends the next turn goes to
-//! the next namespace in a round robin over the namespaces with runtimes waiting, oldest first
-//! within each. A quiet namespace's runtime thus waits for at most one turn of each busy
-//! namespace, not for their backlogs. A waiting reconcile holds no more than its object and a
-//! channel; the reconcile itself is built once it has its turn.
+//! runtimes to reconcile therefore wait in the [`FairQueue`](super::queue::FairQueue) in front of
+//! the controller, and each reconcile the controller starts waits here for a turn: at most
+//! `limit` run together, and when one ends the next turn goes to the next namespace in a round
+//! robin over the namespaces with runtimes waiting, oldest first within each. A quiet namespace's
+//! runtime thus waits for at most one turn of each busy namespace, not for their backlogs. A
+//! waiting reconcile holds no more than its object and a channel; the reconcile itself is built
+//! once it has its turn.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,6 +18,8 @@ use tokio::sync::oneshot;
 pub struct FairGate {
     limit: usize,
     state: Mutex<State>,
+    /// Signalled whenever a turn ends (and by the [`super::queue::FairQueue`] in front).
+    freed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -68,6 +71,7 @@ impl FairGate {
         Arc::new(Self {
             limit: limit.max(1),
             state: Mutex::new(State::default()),
+            freed: tokio::sync::Notify::new(),
         })
     }
 
@@ -113,6 +117,11 @@ impl FairGate {
     /// gets it (so one namespace whose reconciles are slow cannot gather them all while others
     /// wait), else the next in order; or there is one fewer running.
     fn pass_on(&self, from: Option<&str>) {
+        self.pass_turn(from);
+        self.freed.notify_one();
+    }
+
+    fn pass_turn(&self, from: Option<&str>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(from) = from
             && let Some(held) = state.holding.get_mut(from)
@@ -154,6 +163,22 @@ impl FairGate {
         state.closed = true;
         state.waiting.clear();
         state.order.clear();
+    }
+
+    /// How many reconciles run at once.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Reconciles running or waiting for a turn.
+    pub fn occupied(&self) -> usize {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.running + state.waiting.values().map(VecDeque::len).sum::<usize>()
+    }
+
+    /// Signalled whenever a turn ends.
+    pub fn freed(&self) -> &tokio::sync::Notify {
+        &self.freed
     }
 
     /// Reconciles waiting for a turn.

@@ -7,6 +7,7 @@ pub mod index;
 pub mod instance;
 pub mod lean;
 pub mod network;
+pub mod queue;
 pub mod recorder;
 pub mod runtime;
 pub mod watch_health;
@@ -340,48 +341,79 @@ pub async fn run(
             }
         })
         .applied_objects();
-    // Every ready runtime goes to its reconcile at once; the reconcile waits for a fair turn
-    // (at most `concurrency` run, round robin over namespaces): see [`fair`].
-    // Without fairness kube-runtime's queue bounds the reconciles, and every turn is free.
-    let (queue_bound, turn_limit) = if settings.namespace_fairness {
-        (0, usize::from(settings.concurrency))
-    } else {
-        (settings.concurrency, usize::MAX)
-    };
-    let turns = fair::FairGate::new(turn_limit);
+    // Every watch event, mapper and wake that names a runtime goes to the fair queue; the queue
+    // hands runtimes to the controller while few wait for a turn, and each reconcile waits at
+    // the gate for its turn (at most `concurrency` run, round robin over namespaces): see
+    // [`queue`] and [`fair`]. Without fairness both are first come, first served.
+    let turns = fair::FairGate::new(usize::from(settings.concurrency));
+    let queue = queue::FairQueue::new(turns.clone(), settings.namespace_fairness);
     tokio::spawn({
-        let (turns, shutdown) = (turns.clone(), shutdown.clone());
+        let (turns, queue, shutdown) = (turns.clone(), queue.clone(), shutdown.clone());
         async move {
             shutdown.await;
+            queue.close();
             turns.close();
         }
     });
     context.metrics.watch_waiting_turns({
-        let turns = turns.clone();
-        move || turns.waiting()
+        let (turns, queue) = (turns.clone(), queue.clone());
+        move || turns.waiting() + queue.waiting()
     });
-    let controller = Controller::for_stream(runtime_stream, runtime_store)
-        .with_config(controller::Config::default().concurrency(queue_bound))
-        .trigger_backoff(watch_backoff())
-        .watches_stream(pod_stream, {
-            let dependents = dependents.clone();
-            move |pod: lean::LeanPod| dependents.of_pod(&pod)
-        })
-        .owns_stream(service_stream)
-        .reconcile_on(runtime_wakes.map(|key| lean::runtime_key(&key)))
-        .watches_stream(account_stream, dependents.of(Dependency::ServiceAccount))
-        .watches_stream(
-            config_map_stream,
-            dependents.of::<PartialObjectMeta<ConfigMap>>(Dependency::ConfigMap),
-        )
-        .watches_stream(quota_stream, {
-            let dependents = dependents.clone();
-            move |quota: ResourceQuota| match quota.namespace() {
-                Some(ns) => dependents.lookup(&Dependency::Quotas(ns)),
-                None => vec![],
+    type Keys = Vec<ObjectRef<lean::LeanRuntime>>;
+    let of_runtime = |runtime: lean::LeanRuntime| vec![ObjectRef::from_obj(&runtime)];
+    let of_pod = {
+        let dependents = dependents.clone();
+        move |pod: lean::LeanPod| dependents.of_pod(&pod)
+    };
+    let of_quota = {
+        let dependents = dependents.clone();
+        move |quota: ResourceQuota| match quota.namespace() {
+            Some(ns) => dependents.lookup(&Dependency::Quotas(ns)),
+            None => vec![],
+        }
+    };
+    let triggers: Vec<futures::stream::BoxStream<'static, Keys>> = vec![
+        runtime_stream
+            .map(move |r| r.map(of_runtime).unwrap_or_default())
+            .boxed(),
+        pod_stream.map(move |p| p.map(&of_pod).unwrap_or_default()).boxed(),
+        service_stream
+            .map(|s| s.map(|service| service_owner(&service)).unwrap_or_default())
+            .boxed(),
+        runtime_wakes.map(|key| vec![lean::runtime_key(&key)]).boxed(),
+        account_stream
+            .map({
+                let of = dependents.of(Dependency::ServiceAccount);
+                move |a| a.map(&of).unwrap_or_default()
+            })
+            .boxed(),
+        config_map_stream
+            .map({
+                let of = dependents.of::<PartialObjectMeta<ConfigMap>>(Dependency::ConfigMap);
+                move |c| c.map(&of).unwrap_or_default()
+            })
+            .boxed(),
+        quota_stream.map(move |q| q.map(&of_quota).unwrap_or_default()).boxed(),
+    ];
+    // The watches (and so the caches) are driven here, not by the controller.
+    tokio::spawn({
+        let (queue, shutdown) = (queue.clone(), shutdown.clone());
+        let mut triggers = futures::stream::select_all(triggers).take_until(shutdown);
+        async move {
+            while let Some(keys) = triggers.next().await {
+                for key in &keys {
+                    queue.push(key);
+                }
             }
-        })
-        .graceful_shutdown_on(shutdown.clone());
+        }
+    });
+    let controller = Controller::for_stream(
+        futures::stream::pending::<Result<lean::LeanRuntime, watcher::Error>>(),
+        runtime_store,
+    )
+    .with_config(controller::Config::default().concurrency(0))
+    .reconcile_on(queue.clone().stream())
+    .graceful_shutdown_on(shutdown.clone());
     let instance_controller = Controller::for_stream(instance_stream, instance_store)
         .with_config(controller::Config::default().concurrency(settings.concurrency))
         .trigger_backoff(watch_backoff())
@@ -392,9 +424,11 @@ pub async fn run(
         namespace = scope.unwrap_or("(all)"),
         "PromptFlowRuntime controller running"
     );
+    let finished = queue.clone();
     let runtimes = controller
         .run(
             move |runtime, ctx| {
+                queue.started(runtime.namespace().as_deref(), &runtime.name_any());
                 let turns = turns.clone();
                 // Boxed: kube-runtime keeps every running reconcile inline in one table, and with
                 // fair turns all ready runtimes are running (waiting for their turn) at once.
@@ -417,7 +451,12 @@ pub async fn run(
             runtime::error_policy,
             context.clone(),
         )
-        .for_each(|result| async move { log_failure(result.err()) });
+        .for_each(|result| {
+            if let Err(controller::Error::ObjectNotFound(gone)) = &result {
+                finished.started(gone.namespace.as_deref(), &gone.name);
+            }
+            async move { log_failure(result.err()) }
+        });
     let instances = instance_controller
         .run(
             |instance, ctx| unpanicking(instance::reconcile(instance, ctx)),
@@ -452,6 +491,20 @@ fn log_failure(err: Option<controller::Error<crate::error::Error, watcher::Error
         None | Some(controller::Error::ObjectNotFound(_)) => {}
         Some(other) => warn!(error = %other, "controller"),
     }
+}
+
+/// The runtimes a Service of the operator belongs to (its owners of that kind).
+fn service_owner(service: &lean::LeanService) -> Vec<ObjectRef<lean::LeanRuntime>> {
+    let namespace = service.namespace().unwrap_or_default();
+    service
+        .owner_references()
+        .iter()
+        .filter(|owner| {
+            owner.kind == crate::api::PromptFlowRuntime::kind(&())
+                && owner.api_version == crate::api::PromptFlowRuntime::api_version(&())
+        })
+        .map(|owner| ObjectRef::new(&owner.name).within(&namespace))
+        .collect()
 }
 
 /// The dependency a compute instance is to the runtimes on it.
