@@ -9,9 +9,10 @@ use k8s_openapi::api::core::v1::{Pod, ResourceQuota, ServiceAccount};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 
+use super::cache::Cache;
 use super::index::DependencyIndex;
 use super::instance::InstanceMemory;
-use super::lean::{LeanPod, LeanRuntime, LeanService};
+use super::lean::{CachedPod, CachedService, LeanRuntime};
 use super::recorder::Recorder;
 use super::runtime::{Backoff, OwnWrites};
 use crate::api::{ComputeInstance, PromptFlowRuntime};
@@ -35,10 +36,10 @@ pub struct Context {
     pub template: PodTemplate,
     /// Publishes events.
     pub recorder: Recorder,
-    /// Owned pods (lean: only what the controllers read; `pod()` gives one as a `Pod`).
-    pub pods: Store<LeanPod>,
-    /// Owned Services (lean; `service()` gives one as a `Service`).
-    pub services: Store<LeanService>,
+    /// Owned pods (only what the controllers read; `pod()` gives one as a `Pod`).
+    pub pods: Arc<Cache<CachedPod>>,
+    /// Owned Services (who made them, their version and shape; `service()` gives one).
+    pub services: Arc<Cache<CachedService>>,
     /// Asks activity proxies.
     pub probe: ActivityProbe,
     /// Idle-stop settings.
@@ -173,8 +174,7 @@ impl Context {
     /// The cached pod `name` of `namespace`, as a `Pod` holding the fields the cache keeps.
     pub fn pod(&self, name: &str, namespace: &str) -> Option<Arc<Pod>> {
         self.pods
-            .get(&ObjectRef::new(name).within(namespace))
-            .map(|lean| Arc::new(lean.to_pod()))
+            .get(namespace, name, |cached| Arc::new(cached.to_pod(name, namespace)))
     }
 
     /// The cached pod `name` of `namespace` when the operator made it for `owner` (its controller
@@ -186,8 +186,8 @@ impl Context {
     }
 
     /// The cached Service `name` of `namespace`: who it is and a digest of its shape.
-    pub fn service(&self, name: &str, namespace: &str) -> Option<Arc<crate::controller::lean::LeanService>> {
-        self.services.get(&ObjectRef::new(name).within(namespace))
+    pub fn service(&self, name: &str, namespace: &str) -> Option<CachedService> {
+        self.services.get(namespace, name, Clone::clone)
     }
 
     /// Waits until the caches hold a full list: decisions need complete caches (a service

@@ -1,12 +1,12 @@
 //! Fair turns across namespaces. kube-runtime's scheduler runs ready objects first come, first
 //! served, so a namespace that creates thousands of runtimes at once (or a relist that brings
 //! them all back) would keep every other namespace waiting until its backlog is through. The
-//! runtimes to reconcile therefore wait in the [`FairQueue`](super::queue::FairQueue) in front of
-//! the controller, and each reconcile the controller starts waits here for a turn: at most
+//! runtimes to reconcile therefore wait in the [`FairQueue`](super::queue::FairQueue), and each
+//! reconcile the [`runner`](super::runner) starts waits here for a turn: at most
 //! `limit` run together, and when one ends the next turn goes to the next namespace in a round
 //! robin over the namespaces with runtimes waiting, oldest first within each. A quiet namespace's
 //! runtime thus waits for at most one turn of each busy namespace, not for their backlogs. A
-//! waiting reconcile holds no more than its object and a channel; the reconcile itself is built
+//! waiting reconcile holds no more than its runtime's name and a channel; it reads the runtime
 //! once it has its turn.
 
 use std::collections::{HashMap, VecDeque};
@@ -17,9 +17,9 @@ use tokio::sync::oneshot;
 /// The turns: how many run, and who waits in which namespace.
 pub struct FairGate {
     limit: usize,
+    /// Round robin over namespaces; false: one line for all, first come, first served.
+    fair: bool,
     state: Mutex<State>,
-    /// Signalled whenever a turn ends (and by the [`super::queue::FairQueue`] in front).
-    freed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -68,16 +68,23 @@ impl Drop for Waiting {
 impl FairGate {
     /// A gate letting `limit` reconciles (at least one) run at once.
     pub fn new(limit: usize) -> Arc<Self> {
+        Self::with_fairness(limit, true)
+    }
+
+    /// A gate letting `limit` reconciles run at once, round robin over namespaces when `fair`,
+    /// else first come, first served.
+    pub fn with_fairness(limit: usize, fair: bool) -> Arc<Self> {
         Arc::new(Self {
+            fair,
             limit: limit.max(1),
             state: Mutex::new(State::default()),
-            freed: tokio::sync::Notify::new(),
         })
     }
 
     /// Waits for a turn for a reconcile in `namespace`; `None` once the gate is closed (the
     /// controller is shutting down: the reconcile is not run).
     pub async fn enter(self: &Arc<Self>, namespace: &str) -> Option<Turn> {
+        let namespace = if self.fair { namespace } else { "" };
         let receiver = {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             if state.closed {
@@ -117,11 +124,6 @@ impl FairGate {
     /// gets it (so one namespace whose reconciles are slow cannot gather them all while others
     /// wait), else the next in order; or there is one fewer running.
     fn pass_on(&self, from: Option<&str>) {
-        self.pass_turn(from);
-        self.freed.notify_one();
-    }
-
-    fn pass_turn(&self, from: Option<&str>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(from) = from
             && let Some(held) = state.holding.get_mut(from)
@@ -168,17 +170,6 @@ impl FairGate {
     /// How many reconciles run at once.
     pub fn limit(&self) -> usize {
         self.limit
-    }
-
-    /// Reconciles running or waiting for a turn.
-    pub fn occupied(&self) -> usize {
-        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.running + state.waiting.values().map(VecDeque::len).sum::<usize>()
-    }
-
-    /// Signalled whenever a turn ends.
-    pub fn freed(&self) -> &tokio::sync::Notify {
-        &self.freed
     }
 
     /// Reconciles waiting for a turn.
@@ -242,6 +233,28 @@ mod tests {
         drop(held);
         drop(leaving);
         assert!(gate.enter("c").now_or_never().flatten().is_some(), "the turn came back");
+    }
+
+    #[tokio::test]
+    async fn without_fairness_turns_go_first_come_first_served() {
+        let gate = FairGate::with_fairness(1, false);
+        let first = gate.enter("crowd").await.unwrap();
+        let (done, mut order) = tokio::sync::mpsc::unbounded_channel();
+        let mut tasks = vec![];
+        for (namespace, name) in [("crowd", "c2"), ("crowd", "c3"), ("quiet", "q1")] {
+            let (gate, done) = (gate.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                let _turn = gate.enter(namespace).await.expect("a turn");
+                done.send(name).unwrap();
+            }));
+            tokio::task::yield_now().await;
+        }
+        drop(first);
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let seen: Vec<_> = std::iter::from_fn(|| order.try_recv().ok()).collect();
+        assert_eq!(seen, ["c2", "c3", "q1"]);
     }
 
     #[tokio::test]

@@ -1,19 +1,20 @@
 //! What the caches keep of each object: only the fields the controllers read. Pods and Services
 //! are deserialized from the watch straight into lean types holding just those fields (the full
-//! objects are never built); other objects are trimmed before they enter a store.
+//! objects are never built), and the operator's own caches ([`super::cache`]) keep a compact
+//! value made from each; other objects are trimmed before they enter a store.
 //!
 //! Read by the controllers, and therefore kept:
 //! - every object: name, namespace, uid, resourceVersion, labels, annotations (without
 //!   `last-applied-configuration`), owner references, finalizers, deletionTimestamp, generation;
-//! - pods: only the `promptflow.dev/` labels and annotations (outside the metadata, as one short
-//!   list), the creation time, the containers' images on instance pods only, of the owner
-//!   references only the controller's uid (who made the pod); each container's name and
-//!   resources (a resize gives its quota usage back), whether it has pod-level resources, the phase and its message, pod IP, the
-//!   `Ready` and `PodScheduled` conditions (type, status, reason, message) and container
-//!   statuses
-//!   (name, ready, restart count, state and last state without times or ids);
-//! - Services: name, namespace, uid, resourceVersion, the controller's owner reference, and a
-//!   digest of labels, cluster IP, selector and ports — what `matches` compares;
+//! - pods: uid, resourceVersion, creation and deletion times, of the owner references only the
+//!   controller's uid (who made the pod), only the `promptflow.dev/` labels and annotations (as
+//!   one short list), the containers' images on instance pods only; each container's name and
+//!   resources (a resize gives its quota usage back), whether it has pod-level resources, the
+//!   phase and its message, pod IP, the `Ready` and `PodScheduled` conditions (type, status,
+//!   reason, message) and container statuses (name, ready, restart count, state and last state
+//!   without times or ids);
+//! - Services: uid, resourceVersion, the controller owner's uid, and a digest of labels, cluster
+//!   IP, selector and ports — what `matches` compares;
 //! - runtimes: their spec as compact JSON, read back per reconcile, and their status with the
 //!   strings and condition texts it has in common with other runtimes shared ([`status`]);
 //! - service accounts: image pull secrets; quotas: everything but managed fields.
@@ -53,9 +54,24 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use kube::Resource;
 
-pub use self::pod::{LeanPod, trim_pod};
+pub use self::pod::{CachedPod, LeanPod};
 pub use self::runtime::{LeanRuntime, runtime_key};
-pub use self::service::LeanService;
+pub use self::service::{CachedService, LeanService};
+
+/// The uid of an object's controller owner reference: who made it, all the caches keep of its
+/// owners.
+fn controller_uid(meta: &ObjectMeta) -> Option<Box<str>> {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .find(|owner| owner.controller == Some(true))
+        .map(|owner| owner.uid.as_str().into())
+}
+
+/// Whether the controller owner uid kept, `kept`, is `owner_uid`.
+fn controlled_by(kept: Option<&str>, owner_uid: Option<&str>) -> bool {
+    owner_uid.is_some_and(|uid| kept == Some(uid))
+}
 
 /// Drops what no cached object needs: managed fields and the last-applied annotation.
 pub fn trim<K: Resource>(object: &mut K) {

@@ -1,6 +1,7 @@
 //! The controllers and their wiring: watches, caches, the dependency index, and the client
 //! whose requests are counted.
 
+pub mod cache;
 pub mod context;
 pub mod fair;
 pub mod index;
@@ -9,6 +10,7 @@ pub mod lean;
 pub mod network;
 pub mod queue;
 pub mod recorder;
+pub mod runner;
 pub mod runtime;
 pub mod watch_health;
 
@@ -41,8 +43,8 @@ pub struct Settings {
     pub template: PodTemplate,
     /// How many runtimes reconcile at once.
     pub concurrency: u16,
-    /// Turns round robin over namespaces ([`fair`]); false: kube-runtime's first come, first
-    /// served queue.
+    /// Turns round robin over namespaces ([`queue`], [`fair`]); false: first come, first
+    /// served.
     pub namespace_fairness: bool,
     /// Watch only this namespace; `None`: every namespace.
     pub namespace: Option<String>,
@@ -131,8 +133,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let scope = settings.namespace.as_deref();
-    let (pods, pod_writer) = reflector::store();
-    let (services, service_writer) = reflector::store();
+    let pods = cache::Cache::new();
+    let services = cache::Cache::new();
+    let (pod_writer, service_writer) = (pods.writer(), services.writer());
     let (accounts, account_writer) = reflector::store();
     let (quotas, quota_writer) = reflector::store();
     let (runtime_store, runtime_writer) = reflector::store::<lean::LeanRuntime>();
@@ -146,18 +149,13 @@ pub async fn run(
         watcher::Config::default().labels(OWNED_POD_SELECTOR),
     )
     .backoff(watch_backoff())
-    .filter(tracked(&health, "pods"))
-    .modify(lean::trim_pod)
-    .reflect(pod_writer)
-    .touched_objects();
+    .filter(tracked(&health, "pods"));
     let service_stream = watcher(
         scoped::<lean::LeanService>(&client, scope),
         watcher::Config::default().labels(OWNED_SERVICE_SELECTOR),
     )
     .backoff(watch_backoff())
-    .filter(tracked(&health, "services"))
-    .reflect(service_writer)
-    .touched_objects();
+    .filter(tracked(&health, "services"));
     let account_stream = watcher(scoped::<ServiceAccount>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())
         .filter(tracked(&health, "service accounts"))
@@ -185,8 +183,9 @@ pub async fn run(
     // stores and broadcasts readiness to every reconcile.
     // /readyz turns ready with them.
     let (ready_tx, caches_ready) = tokio::sync::watch::channel(false);
-    // The runtime and instance stores are waited on by their controllers, so their first full
-    // list is signalled from their streams instead.
+    // The runtime store is waited on by the runner and the instance store by its controller
+    // (kube's store wakes only its latest waiter), so their first full list is signalled from
+    // their streams instead.
     let (runtimes_listed, mut runtimes_listed_rx) = tokio::sync::watch::channel(false);
     let (instances_listed, mut instances_listed_rx) = tokio::sync::watch::channel(false);
     let waiting = (pods.clone(), services.clone(), accounts.clone(), quotas.clone());
@@ -274,8 +273,8 @@ pub async fn run(
     // The reconciler records into the context's index; the mappers read the same one.
     let dependents = Dependents(context.clone());
 
-    // The runtime watch is ours (not the controller's) so a deleted runtime's entries in the
-    // index and the write memory are dropped: reconciles never see deletions without a finalizer.
+    // The runtime watch drops a deleted runtime's entries in the index, the write memory and the
+    // deadlines: reconciles never see deletions without a finalizer.
     let counted = runtime_store.clone();
     context.metrics.count_phases_with(Box::new(move || {
         let mut counts = std::collections::BTreeMap::<&'static str, i64>::new();
@@ -285,6 +284,8 @@ pub async fn run(
         counts.into_iter().collect()
     }));
     let forgetting = context.clone();
+    let timers = Arc::new(runner::Timers::default());
+    let forgetting_timers = timers.clone();
     let watched_namespace = scope.map(str::to_owned);
     let runtime_stream = watcher(scoped::<lean::LeanRuntime>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())
@@ -296,6 +297,7 @@ pub async fn run(
                 watcher::Event::Delete(runtime) => {
                     wake_instances_of(&forgetting, runtime);
                     runtime::forget(&forgetting, runtime);
+                    forgetting_timers.forget(&runtime.namespace().unwrap_or_default(), &runtime.name_any());
                     if let (Some(_), Some(namespace)) = (&forgetting.network, runtime.namespace()) {
                         let releasing = forgetting.clone();
                         tokio::spawn(async move { network::release_if_empty(&releasing, &namespace).await });
@@ -307,6 +309,8 @@ pub async fn run(
                 watcher::Event::InitDone => {
                     runtimes_listed.send_replace(true);
                     runtime::forget_missing(&forgetting, |key| store.get(&lean::runtime_key(key)).is_some());
+                    forgetting_timers
+                        .retain(|namespace, name| store.get(&ObjectRef::new(name).within(namespace)).is_some());
                     if forgetting.network.is_some() {
                         let sweeping = forgetting.clone();
                         let namespace = watched_namespace.clone();
@@ -315,8 +319,7 @@ pub async fn run(
                 }
                 watcher::Event::Init => {}
             }
-        })
-        .applied_objects();
+        });
     let instance_context = context.clone();
     let instance_stream = watcher(scoped::<ComputeInstance>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())
@@ -341,12 +344,12 @@ pub async fn run(
             }
         })
         .applied_objects();
-    // Every watch event, mapper and wake that names a runtime goes to the fair queue; the queue
-    // hands runtimes to the controller while few wait for a turn, and each reconcile waits at
-    // the gate for its turn (at most `concurrency` run, round robin over namespaces): see
-    // [`queue`] and [`fair`]. Without fairness both are first come, first served.
-    let turns = fair::FairGate::new(usize::from(settings.concurrency));
-    let queue = queue::FairQueue::new(turns.clone(), settings.namespace_fairness);
+    // Every watch event, mapper, wake and due deadline that names a runtime goes to the fair
+    // queue; the runner takes runtimes from it while few wait for a turn, and each reconcile
+    // waits at the gate for its turn (at most `concurrency` run, round robin over namespaces):
+    // see [`queue`], [`runner`] and [`fair`]. Without fairness both are first come, first served.
+    let turns = fair::FairGate::with_fairness(usize::from(settings.concurrency), settings.namespace_fairness);
+    let queue = queue::FairQueue::new(settings.namespace_fairness);
     tokio::spawn({
         let (turns, queue, shutdown) = (turns.clone(), queue.clone(), shutdown.clone());
         async move {
@@ -360,11 +363,41 @@ pub async fn run(
         move || turns.waiting() + queue.waiting()
     });
     type Keys = Vec<ObjectRef<lean::LeanRuntime>>;
-    let of_runtime = |runtime: lean::LeanRuntime| vec![ObjectRef::from_obj(&runtime)];
-    let of_pod = {
-        let dependents = dependents.clone();
-        move |pod: lean::LeanPod| dependents.of_pod(&pod)
+    // A listed runtime is reconciled once the list is through and the store holds it (a
+    // relist replaces the store only then); a watched change at once.
+    let mut listed: Keys = vec![];
+    let mut of_runtime = move |event: watcher::Event<lean::LeanRuntime>| match event {
+        watcher::Event::Apply(runtime) => vec![ObjectRef::from_obj(&runtime)],
+        watcher::Event::InitApply(runtime) => {
+            listed.push(ObjectRef::from_obj(&runtime));
+            vec![]
+        }
+        watcher::Event::InitDone => std::mem::take(&mut listed),
+        watcher::Event::Init => {
+            listed.clear();
+            vec![]
+        }
+        watcher::Event::Delete(_) => vec![],
     };
+    let of_pod = relisting(
+        pod_writer,
+        lean::CachedPod::of,
+        {
+            let dependents = dependents.clone();
+            move |pod: &lean::LeanPod| dependents.of_pod(&pod.namespace().unwrap_or_default(), |key| pod.label(key))
+        },
+        {
+            let dependents = dependents.clone();
+            move |namespace: &str, _: &str, pod: &lean::CachedPod| dependents.of_pod(namespace, |key| pod.label(key))
+        },
+    );
+    // A runtime's Service has the runtime's name.
+    let of_service = relisting(
+        service_writer,
+        lean::CachedService::of,
+        service_owner,
+        |namespace: &str, name: &str, _: &lean::CachedService| vec![ObjectRef::new(name).within(namespace)],
+    );
     let of_quota = {
         let dependents = dependents.clone();
         move |quota: ResourceQuota| match quota.namespace() {
@@ -374,12 +407,10 @@ pub async fn run(
     };
     let triggers: Vec<futures::stream::BoxStream<'static, Keys>> = vec![
         runtime_stream
-            .map(move |r| r.map(of_runtime).unwrap_or_default())
+            .map(move |event| event.map(&mut of_runtime).unwrap_or_default())
             .boxed(),
-        pod_stream.map(move |p| p.map(&of_pod).unwrap_or_default()).boxed(),
-        service_stream
-            .map(|s| s.map(|service| service_owner(&service)).unwrap_or_default())
-            .boxed(),
+        pod_stream.map(of_pod).boxed(),
+        service_stream.map(of_service).boxed(),
         runtime_wakes.map(|key| vec![lean::runtime_key(&key)]).boxed(),
         account_stream
             .map({
@@ -395,8 +426,10 @@ pub async fn run(
             .boxed(),
         quota_stream.map(move |q| q.map(&of_quota).unwrap_or_default()).boxed(),
     ];
-    // The watches (and so the caches) are driven here, not by the controller.
-    tokio::spawn({
+    // The watches (and so the caches) are driven here, and deadlines come due onto the queue;
+    // both are polled with the controllers below, so a panic in them ends the process (and its
+    // pod restarts) instead of leaving the operator on frozen caches.
+    let watching = {
         let (queue, shutdown) = (queue.clone(), shutdown.clone());
         let mut triggers = futures::stream::select_all(triggers).take_until(shutdown);
         async move {
@@ -406,14 +439,16 @@ pub async fn run(
                 }
             }
         }
-    });
-    let controller = Controller::for_stream(
-        futures::stream::pending::<Result<lean::LeanRuntime, watcher::Error>>(),
-        runtime_store,
-    )
-    .with_config(controller::Config::default().concurrency(0))
-    .reconcile_on(queue.clone().stream())
-    .graceful_shutdown_on(shutdown.clone());
+    };
+    let deadlines = {
+        let (timers, queue, shutdown) = (timers.clone(), queue.clone(), shutdown.clone());
+        async move {
+            tokio::select! {
+                () = timers.fire(&queue) => {}
+                () = shutdown => {}
+            }
+        }
+    };
     let instance_controller = Controller::for_stream(instance_stream, instance_store)
         .with_config(controller::Config::default().concurrency(settings.concurrency))
         .trigger_backoff(watch_backoff())
@@ -424,39 +459,21 @@ pub async fn run(
         namespace = scope.unwrap_or("(all)"),
         "PromptFlowRuntime controller running"
     );
-    let finished = queue.clone();
-    let runtimes = controller
-        .run(
-            move |runtime, ctx| {
-                queue.started(runtime.namespace().as_deref(), &runtime.name_any());
-                let turns = turns.clone();
-                // Boxed: kube-runtime keeps every running reconcile inline in one table, and with
-                // fair turns all ready runtimes are running (waiting for their turn) at once.
-                Box::pin(async move {
-                    let namespace = runtime.namespace().unwrap_or_default();
-                    let Some(_turn) = turns.enter(&namespace).await else {
-                        // Shutting down: not run now; the next process looks at it.
-                        return Ok(controller::Action::await_change());
-                    };
-                    // The object as it is now, not as it was when the wait began: deleted
-                    // meanwhile, there is nothing to do (its deletion woke what must follow).
-                    let Some(runtime) = ctx.runtimes.get(&ObjectRef::from_obj(&*runtime)) else {
-                        return Ok(controller::Action::await_change());
-                    };
-                    // Built once it has its turn, so a waiting reconcile stays small.
-                    let runtime = Arc::new(runtime.full()?);
-                    Box::pin(unpanicking(runtime::reconcile(runtime, ctx))).await
-                })
-            },
-            runtime::error_policy,
-            context.clone(),
-        )
-        .for_each(|result| {
-            if let Err(controller::Error::ObjectNotFound(gone)) = &result {
-                finished.started(gone.namespace.as_deref(), &gone.name);
+    let reconciling = context.clone();
+    let runtimes = runner::run(queue, turns, timers, runtime_store, move |runtime| {
+        let ctx = reconciling.clone();
+        async move {
+            // Built once it has its turn, so a waiting reconcile stays small.
+            let result = match runtime.full() {
+                Ok(full) => unpanicking(runtime::reconcile(Arc::new(full), ctx.clone())).await,
+                Err(err) => Err(err),
+            };
+            match result {
+                Ok(action) => action,
+                Err(err) => runtime::error_policy(runtime, &err, ctx),
             }
-            async move { log_failure(result.err()) }
-        });
+        }
+    });
     let instances = instance_controller
         .run(
             |instance, ctx| unpanicking(instance::reconcile(instance, ctx)),
@@ -464,15 +481,15 @@ pub async fn run(
             context,
         )
         .for_each(|result| async move { log_failure(result.err()) });
-    futures::join!(runtimes, instances);
+    futures::join!(runtimes, instances, watching, deadlines);
     info!("controllers stopped");
 }
 
 /// A reconcile whose panic becomes an error of its object, retried with backoff like any other:
 /// one object's unforeseen input never takes the process (and every namespace) down.
-async fn unpanicking(
-    reconcile: impl std::future::Future<Output = crate::error::Result<controller::Action>>,
-) -> crate::error::Result<controller::Action> {
+async fn unpanicking<T>(
+    reconcile: impl std::future::Future<Output = crate::error::Result<T>>,
+) -> crate::error::Result<T> {
     match std::panic::AssertUnwindSafe(reconcile).catch_unwind().await {
         Ok(result) => result,
         Err(panic) => {
@@ -490,6 +507,46 @@ fn log_failure(err: Option<controller::Error<crate::error::Error, watcher::Error
     match err {
         None | Some(controller::Error::ObjectNotFound(_)) => {}
         Some(other) => warn!(error = %other, "controller"),
+    }
+}
+
+/// Maps a cached watch's items to the runtimes they concern, keeping the cache: a change at once;
+/// what a (re)list brings once it is through (the cache shows the new list only then, so a
+/// runtime woken earlier would read the old one); and at that moment also what the list no
+/// longer holds (deleted while the watch was away, with no event of its own).
+fn relisting<W, T>(
+    writer: cache::Writer<T>,
+    keep: fn(&W) -> T,
+    of: impl Fn(&W) -> Vec<ObjectRef<lean::LeanRuntime>>,
+    of_gone: impl Fn(&str, &str, &T) -> Vec<ObjectRef<lean::LeanRuntime>>,
+) -> impl FnMut(Result<watcher::Event<W>, watcher::Error>) -> Vec<ObjectRef<lean::LeanRuntime>>
+where
+    W: Resource,
+{
+    let mut listed = vec![];
+    move |item| {
+        let Ok(event) = item else {
+            return vec![];
+        };
+        let gone = writer.apply(&event, keep);
+        match &event {
+            watcher::Event::Apply(object) | watcher::Event::Delete(object) => of(object),
+            watcher::Event::Init => {
+                listed.clear();
+                vec![]
+            }
+            watcher::Event::InitApply(object) => {
+                listed.extend(of(object));
+                vec![]
+            }
+            watcher::Event::InitDone => {
+                let mut keys = std::mem::take(&mut listed);
+                for (namespace, name, object) in &gone {
+                    keys.extend(of_gone(namespace, name, object));
+                }
+                keys
+            }
+        }
     }
 }
 
@@ -558,14 +615,61 @@ impl Dependents {
     }
 
     /// A runtime's own pod wakes it; an instance pod wakes its instance and the runtimes on it.
-    fn of_pod(&self, pod: &lean::LeanPod) -> Vec<ObjectRef<lean::LeanRuntime>> {
-        let namespace = pod.namespace().unwrap_or_default();
-        if let Some(instance) = pod.label(INSTANCE_LABEL) {
-            self.0.wake_instance(ObjectRef::new(instance).within(&namespace));
-            return self.lookup_runtimes(&Dependency::Instance(namespace, instance.to_owned()));
+    fn of_pod<'a>(
+        &self,
+        namespace: &str,
+        label: impl Fn(&str) -> Option<&'a str>,
+    ) -> Vec<ObjectRef<lean::LeanRuntime>> {
+        if let Some(instance) = label(INSTANCE_LABEL) {
+            self.0.wake_instance(ObjectRef::new(instance).within(namespace));
+            return self.lookup_runtimes(&Dependency::Instance(namespace.to_owned(), instance.to_owned()));
         }
-        pod.label(RUNTIME_LABEL)
-            .map(|runtime| vec![ObjectRef::new(runtime).within(&namespace)])
+        label(RUNTIME_LABEL)
+            .map(|runtime| vec![ObjectRef::new(runtime).within(namespace)])
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_map(name: &str) -> ConfigMap {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name, "namespace": "a"}})).unwrap()
+    }
+
+    fn names(keys: Vec<ObjectRef<lean::LeanRuntime>>) -> Vec<String> {
+        keys.into_iter().map(|key| key.name).collect()
+    }
+
+    #[test]
+    fn a_relist_wakes_what_it_brings_once_through_and_what_it_no_longer_holds() {
+        let cache = cache::Cache::<String>::new();
+        let mut keys = relisting(
+            cache.writer(),
+            |object: &ConfigMap| object.name_any(),
+            |object: &ConfigMap| vec![ObjectRef::new(&object.name_any()).within("a")],
+            |namespace: &str, name: &str, _: &String| vec![ObjectRef::new(&format!("gone-{name}")).within(namespace)],
+        );
+        let mut event = |event| keys(Ok(event));
+        assert!(event(watcher::Event::Init).is_empty());
+        assert!(event(watcher::Event::InitApply(config_map("one"))).is_empty());
+        assert!(
+            event(watcher::Event::InitApply(config_map("two"))).is_empty(),
+            "not before the list is through"
+        );
+        assert_eq!(names(event(watcher::Event::InitDone)), ["one", "two"]);
+        assert_eq!(cache.get("a", "two", Clone::clone).as_deref(), Some("two"));
+        assert_eq!(
+            names(event(watcher::Event::Apply(config_map("three")))),
+            ["three"],
+            "a change at once"
+        );
+        assert_eq!(names(event(watcher::Event::Delete(config_map("three")))), ["three"]);
+        // "one" was deleted while the watch was away: the relist does not bring it.
+        event(watcher::Event::Init);
+        event(watcher::Event::InitApply(config_map("two")));
+        assert_eq!(names(event(watcher::Event::InitDone)), ["two", "gone-one"]);
+        assert_eq!(cache.get("a", "one", Clone::clone), None);
     }
 }

@@ -4,84 +4,122 @@ use k8s_openapi::api::core::v1::{
     Container, ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus,
     Pod, PodCondition, PodSpec, PodStatus, ResourceRequirements,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 
 use serde::Deserialize;
 
-use super::{status, trim_meta};
+use super::status;
 
-/// Trims a pod further: of its labels and annotations only the operator's own
-/// (`promptflow.dev/…`: runtime and instance labels, the spec and inputs hashes, the instance type,
-/// the runtimes an instance pod carries), of its owner references only the controller's uid
-/// (whether the operator made it for that runtime or instance), of its conditions only
-/// `Ready` and `PodScheduled`, and its containers' images only on instance pods.
-pub fn trim_pod(pod: &mut LeanPod) {
-    let created = pod.metadata.creation_timestamp.take();
-    trim_meta(&mut pod.metadata);
-    pod.metadata.creation_timestamp = created;
-    let (labels, annotations) = (pod.metadata.labels.take(), pod.metadata.annotations.take());
-    if labels.is_some() || annotations.is_some() {
-        let ours = |map: Option<BTreeMap<String, String>>| {
-            map.into_iter()
-                .flatten()
-                .filter(|(key, _)| key.starts_with("promptflow.dev/"))
-                .map(|(key, value)| (status::text(&key), value.into_boxed_str()))
-                .collect::<Vec<_>>()
-        };
-        let mut own = ours(labels);
-        pod.labels = own.len();
-        own.extend(ours(annotations));
-        pod.own = own.into();
-    }
-    pod.metadata.owner_references = pod
-        .metadata
-        .owner_references
-        .take()
-        .unwrap_or_default()
-        .into_iter()
-        .find(|owner| owner.controller == Some(true))
-        .map(|owner| {
-            vec![OwnerReference {
-                uid: owner.uid,
-                controller: Some(true),
-                ..Default::default()
-            }]
-        });
-    if let Some(status) = pod.status.as_mut() {
-        status
-            .conditions
-            .retain(|c| &*c.type_ == "Ready" || &*c.type_ == "PodScheduled");
-    }
-    if pod.label(crate::build::instance::INSTANCE_LABEL).is_none() {
-        for container in &mut pod.spec.containers {
-            container.image = None;
-        }
-    }
-}
-
-/// A pod as the controllers read it, deserialized straight from the API server's JSON: a
-/// k8s-openapi `Pod` is 2.4 KiB before any field is set and each of its containers 2.1 KiB more,
-/// so trimming one after deserializing still left about 12 KiB per cached pod. Once trimmed, its
-/// metadata holds no labels or annotations (`ResourceExt::labels()` is empty): read them with
-/// [`LeanPod::label`], [`LeanPod::annotation`] or from [`LeanPod::to_pod`].
+/// A pod as its watch delivers it, deserialized straight from the API server's JSON into the
+/// fields the controllers read: a k8s-openapi `Pod` is 2.4 KiB before any field is set and each
+/// of its containers 2.1 KiB more. It lives only while its watch event is handled; the cache
+/// keeps a [`CachedPod`] made from it.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LeanPod {
-    /// Without labels and annotations once trimmed: the operator's own are in `own`.
     #[serde(default)]
     pub metadata: ObjectMeta,
-    /// The operator's own labels then its own annotations (`promptflow.dev/…`), `labels` of them
-    /// labels: two maps took about 1.1 KiB of every cached pod for four short entries.
-    #[serde(skip)]
-    own: Box<[(Arc<str>, Box<str>)]>,
-    #[serde(skip)]
-    labels: usize,
     #[serde(default)]
     spec: LeanPodSpec,
     #[serde(default)]
     status: Option<Box<LeanPodStatus>>,
+}
+
+impl LeanPod {
+    /// Its label `key`.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.metadata.labels.as_ref()?.get(key).map(String::as_str)
+    }
+}
+
+/// A pod as the pod cache keeps it (its name and namespace are the cache's keys): of its
+/// metadata the uid, resourceVersion, creation and deletion times, of its owner references only
+/// the controller's uid (whether the operator made it for that runtime or instance), of its
+/// labels and annotations only the operator's own (`promptflow.dev/…`: runtime and instance
+/// labels, the spec and inputs hashes, the instance type, the runtimes an instance pod carries);
+/// of its conditions only `Ready` and `PodScheduled`, and its containers' images only on instance
+/// pods. Read with [`CachedPod::label`], [`CachedPod::annotation`] or [`CachedPod::to_pod`].
+#[derive(Clone, Debug)]
+pub struct CachedPod {
+    uid: Option<Box<str>>,
+    resource_version: Option<Box<str>>,
+    created: Option<Time>,
+    deleting: Option<Time>,
+    /// The uid of its controller owner reference.
+    owner: Option<Box<str>>,
+    /// The operator's own labels then its own annotations, `labels` of them labels: two maps
+    /// took about 1.1 KiB of every cached pod for four short entries.
+    own: Box<[(Arc<str>, Box<str>)]>,
+    labels: usize,
+    spec: LeanPodSpec,
+    status: Option<Box<LeanPodStatus>>,
+}
+
+impl CachedPod {
+    /// What the cache keeps of `pod`.
+    pub fn of(pod: &LeanPod) -> Self {
+        let meta = &pod.metadata;
+        let ours = |map: Option<&BTreeMap<String, String>>| {
+            map.into_iter()
+                .flatten()
+                .filter(|(key, _)| key.starts_with("promptflow.dev/"))
+                .map(|(key, value)| (status::text(key), value.as_str().into()))
+                .collect::<Vec<_>>()
+        };
+        let mut own = ours(meta.labels.as_ref());
+        let labels = own.len();
+        own.extend(ours(meta.annotations.as_ref()));
+        let instance_pod = own[..labels]
+            .iter()
+            .any(|(key, _)| &**key == crate::build::instance::INSTANCE_LABEL);
+        let mut spec = pod.spec.clone();
+        if !instance_pod {
+            for container in &mut spec.containers {
+                container.image = None;
+            }
+        }
+        let status = pod.status.as_ref().map(|status| {
+            let mut status = status.clone();
+            status
+                .conditions
+                .retain(|c| &*c.type_ == "Ready" || &*c.type_ == "PodScheduled");
+            status
+        });
+        Self {
+            uid: meta.uid.as_deref().map(Into::into),
+            resource_version: meta.resource_version.as_deref().map(Into::into),
+            created: meta.creation_timestamp.clone(),
+            deleting: meta.deletion_timestamp.clone(),
+            owner: super::controller_uid(meta),
+            own: own.into(),
+            labels,
+            spec,
+            status,
+        }
+    }
+
+    /// The operator's own label `key` (`promptflow.dev/…`).
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.own[..self.labels]
+            .iter()
+            .find(|(k, _)| &**k == key)
+            .map(|(_, v)| &**v)
+    }
+
+    /// The operator's own annotation `key` (`promptflow.dev/…`).
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        self.own[self.labels..]
+            .iter()
+            .find(|(k, _)| &**k == key)
+            .map(|(_, v)| &**v)
+    }
+
+    /// Whether its controller owner reference names `owner_uid`.
+    pub fn controlled_by(&self, owner_uid: Option<&str>) -> bool {
+        super::controlled_by(self.owner.as_deref(), owner_uid)
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -213,26 +251,10 @@ struct LeanTerminated {
 
 lean_resource!(LeanPod, Pod);
 
-impl LeanPod {
-    /// The operator's own label `key` (`promptflow.dev/…`).
-    pub fn label(&self, key: &str) -> Option<&str> {
-        self.own[..self.labels]
-            .iter()
-            .find(|(k, _)| &**k == key)
-            .map(|(_, v)| &**v)
-    }
-
-    /// The operator's own annotation `key` (`promptflow.dev/…`).
-    pub fn annotation(&self, key: &str) -> Option<&str> {
-        self.own[self.labels..]
-            .iter()
-            .find(|(k, _)| &**k == key)
-            .map(|(_, v)| &**v)
-    }
-
+impl CachedPod {
     /// The pod as a k8s-openapi `Pod` holding what was kept, for the code that reads pods (built
     /// per read: a reconcile reads one pod).
-    pub fn to_pod(&self) -> Pod {
+    pub fn to_pod(&self, name: &str, namespace: &str) -> Pod {
         let container_statuses = |all: &[LeanContainerStatus]| {
             all.iter()
                 .map(|c| ContainerStatus {
@@ -253,11 +275,24 @@ impl LeanPod {
                     .collect::<BTreeMap<_, _>>()
             })
         };
-        let mut metadata = self.metadata.clone();
-        if !self.own.is_empty() {
-            metadata.labels = map(&self.own[..self.labels]);
-            metadata.annotations = map(&self.own[self.labels..]);
-        }
+        let metadata = ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            uid: self.uid.as_deref().map(str::to_owned),
+            resource_version: self.resource_version.as_deref().map(str::to_owned),
+            creation_timestamp: self.created.clone(),
+            deletion_timestamp: self.deleting.clone(),
+            owner_references: self.owner.as_deref().map(|uid| {
+                vec![OwnerReference {
+                    uid: uid.to_owned(),
+                    controller: Some(true),
+                    ..Default::default()
+                }]
+            }),
+            labels: map(&self.own[..self.labels]),
+            annotations: map(&self.own[self.labels..]),
+            ..Default::default()
+        };
         Pod {
             metadata,
             spec: Some(PodSpec {
@@ -362,9 +397,10 @@ mod tests {
         for status in statuses {
             let full = live_pod(status);
             let json = serde_json::to_value(&full).unwrap();
-            let mut lean: LeanPod = serde_json::from_value(json).unwrap();
-            trim_pod(&mut lean);
-            assert_eq!(lean.metadata.labels, None, "kept outside the metadata");
+            let watched: LeanPod = serde_json::from_value(json).unwrap();
+            assert_eq!(watched.label("app.kubernetes.io/name"), Some("promptflow-runtime"));
+            let lean = CachedPod::of(&watched);
+            assert!(lean.controlled_by(Some("u0")) && !lean.controlled_by(Some("u9")));
             assert_eq!(
                 (
                     lean.label("promptflow.dev/runtime"),
@@ -373,7 +409,9 @@ mod tests {
                 (Some("rt"), None)
             );
             assert_eq!(lean.annotation("promptflow.dev/spec-hash"), Some("h"));
-            let lean = lean.to_pod();
+            let lean = lean.to_pod("rt-pod", "a");
+            assert_eq!((lean.name_any(), lean.namespace()), (full.name_any(), full.namespace()));
+            assert_eq!(lean.metadata.resource_version, full.metadata.resource_version);
             assert_eq!(pod_state::classify(&lean), pod_state::classify(&full));
             assert!(
                 !matches!(pod_state::classify(&lean), PodState::Starting)
@@ -422,7 +460,7 @@ mod tests {
             "names are shared too"
         );
         assert_eq!(
-            a.to_pod().spec.unwrap().containers[0]
+            CachedPod::of(&a).to_pod("p", "a").spec.unwrap().containers[0]
                 .resources
                 .as_ref()
                 .unwrap()

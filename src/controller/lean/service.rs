@@ -90,6 +90,35 @@ impl From<RawService> for LeanService {
 
 lean_resource!(LeanService, Service);
 
+/// A Service as the Service cache keeps it (its name and namespace are the cache's keys): its
+/// uid and resourceVersion, its controller owner's uid, and the digest of what the operator
+/// compares.
+#[derive(Clone, Debug)]
+pub struct CachedService {
+    pub uid: Option<Box<str>>,
+    pub resource_version: Option<Box<str>>,
+    owner: Option<Box<str>>,
+    pub shape: u64,
+}
+
+impl CachedService {
+    /// What the cache keeps of `service`.
+    pub fn of(service: &LeanService) -> Self {
+        let meta = &service.metadata;
+        Self {
+            uid: meta.uid.as_deref().map(Into::into),
+            resource_version: meta.resource_version.as_deref().map(Into::into),
+            owner: super::controller_uid(meta),
+            shape: service.shape,
+        }
+    }
+
+    /// Whether its controller owner reference names `owner_uid`.
+    pub fn controlled_by(&self, owner_uid: Option<&str>) -> bool {
+        super::controlled_by(self.owner.as_deref(), owner_uid)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +147,9 @@ mod tests {
             "PromptFlowRuntime"
         );
         assert!(lean.metadata.labels.is_none() && lean.metadata.managed_fields.is_none());
+        let cached = CachedService::of(&lean);
+        assert_eq!((cached.uid.as_deref(), cached.shape), (Some("u1"), lean.shape));
+        assert!(cached.controlled_by(Some("r1")) && !cached.controlled_by(Some("u1")) && !cached.controlled_by(None));
         // Others' labels and ports beside the operator's are theirs, not a difference.
         for addition in [
             serde_json::json!({"metadata": {"labels": {"team": "a"}}}),

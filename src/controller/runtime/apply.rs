@@ -357,16 +357,13 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
     };
     let service_ref = ObjectRef::new(&name).within(&namespace);
     let live = ctx.service(&name, &namespace);
-    if live
-        .as_deref()
-        .is_some_and(|live| !controlled_by(&live.metadata, uid.as_deref()))
-    {
+    if live.as_ref().is_some_and(|live| !live.controlled_by(uid.as_deref())) {
         return Ok(conflict());
     }
-    let as_wanted = live
-        .as_deref()
-        .is_some_and(|live| live.shape == service::shape(&desired));
-    let cached_version = live.as_deref().and_then(|live| live.metadata.resource_version.clone());
+    let as_wanted = live.as_ref().is_some_and(|live| live.shape == service::shape(&desired));
+    let cached_version = live
+        .as_ref()
+        .and_then(|live| live.resource_version.as_deref().map(str::to_owned));
     // Asked even when the cache shows it as wanted, which ends the entry.
     let pending = ctx
         .own_writes
@@ -377,7 +374,7 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
     // The apply names the uid of the Service it corrects: should the cache be behind a Service
     // replaced by someone else's, the API server refuses the write instead of taking it over.
-    let mut known_uid = live.as_deref().and_then(|live| live.metadata.uid.clone());
+    let mut known_uid = live.as_ref().and_then(|live| live.uid.as_deref().map(str::to_owned));
     if live.is_none() {
         let params = PostParams {
             field_manager: Some(MANAGER.into()),

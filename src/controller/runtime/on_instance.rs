@@ -231,23 +231,24 @@ fn instance_verdict(
 pub fn detached(ctx: &Context, runtime: &PromptFlowRuntime) -> bool {
     let namespace = runtime.namespace().unwrap_or_default();
     let name = runtime.name_any();
-    let carrying = ctx.pods.state_filter(|pod| {
-        pod.namespace().as_deref() == Some(namespace.as_str())
-            && pod.label(instance_pod::INSTANCE_LABEL).is_some()
-            && carries(pod, &name)
-    });
     // Only the instance's own pod (its controller owner reference) holds the runtime: a pod
     // someone made with the instance's labels and annotation holds nothing.
-    carrying.iter().all(|pod| {
-        let instance = instance_pod::instance_name(&pod.name_any()).to_owned();
-        ctx.instances
-            .get(&ObjectRef::<ComputeInstance>::new(&instance).within(&namespace))
+    let holding = ctx.pods.in_namespace(&namespace, |pod_name, pod| {
+        if pod.label(instance_pod::INSTANCE_LABEL).is_none() || !carries(pod, &name) {
+            return None;
+        }
+        let instance = instance_pod::instance_name(pod_name);
+        let free = ctx
+            .instances
+            .get(&ObjectRef::<ComputeInstance>::new(instance).within(&namespace))
             .is_none_or(|i| {
                 i.metadata.deletion_timestamp.is_some()
-                    || !crate::build::controlled_by(&pod.metadata, i.metadata.uid.as_deref())
+                    || !pod.controlled_by(i.metadata.uid.as_deref())
                     || cannot_restart(&i)
-            })
-    })
+            });
+        (!free).then_some(())
+    });
+    holding.is_empty()
 }
 
 /// Whether an instance cannot make a pod now (its own service account or pull secret is gone or
@@ -282,16 +283,10 @@ pub fn instances_watched(runtime: &PromptFlowRuntime) -> Vec<Dependency> {
 pub fn instances_holding(ctx: &Context, runtime: &PromptFlowRuntime) -> Vec<Dependency> {
     let namespace = runtime.namespace().unwrap_or_default();
     let name = runtime.name_any();
-    let carrying: Vec<String> = ctx
-        .pods
-        .state_filter(|pod| {
-            pod.namespace().as_deref() == Some(namespace.as_str())
-                && pod.label(instance_pod::INSTANCE_LABEL).is_some()
-                && carries(pod, &name)
-        })
-        .iter()
-        .map(|pod| instance_pod::instance_name(&pod.name_any()).to_owned())
-        .collect();
+    let carrying: Vec<String> = ctx.pods.in_namespace(&namespace, |pod_name, pod| {
+        (pod.label(instance_pod::INSTANCE_LABEL).is_some() && carries(pod, &name))
+            .then(|| instance_pod::instance_name(pod_name).to_owned())
+    });
     instances_watched_with(runtime, &carrying)
 }
 
@@ -314,7 +309,7 @@ fn instances_watched_with(runtime: &PromptFlowRuntime, carrying: &[String]) -> V
 }
 
 /// Whether a cached instance pod carries the runtime `name` in one of its slots.
-fn carries(pod: &crate::controller::lean::LeanPod, name: &str) -> bool {
+fn carries(pod: &crate::controller::lean::CachedPod, name: &str) -> bool {
     instance_pod::slots_in(pod.annotation(instance_pod::RUNTIMES_ANNOTATION))
         .into_iter()
         .flatten()
