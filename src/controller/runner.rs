@@ -140,8 +140,9 @@ impl Timers {
 }
 
 /// Runs reconciles for the runtimes the queue hands on until it closes, then waits for the
-/// running ones; starts once the store has its first list. `reconcile` gets the runtime as the store has it when its turn comes; a runtime
-/// gone by then is not reconciled (its deletion woke what must follow).
+/// running ones; starts once the store has its first list. `reconcile` gets the runtime as the
+/// store has it when its turn comes; a runtime gone by then is not reconciled (its deletion woke
+/// what must follow).
 pub async fn run<F, Fut>(
     queue: Arc<FairQueue>,
     gate: Arc<FairGate>,
