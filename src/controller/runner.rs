@@ -318,6 +318,16 @@ mod tests {
         (store, writer, lean)
     }
 
+    /// A gate of `limit` turns, a fair queue, and deadlines firing onto it.
+    fn parts(limit: usize) -> (Arc<FairGate>, Arc<FairQueue>, Arc<Timers>, tokio::task::JoinHandle<()>) {
+        let (gate, queue, timers) = (FairGate::new(limit), FairQueue::new(true), Arc::new(Timers::default()));
+        let firing = tokio::spawn({
+            let (timers, queue) = (timers.clone(), queue.clone());
+            async move { timers.fire(&queue).await }
+        });
+        (gate, queue, timers, firing)
+    }
+
     async fn settle() {
         for _ in 0..20 {
             tokio::task::yield_now().await;
@@ -327,13 +337,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn named_while_waiting_for_its_turn_it_runs_once_and_a_panic_leaves_a_deadline() {
         let (store, _writer, lean) = one_runtime();
-        let gate = FairGate::new(1);
-        let queue = FairQueue::new(true);
-        let timers = Arc::new(Timers::default());
-        let firing = tokio::spawn({
-            let (timers, queue) = (timers.clone(), queue.clone());
-            async move { timers.fire(&queue).await }
-        });
+        let (gate, queue, timers, firing) = parts(1);
         let held = gate.enter("other").await.expect("the only turn");
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let running = tokio::spawn(run(queue.clone(), gate.clone(), timers.clone(), store, {
@@ -369,9 +373,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn due_runtimes_go_to_the_queue_and_run_one_at_a_time() {
         let (store, _writer, lean) = one_runtime();
-        let gate = FairGate::new(2);
-        let queue = FairQueue::new(true);
-        let timers = Arc::new(Timers::default());
+        let (gate, queue, timers, firing) = parts(2);
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (release, released) = tokio::sync::watch::channel(0usize);
         let running = tokio::spawn(run(queue.clone(), gate, timers.clone(), store, {
@@ -385,10 +387,6 @@ mod tests {
                 }
             }
         }));
-        let firing = tokio::spawn({
-            let (timers, queue) = (timers.clone(), queue.clone());
-            async move { timers.fire(&queue).await }
-        });
         queue.push(&ObjectRef::from_obj(&lean));
         settle().await;
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
