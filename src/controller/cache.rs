@@ -1,9 +1,9 @@
-//! The operator's own caches of its pods and Services, filled from their watches. A kube-runtime
-//! `Store` keeps each object under a key of four strings (name, namespace, uid and
+//! The operator's own caches of its runtimes, pods and Services, filled from their watches. A
+//! kube-runtime `Store` keeps each object under a key of four strings (name, namespace, uid and
 //! resourceVersion) and the object itself with a k8s-openapi `ObjectMeta` (about 350 bytes
 //! before any field is set); these keep, per namespace (one shared copy of its name), each
-//! object's name once and a compact value made from the watched object, so ten thousand runtimes'
-//! pods and Services cost a few hundred bytes each.
+//! object's name once and a compact value made from the watched object, so ten thousand
+//! runtimes, their pods and Services cost a few hundred bytes each.
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -154,6 +154,18 @@ impl<T> Cache<T> {
             .flatten()
             .filter_map(|(name, object)| read(name, object))
             .collect()
+    }
+
+    /// Calls `visit` with what is kept of each cached object.
+    pub fn for_each(&self, mut visit: impl FnMut(&T)) {
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        state.live.values().flat_map(HashMap::values).for_each(&mut visit);
+    }
+
+    /// Whether any object of `namespace` is cached.
+    pub fn any_in(&self, namespace: &str) -> bool {
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        state.live.get(namespace).is_some_and(|objects| !objects.is_empty())
     }
 
     /// How many objects are cached.

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::core::v1::{Pod, ResourceQuota, ServiceAccount};
+use kube::Client;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, ResourceExt};
 
 use super::cache::Cache;
 use super::index::DependencyIndex;
 use super::instance::InstanceMemory;
-use super::lean::{CachedPod, CachedService, LeanRuntime};
+use super::lean::{CachedPod, CachedRuntime, CachedService};
 use super::recorder::Recorder;
 use super::runtime::{Backoff, OwnWrites};
 use crate::api::{ComputeInstance, PromptFlowRuntime};
@@ -64,8 +64,8 @@ pub struct Context {
     pub pull_secret_waits: Backoff,
     /// What service accounts' pull secrets came to when last read (no contents).
     pub logins: super::runtime::observe::RememberedLogins,
-    /// Runtimes.
-    pub runtimes: Store<LeanRuntime>,
+    /// Runtimes (what a reconcile reads; `runtime()` gives one).
+    pub runtimes: Arc<Cache<CachedRuntime>>,
     /// Compute instances.
     pub instances: Store<ComputeInstance>,
     /// Which instances read which objects (their runtimes' flows and accounts included).
@@ -211,26 +211,34 @@ impl Context {
 
     /// Wakes every runtime of `namespace`.
     pub fn wake_namespace(&self, namespace: &str) {
-        for runtime in self.runtimes.state() {
-            if runtime.namespace().as_deref() == Some(namespace) {
-                let _ = self
-                    .wake_runtimes
-                    .unbounded_send(ObjectRef::new(&runtime.name_any()).within(namespace));
-            }
+        for name in self.runtimes.in_namespace(namespace, |name, _| Some(name.to_owned())) {
+            let _ = self
+                .wake_runtimes
+                .unbounded_send(ObjectRef::new(&name).within(namespace));
         }
     }
 
-    /// Whether the runtime `key` is in the cache.
-    pub fn runtime_exists(&self, key: &ObjectRef<PromptFlowRuntime>) -> bool {
-        self.runtimes.get(&super::lean::runtime_key(key)).is_some()
+    /// Whether the runtime `key` with `uid` is in the cache (not one made again under its name).
+    pub fn runtime_is(&self, key: &ObjectRef<PromptFlowRuntime>, uid: Option<&str>) -> bool {
+        let namespace = key.namespace.as_deref().unwrap_or_default();
+        self.runtimes
+            .get(namespace, &key.name, |cached| cached.uid() == uid)
+            .unwrap_or(false)
+    }
+
+    /// The uid of the cached runtime `name` of `namespace`.
+    pub fn runtime_uid(&self, name: &str, namespace: &str) -> Option<String> {
+        self.runtimes
+            .get(namespace, name, |cached| cached.uid().map(str::to_owned))
+            .flatten()
     }
 
     /// The cached runtime `name` of `namespace`, read in full; one that does not parse is left
     /// out (its own reconcile reports it).
     pub fn runtime(&self, name: &str, namespace: &str) -> Option<PromptFlowRuntime> {
         self.runtimes
-            .get(&ObjectRef::new(name).within(namespace))
-            .and_then(|lean| lean.full().ok())
+            .get(namespace, name, |cached| cached.full(name, namespace).ok())
+            .flatten()
     }
 
     /// Wakes a compute instance.

@@ -118,6 +118,16 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
             .unwrap_or_default()
     }
 
+    /// The dependencies recorded for which `which` holds.
+    pub fn dependencies(&self, which: impl Fn(&Dependency) -> bool) -> Vec<Dependency> {
+        let maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        maps.dependents
+            .keys()
+            .filter(|dependency| which(dependency))
+            .map(|dependency| (**dependency).clone())
+            .collect()
+    }
+
     /// Keeps only the runtimes for which `keep` holds.
     pub fn retain(&self, keep: impl Fn(&ObjectRef<K>) -> bool) {
         let mut maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -15,8 +15,9 @@
 //!   without times or ids);
 //! - Services: uid, resourceVersion, the controller owner's uid, and a digest of labels, cluster
 //!   IP, selector and ports — what `matches` compares;
-//! - runtimes: their spec as compact JSON, read back per reconcile, and their status with the
-//!   strings and condition texts it has in common with other runtimes shared ([`status`]);
+//! - runtimes: their uid, their metadata and spec as one compact JSON text, read back per
+//!   reconcile, and their status with the strings and condition texts it has in common with
+//!   other runtimes shared ([`status`]);
 //! - service accounts: image pull secrets; quotas: everything but managed fields.
 
 /// A lean type is the API resource of the full type it stands for (same group, kind, path), so
@@ -55,7 +56,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 
 pub use self::pod::{CachedPod, LeanPod};
-pub use self::runtime::{LeanRuntime, runtime_key};
+pub use self::runtime::{CachedRuntime, LeanRuntime, runtime_key};
 pub use self::service::{CachedService, LeanService};
 
 /// The uid of an object's controller owner reference: who made it, all the caches keep of its

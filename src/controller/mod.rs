@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use self::context::{Context, InstanceSettings};
 use self::index::{Dependency, DependencyIndex};
-use self::triggers::{Dependents, instance_dependency, relisting, service_owner, wake_instances_of};
+use self::triggers::{Dependents, Keys, instance_dependency, relisted, relisting, runtime_events, service_owner};
 use self::watch_health::WatchHealth;
 use crate::api::ComputeInstance;
 use crate::build::pod::{OWNED_POD_SELECTOR, PodTemplate};
@@ -138,7 +138,8 @@ pub async fn run(
     let (pod_writer, service_writer) = (pods.writer(), services.writer());
     let (accounts, account_writer) = reflector::store();
     let (quotas, quota_writer) = reflector::store();
-    let (runtime_store, runtime_writer) = reflector::store::<lean::LeanRuntime>();
+    let runtimes_cache = cache::Cache::new();
+    let runtime_writer = runtimes_cache.writer();
     let (instance_store, instance_writer) = reflector::store::<ComputeInstance>();
     let (wake_instances, instance_wakes) = futures::channel::mpsc::unbounded();
     let (wake_runtimes, runtime_wakes) = futures::channel::mpsc::unbounded();
@@ -160,14 +161,12 @@ pub async fn run(
         .backoff(watch_backoff())
         .filter(tracked(&health, "service accounts"))
         .modify(lean::trim_account)
-        .reflect(account_writer)
-        .touched_objects();
+        .reflect(account_writer);
     let quota_stream = watcher(scoped::<ResourceQuota>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())
         .filter(tracked(&health, "resource quotas"))
         .modify(lean::trim)
-        .reflect(quota_writer)
-        .touched_objects();
+        .reflect(quota_writer);
     // ConfigMaps only wake runtimes; their content is read when a runtime reconciles. Secrets are
     // not watched at all (RBAC grants `get` on them, nothing more): a runtime blocked by a pull
     // secret is checked again with backoff and whenever its service account changes.
@@ -176,14 +175,13 @@ pub async fn run(
         watcher::Config::default(),
     )
     .backoff(watch_backoff())
-    .filter(tracked(&health, "config maps"))
-    .touched_objects();
+    .filter(tracked(&health, "config maps"));
 
     // Store::wait_until_ready wakes only its latest waiter, so exactly one task waits on the
     // stores and broadcasts readiness to every reconcile.
     // /readyz turns ready with them.
     let (ready_tx, caches_ready) = tokio::sync::watch::channel(false);
-    // The runtime store is waited on by the runner and the instance store by its controller
+    // The runtime cache is waited on by the runner and the instance store by its controller
     // (kube's store wakes only its latest waiter), so their first full list is signalled from
     // their streams instead.
     let (runtimes_listed, mut runtimes_listed_rx) = tokio::sync::watch::channel(false);
@@ -233,7 +231,7 @@ pub async fn run(
         failures: Default::default(),
         pull_secret_waits: Default::default(),
         logins: Default::default(),
-        runtimes: runtime_store.clone(),
+        runtimes: runtimes_cache.clone(),
         instances: instance_store.clone(),
         instance_index: DependencyIndex::default(),
         instance_settings: settings.instances,
@@ -273,54 +271,34 @@ pub async fn run(
     // The reconciler records into the context's index; the mappers read the same one.
     let dependents = Dependents(context.clone());
 
-    // The runtime watch drops a deleted runtime's entries in the index, the write memory and the
-    // deadlines: reconciles never see deletions without a finalizer.
-    let counted = runtime_store.clone();
+    let counted = runtimes_cache.clone();
     context.metrics.count_phases_with(Box::new(move || {
         let mut counts = std::collections::BTreeMap::<&'static str, i64>::new();
-        for runtime in counted.state() {
-            *counts.entry(runtime.phase()).or_default() += 1;
-        }
+        counted.for_each(|runtime| *counts.entry(runtime.phase()).or_default() += 1);
         counts.into_iter().collect()
     }));
-    let forgetting = context.clone();
     let timers = Arc::new(runner::Timers::default());
-    let forgetting_timers = timers.clone();
-    let watched_namespace = scope.map(str::to_owned);
+    // The runtime watch fills the runtime cache and drops a deleted runtime's entries in the
+    // index, the write memory and the deadlines: reconciles never see deletions without a
+    // finalizer.
+    let of_runtime = runtime_events(
+        context.clone(),
+        runtime_writer,
+        timers.clone(),
+        runtimes_listed,
+        scope.map(str::to_owned),
+    );
     let runtime_stream = watcher(scoped::<lean::LeanRuntime>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())
-        .filter(tracked(&health, "runtimes"))
-        .reflect(runtime_writer)
-        .inspect_ok({
-            let store = runtime_store.clone();
-            move |event| match event {
-                watcher::Event::Delete(runtime) => {
-                    wake_instances_of(&forgetting, runtime);
-                    runtime::forget(&forgetting, runtime);
-                    forgetting_timers.forget(&runtime.namespace().unwrap_or_default(), &runtime.name_any());
-                    if let (Some(_), Some(namespace)) = (&forgetting.network, runtime.namespace()) {
-                        let releasing = forgetting.clone();
-                        tokio::spawn(async move { network::release_if_empty(&releasing, &namespace).await });
-                    }
-                }
-                watcher::Event::Apply(runtime) | watcher::Event::InitApply(runtime) => {
-                    wake_instances_of(&forgetting, runtime);
-                }
-                watcher::Event::InitDone => {
-                    runtimes_listed.send_replace(true);
-                    runtime::forget_missing(&forgetting, |key| store.get(&lean::runtime_key(key)).is_some());
-                    forgetting_timers
-                        .retain(|namespace, name| store.get(&ObjectRef::new(name).within(namespace)).is_some());
-                    if forgetting.network.is_some() {
-                        let sweeping = forgetting.clone();
-                        let namespace = watched_namespace.clone();
-                        tokio::spawn(async move { network::sweep(&sweeping, namespace.as_deref()).await });
-                    }
-                }
-                watcher::Event::Init => {}
-            }
-        });
+        .filter(tracked(&health, "runtimes"));
+    // An instance wakes the runtimes on it (a relist once through, and then also the runtimes on
+    // an instance it no longer holds).
     let instance_context = context.clone();
+    let mut instance_wakes_runtimes = relisted(
+        dependents.clone(),
+        |instance: &ComputeInstance| Some(instance_dependency(instance)),
+        |dependency| matches!(dependency, Dependency::Instance(..)),
+    );
     let instance_stream = watcher(scoped::<ComputeInstance>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())
         .filter(tracked(&health, "compute instances"))
@@ -328,19 +306,21 @@ pub async fn run(
         .reflect(instance_writer)
         .inspect_ok({
             let store = instance_store.clone();
-            move |event| match event {
-                watcher::Event::Apply(instance) | watcher::Event::InitApply(instance) => {
-                    instance_context.wake_runtimes_of(&instance_dependency(instance));
+            move |event| {
+                match event {
+                    watcher::Event::Delete(instance) => instance::forget(&instance_context, instance),
+                    watcher::Event::InitDone => {
+                        instances_listed.send_replace(true);
+                        instance::forget_missing(&instance_context, |key| store.get(key).is_some());
+                    }
+                    _ => {}
                 }
-                watcher::Event::Delete(instance) => {
-                    instance_context.wake_runtimes_of(&instance_dependency(instance));
-                    instance::forget(&instance_context, instance);
+                for key in instance_wakes_runtimes(Ok(event.clone())) {
+                    let namespace = key.namespace.as_deref().unwrap_or_default();
+                    let _ = instance_context
+                        .wake_runtimes
+                        .unbounded_send(ObjectRef::new(&key.name).within(namespace));
                 }
-                watcher::Event::InitDone => {
-                    instances_listed.send_replace(true);
-                    instance::forget_missing(&instance_context, |key| store.get(key).is_some());
-                }
-                watcher::Event::Init => {}
             }
         })
         .applied_objects();
@@ -362,23 +342,6 @@ pub async fn run(
         let (turns, queue) = (turns.clone(), queue.clone());
         move || turns.waiting() + queue.waiting()
     });
-    type Keys = Vec<ObjectRef<lean::LeanRuntime>>;
-    // A listed runtime is reconciled once the list is through and the store holds it (a
-    // relist replaces the store only then); a watched change at once.
-    let mut listed: Keys = vec![];
-    let mut of_runtime = move |event: watcher::Event<lean::LeanRuntime>| match event {
-        watcher::Event::Apply(runtime) => vec![ObjectRef::from_obj(&runtime)],
-        watcher::Event::InitApply(runtime) => {
-            listed.push(ObjectRef::from_obj(&runtime));
-            vec![]
-        }
-        watcher::Event::InitDone => std::mem::take(&mut listed),
-        watcher::Event::Init => {
-            listed.clear();
-            vec![]
-        }
-        watcher::Event::Delete(_) => vec![],
-    };
     let of_pod = relisting(
         pod_writer,
         lean::CachedPod::of,
@@ -398,33 +361,32 @@ pub async fn run(
         service_owner,
         |namespace: &str, name: &str, _: &lean::CachedService| vec![ObjectRef::new(name).within(namespace)],
     );
-    let of_quota = {
-        let dependents = dependents.clone();
-        move |quota: ResourceQuota| match quota.namespace() {
-            Some(ns) => dependents.lookup(&Dependency::Quotas(ns)),
-            None => vec![],
-        }
-    };
     let triggers: Vec<futures::stream::BoxStream<'static, Keys>> = vec![
-        runtime_stream
-            .map(move |event| event.map(&mut of_runtime).unwrap_or_default())
-            .boxed(),
+        runtime_stream.map(of_runtime).boxed(),
         pod_stream.map(of_pod).boxed(),
         service_stream.map(of_service).boxed(),
         runtime_wakes.map(|key| vec![lean::runtime_key(&key)]).boxed(),
         account_stream
-            .map({
-                let of = dependents.of(Dependency::ServiceAccount);
-                move |a| a.map(&of).unwrap_or_default()
-            })
+            .map(relisted(
+                dependents.clone(),
+                |account: &ServiceAccount| Some(Dependency::ServiceAccount(account.namespace()?, account.name_any())),
+                |dependency| matches!(dependency, Dependency::ServiceAccount(..)),
+            ))
             .boxed(),
         config_map_stream
-            .map({
-                let of = dependents.of::<PartialObjectMeta<ConfigMap>>(Dependency::ConfigMap);
-                move |c| c.map(&of).unwrap_or_default()
-            })
+            .map(relisted(
+                dependents.clone(),
+                |map: &PartialObjectMeta<ConfigMap>| Some(Dependency::ConfigMap(map.namespace()?, map.name_any())),
+                |dependency| matches!(dependency, Dependency::ConfigMap(..)),
+            ))
             .boxed(),
-        quota_stream.map(move |q| q.map(&of_quota).unwrap_or_default()).boxed(),
+        quota_stream
+            .map(relisted(
+                dependents.clone(),
+                |quota: &ResourceQuota| quota.namespace().map(Dependency::Quotas),
+                |dependency| matches!(dependency, Dependency::Quotas(..)),
+            ))
+            .boxed(),
     ];
     // The watches (and so the caches) are driven here, and deadlines come due onto the queue;
     // both are polled with the controllers below, so a panic in them ends the process (and its
@@ -460,17 +422,20 @@ pub async fn run(
         "PromptFlowRuntime controller running"
     );
     let reconciling = context.clone();
-    let runtimes = runner::run(queue, turns, timers, runtime_store, move |runtime| {
+    let runtimes = runner::run(queue, turns, timers, runtimes_cache, move |key, cached| {
         let ctx = reconciling.clone();
+        let key = ObjectRef::<crate::api::PromptFlowRuntime>::new(&key.1).within(&key.0);
+        let uid = cached.uid().map(str::to_owned);
+        // Built once it has its turn, so a waiting reconcile stays small.
+        let full = cached.full(&key.name, key.namespace.as_deref().unwrap_or_default());
         async move {
-            // Built once it has its turn, so a waiting reconcile stays small.
-            let result = match runtime.full() {
+            let result = match full {
                 Ok(full) => unpanicking(runtime::reconcile(Arc::new(full), ctx.clone())).await,
                 Err(err) => Err(err),
             };
             match result {
                 Ok(action) => action,
-                Err(err) => runtime::error_policy(runtime, &err, ctx),
+                Err(err) => runtime::error_policy(&key, uid.as_deref(), &err, &ctx),
             }
         }
     });

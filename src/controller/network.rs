@@ -253,10 +253,7 @@ pub async fn release_if_empty(ctx: &Context, namespace: &str) {
 }
 
 fn has_runtimes(ctx: &Context, namespace: &str) -> bool {
-    ctx.runtimes
-        .state()
-        .iter()
-        .any(|r| r.namespace().as_deref() == Some(namespace))
+    ctx.runtimes.any_in(namespace)
 }
 
 /// After the runtimes are listed: deletes the operator's policies of namespaces without runtimes

@@ -12,13 +12,12 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::warn;
 
+use super::cache::Cache;
 use super::fair::FairGate;
-use super::lean::LeanRuntime;
 use super::queue::{FairQueue, Key};
 
 /// What a reconcile asks for next: to be looked at again after a while, or only on a change.
@@ -140,17 +139,19 @@ impl Timers {
 }
 
 /// Runs reconciles for the runtimes the queue hands on until it closes, then waits for the
-/// running ones; starts once the store has its first list. `reconcile` gets the runtime as the
-/// store has it when its turn comes; a runtime gone by then is not reconciled (its deletion woke
+/// running ones; starts once the cache has its first list. When its turn comes, `reconcile` is
+/// given the runtime's key and cached value (under the cache's read lock: it takes what it needs
+/// and returns the reconcile to run); a runtime gone by then is not reconciled (its deletion woke
 /// what must follow).
-pub async fn run<F, Fut>(
+pub async fn run<T, F, Fut>(
     queue: Arc<FairQueue>,
     gate: Arc<FairGate>,
     timers: Arc<Timers>,
-    store: Store<LeanRuntime>,
+    store: Arc<Cache<T>>,
     reconcile: F,
 ) where
-    F: Fn(Arc<LeanRuntime>) -> Fut + Send + Sync + 'static,
+    T: Send + Sync + 'static,
+    F: Fn(&Key, &T) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Action> + Send + 'static,
 {
     // At most twice as many reconciles as run at once are waiting at the gate or running; the
@@ -190,8 +191,8 @@ pub async fn run<F, Fut>(
                         None => None,
                         Some(_turn) => {
                             finish.read();
-                            match store.get(&store_key(&key)) {
-                                Some(object) => reconcile(object).await.requeue_after(),
+                            match store.get(&key.0, &key.1, |object| reconcile(&key, object)) {
+                                Some(reconciling) => reconciling.await.requeue_after(),
                                 None => None,
                             }
                         }
@@ -261,14 +262,11 @@ impl Drop for Finish {
     }
 }
 
-/// The key of a runtime's store entry from the queue's key.
-pub fn store_key(key: &Key) -> ObjectRef<LeanRuntime> {
-    ObjectRef::new(&key.1).within(&key.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::lean::LeanRuntime;
+    use kube::runtime::reflector::ObjectRef;
 
     fn key(namespace: &str, name: &str) -> Key {
         (Arc::from(namespace), Arc::from(name))
@@ -297,13 +295,10 @@ mod tests {
         assert_eq!(timers.take_due(now), [key("a", "y")]);
     }
 
-    /// A store holding one runtime, listed (and its writer, which keeps it).
-    fn one_runtime() -> (
-        Store<LeanRuntime>,
-        kube::runtime::reflector::store::Writer<LeanRuntime>,
-        LeanRuntime,
-    ) {
-        let (store, mut writer) = kube::runtime::reflector::store::<LeanRuntime>();
+    /// A cache holding one runtime, listed (and its writer, which keeps it), and its key.
+    fn one_runtime() -> (Arc<Cache<()>>, super::super::cache::Writer<()>, ObjectRef<LeanRuntime>) {
+        let cache = Cache::new();
+        let writer = cache.writer();
         let runtime: crate::api::PromptFlowRuntime = serde_json::from_value(serde_json::json!({
             "apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime",
             "metadata": {"name": "rt", "namespace": "a", "uid": "u"},
@@ -313,9 +308,9 @@ mod tests {
         let lean = LeanRuntime::try_from(runtime).unwrap();
         use kube::runtime::watcher::Event;
         for event in [Event::Init, Event::InitApply(lean.clone()), Event::InitDone] {
-            writer.apply_watcher_event(&event);
+            writer.apply(&event, |_| ());
         }
-        (store, writer, lean)
+        (cache, writer, ObjectRef::from_obj(&lean))
     }
 
     /// A gate of `limit` turns, a fair queue, and deadlines firing onto it.
@@ -336,13 +331,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn named_while_waiting_for_its_turn_it_runs_once_and_a_panic_leaves_a_deadline() {
-        let (store, _writer, lean) = one_runtime();
+        let (store, _writer, key) = one_runtime();
         let (gate, queue, timers, firing) = parts(1);
         let held = gate.enter("other").await.expect("the only turn");
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let running = tokio::spawn(run(queue.clone(), gate.clone(), timers.clone(), store, {
             let runs = runs.clone();
-            move |_| {
+            move |_, _| {
                 let runs = runs.clone();
                 async move {
                     if runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
@@ -352,10 +347,10 @@ mod tests {
                 }
             }
         }));
-        queue.push(&ObjectRef::from_obj(&lean));
+        queue.push(&key);
         settle().await;
         // Named again while it waits for its turn, before it read the runtime.
-        queue.push(&ObjectRef::from_obj(&lean));
+        queue.push(&key);
         settle().await;
         drop(held);
         settle().await;
@@ -372,13 +367,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn due_runtimes_go_to_the_queue_and_run_one_at_a_time() {
-        let (store, _writer, lean) = one_runtime();
+        let (store, _writer, key) = one_runtime();
         let (gate, queue, timers, firing) = parts(2);
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (release, released) = tokio::sync::watch::channel(0usize);
         let running = tokio::spawn(run(queue.clone(), gate, timers.clone(), store, {
             let runs = runs.clone();
-            move |_| {
+            move |_, _| {
                 let (runs, mut released) = (runs.clone(), released.clone());
                 async move {
                     let n = runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
@@ -387,13 +382,13 @@ mod tests {
                 }
             }
         }));
-        queue.push(&ObjectRef::from_obj(&lean));
+        queue.push(&key);
         settle().await;
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
         // Named twice while it runs: it runs once more, after.
-        queue.push(&ObjectRef::from_obj(&lean));
+        queue.push(&key);
         settle().await;
-        queue.push(&ObjectRef::from_obj(&lean));
+        queue.push(&key);
         settle().await;
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1, "never twice at once");
         release.send_replace(1);

@@ -34,10 +34,14 @@ pub async fn runtimes(instance: &ComputeInstance, ctx: &Context, dependencies: &
     // Only the runtimes of this namespace that name this instance are read in full.
     let mut wanted: Vec<Arc<PromptFlowRuntime>> = ctx
         .runtimes
-        .state()
-        .iter()
-        .filter(|rt| rt.namespace().as_deref() == Some(namespace.as_str()) && rt.instances().any(|i| i == name))
-        .filter_map(|rt| rt.full().ok())
+        .in_namespace(&namespace, |runtime, cached| {
+            if cached.instances().any(|i| i == name) {
+                cached.full(runtime, &namespace).ok()
+            } else {
+                None
+            }
+        })
+        .into_iter()
         .filter(|rt| wants(rt, &namespace, &name))
         .map(Arc::new)
         .collect();

@@ -3,8 +3,6 @@
 //! and the one check of whether the API server keeps pod-level resources.
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::ResourceExt;
-use kube::runtime::reflector::ObjectRef;
 use tracing::{info, warn};
 
 use crate::build::instance::{self as pod_builder, ResourceLayout};
@@ -16,13 +14,7 @@ use crate::controller::runtime::apply;
 /// one made again under that name is not them, and the pod is remade to carry it.
 pub(super) fn remade(ctx: &Context, live: Option<&Pod>, namespace: &str) -> Vec<String> {
     live.filter(|live| live.metadata.deletion_timestamp.is_none())
-        .map(|live| {
-            pod_builder::recreated(live, |name| {
-                ctx.runtimes
-                    .get(&ObjectRef::new(name).within(namespace))
-                    .and_then(|runtime| runtime.uid())
-            })
-        })
+        .map(|live| pod_builder::recreated(live, |name| ctx.runtime_uid(name, namespace)))
         .unwrap_or_default()
         .into_iter()
         .map(str::to_owned)

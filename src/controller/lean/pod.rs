@@ -34,11 +34,26 @@ impl LeanPod {
     }
 }
 
+/// The labels a cached pod keeps: the ones the operator puts on its pods and reads back.
+const KEPT_LABELS: &[&str] = &[crate::build::pod::RUNTIME_LABEL, crate::build::instance::INSTANCE_LABEL];
+
+/// The annotations a cached pod keeps, likewise. Anything else under `promptflow.dev/` is not the
+/// operator's: whoever labels a pod of theirs like the operator's cannot make the cache hold more.
+const KEPT_ANNOTATIONS: &[&str] = &[
+    crate::build::pod::SPEC_HASH_ANNOTATION,
+    crate::build::pod::INPUTS_HASH_ANNOTATION,
+    crate::build::pod::INSTANCE_TYPE_ANNOTATION,
+    crate::build::instance::RUNTIMES_ANNOTATION,
+    crate::build::instance::RUNTIME_UIDS_ANNOTATION,
+    crate::build::instance::LAYOUT_ANNOTATION,
+];
+
 /// A pod as the pod cache keeps it (its name and namespace are the cache's keys): of its
 /// metadata the uid, resourceVersion, creation and deletion times, of its owner references only
 /// the controller's uid (whether the operator made it for that runtime or instance), of its
-/// labels and annotations only the operator's own (`promptflow.dev/…`: runtime and instance
-/// labels, the spec and inputs hashes, the instance type, the runtimes an instance pod carries);
+/// labels and annotations only the operator's own ([`KEPT_LABELS`], [`KEPT_ANNOTATIONS`]: runtime
+/// and instance labels, the spec and inputs hashes, the instance type, the runtimes an instance
+/// pod carries, its resource layout);
 /// of its conditions only `Ready` and `PodScheduled`, and its containers' images only on instance
 /// pods. Read with [`CachedPod::label`], [`CachedPod::annotation`] or [`CachedPod::to_pod`].
 #[derive(Clone, Debug)]
@@ -61,16 +76,16 @@ impl CachedPod {
     /// What the cache keeps of `pod`.
     pub fn of(pod: &LeanPod) -> Self {
         let meta = &pod.metadata;
-        let ours = |map: Option<&BTreeMap<String, String>>| {
+        let ours = |map: Option<&BTreeMap<String, String>>, kept: &[&str]| {
             map.into_iter()
                 .flatten()
-                .filter(|(key, _)| key.starts_with("promptflow.dev/"))
+                .filter(|(key, _)| kept.contains(&key.as_str()))
                 .map(|(key, value)| (status::text(key), value.as_str().into()))
                 .collect::<Vec<_>>()
         };
-        let mut own = ours(meta.labels.as_ref());
+        let mut own = ours(meta.labels.as_ref(), KEPT_LABELS);
         let labels = own.len();
-        own.extend(ours(meta.annotations.as_ref()));
+        own.extend(ours(meta.annotations.as_ref(), KEPT_ANNOTATIONS));
         let instance_pod = own[..labels]
             .iter()
             .any(|(key, _)| &**key == crate::build::instance::INSTANCE_LABEL);
@@ -85,6 +100,8 @@ impl CachedPod {
             status
                 .conditions
                 .retain(|c| &*c.type_ == "Ready" || &*c.type_ == "PodScheduled");
+            // The clone has room for all of them: a pod has five or more.
+            status.conditions.shrink_to_fit();
             status
         });
         Self {
@@ -364,7 +381,8 @@ mod tests {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": "rt-pod", "namespace": "a", "uid": "u1", "resourceVersion": "7",
                 "labels": {"promptflow.dev/runtime": "rt", "app.kubernetes.io/name": "promptflow-runtime"},
-                "annotations": {"promptflow.dev/spec-hash": "h", "example.com/note": "x"},
+                "annotations": {"promptflow.dev/spec-hash": "h", "example.com/note": "x",
+                    "promptflow.dev/padding": "x".repeat(4096)},
                 "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "other", "uid": "u9"},
                     {"apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime", "name": "rt", "uid": "u0", "controller": true}],
                 "managedFields": [{"manager": "x"}], "creationTimestamp": "2026-01-01T00:00:00Z"},
@@ -409,6 +427,11 @@ mod tests {
                 (Some("rt"), None)
             );
             assert_eq!(lean.annotation("promptflow.dev/spec-hash"), Some("h"));
+            assert_eq!(
+                lean.annotation("promptflow.dev/padding"),
+                None,
+                "not a key the operator reads"
+            );
             let lean = lean.to_pod("rt-pod", "a");
             assert_eq!((lean.name_any(), lean.namespace()), (full.name_any(), full.namespace()));
             assert_eq!(lean.metadata.resource_version, full.metadata.resource_version);

@@ -1,27 +1,51 @@
-//! The runtime cache's type: trimmed metadata, the spec as compact JSON, the status shared.
+//! The runtime cache's type: the uid, the metadata and spec as compact JSON, the status shared.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::ObjectRef;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{status, trim_meta};
-use crate::api::PromptFlowRuntime;
 use crate::api::conditions::reasons;
+use crate::api::{PromptFlowRuntime, PromptFlowRuntimeSpec};
 
-/// A runtime as the cache keeps it: its trimmed metadata, its spec as compact JSON and its
-/// status with the texts it shares with other runtimes' shared ([`status::LeanStatus`]), read
-/// back ([`LeanRuntime::full`]) when a reconcile or an instance reads the runtime. A typed
-/// `PromptFlowRuntime` was about 1 KiB before any field was set, and a `Running` one's six
-/// conditions took 45 allocations more: 3.6 KiB per cached runtime in all. The spec is checked to
-/// parse when the watch delivers it, as it was before.
+/// A runtime as its watch delivers it: the identity the watch needs (name, namespace, uid,
+/// resourceVersion) and what the cache keeps ([`CachedRuntime`]). It lives only while its watch
+/// event is handled. The spec is checked to parse when the watch delivers it, as it was before.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(try_from = "PromptFlowRuntime")]
 pub struct LeanRuntime {
     pub metadata: ObjectMeta,
-    spec: Box<str>,
+    cached: CachedRuntime,
+}
+
+/// A runtime as the runtime cache keeps it (its name and namespace are the cache's keys): its
+/// uid, its metadata (trimmed) and spec as one compact JSON text, read back per reconcile
+/// ([`CachedRuntime::full`]), and its status with the texts it shares with other runtimes'
+/// shared ([`status::LeanStatus`]). A kube `Store` kept each runtime under a key of four strings
+/// and with a k8s-openapi `ObjectMeta` (about 350 bytes before any field is set); a typed
+/// `PromptFlowRuntime` was about 1 KiB more, and a `Running` one's six conditions took 45
+/// allocations more.
+#[derive(Clone, Debug)]
+pub struct CachedRuntime {
+    uid: Option<Box<str>>,
+    /// `{"metadata": …, "spec": …}`, the metadata without name, namespace and uid.
+    body: Box<str>,
     /// The compute instance the spec asks for, if any.
     instance: Option<Box<str>>,
     status: Option<Box<status::LeanStatus>>,
+}
+
+#[derive(Serialize)]
+struct BodyRef<'a> {
+    metadata: &'a ObjectMeta,
+    spec: &'a PromptFlowRuntimeSpec,
+}
+
+#[derive(Deserialize)]
+struct Body {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    spec: PromptFlowRuntimeSpec,
 }
 
 impl TryFrom<PromptFlowRuntime> for LeanRuntime {
@@ -29,32 +53,63 @@ impl TryFrom<PromptFlowRuntime> for LeanRuntime {
 
     fn try_from(mut runtime: PromptFlowRuntime) -> Result<Self, Self::Error> {
         trim_meta(&mut runtime.metadata);
+        let identity = ObjectMeta {
+            name: runtime.metadata.name.take(),
+            namespace: runtime.metadata.namespace.take(),
+            uid: runtime.metadata.uid.take(),
+            resource_version: runtime.metadata.resource_version.clone(),
+            ..Default::default()
+        };
+        let body = serde_json::to_string(&BodyRef {
+            metadata: &runtime.metadata,
+            spec: &runtime.spec,
+        })?;
         Ok(Self {
-            spec: serde_json::to_string(&runtime.spec)?.into(),
-            instance: runtime.spec.compute.instance.map(|i| i.name.into()),
-            status: runtime.status.as_ref().map(|s| Box::new(s.into())),
-            metadata: runtime.metadata,
+            cached: CachedRuntime {
+                uid: identity.uid.as_deref().map(Into::into),
+                body: body.into(),
+                instance: runtime.spec.compute.instance.map(|i| i.name.into()),
+                status: runtime.status.as_ref().map(|s| Box::new(s.into())),
+            },
+            metadata: identity,
         })
     }
 }
 
 impl LeanRuntime {
-    /// The runtime as a `PromptFlowRuntime` (built per read).
-    pub fn full(&self) -> crate::error::Result<PromptFlowRuntime> {
-        let spec = serde_json::from_str(&self.spec).map_err(|e| crate::error::Error::Unreadable {
+    /// What the cache keeps of it.
+    pub fn cached(&self) -> &CachedRuntime {
+        &self.cached
+    }
+}
+
+impl CachedRuntime {
+    /// What the cache keeps of `runtime`.
+    pub fn of(runtime: &LeanRuntime) -> Self {
+        runtime.cached.clone()
+    }
+
+    /// The runtime `name` of `namespace` as a `PromptFlowRuntime` (built per read).
+    pub fn full(&self, name: &str, namespace: &str) -> crate::error::Result<PromptFlowRuntime> {
+        let body: Body = serde_json::from_str(&self.body).map_err(|e| crate::error::Error::Unreadable {
             kind: "PromptFlowRuntime",
-            name: format!(
-                "{}/{}",
-                self.metadata.namespace.as_deref().unwrap_or_default(),
-                self.metadata.name.as_deref().unwrap_or_default()
-            ),
+            name: format!("{namespace}/{name}"),
             why: format!("{:?} at column {}", e.classify(), e.column()),
         })?;
+        let mut metadata = body.metadata;
+        metadata.name = Some(name.to_owned());
+        metadata.namespace = Some(namespace.to_owned());
+        metadata.uid = self.uid.as_deref().map(str::to_owned);
         Ok(PromptFlowRuntime {
-            metadata: self.metadata.clone(),
-            spec,
+            metadata,
+            spec: body.spec,
             status: self.status.as_deref().map(status::LeanStatus::full),
         })
+    }
+
+    /// Its uid.
+    pub fn uid(&self) -> Option<&str> {
+        self.uid.as_deref()
     }
 
     /// The compute instances the runtime concerns: the one its spec asks for, then the one its
@@ -132,7 +187,23 @@ mod tests {
         });
         let typed: PromptFlowRuntime = serde_json::from_value(json.clone()).unwrap();
         let lean: LeanRuntime = serde_json::from_value(json).unwrap();
-        let full = lean.full().unwrap();
+        assert_eq!(
+            (lean.metadata.name.as_deref(), lean.metadata.resource_version.as_deref()),
+            (Some("chat"), Some("9")),
+            "what the watch needs"
+        );
+        let lean = CachedRuntime::of(&lean);
+        assert_eq!(lean.uid(), Some("u1"));
+        let full = lean.full("chat", "a").unwrap();
+        assert_eq!(
+            (
+                full.metadata.name.as_deref(),
+                full.metadata.namespace.as_deref(),
+                full.metadata.uid.as_deref()
+            ),
+            (Some("chat"), Some("a"), Some("u1"))
+        );
+        assert_eq!(full.metadata.resource_version.as_deref(), Some("9"));
         assert_eq!(full.spec, typed.spec);
         assert_eq!(full.status, typed.status);
         assert_eq!(
@@ -150,13 +221,18 @@ mod tests {
             "status": {"phase": "Not available", "reason": "StoppedIdle", "compute": "Serverless"}
         }))
         .unwrap();
+        let stopped = stopped.cached();
         assert_eq!(stopped.phase(), "Stopped");
         assert_eq!(stopped.instances().count(), 0, "Serverless is not an instance");
         let fresh: LeanRuntime = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "f", "namespace": "a"}, "spec": {"image": {"repository": "r/x"}}
         }))
         .unwrap();
-        assert_eq!((fresh.phase(), fresh.full().unwrap().status), ("Not available", None));
+        let fresh = fresh.cached();
+        assert_eq!(
+            (fresh.phase(), fresh.full("f", "a").unwrap().status),
+            ("Not available", None)
+        );
     }
 
     #[test]

@@ -35,7 +35,6 @@ pub use self::own_writes::OwnWrites;
 use self::report::{Notice, Report};
 use self::status::{ConditionState, Verdict};
 use super::index::Dependency;
-use super::lean::LeanRuntime;
 use crate::api::conditions::{self, reasons};
 use crate::api::{HandledActions, PromptFlowRuntime, RuntimePhase};
 use crate::error::{Error, Result};
@@ -50,9 +49,10 @@ pub async fn reconcile(runtime: Arc<PromptFlowRuntime>, ctx: Arc<Context>) -> Re
     let key = ObjectRef::from_obj(&*runtime);
     let result = reconcile_runtime(&runtime, &ctx).await;
     // Deleted while this reconcile ran (its writes then fail with 404): what it recorded after
-    // the deletion was forgotten is forgotten again, and nothing is retried.
-    if !ctx.runtime_exists(&key) {
-        forget(&ctx, &*runtime);
+    // the deletion was forgotten is forgotten again, and nothing is retried. One made again
+    // under its name meanwhile is another runtime: its own event reconciles it afresh.
+    if !ctx.runtime_is(&key, runtime.metadata.uid.as_deref()) {
+        forget(&ctx, &key.name, key.namespace.as_deref().unwrap_or_default());
         return Ok(Action::await_change());
     }
     match result {
@@ -397,27 +397,33 @@ pub fn forget_missing(ctx: &Context, exists: impl Fn(&ObjectRef<PromptFlowRuntim
     ctx.pull_secret_waits.retain(&exists);
 }
 
-/// Drops everything kept for a runtime that was deleted.
-pub fn forget<K: Resource<DynamicType = ()>>(ctx: &Context, runtime: &K) {
-    let key = ObjectRef::<PromptFlowRuntime>::new(&runtime.name_any()).within(&runtime.namespace().unwrap_or_default());
-    let pod = apply::pod_ref(&runtime.name_any(), &runtime.namespace().unwrap_or_default());
+/// Drops everything kept for the runtime `name` of `namespace`, which was deleted.
+pub fn forget(ctx: &Context, name: &str, namespace: &str) {
+    let key = ObjectRef::<PromptFlowRuntime>::new(name).within(namespace);
+    let pod = apply::pod_ref(name, namespace);
     ctx.index.forget(&key);
     ctx.own_writes.forget(&key, &pod);
     ctx.failures.reset(&key);
     ctx.pull_secret_waits.reset(&key);
 }
 
-/// Transient errors requeue with exponential backoff per runtime (5s doubling to 5m).
-pub fn error_policy(runtime: Arc<LeanRuntime>, error: &Error, ctx: Arc<Context>) -> Action {
+/// Transient errors requeue with exponential backoff per runtime (5s doubling to 5m): the
+/// runtime `key` whose uid was `uid` when it was read.
+pub fn error_policy(key: &ObjectRef<PromptFlowRuntime>, uid: Option<&str>, error: &Error, ctx: &Context) -> Action {
     ctx.metrics.reconcile_failed(error);
-    let key = ObjectRef::<PromptFlowRuntime>::new(&runtime.name_any()).within(&runtime.namespace().unwrap_or_default());
     // Deleted meanwhile (the store drops it before the deletion is forgotten): no backoff entry
-    // is kept for it, or nothing would ever take it out again.
-    if !ctx.runtime_exists(&key) {
-        ctx.failures.reset(&key);
+    // is kept for it, or nothing would ever take it out again. One made again under its name
+    // does not inherit its backoff.
+    if !ctx.runtime_is(key, uid) {
+        if ctx
+            .runtime_uid(&key.name, key.namespace.as_deref().unwrap_or_default())
+            .is_none()
+        {
+            ctx.failures.reset(key);
+        }
         return Action::await_change();
     }
-    let delay = ctx.failures.next(&key);
-    warn!(name = %runtime.name_any(), namespace = ?runtime.namespace(), error = %error, retry_in = ?delay, "reconcile failed");
+    let delay = ctx.failures.next(key);
+    warn!(name = %key.name, namespace = ?key.namespace, error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }

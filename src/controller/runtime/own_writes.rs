@@ -2,7 +2,7 @@
 //! those writes does not repeat them.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -16,14 +16,34 @@ use crate::controller::lean::status::LeanStatus;
 /// repeat the write. Entries end as soon as the caches catch up.
 #[derive(Default)]
 pub struct OwnWrites {
-    statuses: Mutex<HashMap<ObjectRef<PromptFlowRuntime>, OwnStatusWrite>>,
+    statuses: Mutex<HashMap<Named, OwnStatusWrite>>,
     /// Pods created and not yet seen in the cache, with when.
-    pods: Mutex<HashMap<ObjectRef<Pod>, Instant>>,
+    pods: Mutex<HashMap<Named, Instant>>,
     /// Pods deleted (by uid) that the cache may still show without a deletion timestamp.
-    deleted: Mutex<HashMap<ObjectRef<Pod>, String>>,
+    deleted: Mutex<HashMap<Named, String>>,
     /// Services applied and not yet seen in the cache, with when, and the resourceVersion the
     /// cache showed before the write (`None`: there was no Service).
-    services: Mutex<HashMap<ObjectRef<Service>, AppliedService>>,
+    services: Mutex<HashMap<Named, AppliedService>>,
+}
+
+/// The key of an entry: the namespace (its one shared copy) and the name. An `ObjectRef` key is
+/// four strings in 96 bytes, and 10,000 runtimes written while the caches lag behind fill three
+/// of these maps at once.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Named(Arc<str>, Box<str>);
+
+impl Named {
+    fn of<K: kube::Resource>(key: &ObjectRef<K>) -> Self {
+        Self(
+            crate::controller::lean::status::text(key.namespace.as_deref().unwrap_or_default()),
+            key.name.as_str().into(),
+        )
+    }
+
+    /// The runtime `name` of this entry's namespace.
+    fn runtime(&self, name: &str) -> ObjectRef<PromptFlowRuntime> {
+        ObjectRef::new(name).within(&self.0)
+    }
 }
 
 /// A Service the operator applied: when, the resourceVersion the cache showed before (`None`:
@@ -58,7 +78,7 @@ const CREATED_POD_GRACE: Duration = Duration::from_secs(30);
 impl OwnWrites {
     /// The status to compare against: ours when the cached runtime predates our last write.
     pub fn status_baseline(&self, runtime: &PromptFlowRuntime) -> Option<PromptFlowRuntimeStatus> {
-        let key = ObjectRef::from_obj(runtime);
+        let key = Named::of(&ObjectRef::from_obj(runtime));
         let mut statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let cached_version = runtime.metadata.resource_version.clone().unwrap_or_default();
         match statuses.get(&key) {
@@ -80,7 +100,7 @@ impl OwnWrites {
         let status = Box::new(LeanStatus::from(&status));
         let mut statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = statuses
-            .entry(ObjectRef::from_obj(runtime))
+            .entry(Named::of(&ObjectRef::from_obj(runtime)))
             .or_insert_with(|| OwnStatusWrite {
                 stale: Default::default(),
                 latest: String::new(),
@@ -98,6 +118,7 @@ impl OwnWrites {
     /// When a pod missing from the cache was created by us moments ago: how long to keep trusting
     /// that it exists. A pod the cache shows ends the entry.
     pub fn pod_pending(&self, pod: &ObjectRef<Pod>, cached: bool) -> Option<Duration> {
+        let pod = &Named::of(pod);
         let mut pods = self.pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if cached {
             if pods.remove(pod).is_some() {
@@ -116,7 +137,7 @@ impl OwnWrites {
         self.pods
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(pod, Instant::now());
+            .insert(Named::of(&pod), Instant::now());
     }
 
     /// Whether a Service the cache does not show, or shows as it was before, was applied by us
@@ -127,6 +148,7 @@ impl OwnWrites {
     /// by a mutating admission webhook, say), is not written again before the grace is over:
     /// the operator never fights another writer faster than once per grace.
     pub fn service_pending(&self, service: &ObjectRef<Service>, cached: Option<&str>, cached_as_wanted: bool) -> bool {
+        let service = &Named::of(service);
         let mut services = self.services.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(applied) = services.get(service) else {
             return false;
@@ -148,7 +170,7 @@ impl OwnWrites {
     /// turned into `written`.
     pub fn applied_service(&self, service: ObjectRef<Service>, before: Option<String>, written: Option<String>) {
         self.services.lock().expect("own writes lock").insert(
-            service,
+            Named::of(&service),
             AppliedService {
                 at: Instant::now(),
                 before,
@@ -159,6 +181,7 @@ impl OwnWrites {
 
     /// Whether the cached pod with `uid` is one we already deleted (the cache lags behind).
     pub fn already_deleted(&self, pod: &ObjectRef<Pod>, uid: Option<&str>) -> bool {
+        let pod = &Named::of(pod);
         let mut deleted = self.deleted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match (deleted.get(pod), uid) {
             (Some(gone), Some(uid)) if gone == uid => true,
@@ -174,7 +197,7 @@ impl OwnWrites {
         self.deleted
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(pod, uid);
+            .insert(Named::of(&pod), uid);
     }
 
     /// Keeps only the runtimes for which `keep` holds (pods follow their runtime's name).
@@ -182,14 +205,10 @@ impl OwnWrites {
         self.statuses
             .lock()
             .expect("own writes lock")
-            .retain(|key, _| keep(key));
-        let runtime_of = |pod: &ObjectRef<Pod>| {
-            let mut key = ObjectRef::<PromptFlowRuntime>::new(crate::build::pod::runtime_name(&pod.name));
-            key.namespace = pod.namespace.clone();
-            key
-        };
+            .retain(|key, _| keep(&key.runtime(&key.1)));
+        let runtime_of = |pod: &Named| pod.runtime(crate::build::pod::runtime_name(&pod.1));
         // Instance pods are not a runtime's: the instance controller forgets them.
-        let runtime_pod = |pod: &ObjectRef<Pod>| pod.name.ends_with(crate::build::pod::POD_SUFFIX);
+        let runtime_pod = |pod: &Named| pod.1.ends_with(crate::build::pod::POD_SUFFIX);
         self.pods
             .lock()
             .expect("own writes lock")
@@ -201,11 +220,7 @@ impl OwnWrites {
         self.services
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|service, _| {
-                let mut key = ObjectRef::<PromptFlowRuntime>::new(&service.name);
-                key.namespace = service.namespace.clone();
-                keep(&key)
-            });
+            .retain(|service, _| keep(&service.runtime(&service.1)));
     }
 
     /// Entries kept, all maps together.
@@ -238,6 +253,7 @@ impl OwnWrites {
 
     /// Drops what is kept for a pod whose owner was deleted.
     pub fn forget_pod(&self, pod: &ObjectRef<Pod>) {
+        let pod = &Named::of(pod);
         self.pods
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -253,14 +269,13 @@ impl OwnWrites {
         self.statuses
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(runtime);
+            .remove(&Named::of(runtime));
         self.forget_pod(pod);
-        let mut service = ObjectRef::<Service>::new(&runtime.name);
-        service.namespace = runtime.namespace.clone();
+        // The runtime's Service has its name.
         self.services
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&service);
+            .remove(&Named::of(runtime));
     }
 }
 
