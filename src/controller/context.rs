@@ -36,8 +36,9 @@ pub struct Context {
     pub template: PodTemplate,
     /// Publishes events.
     pub recorder: Recorder,
-    /// Owned pods (only what the controllers read; `pod()` gives one as a `Pod`).
-    pub pods: Arc<Cache<CachedPod>>,
+    /// Owned pods (only what the controllers read; `pod()` gives one as a `Pod`), each boxed: a
+    /// hash table keeps room for more entries than it holds, and a slot is a pointer, not a pod.
+    pub pods: Arc<Cache<Box<CachedPod>>>,
     /// Owned Services (who made them, their version and shape; `service()` gives one).
     pub services: Arc<Cache<CachedService>>,
     /// Asks activity proxies.

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use kube::Resource;
 use kube::runtime::reflector::ObjectRef;
 
+use super::lean::Named;
+
 /// An object a runtime's reconcile read (or waits for).
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub enum Dependency {
@@ -23,21 +25,13 @@ pub enum Dependency {
     Repository(String),
 }
 
-/// Each object's key is one shared copy (without resourceVersion and uid) in both maps, and
-/// each dependency one shared copy too: 10,000 runtimes held three copies of their key and two
-/// of each dependency before.
-struct Maps<K: Resource<DynamicType = ()>> {
-    dependents: HashMap<Arc<Dependency>, HashSet<Arc<ObjectRef<K>>>>,
-    dependencies: HashMap<Arc<ObjectRef<K>>, Box<[Arc<Dependency>]>>,
-}
-
-/// The key of `object` as the index keeps it: name and namespace only.
-fn bare<K: Resource<DynamicType = ()>>(object: &ObjectRef<K>) -> Arc<ObjectRef<K>> {
-    let key = ObjectRef::new(&object.name);
-    Arc::new(match object.namespace.as_deref() {
-        Some(namespace) => key.within(namespace),
-        None => key,
-    })
+/// Each object's key is one shared copy of its namespace and name (no `ObjectRef`) in both maps,
+/// and each dependency one shared copy too: 10,000 runtimes held three copies of their key and
+/// two of each dependency before.
+struct Maps<K> {
+    dependents: HashMap<Arc<Dependency>, HashSet<Arc<Named>>>,
+    dependencies: HashMap<Arc<Named>, Box<[Arc<Dependency>]>>,
+    kind: std::marker::PhantomData<K>,
 }
 
 /// The dependency index of one kind of object, shared by its reconciler (writer) and the watch
@@ -52,6 +46,7 @@ impl<K: Resource<DynamicType = ()>> Default for DependencyIndex<K> {
             maps: Mutex::new(Maps {
                 dependents: HashMap::new(),
                 dependencies: HashMap::new(),
+                kind: std::marker::PhantomData,
             }),
         }
     }
@@ -61,8 +56,9 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
     /// Replaces what `runtime` depends on.
     pub fn record(&self, runtime: ObjectRef<K>, dependencies: Vec<Dependency>) {
         let mut maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let runtime = Named::of(&runtime);
         Self::unlink(&mut maps, &runtime);
-        let runtime = bare(&runtime);
+        let runtime = Arc::new(runtime);
         let mut shared = Vec::with_capacity(dependencies.len());
         for dependency in dependencies {
             let dependency = Self::link(&mut maps, dependency, &runtime);
@@ -74,7 +70,7 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
     }
 
     /// Adds `runtime` to the dependents of `dependency`, and gives the index's copy of it.
-    fn link(maps: &mut Maps<K>, dependency: Dependency, runtime: &Arc<ObjectRef<K>>) -> Arc<Dependency> {
+    fn link(maps: &mut Maps<K>, dependency: Dependency, runtime: &Arc<Named>) -> Arc<Dependency> {
         if let Some(shared) = maps.dependents.get_key_value(&dependency).map(|(key, _)| key.clone()) {
             if let Some(set) = maps.dependents.get_mut(&dependency) {
                 set.insert(runtime.clone());
@@ -90,13 +86,14 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
     /// Adds one dependency to what `object` depends on.
     pub fn add(&self, object: &ObjectRef<K>, dependency: Dependency) {
         let mut maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (key, list) = match maps.dependencies.remove_entry(object) {
+        let object = Named::of(object);
+        let (key, list) = match maps.dependencies.remove_entry(&object) {
             Some((key, list)) if list.iter().any(|d| **d == dependency) => {
                 maps.dependencies.insert(key, list);
                 return;
             }
             Some((key, list)) => (key, list.into_vec()),
-            None => (bare(object), vec![]),
+            None => (Arc::new(object), vec![]),
         };
         let mut list = list;
         list.push(Self::link(&mut maps, dependency, &key));
@@ -106,7 +103,7 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
     /// Forgets a runtime that no longer exists.
     pub fn forget(&self, runtime: &ObjectRef<K>) {
         let mut maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        Self::unlink(&mut maps, runtime);
+        Self::unlink(&mut maps, &Named::of(runtime));
     }
 
     /// The runtimes that depend on `dependency`.
@@ -114,7 +111,7 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
         let maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         maps.dependents
             .get(dependency)
-            .map(|set| set.iter().map(|key| (**key).clone()).collect())
+            .map(|set| set.iter().map(|key| key.to_ref()).collect())
             .unwrap_or_default()
     }
 
@@ -131,8 +128,12 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
     /// Keeps only the runtimes for which `keep` holds.
     pub fn retain(&self, keep: impl Fn(&ObjectRef<K>) -> bool) {
         let mut maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let gone: Vec<_> = maps.dependencies.keys().filter(|key| !keep(key)).cloned().collect();
-        let gone: Vec<ObjectRef<K>> = gone.into_iter().map(|key| (*key).clone()).collect();
+        let gone: Vec<Arc<Named>> = maps
+            .dependencies
+            .keys()
+            .filter(|key| !keep(&key.to_ref()))
+            .cloned()
+            .collect();
         for runtime in gone {
             Self::unlink(&mut maps, &runtime);
         }
@@ -152,7 +153,7 @@ impl<K: Resource<DynamicType = ()>> DependencyIndex<K> {
         self.len() == 0
     }
 
-    fn unlink(maps: &mut Maps<K>, runtime: &ObjectRef<K>) {
+    fn unlink(maps: &mut Maps<K>, runtime: &Named) {
         for dependency in maps.dependencies.remove(runtime).unwrap_or_default() {
             if let Some(set) = maps.dependents.get_mut(&*dependency) {
                 set.remove(runtime);

@@ -74,6 +74,31 @@ fn controlled_by(kept: Option<&str>, owner_uid: Option<&str>) -> bool {
     owner_uid.is_some_and(|uid| kept == Some(uid))
 }
 
+/// An object's namespace (its one shared copy) and name, as a compact map key: an `ObjectRef`
+/// is four strings in 96 bytes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Named(pub std::sync::Arc<str>, pub Box<str>);
+
+impl Named {
+    /// The key of `key`'s object.
+    pub fn of<K: Resource>(key: &kube::runtime::reflector::ObjectRef<K>) -> Self {
+        Self(
+            status::text(key.namespace.as_deref().unwrap_or_default()),
+            key.name.as_str().into(),
+        )
+    }
+
+    /// The object `name` of this key's namespace, as an `ObjectRef`.
+    pub fn sibling<K: Resource<DynamicType = ()>>(&self, name: &str) -> kube::runtime::reflector::ObjectRef<K> {
+        kube::runtime::reflector::ObjectRef::new(name).within(&self.0)
+    }
+
+    /// This key's object, as an `ObjectRef`.
+    pub fn to_ref<K: Resource<DynamicType = ()>>(&self) -> kube::runtime::reflector::ObjectRef<K> {
+        self.sibling(&self.1)
+    }
+}
+
 /// Drops what no cached object needs: managed fields and the last-applied annotation.
 pub fn trim<K: Resource>(object: &mut K) {
     trim_meta(object.meta_mut());

@@ -344,14 +344,14 @@ pub async fn run(
     });
     let of_pod = relisting(
         pod_writer,
-        lean::CachedPod::of,
+        |pod| Box::new(lean::CachedPod::of(pod)),
         {
             let dependents = dependents.clone();
             move |pod: &lean::LeanPod| dependents.of_pod(&pod.namespace().unwrap_or_default(), |key| pod.label(key))
         },
         {
             let dependents = dependents.clone();
-            move |namespace: &str, _: &str, pod: &lean::CachedPod| dependents.of_pod(namespace, |key| pod.label(key))
+            move |namespace: &str, _: &str, pod: &_| dependents.of_pod(namespace, |key| pod.label(key))
         },
     );
     // A runtime's Service has the runtime's name.

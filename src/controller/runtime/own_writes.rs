@@ -1,14 +1,15 @@
 //! The operator's memory of its own last writes, so a reconcile that runs on a cache older than
 //! those writes does not repeat them.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::runtime::reflector::ObjectRef;
 
 use crate::api::{PromptFlowRuntime, PromptFlowRuntimeStatus};
+use crate::controller::lean::Named;
 use crate::controller::lean::status::LeanStatus;
 
 /// The operator's own recent writes. A reconcile can run on a cached runtime or pod that predates
@@ -26,26 +27,6 @@ pub struct OwnWrites {
     services: Mutex<HashMap<Named, AppliedService>>,
 }
 
-/// The key of an entry: the namespace (its one shared copy) and the name. An `ObjectRef` key is
-/// four strings in 96 bytes, and 10,000 runtimes written while the caches lag behind fill three
-/// of these maps at once.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-struct Named(Arc<str>, Box<str>);
-
-impl Named {
-    fn of<K: kube::Resource>(key: &ObjectRef<K>) -> Self {
-        Self(
-            crate::controller::lean::status::text(key.namespace.as_deref().unwrap_or_default()),
-            key.name.as_str().into(),
-        )
-    }
-
-    /// The runtime `name` of this entry's namespace.
-    fn runtime(&self, name: &str) -> ObjectRef<PromptFlowRuntime> {
-        ObjectRef::new(name).within(&self.0)
-    }
-}
-
 /// A Service the operator applied: when, the resourceVersion the cache showed before (`None`:
 /// there was none) and the one the write produced.
 struct AppliedService {
@@ -57,8 +38,8 @@ struct AppliedService {
 /// The last status written for a runtime: resourceVersions older than that write (the ones written
 /// over and the ones earlier writes produced) are known stale; `latest` is what the write produced.
 struct OwnStatusWrite {
-    stale: HashSet<String>,
-    latest: String,
+    stale: Vec<Box<str>>,
+    latest: Box<str>,
     /// Lean, its texts shared ([`LeanStatus`]): a typed status with its conditions took about
     /// 1.7 KiB and 30 allocations for each runtime written while its cache lags behind.
     status: Box<LeanStatus>,
@@ -82,7 +63,7 @@ impl OwnWrites {
         let mut statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let cached_version = runtime.metadata.resource_version.clone().unwrap_or_default();
         match statuses.get(&key) {
-            Some(written) if written.stale.contains(&cached_version) => Some(written.status.full()),
+            Some(written) if written.stale.iter().any(|v| **v == *cached_version) => Some(written.status.full()),
             Some(_) => {
                 // The cache caught up with our write, or moved past it: it is the truth again.
                 statuses.remove(&key);
@@ -102,16 +83,20 @@ impl OwnWrites {
         let entry = statuses
             .entry(Named::of(&ObjectRef::from_obj(runtime)))
             .or_insert_with(|| OwnStatusWrite {
-                stale: Default::default(),
-                latest: String::new(),
+                stale: Vec::new(),
+                latest: "".into(),
                 status: status.clone(),
             });
-        entry.stale.insert(over);
+        let mut stale = |version: Box<str>| {
+            if !entry.stale.contains(&version) {
+                entry.stale.push(version);
+            }
+        };
+        stale(over.into());
         if !entry.latest.is_empty() {
-            let previous = std::mem::take(&mut entry.latest);
-            entry.stale.insert(previous);
+            stale(std::mem::take(&mut entry.latest));
         }
-        entry.latest = produced;
+        entry.latest = produced.into();
         entry.status = status;
     }
 
@@ -205,8 +190,8 @@ impl OwnWrites {
         self.statuses
             .lock()
             .expect("own writes lock")
-            .retain(|key, _| keep(&key.runtime(&key.1)));
-        let runtime_of = |pod: &Named| pod.runtime(crate::build::pod::runtime_name(&pod.1));
+            .retain(|key, _| keep(&key.to_ref()));
+        let runtime_of = |pod: &Named| pod.sibling(crate::build::pod::runtime_name(&pod.1));
         // Instance pods are not a runtime's: the instance controller forgets them.
         let runtime_pod = |pod: &Named| pod.1.ends_with(crate::build::pod::POD_SUFFIX);
         self.pods
@@ -220,7 +205,7 @@ impl OwnWrites {
         self.services
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|service, _| keep(&service.runtime(&service.1)));
+            .retain(|service, _| keep(&service.to_ref()));
     }
 
     /// Entries kept, all maps together.
