@@ -33,18 +33,21 @@ pub struct Closed;
 /// so nothing waits for a list that will never come.
 pub struct Writer<T> {
     cache: Arc<Cache<T>>,
+    /// Whether two values kept under one name are the same object.
+    same: fn(&T, &T) -> bool,
 }
 
 impl<T> Writer<T> {
     /// Applies one watch event, keeping of each object what `keep` makes of it. At the end of a
     /// (re)list, gives back the objects the list no longer holds (namespace, name and what was
-    /// kept): deleted while the watch was away, they had no event of their own.
+    /// kept): deleted while the watch was away, they had no event of their own; so is one the
+    /// list holds another object under its name instead of (deleted and made again meanwhile).
     pub fn apply<W: kube::Resource>(
         &self,
         event: &watcher::Event<W>,
         keep: impl Fn(&W) -> T,
     ) -> Vec<(Arc<str>, Box<str>, T)> {
-        self.cache.apply(event, keep)
+        self.cache.apply(event, keep, self.same)
     }
 }
 
@@ -87,13 +90,23 @@ impl<T> Cache<T> {
 
     /// The writer its watch applies events through (one per cache).
     pub fn writer(self: &Arc<Self>) -> Writer<T> {
-        Writer { cache: self.clone() }
+        self.writer_by(|_, _| true)
+    }
+
+    /// The writer its watch applies events through, for objects that `same` tells apart under
+    /// one name (by uid).
+    pub fn writer_by(self: &Arc<Self>, same: fn(&T, &T) -> bool) -> Writer<T> {
+        Writer {
+            cache: self.clone(),
+            same,
+        }
     }
 
     fn apply<W: kube::Resource>(
         &self,
         event: &watcher::Event<W>,
         keep: impl Fn(&W) -> T,
+        same: fn(&T, &T) -> bool,
     ) -> Vec<(Arc<str>, Box<str>, T)> {
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
         let mut gone = vec![];
@@ -109,7 +122,8 @@ impl<T> Cache<T> {
                     for (namespace, objects) in before {
                         let now = state.live.get(&namespace);
                         for (name, object) in objects {
-                            if now.is_none_or(|now| !now.contains_key(&name)) {
+                            let kept = now.and_then(|now| now.get(&name));
+                            if kept.is_none_or(|kept| !same(&object, kept)) {
                                 gone.push((namespace.clone(), name, object));
                             }
                         }
@@ -264,6 +278,33 @@ mod tests {
         assert_eq!(cache.get("a", "one", Clone::clone), None);
         assert_eq!(cache.get("a", "two", Clone::clone).as_deref(), Some("5"));
         assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn a_relist_gives_back_an_object_made_again_under_its_name_meanwhile() {
+        let cache = Cache::<String>::new();
+        // Values stand for uids here.
+        let writer = cache.writer_by(|old, new| old == new);
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(object("a", "chat", "uid-1")),
+            watcher::Event::InitApply(object("a", "kept", "uid-2")),
+            watcher::Event::InitDone,
+        ] {
+            writer.apply(&event, value);
+        }
+        writer.apply(&watcher::Event::Init, value);
+        writer.apply(&watcher::Event::InitApply(object("a", "chat", "uid-3")), value);
+        writer.apply(&watcher::Event::InitApply(object("a", "kept", "uid-2")), value);
+        let gone = writer.apply(&watcher::Event::<ConfigMap>::InitDone, value);
+        assert_eq!(
+            gone.iter()
+                .map(|(_, name, v)| format!("{name}={v}"))
+                .collect::<Vec<_>>(),
+            ["chat=uid-1"],
+            "the one deleted and made again, not the one kept"
+        );
+        assert_eq!(cache.get("a", "chat", Clone::clone).as_deref(), Some("uid-3"));
     }
 
     #[tokio::test]

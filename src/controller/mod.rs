@@ -139,7 +139,7 @@ pub async fn run(
     let (accounts, account_writer) = reflector::store();
     let (quotas, quota_writer) = reflector::store();
     let runtimes_cache = cache::Cache::new();
-    let runtime_writer = runtimes_cache.writer();
+    let runtime_writer = runtimes_cache.writer_by(|old: &lean::CachedRuntime, new| old.uid() == new.uid());
     let (instance_store, instance_writer) = reflector::store::<ComputeInstance>();
     let (wake_instances, instance_wakes) = futures::channel::mpsc::unbounded();
     let (wake_runtimes, runtime_wakes) = futures::channel::mpsc::unbounded();

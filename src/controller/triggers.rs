@@ -88,6 +88,10 @@ pub(super) fn runtime_events(
             watcher::Event::Delete(runtime) => {
                 let namespace = runtime.namespace().unwrap_or_default();
                 deleted(&ctx, &timers, &namespace, &runtime.name_any(), runtime.cached());
+                if ctx.network.is_some() {
+                    let releasing = ctx.clone();
+                    tokio::spawn(async move { network::release_if_empty(&releasing, &namespace).await });
+                }
                 vec![]
             }
             watcher::Event::Init => {
@@ -100,6 +104,7 @@ pub(super) fn runtime_events(
             }
             watcher::Event::InitDone => {
                 listed.send_replace(true);
+                // Their namespaces' NetworkPolicies are released by the sweep below.
                 for (namespace, name, runtime) in &gone {
                     deleted(&ctx, &timers, namespace, name, runtime);
                 }
@@ -129,22 +134,19 @@ pub(super) fn runtime_events(
 }
 
 /// What follows the deletion of the runtime `name` of `namespace`: what was kept for it goes,
-/// its instances are woken, and its namespace's NetworkPolicy is released if it was the last.
-fn deleted(ctx: &Arc<Context>, timers: &Timers, namespace: &str, name: &str, runtime: &CachedRuntime) {
+/// and its instances are woken.
+fn deleted(ctx: &Context, timers: &Timers, namespace: &str, name: &str, runtime: &CachedRuntime) {
     wake_instances_of(ctx, namespace, runtime);
     runtime::forget(ctx, name, namespace);
     timers.forget(namespace, name);
-    if ctx.network.is_some() {
-        let (releasing, namespace) = (ctx.clone(), namespace.to_owned());
-        tokio::spawn(async move { network::release_if_empty(&releasing, &namespace).await });
-    }
 }
 
 /// Maps the watch of one kind of object runtimes (and instances) read to the runtimes that read
 /// it, by the [`Dependency`] `dependency` makes of each object (`kind` tells that kind's
-/// dependencies): a change at once; what a (re)list brings once it is through (the store shows
-/// the new list only then); and then also the runtimes that read an object of that kind the list
-/// no longer holds (deleted while the watch was away, with no event of its own).
+/// dependencies): a change at once; after a (re)list, once it is through (the store shows the
+/// new list only then), every runtime that read an object of that kind, so those of objects the
+/// list no longer holds (deleted while the watch was away, with no event of their own) too. Only
+/// what something read has readers: nothing is kept per listed object.
 pub(super) fn relisted<K>(
     dependents: Dependents,
     dependency: impl Fn(&K) -> Option<Dependency>,
@@ -165,25 +167,12 @@ fn relisted_by<K>(
     recorded: impl Fn() -> HashSet<Dependency>,
     dependency: impl Fn(&K) -> Option<Dependency>,
 ) -> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -> Keys {
-    let mut listed = HashSet::new();
     move |item| match item {
         Ok(watcher::Event::Apply(object) | watcher::Event::Delete(object)) => {
             dependency(&object).map(|d| lookup(&d)).unwrap_or_default()
         }
-        Ok(watcher::Event::Init) => {
-            listed.clear();
-            vec![]
-        }
-        Ok(watcher::Event::InitApply(object)) => {
-            listed.extend(dependency(&object));
-            vec![]
-        }
-        Ok(watcher::Event::InitDone) => {
-            let mut all = std::mem::take(&mut listed);
-            all.extend(recorded());
-            all.iter().flat_map(&lookup).collect()
-        }
-        Err(_) => vec![],
+        Ok(watcher::Event::Init | watcher::Event::InitApply(_)) | Err(_) => vec![],
+        Ok(watcher::Event::InitDone) => recorded().iter().flat_map(&lookup).collect(),
     }
 }
 
@@ -307,7 +296,12 @@ mod tests {
             Dependency::ConfigMap(_, name) => vec![ObjectRef::new(&format!("reads-{name}")).within("a")],
             _ => vec![],
         };
-        let recorded = || HashSet::from([Dependency::ConfigMap("a".into(), "gone".into())]);
+        let recorded = || {
+            HashSet::from([
+                Dependency::ConfigMap("a".into(), "one".into()),
+                Dependency::ConfigMap("a".into(), "gone".into()),
+            ])
+        };
         let mut keys = relisted_by(readers, recorded, |object: &ConfigMap| {
             Some(Dependency::ConfigMap("a".into(), object.name_any()))
         });

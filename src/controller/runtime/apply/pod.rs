@@ -65,6 +65,10 @@ impl PodOutcome {
     }
 }
 
+/// How soon a pod the API server refused for quota, when the operator's view let it through, is
+/// tried again.
+const QUOTA_RECHECK: Duration = Duration::from_secs(15);
+
 /// The generated name's prefix of a dry-run replacement.
 pub const PROBE_PREFIX: &str = "pf-probe-";
 
@@ -218,9 +222,16 @@ pub async fn apply_pod(
                     requeue: None,
                 })
             }
-            Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains("exceeded quota") => Ok(
-                PodOutcome::quiet(Verdict::not_available(reasons::QUOTA_EXCEEDED, status.message)),
-            ),
+            // The operator's view of the quotas let the pod through and the API server's did not:
+            // one of them lags (a replaced pod's share comes back when the quota controller has
+            // counted its deletion, and that update may have arrived before this runtime read
+            // the quotas), so look again shortly as well as at the next quota change.
+            Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains("exceeded quota") => {
+                Ok(PodOutcome::later(
+                    Verdict::not_available(reasons::QUOTA_EXCEEDED, status.message),
+                    QUOTA_RECHECK,
+                ))
+            }
             // Refused for what the pod is (validation, admission): retrying the same pod cannot
             // succeed, so wait for a change of the runtime or of what it reads.
             Err(kube::Error::Api(status))
