@@ -63,6 +63,9 @@ pub struct Context {
     pub failures: Backoff,
     /// Backoff of runtimes blocked by a pull secret (secrets are not watched).
     pub pull_secret_waits: Backoff,
+    /// Backoff of runtimes whose pod the API server refused for quota while the operator's view
+    /// of the quotas let it through.
+    pub quota_refusals: Backoff,
     /// What service accounts' pull secrets came to when last read (no contents).
     pub logins: super::runtime::observe::RememberedLogins,
     /// Runtimes (what a reconcile reads; `runtime()` gives one).

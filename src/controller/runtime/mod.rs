@@ -395,6 +395,7 @@ pub fn forget_missing(ctx: &Context, exists: impl Fn(&ObjectRef<PromptFlowRuntim
     ctx.own_writes.retain(&exists);
     ctx.failures.retain(&exists);
     ctx.pull_secret_waits.retain(&exists);
+    ctx.quota_refusals.retain(&exists);
 }
 
 /// Drops everything kept for the runtime `name` of `namespace`, which was deleted.
@@ -405,6 +406,7 @@ pub fn forget(ctx: &Context, name: &str, namespace: &str) {
     ctx.own_writes.forget(&key, &pod);
     ctx.failures.reset(&key);
     ctx.pull_secret_waits.reset(&key);
+    ctx.quota_refusals.reset(&key);
 }
 
 /// Transient errors requeue with exponential backoff per runtime (5s doubling to 5m): the

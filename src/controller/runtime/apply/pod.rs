@@ -65,9 +65,10 @@ impl PodOutcome {
     }
 }
 
-/// How soon a pod the API server refused for quota, when the operator's view let it through, is
-/// tried again.
-const QUOTA_RECHECK: Duration = Duration::from_secs(15);
+/// The runtime whose pod is `pod_name` of `namespace`.
+fn runtime_ref(pod_name: &str, namespace: &str) -> ObjectRef<crate::api::PromptFlowRuntime> {
+    ObjectRef::new(crate::build::pod::runtime_name(pod_name)).within(namespace)
+}
 
 /// The generated name's prefix of a dry-run replacement.
 pub const PROBE_PREFIX: &str = "pf-probe-";
@@ -208,6 +209,7 @@ pub async fn apply_pod(
         };
         return match created {
             Ok(_) => {
+                ctx.quota_refusals.reset(&runtime_ref(&pod_name, &namespace));
                 ctx.own_writes.created_pod(pod_ref);
                 info!(pod = %pod_name, %namespace, "created runtime pod");
                 Ok(PodOutcome {
@@ -225,11 +227,13 @@ pub async fn apply_pod(
             // The operator's view of the quotas let the pod through and the API server's did not:
             // one of them lags (a replaced pod's share comes back when the quota controller has
             // counted its deletion, and that update may have arrived before this runtime read
-            // the quotas), so look again shortly as well as at the next quota change.
+            // the quotas), so look again shortly as well as at the next quota change; backing off
+            // (5 s doubling to 5 min) while they keep disagreeing (a LimitRange or webhook adds
+            // what the operator does not count).
             Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains("exceeded quota") => {
                 Ok(PodOutcome::later(
                     Verdict::not_available(reasons::QUOTA_EXCEEDED, status.message),
-                    QUOTA_RECHECK,
+                    ctx.quota_refusals.next(&runtime_ref(&pod_name, &namespace)),
                 ))
             }
             // Refused for what the pod is (validation, admission): retrying the same pod cannot
