@@ -50,6 +50,8 @@ mod runtime;
 mod service;
 pub mod status;
 
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -74,18 +76,21 @@ fn controlled_by(kept: Option<&str>, owner_uid: Option<&str>) -> bool {
     owner_uid.is_some_and(|uid| kept == Some(uid))
 }
 
-/// An object's namespace (its one shared copy) and name, as a compact map key: an `ObjectRef`
-/// is four strings in 96 bytes.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub struct Named(pub std::sync::Arc<str>, pub Box<str>);
+/// An object's namespace (its one shared copy) and name: the key of a runtime in the queue, the
+/// timers and the runner, and of any object in the dependency index and the memory of own writes
+/// (an `ObjectRef` is four strings in 96 bytes). Clones share both strings.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Named(pub Arc<str>, pub Arc<str>);
 
 impl Named {
+    /// The key of `name` in `namespace`.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self(status::text(namespace), Arc::from(name))
+    }
+
     /// The key of `key`'s object.
     pub fn of<K: Resource>(key: &kube::runtime::reflector::ObjectRef<K>) -> Self {
-        Self(
-            status::text(key.namespace.as_deref().unwrap_or_default()),
-            key.name.as_str().into(),
-        )
+        Self::new(key.namespace.as_deref().unwrap_or_default(), &key.name)
     }
 
     /// The object `name` of this key's namespace, as an `ObjectRef`.

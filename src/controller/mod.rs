@@ -426,7 +426,7 @@ pub async fn run(
     let reconciling = context.clone();
     let runtimes = runner::run(queue, turns, timers, runtimes_cache, move |key, cached| {
         let ctx = reconciling.clone();
-        let key = ObjectRef::<crate::api::PromptFlowRuntime>::new(&key.1).within(&key.0);
+        let key = key.to_ref::<crate::api::PromptFlowRuntime>();
         let uid = cached.uid().map(str::to_owned);
         // Built once it has its turn, so a waiting reconcile stays small.
         let full = cached.full(&key.name, key.namespace.as_deref().unwrap_or_default());

@@ -11,18 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use kube::runtime::reflector::ObjectRef;
 
-use super::lean::LeanRuntime;
-
-/// A runtime's namespace and name (both shared, not copied per use).
-pub type Key = (Arc<str>, Arc<str>);
-
-/// The queue's key of a runtime (its namespace one shared copy).
-pub fn key_of(runtime: &ObjectRef<LeanRuntime>) -> Key {
-    (
-        super::lean::status::text(runtime.namespace.as_deref().unwrap_or_default()),
-        Arc::from(runtime.name.as_str()),
-    )
-}
+use super::lean::{LeanRuntime, Named};
 
 /// The queue; see the module documentation.
 pub struct FairQueue {
@@ -35,11 +24,11 @@ pub struct FairQueue {
 #[derive(Default)]
 struct State {
     /// Per namespace (one bucket for all when not fair), its runtimes in arrival order.
-    buckets: HashMap<Arc<str>, VecDeque<Key>>,
+    buckets: HashMap<Arc<str>, VecDeque<Named>>,
     /// The buckets with runtimes waiting, in the order their next turns come.
     order: VecDeque<Arc<str>>,
     /// Every runtime in a bucket.
-    queued: HashSet<Key>,
+    queued: HashSet<Named>,
     closed: bool,
 }
 
@@ -59,11 +48,11 @@ impl FairQueue {
 
     /// Queues `runtime` unless it is queued already (it keeps its place).
     pub fn push(&self, runtime: &ObjectRef<LeanRuntime>) {
-        self.push_key(key_of(runtime));
+        self.push_key(Named::of(runtime));
     }
 
     /// [`FairQueue::push`] by key.
-    pub fn push_key(&self, key: Key) {
+    pub fn push_key(&self, key: Named) {
         {
             let mut state = self.lock();
             if state.closed || state.queued.contains(&key) {
@@ -82,7 +71,7 @@ impl FairQueue {
     }
 
     /// The next runtime, once there is one; `None` once closed.
-    pub async fn next(&self) -> Option<Key> {
+    pub async fn next(&self) -> Option<Named> {
         loop {
             let pushed = self.pushed.notified();
             if let Some(next) = self.try_next() {
@@ -93,7 +82,7 @@ impl FairQueue {
     }
 
     /// `Some(None)`: closed; `None`: nothing waits.
-    fn try_next(&self) -> Option<Option<Key>> {
+    fn try_next(&self) -> Option<Option<Named>> {
         let mut state = self.lock();
         if state.closed {
             return Some(None);
@@ -139,7 +128,7 @@ mod tests {
     /// What waits now, in the order it is taken.
     fn drain(queue: &FairQueue) -> Vec<String> {
         std::iter::from_fn(|| queue.next().now_or_never().flatten())
-            .map(|(namespace, name)| format!("{namespace}/{name}"))
+            .map(|Named(namespace, name)| format!("{namespace}/{name}"))
             .collect()
     }
 

@@ -18,7 +18,8 @@ use tracing::warn;
 
 use super::cache::Cache;
 use super::fair::FairGate;
-use super::queue::{FairQueue, Key};
+use super::lean::Named;
+use super::queue::FairQueue;
 
 /// What a reconcile asks for next: to be looked at again after a while, or only on a change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,8 +55,8 @@ pub struct Timers {
 
 #[derive(Default)]
 struct TimerState {
-    due: HashMap<Key, Instant>,
-    order: BTreeSet<(Instant, Key)>,
+    due: HashMap<Named, Instant>,
+    order: BTreeSet<(Instant, Named)>,
 }
 
 impl Timers {
@@ -64,7 +65,7 @@ impl Timers {
     }
 
     /// Sets (or with `None` clears) the deadline of `key`, replacing the one before.
-    pub fn set(&self, key: Key, at: Option<Instant>) {
+    pub fn set(&self, key: Named, at: Option<Instant>) {
         let mut state = self.lock();
         if let Some(before) = state.due.remove(&key) {
             state.order.remove(&(before, key.clone()));
@@ -79,19 +80,19 @@ impl Timers {
 
     /// Clears the deadline of the runtime `name` of `namespace`.
     pub fn forget(&self, namespace: &str, name: &str) {
-        self.set((Arc::from(namespace), Arc::from(name)), None);
+        self.set(Named::new(namespace, name), None);
     }
 
     /// Keeps only the deadlines of the runtimes `exists` says are there.
     pub fn retain(&self, exists: impl Fn(&str, &str) -> bool) {
         let mut state = self.lock();
-        state.due.retain(|(namespace, name), _| exists(namespace, name));
+        state.due.retain(|Named(namespace, name), _| exists(namespace, name));
         let TimerState { due, order } = &mut *state;
         order.retain(|(_, key)| due.contains_key(key));
     }
 
     /// Takes the runtimes whose deadline has come by `now`.
-    fn take_due(&self, now: Instant) -> Vec<Key> {
+    fn take_due(&self, now: Instant) -> Vec<Named> {
         let mut state = self.lock();
         let mut due = vec![];
         while let Some((at, _)) = state.order.first()
@@ -151,7 +152,7 @@ pub async fn run<T, F, Fut>(
     reconcile: F,
 ) where
     T: Send + Sync + 'static,
-    F: Fn(&Key, &T) -> Fut + Send + Sync + 'static,
+    F: Fn(&Named, &T) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Action> + Send + 'static,
 {
     // At most twice as many reconciles as run at once are waiting at the gate or running; the
@@ -163,7 +164,7 @@ pub async fn run<T, F, Fut>(
     if store.wait_until_ready().await.is_err() {
         return;
     }
-    let running: Arc<Mutex<HashMap<Key, Running>>> = Arc::default();
+    let running: Arc<Mutex<HashMap<Named, Running>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -224,8 +225,8 @@ struct Running {
 /// if it was named again meanwhile, and after a panic is looked at again in a while (the
 /// deadline it had may be gone).
 struct Finish {
-    key: Key,
-    running: Arc<Mutex<HashMap<Key, Running>>>,
+    key: Named,
+    running: Arc<Mutex<HashMap<Named, Running>>>,
     queue: Arc<FairQueue>,
     timers: Arc<Timers>,
 }
@@ -268,8 +269,8 @@ mod tests {
     use crate::controller::lean::LeanRuntime;
     use kube::runtime::reflector::ObjectRef;
 
-    fn key(namespace: &str, name: &str) -> Key {
-        (Arc::from(namespace), Arc::from(name))
+    fn key(namespace: &str, name: &str) -> Named {
+        Named::new(namespace, name)
     }
 
     #[test]

@@ -163,6 +163,9 @@ impl Bench {
             "promptflow_operator_kube_requests_total",
             r#"resource="events""#,
         );
+        if writes > report::TARGET_WRITES_PER_RUNTIME * n as f64 {
+            probe::explain_extra_writes(&self.client, &namespace).await;
+        }
         tokio::time::sleep(self.steady).await;
         let after = operator.metrics().await;
         let (reads_after, writes_after) = probe::requests(&after);

@@ -56,3 +56,33 @@ pub async fn cluster_writes(client: &kube::Client) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Why the operator wrote more than `budget` times per runtime in `namespace`: every event but
+/// one `Running` per runtime (a runtime that left `Running` and came back, a warning), printed
+/// for the run's report. Runs only when the budget was exceeded.
+pub async fn explain_extra_writes(client: &kube::Client, namespace: &str) {
+    use k8s_openapi::api::core::v1::Event;
+    let events: kube::Api<Event> = kube::Api::namespaced(client.clone(), namespace);
+    let Ok(list) = events.list(&Default::default()).await else {
+        return;
+    };
+    let unusual: Vec<String> = list
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() != Some("Running") || e.count.unwrap_or(1) > 1)
+        .map(|e| {
+            format!(
+                "{} {} ×{} on {}: {}",
+                e.type_.as_deref().unwrap_or_default(),
+                e.reason.as_deref().unwrap_or_default(),
+                e.count.unwrap_or(1),
+                e.involved_object.name.as_deref().unwrap_or_default(),
+                e.message.as_deref().unwrap_or_default()
+            )
+        })
+        .collect();
+    println!("bench: {} events besides one Running per runtime:", unusual.len());
+    for line in unusual.iter().take(20) {
+        println!("  {line}");
+    }
+}

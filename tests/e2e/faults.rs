@@ -255,3 +255,257 @@ fn pod_ready(pod: &Pod) -> bool {
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
+
+/// A TCP forwarder to the API server that can cut every connection and refuse new ones, so the
+/// operator's watches are away while the test changes the cluster behind its back.
+struct Cuttable {
+    address: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl Cuttable {
+    async fn to(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (cut, watching) = tokio::sync::watch::channel(false);
+        let accepting = tokio::spawn(async move {
+            loop {
+                let mut inbound = match listener.accept().await {
+                    Ok((inbound, _)) => inbound,
+                    Err(err) => {
+                        eprintln!("the test's API server forwarder stopped: {err}");
+                        return;
+                    }
+                };
+                if *watching.borrow() {
+                    continue; // refused: dropped at once
+                }
+                let mut watching = watching.clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watching.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            address,
+            cut,
+            accepting,
+        }
+    }
+
+    /// Closes every connection and refuses new ones (`true`), or lets them through again.
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+impl Drop for Cuttable {
+    fn drop(&mut self) {
+        self.set_cut(true);
+        self.accepting.abort();
+    }
+}
+
+/// The test cluster's kubeconfig, and its API server's address (host:port).
+fn cluster_kubeconfig() -> (kube::config::Kubeconfig, String) {
+    let config = kube::config::Kubeconfig::read_from(harness::kubeconfig()).unwrap();
+    let server = config.clusters[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.server.clone())
+        .expect("a server");
+    let upstream = server.trim_start_matches("https://").trim_end_matches('/').to_owned();
+    (config, upstream)
+}
+
+/// A kubeconfig file readable only by this user (it holds the admin's key), removed when dropped.
+struct KubeconfigFile(std::path::PathBuf);
+
+impl KubeconfigFile {
+    /// `config` with its server reached through `proxy`.
+    fn through(mut config: kube::config::Kubeconfig, proxy: &Cuttable) -> Self {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        config.clusters[0].cluster.as_mut().expect("a cluster").server = Some(format!("https://{}", proxy.address));
+        let path = std::env::temp_dir().join(format!("pf-relist-{:08x}.kubeconfig", rand::random::<u32>()));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap();
+        // JSON is YAML: kube reads it as a kubeconfig.
+        file.write_all(&serde_json::to_vec(&config).unwrap()).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for KubeconfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Waits until the runtime `name` is Running, reading it again and again (the API server may
+/// still be warming its caches after a restart; a failed read is tried again).
+async fn running_after_restart(
+    runtimes: &kube::Api<PromptFlowRuntime>,
+    name: &str,
+    timeout: Duration,
+) -> PromptFlowRuntime {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Ok(Some(runtime)) = runtimes.get_opt(name).await
+            && runtime
+                .status
+                .as_ref()
+                .is_some_and(|s| s.phase == RuntimePhase::Running)
+        {
+            return runtime;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} not Running {timeout:?} after the watches were back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The operator's count of runtimes in its dependency index.
+async fn indexed(operator: &OperatorProcess) -> i64 {
+    let metrics = operator.metrics().await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("promptflow_operator_memory_entries{map=\"dependency_index\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no dependency_index gauge in\n{metrics}"))
+}
+
+/// Changes made while the operator's watches were away, found by a fresh list when the API server
+/// no longer holds the versions the watches would resume from (410 Expired): a service account a
+/// runtime waited for appeared (the runtime starts), a runtime was deleted (the operator forgets
+/// it), and one was deleted and made again under its name (the new one gets its own pod).
+#[tokio::test]
+async fn changes_made_while_the_watches_were_away_are_found_by_the_relist() {
+    with_namespace("pf-fault-relist", |ns| async move {
+        if !harness::cluster_dir().join("pids/kube-apiserver.pid").exists() {
+            eprintln!("skipped: the suite does not run against the local cluster");
+            return;
+        }
+        let (config, upstream) = cluster_kubeconfig();
+        let proxy = Cuttable::to(upstream).await;
+        let kubeconfig = KubeconfigFile::through(config, &proxy);
+        let operator = OperatorProcess::start(&kubeconfig.0, &["--watch-namespace", &ns.name]);
+        let runtimes = ns.api::<PromptFlowRuntime>();
+        let create = |name: &'static str, spec: serde_json::Value| {
+            let runtimes = runtimes.clone();
+            async move {
+                let runtime: PromptFlowRuntime = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime",
+                    "metadata": {"name": name}, "spec": spec
+                }))
+                .unwrap();
+                runtimes.create(&PostParams::default(), &runtime).await.unwrap()
+            }
+        };
+        create("waits", serde_json::json!({"identity": {"serviceAccountName": "later"}})).await;
+        create("gone", serde_json::json!({})).await;
+        let again_before = create("again", serde_json::json!({})).await;
+        let is = |phase: RuntimePhase, reason: Option<&'static str>| {
+            move |rt: Option<&PromptFlowRuntime>| {
+                rt.and_then(|rt| rt.status.as_ref())
+                    .is_some_and(|s| s.phase == phase && reason.is_none_or(|r| s.reason.as_deref() == Some(r)))
+            }
+        };
+        let wait = Duration::from_secs(60);
+        harness::wait_for(&runtimes, "waits", is(RuntimePhase::NotAvailable, Some("ServiceAccountNotFound")), wait).await;
+        harness::wait_for(&runtimes, "gone", is(RuntimePhase::Running, None), wait).await;
+        harness::wait_for(&runtimes, "again", is(RuntimePhase::Running, None), wait).await;
+        let before = indexed(&operator).await;
+        assert_eq!(before, 3, "every runtime records what it read");
+
+        // The watches go away; the cluster changes; the API server restarts, so the versions the
+        // watches would resume from are gone from its watch cache.
+        proxy.set_cut(true);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let accounts = ns.api::<k8s_openapi::api::core::v1::ServiceAccount>();
+        accounts
+            .create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": "later"}})).unwrap())
+            .await
+            .unwrap();
+        runtimes.delete("gone", &Default::default()).await.unwrap();
+        runtimes.delete("again", &Default::default()).await.unwrap();
+        harness::wait_deleted(&runtimes, "again", again_before.metadata.uid.as_deref().unwrap(), wait).await;
+        // The old runtime's pod and Service are collected (by the garbage collector) before the
+        // new one exists, so the new one is not held up by them.
+        let old_uid = again_before.metadata.uid.clone().unwrap();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let owned_by_old = |meta: &kube::api::ObjectMeta| meta.owner_references.iter().flatten().any(|o| o.uid == old_uid);
+            let pods = ns.api::<Pod>().list(&Default::default()).await.unwrap().items;
+            let services = ns.api::<k8s_openapi::api::core::v1::Service>().list(&Default::default()).await.unwrap().items;
+            if !pods.iter().any(|p| owned_by_old(&p.metadata)) && !services.iter().any(|s| owned_by_old(&s.metadata)) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the deleted runtime's pod and Service stayed");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let again_after = create("again", serde_json::json!({})).await;
+        harness::restart_component("kube-apiserver", Duration::from_secs(2))
+            .await
+            .expect("restart");
+        let found_at = tokio::time::Instant::now();
+        let log_before = operator.log_text().len();
+        proxy.set_cut(false);
+
+        // The scheduler and kwok reconnect on their own backoffs (up to about 30 s).
+        let waits = running_after_restart(&runtimes, "waits", Duration::from_secs(120)).await;
+        let again = running_after_restart(&runtimes, "again", Duration::from_secs(120)).await;
+        let took = found_at.elapsed();
+        assert_eq!(again.metadata.uid, again_after.metadata.uid);
+        let pods = ns.api::<Pod>().list(&Default::default()).await.unwrap().items;
+        let owned_by_new = pods.iter().any(|pod| {
+            pod.labels().get("promptflow.dev/runtime").map(String::as_str) == Some("again")
+                && pod.owner_references().iter().any(|o| Some(&o.uid) == again_after.metadata.uid.as_ref())
+        });
+        assert!(owned_by_new, "the runtime made again has no pod of its own: {pods:?}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while indexed(&operator).await != 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the operator still records the deleted runtime: {} indexed; log:\n{}",
+                indexed(&operator).await,
+                operator.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // The watches were refused as too old and listed again: what the test saw came from
+        // relists, not from resumed watches. (The relists of runtimes and of service accounts
+        // race, and the runtime relist alone queues every runtime: that `waits` starts does not
+        // show which one woke it; the unit tests of `triggers` do.)
+        let log = operator.log_text();
+        let after = &log[log_before.min(log.len())..];
+        for watch in ["runtimes", "service accounts"] {
+            assert!(
+                after.lines().any(|l| l.contains("watch failed; retrying")
+                    && l.contains(&format!("\"{watch}\""))
+                    && l.contains("too old resource version")),
+                "the {watch} watch was not refused as too old: the relist was not exercised; log since the reconnect:\n{after}"
+            );
+        }
+        println!(
+            "relist: {} and the runtime made again Running {:.1}s after the watches could reach the API server again",
+            waits.metadata.name.as_deref().unwrap_or_default(),
+            took.as_secs_f64()
+        );
+    })
+    .await;
+}
