@@ -150,6 +150,9 @@ pub mod reasons {
     /// A Service of the runtime's name exists that the operator did not create for this runtime
     /// (another owner, or none): it is left untouched and the runtime waits.
     pub const SERVICE_CONFLICT: &str = "ServiceConflict";
+    /// The pod or Service of an earlier runtime of this name (deleted, another uid) is still
+    /// there: the garbage collector removes it, then this runtime gets its own. No user action.
+    pub const PREDECESSOR_CLEANUP: &str = "PredecessorCleanup";
     /// A pod of the runtime pod's name exists that the operator did not create for this runtime:
     /// it is left untouched (never adopted, read, replaced or deleted) and the runtime waits.
     pub const POD_CONFLICT: &str = "PodConflict";

@@ -24,11 +24,62 @@ pub fn controlled_by(object: &ObjectMeta, owner_uid: Option<&str>) -> bool {
         .any(|owner| owner.controller == Some(true) && owner.uid == owner_uid)
 }
 
+/// Whether an object was made for an earlier runtime of the name `name`: its controller is a
+/// PromptFlowRuntime of that name whose uid is not `uid`. A name holds one runtime at a time, so
+/// that runtime is deleted, and the garbage collector removes what it owned.
+pub fn left_by_predecessor(object: &ObjectMeta, name: &str, uid: Option<&str>) -> bool {
+    object.owner_references.iter().flatten().any(|owner| {
+        owner.controller == Some(true)
+            && owner.kind == "PromptFlowRuntime"
+            && owner.api_version.split('/').next() == Some(crate::api::GROUP)
+            && owner.name == name
+            && Some(owner.uid.as_str()) != uid
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
     use super::*;
+
+    #[test]
+    fn only_a_runtime_of_the_same_name_and_another_uid_is_a_predecessor() {
+        let owned = |kind: &str, name: &str, uid: &str| ObjectMeta {
+            owner_references: Some(vec![OwnerReference {
+                api_version: "promptflow.dev/v1alpha1".into(),
+                kind: kind.into(),
+                name: name.into(),
+                uid: uid.into(),
+                controller: Some(true),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        assert!(left_by_predecessor(
+            &owned("PromptFlowRuntime", "chat", "old"),
+            "chat",
+            Some("new")
+        ));
+        assert!(
+            !left_by_predecessor(&owned("PromptFlowRuntime", "chat", "new"), "chat", Some("new")),
+            "its own"
+        );
+        assert!(!left_by_predecessor(
+            &owned("PromptFlowRuntime", "other", "old"),
+            "chat",
+            Some("new")
+        ));
+        assert!(!left_by_predecessor(
+            &owned("ComputeInstance", "chat", "old"),
+            "chat",
+            Some("new")
+        ));
+        assert!(
+            !left_by_predecessor(&ObjectMeta::default(), "chat", Some("new")),
+            "no owner"
+        );
+    }
 
     #[test]
     fn only_the_controller_reference_with_the_owners_uid_proves_who_made_an_object() {

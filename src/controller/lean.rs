@@ -53,6 +53,8 @@ pub mod status;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::ServiceAccount;
+
+use crate::api::annotations;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use kube::Resource;
@@ -118,8 +120,46 @@ fn trim_meta(meta: &mut ObjectMeta) {
     meta.generate_name = None;
 }
 
-/// A service account as the controllers read it: its image pull secrets.
+/// The annotations the controllers read on runtimes and compute instances: the actions and the
+/// recorded activity. The caches keep no other label or annotation of objects users write, so
+/// however large a tenant makes them, they cost the operator nothing.
+const READ_ANNOTATIONS: &[&str] = &[
+    annotations::CHECK_VERSION,
+    annotations::UPDATE,
+    annotations::START,
+    annotations::STOP,
+    annotations::RESTART,
+    annotations::LAST_ACTIVITY,
+];
+
+/// Drops from `meta` what no controller reads of an object users write: every label, every
+/// annotation but [`READ_ANNOTATIONS`], managed fields.
+fn trim_user_meta(meta: &mut ObjectMeta) {
+    trim_meta(meta);
+    meta.labels = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|key, _| READ_ANNOTATIONS.contains(&key.as_str()));
+    }
+    if meta.annotations.as_ref().is_some_and(|a| a.is_empty()) {
+        meta.annotations = None;
+    }
+}
+
+/// A compute instance as the controllers read it: its spec, status and action annotations.
+pub fn trim_user<K: Resource>(object: &mut K) {
+    trim_user_meta(object.meta_mut());
+}
+
+/// A service account as the controllers read it: its image pull secrets (no labels, no
+/// annotations).
 pub fn trim_account(account: &mut ServiceAccount) {
-    trim_meta(&mut account.metadata);
+    trim_user_meta(&mut account.metadata);
+    account.metadata.annotations = None;
     account.secrets = None;
+}
+
+/// A resource quota as the controllers read it: its spec and status (no labels, no annotations).
+pub fn trim_quota(quota: &mut k8s_openapi::api::core::v1::ResourceQuota) {
+    trim_user_meta(&mut quota.metadata);
+    quota.metadata.annotations = None;
 }

@@ -12,6 +12,7 @@ pub mod queue;
 pub mod recorder;
 pub mod runner;
 pub mod runtime;
+pub mod status_patch;
 mod triggers;
 pub mod watch_health;
 
@@ -165,7 +166,7 @@ pub async fn run(
     let quota_stream = watcher(scoped::<ResourceQuota>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())
         .filter(tracked(&health, "resource quotas"))
-        .modify(lean::trim)
+        .modify(lean::trim_quota)
         .reflect(quota_writer);
     // ConfigMaps only wake runtimes; their content is read when a runtime reconciles. Secrets are
     // not watched at all (RBAC grants `get` on them, nothing more): a runtime blocked by a pull
@@ -304,7 +305,7 @@ pub async fn run(
     let instance_stream = watcher(scoped::<ComputeInstance>(&client, scope), watcher::Config::default())
         .backoff(watch_backoff())
         .filter(tracked(&health, "compute instances"))
-        .modify(lean::trim)
+        .modify(lean::trim_user)
         .reflect(instance_writer)
         .inspect_ok({
             let store = instance_store.clone();

@@ -5,6 +5,7 @@
 mod harness;
 mod helm;
 
+mod big_metadata;
 mod budget;
 mod chart;
 mod cluster;

@@ -506,3 +506,66 @@ async fn a_failed_or_vanished_pod_is_recreated() {
     })
     .await;
 }
+
+/// A runtime deleted and applied again at once (`kubectl replace --force`, a GitOps re-create)
+/// finds its predecessor's Service and pod still there until the garbage collector removes them:
+/// it waits for them quietly (`PredecessorCleanup`), never reports them as someone else's
+/// (`ServiceConflict` / `PodConflict`, a Warning and `Stalled`, which fail a GitOps health check).
+#[tokio::test]
+async fn a_runtime_made_again_at_once_waits_for_its_predecessors_objects_without_a_conflict() {
+    with_namespace("pf-rt-again", |ns| async move {
+        let _operator = OperatorProcess::for_namespace(&ns.name);
+        let runtimes = ns.api::<PromptFlowRuntime>();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut old = create_runtime(&ns, "again", json!({})).await;
+        wait_status(&ns, "again", "Running", None).await;
+        for round in 0..3 {
+            runtimes.delete("again", &DeleteParams::background()).await.unwrap();
+            harness::wait_deleted(&runtimes, "again", old.metadata.uid.as_deref().unwrap(), WAIT).await;
+            let new = create_runtime(&ns, "again", json!({})).await;
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                let now = runtimes.get("again").await.unwrap();
+                assert_eq!(
+                    now.metadata.uid, new.metadata.uid,
+                    "round {round}: replaced by the test only"
+                );
+                let status = now.status.unwrap_or_default();
+                seen.extend(status.reason.clone());
+                if status.phase == promptflow_operator::api::RuntimePhase::Running {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "round {round}: not Running: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let pods = runtime_pods(&ns, "again").await;
+            assert!(
+                pods.len() == 1
+                    && pods[0]
+                        .owner_references()
+                        .iter()
+                        .any(|o| Some(&o.uid) == new.metadata.uid.as_ref()),
+                "round {round}: the new runtime runs its own pod: {pods:?}"
+            );
+            old = new;
+        }
+        let warnings: Vec<_> = events_for(&ns, "again")
+            .await
+            .into_iter()
+            .filter(|(type_, _, _)| type_ == "Warning")
+            .collect();
+        eprintln!("made again at once: reasons seen {seen:?}");
+        assert!(
+            warnings.is_empty(),
+            "an earlier runtime's objects reported as a problem: {warnings:?}"
+        );
+        assert!(
+            !seen.contains("ServiceConflict") && !seen.contains("PodConflict"),
+            "reported as someone else's: {seen:?}"
+        );
+    })
+    .await;
+}

@@ -3,9 +3,7 @@
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Api, Resource, ResourceExt};
 
 use crate::api::conditions::{self, reasons};
 use crate::api::{
@@ -113,19 +111,11 @@ pub async fn write(instance: &ComputeInstance, ctx: &Context, report: &InstanceR
     if previous == Some(&new) {
         return Ok(());
     }
-    let patch = serde_json::json!({
-        "apiVersion": ComputeInstance::api_version(&()),
-        "kind": ComputeInstance::kind(&()),
-        "status": new,
-    });
-    let api: Api<ComputeInstance> = Api::namespaced(ctx.client.clone(), &instance.namespace().unwrap_or_default());
-    let updated = api
-        .patch_status(
-            &instance.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+    let Some(updated) = crate::controller::status_patch::write(&ctx.client, instance, &new, MANAGER).await? else {
+        // Deleted and made again under its name since this reconcile read it: the new one is
+        // reconciled on its own.
+        return Ok(());
+    };
     // One event per state transition, and one per new problem while the state holds.
     let problem = new.state == InstanceState::Failed || reasons::PROBLEMS.contains(&report.reason.as_str());
     let moved = previous.is_none_or(|p| p.state != new.state || (problem && p.reason != new.reason));

@@ -4,7 +4,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 use serde::{Deserialize, Serialize};
 
-use super::{status, trim_meta};
+use super::{status, trim_user_meta};
 use crate::api::conditions::reasons;
 use crate::api::{PromptFlowRuntime, PromptFlowRuntimeSpec};
 
@@ -52,7 +52,7 @@ impl TryFrom<PromptFlowRuntime> for LeanRuntime {
     type Error = serde_json::Error;
 
     fn try_from(mut runtime: PromptFlowRuntime) -> Result<Self, Self::Error> {
-        trim_meta(&mut runtime.metadata);
+        trim_user_meta(&mut runtime.metadata);
         let identity = ObjectMeta {
             name: runtime.metadata.name.take(),
             namespace: runtime.metadata.namespace.take(),
@@ -176,7 +176,8 @@ mod tests {
             "apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime",
             "metadata": {"name": "chat", "namespace": "a", "uid": "u1", "resourceVersion": "9", "generation": 2,
                          "finalizers": ["promptflow.dev/instance"], "annotations": {"promptflow.dev/update": "1",
-                         "kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                         "kubectl.kubernetes.io/last-applied-configuration": "{}", "example.com/notes": "a tenant's text"},
+                         "labels": {"team": "a"},
                          "managedFields": [{"manager": "kubectl"}], "creationTimestamp": "2026-01-01T00:00:00Z"},
             "spec": {"compute": {"instance": {"name": "ci-1", "acknowledgeRestart": true}},
                      "image": {"repository": "registry.example/promptflow/promptflow-runtime-stable", "version": "20240222.v4"},
@@ -208,8 +209,10 @@ mod tests {
         assert_eq!(full.status, typed.status);
         assert_eq!(
             full.metadata.annotations.unwrap().keys().collect::<Vec<_>>(),
-            ["promptflow.dev/update"]
+            ["promptflow.dev/update"],
+            "only the annotations the controllers read"
         );
+        assert_eq!(full.metadata.labels, None);
         assert_eq!(full.metadata.managed_fields, None);
         assert_eq!(full.metadata.generation, Some(2));
         assert_eq!(full.metadata.finalizers, typed.metadata.finalizers);

@@ -11,6 +11,7 @@ pub(crate) mod pod;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
@@ -26,7 +27,7 @@ use crate::api::conditions::{self, reasons};
 use crate::api::{PromptFlowRuntime, annotations};
 use crate::build::instance::placement_in;
 use crate::build::service::{self, Target};
-use crate::build::{controlled_by, pod as pod_builder};
+use crate::build::{controlled_by, left_by_predecessor, pod as pod_builder};
 use crate::error::Result;
 
 /// What applying the plan came to.
@@ -56,7 +57,10 @@ pub struct Applied {
 /// written) and the detach finalizer of an instance it left released once that instance let go;
 /// a runtime on an instance, the detach finalizer and no pod of its own. `Err`: the Service's
 /// name is someone else's (nothing was made; the message says so).
-pub async fn frame(ctx: &Context, runtime: &PromptFlowRuntime) -> Result<std::result::Result<Option<String>, String>> {
+pub async fn frame(
+    ctx: &Context,
+    runtime: &PromptFlowRuntime,
+) -> Result<std::result::Result<Option<String>, (&'static str, String)>> {
     if runtime.spec.compute.instance.is_none() {
         return serverless_frame(ctx, runtime).await;
     }
@@ -87,13 +91,13 @@ pub async fn apply(
 async fn serverless_frame(
     ctx: &Context,
     runtime: &PromptFlowRuntime,
-) -> Result<std::result::Result<Option<String>, String>> {
+) -> Result<std::result::Result<Option<String>, (&'static str, String)>> {
     on_instance::release(ctx, runtime).await?;
     let target = Target::Serverless;
     Ok(match apply_service(ctx, runtime, target).await? {
         ServiceOutcome::InPlace => Ok(Some(service::url(runtime, target))),
         ServiceOutcome::NotWritten => Ok(None),
-        ServiceOutcome::Conflict(message) => Err(message),
+        ServiceOutcome::Conflict(reason, message) => Err((reason, message)),
     })
 }
 
@@ -170,10 +174,10 @@ async fn on_instance(
             match apply_service(ctx, runtime, target).await? {
                 ServiceOutcome::InPlace => Some(service::url(runtime, target)),
                 ServiceOutcome::NotWritten => None,
-                ServiceOutcome::Conflict(message) => {
+                ServiceOutcome::Conflict(reason, message) => {
                     // The runtime's container stays on the instance; its name does not reach it.
-                    verdict = Verdict::not_available(reasons::SERVICE_CONFLICT, message);
-                    requeue = Some(CONFLICT_RECHECK);
+                    verdict = Verdict::not_available(reason, message);
+                    requeue = Some(conflict_recheck(reason));
                     None
                 }
             }
@@ -294,6 +298,31 @@ fn template_condition(current: bool) -> ConditionState {
 /// looks again (such objects are not watched).
 pub const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
 
+/// How often a runtime waiting for an earlier runtime's objects to go looks again (their deletion
+/// wakes it too).
+pub const PREDECESSOR_RECHECK: Duration = Duration::from_secs(2);
+
+/// When a runtime held up by `reason` (a conflict) looks again.
+pub fn conflict_recheck(reason: &str) -> Duration {
+    if reason == reasons::PREDECESSOR_CLEANUP {
+        PREDECESSOR_RECHECK
+    } else {
+        CONFLICT_RECHECK
+    }
+}
+
+/// What a runtime waits for while the `kind` `name` of an earlier runtime of its name is there.
+pub fn predecessor_message(kind: &str, name: &str, found: &ObjectMeta) -> String {
+    let leaving = if found.deletion_timestamp.is_some() {
+        "is being deleted"
+    } else {
+        "waits for the garbage collector, which removes what a deleted runtime owned"
+    };
+    format!(
+        "{kind} {name} belongs to an earlier runtime of this name, now deleted, and {leaving}; this runtime gets its own once it is gone"
+    )
+}
+
 /// Deletes the live pod (this exact one, by uid) when the operator made it for `owner_uid` (its
 /// controller owner reference), unless this operator already did and the cache has not caught
 /// up. Returns whether a delete was sent; someone else's pod is never deleted.
@@ -334,8 +363,10 @@ pub enum ServiceOutcome {
     InPlace,
     /// Could not be written (an admission policy, the API server); tried again at the next change.
     NotWritten,
-    /// A Service of that name belongs to someone else: left untouched; the message says so.
-    Conflict(String),
+    /// A Service of that name is not this runtime's: left untouched; the reason and message say
+    /// whose (someone else's: `ServiceConflict`; an earlier runtime's of this name, on its way
+    /// out: `PredecessorCleanup`).
+    Conflict(&'static str, String),
 }
 
 /// Creates or corrects the runtime's Service; writes nothing when the live one matches. A Service
@@ -349,16 +380,30 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
     let name = runtime.name_any();
     let namespace = runtime.namespace().unwrap_or_default();
     let uid = runtime.uid();
-    let conflict = || {
-        ServiceOutcome::Conflict(format!(
-            "Service {name} exists and was not created by the operator for this runtime; it is left untouched: delete or rename it, or give the runtime another name (looked at again every {}s)",
-            CONFLICT_RECHECK.as_secs()
-        ))
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    let conflict = |found: Option<&Service>| match found {
+        Some(found) if left_by_predecessor(&found.metadata, &name, uid.as_deref()) => ServiceOutcome::Conflict(
+            reasons::PREDECESSOR_CLEANUP,
+            predecessor_message("Service", &name, &found.metadata),
+        ),
+        _ => ServiceOutcome::Conflict(
+            reasons::SERVICE_CONFLICT,
+            format!(
+                "Service {name} exists and was not created by the operator for this runtime; it is left untouched: delete or rename it, or give the runtime another name (looked at again every {}s)",
+                CONFLICT_RECHECK.as_secs()
+            ),
+        ),
     };
     let service_ref = ObjectRef::new(&name).within(&namespace);
     let live = ctx.service(&name, &namespace);
     if live.as_ref().is_some_and(|live| !live.controlled_by(uid.as_deref())) {
-        return Ok(conflict());
+        // The cache keeps no owner's kind or name: read it to tell whose it is.
+        return Ok(match services.get_opt(&name).await? {
+            Some(found) if controlled_by(&found.metadata, uid.as_deref()) => ServiceOutcome::NotWritten,
+            Some(found) => conflict(Some(&found)),
+            // Gone meanwhile: its deletion wakes the runtime.
+            None => ServiceOutcome::NotWritten,
+        });
     }
     let as_wanted = live.as_ref().is_some_and(|live| live.shape == service::shape(&desired));
     let cached_version = live
@@ -371,7 +416,6 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
     if as_wanted || pending {
         return Ok(ServiceOutcome::InPlace);
     }
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
     // The apply names the uid of the Service it corrects: should the cache be behind a Service
     // replaced by someone else's, the API server refuses the write instead of taking it over.
     let mut known_uid = live.as_ref().and_then(|live| live.uid.as_deref().map(str::to_owned));
@@ -389,7 +433,7 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
             Err(kube::Error::Api(status)) if status.code == 409 => match services.get_opt(&name).await? {
                 // Ours after all (the cache is behind): corrected below.
                 Some(found) if controlled_by(&found.metadata, uid.as_deref()) => known_uid = found.metadata.uid,
-                _ => return Ok(conflict()),
+                found => return Ok(conflict(found.as_ref())),
             },
             Err(kube::Error::Api(status)) => {
                 warn!(%name, %namespace, error = %status.message, "cannot create the runtime's Service");

@@ -140,7 +140,7 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     // way in, running or stopped).
     let url = match apply::frame(ctx, runtime).await? {
         Ok(url) => url,
-        Err(message) => return conflict_status(runtime, ctx, reasons::SERVICE_CONFLICT, message).await,
+        Err((reason, message)) => return conflict_status(runtime, ctx, reason, message).await,
     };
     // A runtime on a compute instance lives and stops with the instance; a serverless one by its
     // annotations and status.
@@ -385,7 +385,7 @@ async fn conflict_status(
         latest: None,
     };
     report::write_status(runtime, ctx, &report).await?;
-    Ok(Action::requeue(apply::CONFLICT_RECHECK))
+    Ok(Action::requeue(apply::conflict_recheck(reason)))
 }
 
 /// Drops what is kept for runtimes that no longer exist (after a watch re-list, which reports no

@@ -4,8 +4,7 @@
 
 use crate::controller::recorder::{Draft, EventType};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Resource, ResourceExt};
 use tracing::warn;
 
 use super::status;
@@ -13,6 +12,7 @@ pub use super::status::Report;
 use super::{Context, MANAGER};
 use crate::api::conditions::{self, reasons};
 use crate::api::{PromptFlowRuntime, PromptFlowRuntimeStatus, RuntimePhase};
+use crate::controller::status_patch;
 use crate::error::Result;
 
 /// An event to tell the user.
@@ -62,19 +62,12 @@ pub async fn write_status(runtime: &PromptFlowRuntime, ctx: &Context, report: &R
         to = ?new.reason,
         "status changed"
     );
-    let patch = serde_json::json!({
-        "apiVersion": PromptFlowRuntime::api_version(&()),
-        "kind": PromptFlowRuntime::kind(&()),
-        "status": new,
-    });
-    let api: Api<PromptFlowRuntime> = Api::namespaced(ctx.client.clone(), &runtime.namespace().unwrap_or_default());
-    let updated = api
-        .patch_status(
-            &runtime.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+    let Some(updated) = status_patch::write(&ctx.client, runtime, &new, MANAGER).await? else {
+        // Deleted and made again under its name since this reconcile read it: nothing of the old
+        // one is written onto the new one, which is reconciled on its own.
+        tracing::debug!(name = %runtime.name_any(), "runtime replaced under its name; its status not written");
+        return Ok(());
+    };
     // Events after the write: a failed write retries, and must not repeat its events.
     for notice in transitions(previous, &new, report.verdict.problem) {
         publish(ctx, runtime, &notice).await;

@@ -18,10 +18,11 @@ use super::super::pod_state::{self, PodState};
 use super::super::report::Notice;
 use super::super::status::Verdict;
 use super::super::{Context, MANAGER};
-use super::{CONFLICT_RECHECK, delete_pod};
+use super::{CONFLICT_RECHECK, PREDECESSOR_RECHECK, delete_pod, predecessor_message};
 use crate::api::conditions::reasons;
 use crate::api::{PromptFlowRuntime, annotations};
-use crate::build::{controlled_by, pod};
+use crate::build::pod::runtime_name;
+use crate::build::{controlled_by, left_by_predecessor, pod};
 use crate::error::Result;
 
 /// How long a pod the API server refused with a server error waits before it is tried again.
@@ -175,11 +176,32 @@ pub async fn apply_pod(
         });
     }
     let owner_uid = desired.pod.owner_references().first().map(|o| o.uid.clone());
-    if let Some(live) = live.filter(|live| !controlled_by(&live.metadata, owner_uid.as_deref())) {
-        return Ok(PodOutcome::later(
-            Verdict::not_available(reasons::POD_CONFLICT, pod_conflict(&desired.pod, &live.name_any())),
-            CONFLICT_RECHECK,
-        ));
+    let runtime_name = runtime_name(&pod_name);
+    // Someone else's pod, or an earlier runtime's of this name on its way out.
+    let not_ours = |found: &Pod| {
+        if left_by_predecessor(&found.metadata, runtime_name, owner_uid.as_deref()) {
+            PodOutcome::later(
+                Verdict::not_available(
+                    reasons::PREDECESSOR_CLEANUP,
+                    predecessor_message("Pod", &pod_name, &found.metadata),
+                ),
+                PREDECESSOR_RECHECK,
+            )
+        } else {
+            PodOutcome::later(
+                Verdict::not_available(reasons::POD_CONFLICT, pod_conflict(&desired.pod, &pod_name)),
+                CONFLICT_RECHECK,
+            )
+        }
+    };
+    if live.is_some_and(|live| !controlled_by(&live.metadata, owner_uid.as_deref())) {
+        // The cache keeps no owner's kind or name: read it to tell whose it is.
+        return Ok(match pods.get_opt(&pod_name).await? {
+            Some(found) if !controlled_by(&found.metadata, owner_uid.as_deref()) => not_ours(&found),
+            // Ours after all, or gone meanwhile (the cache is behind): its next event wakes the
+            // runtime.
+            _ => PodOutcome::later(starting, PREDECESSOR_RECHECK),
+        });
     }
     let Some(live) = live else {
         // Created, never applied: a pod of that name made by someone else meanwhile is refused
@@ -196,12 +218,7 @@ pub async fn apply_pod(
         let created = match created {
             Err(kube::Error::Api(status)) if status.code == 409 => match pods.get_opt(&pod_name).await? {
                 Some(found) if controlled_by(&found.metadata, owner_uid.as_deref()) => Ok(found),
-                Some(_) => {
-                    return Ok(PodOutcome::later(
-                        Verdict::not_available(reasons::POD_CONFLICT, pod_conflict(&desired.pod, &pod_name)),
-                        CONFLICT_RECHECK,
-                    ));
-                }
+                Some(found) => return Ok(not_ours(&found)),
                 // Gone again (being deleted): look again shortly.
                 None => return Ok(PodOutcome::later(starting, Duration::from_secs(2))),
             },

@@ -1,0 +1,89 @@
+//! The status write of a runtime or compute instance, bound to the object it was composed for.
+//!
+//! A status is composed from what the cache holds of an object; by the time it is written, that
+//! object may have been deleted and another made under its name (a slow reconcile, a cache behind
+//! after a relist). A server-side apply names the object by name only, and the API server drops
+//! a `metadata.uid` given with a status apply (the status subresource takes only the status), so
+//! the old object's status — a stop, a pinned image, handled actions — would land on the new one.
+//! A JSON patch is applied to the stored object as a whole: its first operation tests the uid,
+//! and the status is set only if it is still the object's.
+
+use kube::api::Patch;
+use serde::Serialize;
+
+/// A patch that sets the whole status to `status` if the object's uid is `uid`.
+pub fn for_uid<S: Serialize>(uid: Option<&str>, status: &S) -> Patch<()> {
+    let mut operations = vec![];
+    if let Some(uid) = uid {
+        operations.push(serde_json::json!({"op": "test", "path": "/metadata/uid", "value": uid}));
+    }
+    // `add` sets a member whether or not it exists.
+    operations.push(serde_json::json!({"op": "add", "path": "/status", "value": status}));
+    Patch::Json(serde_json::from_value(serde_json::Value::Array(operations)).expect("test and add operations"))
+}
+
+/// Writes `status` as the status of `object` (by name, bound to its uid) as `manager`. `None`:
+/// the object under that name is another one now (deleted and made again since it was read);
+/// nothing was written, and the new one is reconciled on its own.
+pub async fn write<K, S>(client: &kube::Client, object: &K, status: &S, manager: &str) -> Result<Option<K>, kube::Error>
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    S: Serialize,
+{
+    let meta = object.meta();
+    let api: kube::Api<K> = kube::Api::namespaced(client.clone(), meta.namespace.as_deref().unwrap_or_default());
+    let params = kube::api::PatchParams {
+        field_manager: Some(manager.to_owned()),
+        ..Default::default()
+    };
+    let patch = for_uid(meta.uid.as_deref(), status);
+    match api
+        .patch_status(meta.name.as_deref().unwrap_or_default(), &params, &patch)
+        .await
+    {
+        Ok(updated) => Ok(Some(updated)),
+        Err(err) if replaced(&err) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// Whether `err` is the API server refusing a [`for_uid`] patch because the object under that
+/// name is another one now.
+pub fn replaced(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(status) if status.code == 422 && status.message.contains("/metadata/uid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_is_set_only_on_the_object_it_was_composed_for() {
+        let Patch::Json(patch) = for_uid(Some("u1"), &serde_json::json!({"phase": "Running"})) else {
+            panic!("a JSON patch");
+        };
+        assert_eq!(
+            serde_json::to_value(&patch).unwrap(),
+            serde_json::json!([
+                {"op": "test", "path": "/metadata/uid", "value": "u1"},
+                {"op": "add", "path": "/status", "value": {"phase": "Running"}}
+            ])
+        );
+    }
+
+    #[test]
+    fn only_a_failed_uid_test_counts_as_replaced() {
+        let refusal = |code: u16, message: &str| {
+            kube::Error::Api(kube::core::Status::failure(message, "Invalid").with_code(code).boxed())
+        };
+        assert!(replaced(&refusal(
+            422,
+            "testing value /metadata/uid failed: test failed"
+        )));
+        assert!(!replaced(&refusal(422, "status.phase: Unsupported value")));
+        assert!(!replaced(&refusal(409, "/metadata/uid")));
+    }
+}
