@@ -24,17 +24,28 @@ pub fn controlled_by(object: &ObjectMeta, owner_uid: Option<&str>) -> bool {
         .any(|owner| owner.controller == Some(true) && owner.uid == owner_uid)
 }
 
-/// Whether an object was made for an earlier runtime of the name `name`: its controller is a
-/// PromptFlowRuntime of that name whose uid is not `uid`. A name holds one runtime at a time, so
-/// that runtime is deleted, and the garbage collector removes what it owned.
+/// Whether an object was made for an earlier runtime of the name `name`: it carries the
+/// operator's runtime label for that name and its controller is a PromptFlowRuntime of that name
+/// (of the API version the operator writes) whose uid is not `uid`. A name holds one runtime at a
+/// time, so that runtime is deleted, and the garbage collector removes what it owned. (A forged
+/// reference of another version would never be collected; one of this version to a uid that does
+/// not exist is, within seconds.)
 pub fn left_by_predecessor(object: &ObjectMeta, name: &str, uid: Option<&str>) -> bool {
-    object.owner_references.iter().flatten().any(|owner| {
-        owner.controller == Some(true)
-            && owner.kind == "PromptFlowRuntime"
-            && owner.api_version.split('/').next() == Some(crate::api::GROUP)
-            && owner.name == name
-            && Some(owner.uid.as_str()) != uid
-    })
+    use kube::Resource;
+    let api_version = crate::api::PromptFlowRuntime::api_version(&());
+    let labelled = object
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(pod::RUNTIME_LABEL))
+        .is_some_and(|runtime| runtime == name);
+    labelled
+        && object.owner_references.iter().flatten().any(|owner| {
+            owner.controller == Some(true)
+                && owner.kind == "PromptFlowRuntime"
+                && owner.api_version == api_version
+                && owner.name == name
+                && Some(owner.uid.as_str()) != uid
+        })
 }
 
 #[cfg(test)]
@@ -46,6 +57,7 @@ mod tests {
     #[test]
     fn only_a_runtime_of_the_same_name_and_another_uid_is_a_predecessor() {
         let owned = |kind: &str, name: &str, uid: &str| ObjectMeta {
+            labels: Some([(pod::RUNTIME_LABEL.to_owned(), "chat".to_owned())].into()),
             owner_references: Some(vec![OwnerReference {
                 api_version: "promptflow.dev/v1alpha1".into(),
                 kind: kind.into(),
@@ -78,6 +90,18 @@ mod tests {
         assert!(
             !left_by_predecessor(&ObjectMeta::default(), "chat", Some("new")),
             "no owner"
+        );
+        let mut forged = owned("PromptFlowRuntime", "chat", "old");
+        forged.owner_references.as_mut().unwrap()[0].api_version = "promptflow.dev/v0".into();
+        assert!(
+            !left_by_predecessor(&forged, "chat", Some("new")),
+            "a version never collected"
+        );
+        let mut unlabelled = owned("PromptFlowRuntime", "chat", "old");
+        unlabelled.labels = None;
+        assert!(
+            !left_by_predecessor(&unlabelled, "chat", Some("new")),
+            "not the operator's"
         );
     }
 

@@ -569,3 +569,34 @@ async fn a_runtime_made_again_at_once_waits_for_its_predecessors_objects_without
     })
     .await;
 }
+
+/// A Service forged to look like an earlier runtime's (the operator's label, a controller reference
+/// to a PromptFlowRuntime of the name, but of an API version the garbage collector cannot resolve,
+/// so it would never go) is reported as the conflict it is, not waited for quietly.
+#[tokio::test]
+async fn a_service_forged_as_a_predecessors_is_a_conflict() {
+    with_namespace("pf-rt-forged", |ns| async move {
+        let _operator = OperatorProcess::for_namespace(&ns.name);
+        let forged = json!({
+            "metadata": {"name": "chat", "labels": {"promptflow.dev/runtime": "chat"},
+                         "ownerReferences": [{"apiVersion": "promptflow.dev/v0", "kind": "PromptFlowRuntime",
+                                              "name": "chat", "uid": "00000000-0000-0000-0000-000000000001",
+                                              "controller": true}]},
+            "spec": {"ports": [{"port": 80}]}
+        });
+        create(&ns.api::<k8s_openapi::api::core::v1::Service>(), forged).await;
+        create_runtime(&ns, "chat", json!({})).await;
+        wait_status(&ns, "chat", "Not available", Some("ServiceConflict")).await;
+        let service = ns
+            .api::<k8s_openapi::api::core::v1::Service>()
+            .get("chat")
+            .await
+            .unwrap();
+        assert_eq!(
+            service.metadata.owner_references.unwrap()[0].api_version,
+            "promptflow.dev/v0",
+            "left untouched"
+        );
+    })
+    .await;
+}

@@ -355,7 +355,7 @@ async fn reconcile_instance(instance: Arc<ComputeInstance>, ctx: Arc<Context>) -
             size: size.name.clone(),
         },
     };
-    let outcome = apply::apply_pod(&ctx, &desired, live.as_deref(), remade_note.as_deref()).await?;
+    let outcome = apply::apply_pod(&ctx, &desired, live.as_deref(), remade_note.as_deref(), false).await?;
     if changes.is_some() {
         ctx.instance_memory.settled(&key);
     }

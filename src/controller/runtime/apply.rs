@@ -11,7 +11,6 @@ pub(crate) mod pod;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
@@ -115,7 +114,14 @@ async fn own_pod(
             ConditionState::new(conditions::SPEC_APPLIED, false, problem.reason, problem.message.clone()),
         ),
         Ok(desired) => {
-            let outcome = apply_pod(ctx, desired, live, pod::restart_requested(runtime)).await?;
+            let outcome = apply_pod(
+                ctx,
+                desired,
+                live,
+                pod::restart_requested(runtime),
+                predecessor_overdue(runtime),
+            )
+            .await?;
             let spec_applied = match &outcome.refused {
                 // The status write sends the Warning when SpecApplied turns False.
                 Some(why) => ConditionState::new(conditions::SPEC_APPLIED, false, reasons::POD_REJECTED, why.clone()),
@@ -299,8 +305,12 @@ fn template_condition(current: bool) -> ConditionState {
 pub const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
 
 /// How often a runtime waiting for an earlier runtime's objects to go looks again (their deletion
-/// wakes it too).
-pub const PREDECESSOR_RECHECK: Duration = Duration::from_secs(2);
+/// wakes it sooner: they carry the operator's labels, so they are watched).
+pub const PREDECESSOR_RECHECK: Duration = Duration::from_secs(15);
+
+/// How long a runtime waits quietly for an earlier runtime's objects before it reports them as a
+/// conflict (a finalizer, an unreachable node or a garbage collector that does not run keeps them).
+pub const PREDECESSOR_PATIENCE: Duration = Duration::from_secs(120);
 
 /// When a runtime held up by `reason` (a conflict) looks again.
 pub fn conflict_recheck(reason: &str) -> Duration {
@@ -311,15 +321,35 @@ pub fn conflict_recheck(reason: &str) -> Duration {
     }
 }
 
-/// What a runtime waits for while the `kind` `name` of an earlier runtime of its name is there.
-pub fn predecessor_message(kind: &str, name: &str, found: &ObjectMeta) -> String {
-    let leaving = if found.deletion_timestamp.is_some() {
-        "is being deleted"
-    } else {
-        "waits for the garbage collector, which removes what a deleted runtime owned"
+/// Whether the runtime has waited for an earlier runtime's objects for longer than
+/// [`PREDECESSOR_PATIENCE`] (not Ready since, with that reason).
+pub fn predecessor_overdue(runtime: &PromptFlowRuntime) -> bool {
+    let Some(status) = runtime.status.as_ref() else {
+        return false;
     };
+    let patience = k8s_openapi::jiff::SignedDuration::try_from(PREDECESSOR_PATIENCE).unwrap_or_default();
+    status.reason.as_deref() == Some(reasons::PREDECESSOR_CLEANUP)
+        && status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == conditions::READY)
+            .is_some_and(|ready| {
+                k8s_openapi::jiff::Timestamp::now().duration_since(ready.last_transition_time.0) > patience
+            })
+}
+
+/// What a runtime waits for while the `kind` `name` of an earlier runtime of its name is there.
+pub fn predecessor_message(kind: &str, name: &str) -> String {
     format!(
-        "{kind} {name} belongs to an earlier runtime of this name, now deleted, and {leaving}; this runtime gets its own once it is gone"
+        "{kind} {name} belongs to an earlier runtime of this name, now deleted, and is on its way out (the garbage collector removes what a deleted runtime owned); this runtime gets its own once it is gone"
+    )
+}
+
+/// The end of a conflict's message when the object is an earlier runtime's that did not go.
+pub fn predecessor_stuck(kind: &str) -> String {
+    format!(
+        "; the {kind} belongs to an earlier runtime of this name and has not gone in {}s (a finalizer, an unreachable node, or no garbage collector keeps it): delete it, with --force if it hangs",
+        PREDECESSOR_PATIENCE.as_secs()
     )
 }
 
@@ -381,18 +411,19 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
     let namespace = runtime.namespace().unwrap_or_default();
     let uid = runtime.uid();
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
-    let conflict = |found: Option<&Service>| match found {
-        Some(found) if left_by_predecessor(&found.metadata, &name, uid.as_deref()) => ServiceOutcome::Conflict(
-            reasons::PREDECESSOR_CLEANUP,
-            predecessor_message("Service", &name, &found.metadata),
-        ),
-        _ => ServiceOutcome::Conflict(
-            reasons::SERVICE_CONFLICT,
-            format!(
-                "Service {name} exists and was not created by the operator for this runtime; it is left untouched: delete or rename it, or give the runtime another name (looked at again every {}s)",
-                CONFLICT_RECHECK.as_secs()
-            ),
-        ),
+    let conflict = |found: Option<&Service>| {
+        let predecessor = found.is_some_and(|found| left_by_predecessor(&found.metadata, &name, uid.as_deref()));
+        if predecessor && !predecessor_overdue(runtime) {
+            return ServiceOutcome::Conflict(reasons::PREDECESSOR_CLEANUP, predecessor_message("Service", &name));
+        }
+        let mut message = format!(
+            "Service {name} exists and was not created by the operator for this runtime; it is left untouched: delete or rename it, or give the runtime another name (looked at again every {}s)",
+            CONFLICT_RECHECK.as_secs()
+        );
+        if predecessor {
+            message.push_str(&predecessor_stuck("Service"));
+        }
+        ServiceOutcome::Conflict(reasons::SERVICE_CONFLICT, message)
     };
     let service_ref = ObjectRef::new(&name).within(&namespace);
     let live = ctx.service(&name, &namespace);

@@ -18,7 +18,7 @@ use super::super::pod_state::{self, PodState};
 use super::super::report::Notice;
 use super::super::status::Verdict;
 use super::super::{Context, MANAGER};
-use super::{CONFLICT_RECHECK, PREDECESSOR_RECHECK, delete_pod, predecessor_message};
+use super::{CONFLICT_RECHECK, PREDECESSOR_RECHECK, delete_pod, predecessor_message, predecessor_stuck};
 use crate::api::conditions::reasons;
 use crate::api::{PromptFlowRuntime, annotations};
 use crate::build::pod::runtime_name;
@@ -154,12 +154,15 @@ pub fn keeps(desired: &Pod, live: &Pod) -> bool {
         && !matches!(state, PodState::Ended { .. } | PodState::Terminating)
 }
 
-/// Creates, replaces or keeps the pod. `restart` is a new `promptflow.dev/restart` value.
+/// Creates, replaces or keeps the pod. `restart` is a new `promptflow.dev/restart` value;
+/// `patience_over`: the runtime waited long enough for a predecessor's pod
+/// ([`predecessor_overdue`](super::predecessor_overdue)), which now counts as a conflict.
 pub async fn apply_pod(
     ctx: &Context,
     desired: &DesiredPod,
     live: Option<&Pod>,
     restart: Option<&str>,
+    patience_over: bool,
 ) -> Result<PodOutcome> {
     let image = desired.facts.image.as_str();
     let pod_name = desired.pod.name_any();
@@ -179,19 +182,18 @@ pub async fn apply_pod(
     let runtime_name = runtime_name(&pod_name);
     // Someone else's pod, or an earlier runtime's of this name on its way out.
     let not_ours = |found: &Pod| {
-        if left_by_predecessor(&found.metadata, runtime_name, owner_uid.as_deref()) {
+        let predecessor = left_by_predecessor(&found.metadata, runtime_name, owner_uid.as_deref());
+        if predecessor && !patience_over {
             PodOutcome::later(
-                Verdict::not_available(
-                    reasons::PREDECESSOR_CLEANUP,
-                    predecessor_message("Pod", &pod_name, &found.metadata),
-                ),
+                Verdict::not_available(reasons::PREDECESSOR_CLEANUP, predecessor_message("Pod", &pod_name)),
                 PREDECESSOR_RECHECK,
             )
         } else {
-            PodOutcome::later(
-                Verdict::not_available(reasons::POD_CONFLICT, pod_conflict(&desired.pod, &pod_name)),
-                CONFLICT_RECHECK,
-            )
+            let mut message = pod_conflict(&desired.pod, &pod_name);
+            if predecessor {
+                message.push_str(&predecessor_stuck("pod"));
+            }
+            PodOutcome::later(Verdict::not_available(reasons::POD_CONFLICT, message), CONFLICT_RECHECK)
         }
     };
     if live.is_some_and(|live| !controlled_by(&live.metadata, owner_uid.as_deref())) {
