@@ -79,6 +79,12 @@ struct Args {
     /// another's runtimes back); false: first come, first served.
     #[arg(long, env = "PF_NAMESPACE_FAIRNESS", default_value_t = true, action = clap::ArgAction::Set)]
     namespace_fairness: bool,
+    /// How many of the operator's runtime pods may wait for kube-scheduler at once, shared over
+    /// the namespaces with pods waiting (kube-scheduler serves all namespaces from one queue by
+    /// age, so a namespace starting thousands of runtimes would hold every other one back); 0: no
+    /// limit.
+    #[arg(long, env = "PF_LAUNCH_WINDOW", default_value_t = 50)]
+    launch_window: usize,
     /// Run runtime pods under the restricted Pod Security profile (turn off for images that
     /// need root).
     #[arg(long, env = "PF_RESTRICTED_PODS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -340,6 +346,7 @@ async fn run(args: Args) -> Result<(), Error> {
         },
         concurrency: args.concurrency,
         namespace_fairness: args.namespace_fairness,
+        launch_window: args.launch_window,
         namespace: args.watch_namespace,
         registry: RegistrySettings {
             ca_bundles: read_ca_files(&args.registry_ca_file)?,

@@ -32,6 +32,9 @@ pub const STALLED: &str = "Stalled";
 pub mod reasons {
     /// Nothing has been reconciled yet.
     pub const PENDING: &str = "Pending";
+    /// The runtime's pod waits for its place in the operator's launch window, and kube-scheduler
+    /// has placed none of the operator's waiting pods for a while (is it running?).
+    pub const LAUNCH_QUEUED: &str = "LaunchQueued";
     /// The runtime pod is being created.
     pub const POD_CREATING: &str = "PodCreating";
     /// The runtime pod exists but is not Ready yet.

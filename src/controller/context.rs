@@ -88,6 +88,8 @@ pub struct Context {
     pub network: Option<super::network::NetworkSettings>,
     /// The namespaces whose NetworkPolicy this process has made sure of.
     pub network_ensured: super::network::Ensured,
+    /// How many runtime pods wait for kube-scheduler, and the runtimes parked until fewer do.
+    pub launch: super::launch::LaunchWindow,
 }
 
 /// Operator settings for compute instances.

@@ -6,6 +6,7 @@ pub mod context;
 pub mod fair;
 pub mod index;
 pub mod instance;
+pub mod launch;
 pub mod lean;
 pub mod network;
 pub mod queue;
@@ -47,6 +48,9 @@ pub struct Settings {
     /// Turns round robin over namespaces ([`queue`], [`fair`]); false: first come, first
     /// served.
     pub namespace_fairness: bool,
+    /// How many of the operator's runtime pods may wait for kube-scheduler at once, shared over
+    /// the namespaces ([`launch`]); 0: no limit.
+    pub launch_window: usize,
     /// Watch only this namespace; `None`: every namespace.
     pub namespace: Option<String>,
     /// Idle-stop settings.
@@ -213,6 +217,8 @@ pub async fn run(
             let _ = answered_tx.unbounded_send(repository.to_owned());
         }),
     ));
+    // The runtimes to reconcile; the launch window puts parked runtimes back at the front.
+    let queue = queue::FairQueue::new(settings.namespace_fairness);
     let context = Arc::new(Context {
         client: client.clone(),
         catalog: settings.catalog,
@@ -243,6 +249,7 @@ pub async fn run(
         versions,
         network: settings.network,
         network_ensured: Default::default(),
+        launch: launch::LaunchWindow::new(settings.launch_window, queue.clone()),
     });
     // A first or changed registry answer wakes the runtimes of that repository.
     let waking = context.clone();
@@ -269,6 +276,8 @@ pub async fn run(
             ("version_answers", count(ctx.versions.answers_kept())),
             ("version_presses", count(ctx.versions.presses_in_progress())),
             ("network_policies", count(ctx.network_ensured.len())),
+            ("launch_waiting_pods", count(ctx.launch.counts().0)),
+            ("launch_parked", count(ctx.launch.counts().1)),
         ]
     }));
     // The reconciler records into the context's index; the mappers read the same one.
@@ -332,7 +341,6 @@ pub async fn run(
     // waits at the gate for its turn (at most `concurrency` run, round robin over namespaces):
     // see [`queue`], [`runner`] and [`fair`]. Without fairness both are first come, first served.
     let turns = fair::FairGate::with_fairness(usize::from(settings.concurrency), settings.namespace_fairness);
-    let queue = queue::FairQueue::new(settings.namespace_fairness);
     tokio::spawn({
         let (turns, queue, shutdown) = (turns.clone(), queue.clone(), shutdown.clone());
         async move {
@@ -366,7 +374,18 @@ pub async fn run(
     );
     let triggers: Vec<futures::stream::BoxStream<'static, Keys>> = vec![
         runtime_stream.map(of_runtime).boxed(),
-        pod_stream.map(of_pod).boxed(),
+        pod_stream
+            .map({
+                let ctx = context.clone();
+                let mut of_pod = of_pod;
+                move |item| {
+                    if let Ok(event) = &item {
+                        ctx.launch.observe(event);
+                    }
+                    of_pod(item)
+                }
+            })
+            .boxed(),
         service_stream.map(of_service).boxed(),
         runtime_wakes.map(|key| vec![lean::runtime_key(&key)]).boxed(),
         account_stream
@@ -406,10 +425,11 @@ pub async fn run(
         }
     };
     let deadlines = {
-        let (timers, queue, shutdown) = (timers.clone(), queue.clone(), shutdown.clone());
+        let (timers, queue, shutdown, ctx) = (timers.clone(), queue.clone(), shutdown.clone(), context.clone());
         async move {
             tokio::select! {
                 () = timers.fire(&queue) => {}
+                () = ctx.launch.announce_stalls() => {}
                 () = shutdown => {}
             }
         }

@@ -70,6 +70,30 @@ impl FairQueue {
         self.pushed.notify_one();
     }
 
+    /// Queues `key` first in its namespace's line (a runtime given a place to launch: its
+    /// namespace's backlog must not come first); one queued already moves there.
+    pub fn push_front_key(&self, key: Named) {
+        {
+            let mut state = self.lock();
+            if state.closed {
+                return;
+            }
+            let queued = state.queued.contains(&key);
+            let bucket = if self.fair { key.0.clone() } else { Arc::from("") };
+            let queue = state.buckets.entry(bucket.clone()).or_default();
+            let first = queue.is_empty();
+            if queued && let Some(at) = queue.iter().position(|waiting| *waiting == key) {
+                queue.remove(at);
+            }
+            queue.push_front(key.clone());
+            if first {
+                state.order.push_back(bucket);
+            }
+            state.queued.insert(key);
+        }
+        self.pushed.notify_one();
+    }
+
     /// The next runtime, once there is one; `None` once closed.
     pub async fn next(&self) -> Option<Named> {
         loop {
@@ -97,6 +121,12 @@ impl FairQueue {
         }
         state.queued.remove(&key);
         Some(Some(key))
+    }
+
+    /// The next runtime if one waits (tests).
+    #[cfg(test)]
+    pub fn try_take(&self) -> Option<Named> {
+        self.try_next().flatten()
     }
 
     /// Runtimes waiting here.

@@ -509,3 +509,70 @@ async fn changes_made_while_the_watches_were_away_are_found_by_the_relist() {
     })
     .await;
 }
+
+/// kube-scheduler stopped: the operator creates no more pods than its launch window lets wait for
+/// the scheduler, the runtimes beyond it say in their status why they wait (once the scheduler
+/// has placed nothing for 30 s), and all start once the scheduler is back.
+#[tokio::test]
+async fn a_stopped_scheduler_holds_launches_at_the_window_and_the_waiting_runtimes_say_why() {
+    with_namespace("pf-fault-scheduler", |ns| async move {
+        let operator = OperatorProcess::start(
+            &harness::kubeconfig(),
+            &["--watch-namespace", &ns.name, "--launch-window", "2"],
+        );
+        let api = ns.api::<PromptFlowRuntime>();
+        let down = Duration::from_secs(50);
+        let restart = tokio::spawn(harness::restart_component("kube-scheduler", down));
+        // restart_component kills the scheduler first (or finds no local cluster and returns).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if restart.is_finished() {
+            eprintln!("skipped: the suite does not run against the local cluster");
+            return;
+        }
+        let created = tokio::time::Instant::now();
+        harness::create_runtimes(&api, "rt", 5).await;
+        let queued = |runtime: &PromptFlowRuntime| {
+            runtime
+                .status
+                .as_ref()
+                .is_some_and(|s| s.reason.as_deref() == Some("LaunchQueued"))
+        };
+        // Looked at while the scheduler is away; asserted once it is back (a failed assertion
+        // must not leave the cluster without a scheduler).
+        let deadline = created + Duration::from_secs(45);
+        let (waiting, said) = loop {
+            let runtimes = api.list(&Default::default()).await.unwrap().items;
+            let waiting: Vec<_> = runtimes.into_iter().filter(|r| queued(r)).collect();
+            if waiting.len() >= 3 || tokio::time::Instant::now() >= deadline {
+                break (waiting, created.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let pods: Vec<String> = ns
+            .api::<Pod>()
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(|p| p.name_any())
+            .collect();
+        let restarted = restart.await.unwrap().expect("kube-scheduler restarted");
+        assert_eq!(
+            waiting.len(),
+            3,
+            "runtimes saying LaunchQueued {said:?} after their creation, of the 3 beyond the window; operator log:\n{}",
+            operator.log_text()
+        );
+        let message = waiting[0].status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default();
+        assert!(message.contains("kube-scheduler has placed none"), "{message}");
+        assert_eq!(pods.len(), 2, "pods created while the scheduler was away: {pods:?}");
+        harness::wait_all_running(&api, 5, Duration::from_secs(120)).await;
+        println!(
+            "scheduler stopped: 2 pods for it (the window), the 3 beyond it said LaunchQueued {:.1}s after their creation; all 5 Running {:.1}s after the scheduler was back",
+            said.as_secs_f64(),
+            restarted.ready_at.elapsed().as_secs_f64()
+        );
+    })
+    .await;
+}

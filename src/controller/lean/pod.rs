@@ -32,6 +32,18 @@ impl LeanPod {
     pub fn label(&self, key: &str) -> Option<&str> {
         self.metadata.labels.as_ref()?.get(key).map(String::as_str)
     }
+
+    /// Whether kube-scheduler has yet to try the pod: not going, not started, and no
+    /// `PodScheduled` condition (the scheduler sets it True when it binds the pod and False when
+    /// no node fits; an unschedulable pod waits in the scheduler's side queue, not ahead of
+    /// others).
+    pub fn awaits_scheduler(&self) -> bool {
+        self.metadata.deletion_timestamp.is_none()
+            && self.status.as_deref().is_none_or(|status| {
+                status.phase.as_deref().is_none_or(|phase| phase == "Pending")
+                    && !status.conditions.iter().any(|c| &*c.type_ == "PodScheduled")
+            })
+    }
 }
 
 /// The labels a cached pod keeps: the ones the operator puts on its pods and reads back.

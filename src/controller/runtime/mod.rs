@@ -35,6 +35,8 @@ pub use self::own_writes::OwnWrites;
 use self::report::{Notice, Report};
 use self::status::{ConditionState, Verdict};
 use super::index::Dependency;
+use super::launch::{Launch, STALL_AFTER};
+use super::lean::Named;
 use crate::api::conditions::{self, reasons};
 use crate::api::{HandledActions, PromptFlowRuntime, RuntimePhase};
 use crate::error::{Error, Result};
@@ -48,6 +50,8 @@ pub async fn reconcile(runtime: Arc<PromptFlowRuntime>, ctx: Arc<Context>) -> Re
     let _timer = ctx.metrics.reconcile_timer();
     let key = ObjectRef::from_obj(&*runtime);
     let result = reconcile_runtime(&runtime, &ctx).await;
+    // A place in the launch window this reconcile did not use goes on.
+    ctx.launch.done(&Named::of(&key));
     // Deleted while this reconcile ran (its writes then fail with 404): what it recorded after
     // the deletion was forgotten is forgotten again, and nothing is retried. One made again
     // under its name meanwhile is another runtime: its own event reconciles it afresh.
@@ -135,6 +139,24 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
             return conflict_status(runtime, ctx, reasons::NETWORK_POLICY_CONFLICT, conflict.to_string()).await;
         }
         Err(e) => return Err(e.into()),
+    }
+    // A first pod waits for its place in the launch window while kube-scheduler has enough of
+    // the operator's pods to place ([`launch`](super::launch)): parked, the runtime writes
+    // nothing (it is woken when its place comes) unless the scheduler has stalled.
+    if runtime.spec.compute.instance.is_none()
+        && matches!(lifecycle::decide(runtime), Lifecycle::Run { .. })
+        && apply::pod::launching(ctx, &name, &namespace)
+        && let Launch::Parked { stalled } = ctx.launch.acquire(&Named::new(&namespace, &name))
+    {
+        if stalled {
+            let message = format!(
+                "kube-scheduler has placed none of the operator's waiting pods for over {}s (at most {} wait at once, shared over namespaces): is it running? This runtime's pod is created once it places them",
+                STALL_AFTER.as_secs(),
+                ctx.launch.limit()
+            );
+            not_available_status(runtime, ctx, reasons::LAUNCH_QUEUED, message).await?;
+        }
+        return Ok(Action::await_change());
     }
     // The frame: what the runtime has whatever its state (a serverless runtime's Service is the
     // way in, running or stopped).
@@ -371,6 +393,17 @@ async fn conflict_status(
     reason: &'static str,
     message: String,
 ) -> Result<Action> {
+    not_available_status(runtime, ctx, reason, message).await?;
+    Ok(Action::requeue(apply::conflict_recheck(reason)))
+}
+
+/// Writes `Not available` with `reason` and `message`, keeping the other conditions.
+async fn not_available_status(
+    runtime: &PromptFlowRuntime,
+    ctx: &Context,
+    reason: &'static str,
+    message: String,
+) -> Result<()> {
     let status = runtime.status.clone().unwrap_or_default();
     let conditions = status::carried(&status.conditions);
     let verdict = Verdict::not_available(reason, message);
@@ -384,8 +417,7 @@ async fn conflict_status(
         last_activity: None,
         latest: None,
     };
-    report::write_status(runtime, ctx, &report).await?;
-    Ok(Action::requeue(apply::conflict_recheck(reason)))
+    report::write_status(runtime, ctx, &report).await
 }
 
 /// Drops what is kept for runtimes that no longer exist (after a watch re-list, which reports no
@@ -396,6 +428,8 @@ pub fn forget_missing(ctx: &Context, exists: impl Fn(&ObjectRef<PromptFlowRuntim
     ctx.failures.retain(&exists);
     ctx.pull_secret_waits.retain(&exists);
     ctx.quota_refusals.retain(&exists);
+    ctx.launch
+        .retain(|namespace, name| exists(&ObjectRef::new(name).within(namespace)));
 }
 
 /// Drops everything kept for the runtime `name` of `namespace`, which was deleted.
@@ -407,6 +441,7 @@ pub fn forget(ctx: &Context, name: &str, namespace: &str) {
     ctx.failures.reset(&key);
     ctx.pull_secret_waits.reset(&key);
     ctx.quota_refusals.reset(&key);
+    ctx.launch.forget(&Named::new(namespace, name));
 }
 
 /// Transient errors requeue with exponential backoff per runtime (5s doubling to 5m): the

@@ -154,6 +154,17 @@ pub fn keeps(desired: &Pod, live: &Pod) -> bool {
         && !matches!(state, PodState::Ended { .. } | PodState::Terminating)
 }
 
+/// Whether the runtime `runtime_name` is about to create its pod: none is cached, and none was
+/// created moments ago.
+pub fn launching(ctx: &Context, runtime_name: &str, namespace: &str) -> bool {
+    let pod_name = pod::pod_name(runtime_name);
+    ctx.pods.get(namespace, &pod_name, |_| ()).is_none()
+        && ctx
+            .own_writes
+            .pod_pending(&ObjectRef::new(&pod_name).within(namespace), false)
+            .is_none()
+}
+
 /// Creates, replaces or keeps the pod. `restart` is a new `promptflow.dev/restart` value;
 /// `patience_over`: the runtime waited long enough for a predecessor's pod
 /// ([`predecessor_overdue`](super::predecessor_overdue)), which now counts as a conflict.
@@ -230,6 +241,8 @@ pub async fn apply_pod(
             Ok(_) => {
                 ctx.quota_refusals.reset(&runtime_ref(&pod_name, &namespace));
                 ctx.own_writes.created_pod(pod_ref);
+                ctx.launch
+                    .launched(&crate::controller::lean::Named::new(&namespace, runtime_name));
                 info!(pod = %pod_name, %namespace, "created runtime pod");
                 Ok(PodOutcome {
                     verdict: starting,
