@@ -83,7 +83,7 @@ struct Args {
     /// the namespaces with pods waiting (kube-scheduler serves all namespaces from one queue by
     /// age, so a namespace starting thousands of runtimes would hold every other one back); 0: no
     /// limit.
-    #[arg(long, env = "PF_LAUNCH_WINDOW", default_value_t = 50)]
+    #[arg(long, env = "PF_LAUNCH_WINDOW", default_value_t = 100)]
     launch_window: usize,
     /// Run runtime pods under the restricted Pod Security profile (turn off for images that
     /// need root).

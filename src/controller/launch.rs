@@ -23,7 +23,7 @@ use kube::runtime::watcher;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::lean::{LeanPod, Named};
+use super::lean::{LeanPod, Named, status};
 use super::queue::FairQueue;
 use crate::build::pod::RUNTIME_LABEL;
 
@@ -38,6 +38,17 @@ pub enum Launch {
     /// Not yet: it is woken when its turn comes. `stalled`: the scheduler has placed none of the
     /// waiting pods for [`STALL_AFTER`].
     Parked { stalled: bool },
+}
+
+/// A reserved place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Grant {
+    /// Handed to a parked runtime at this moment; its next reconcile claims it.
+    Handed(Instant),
+    /// Claimed by a reconcile in progress.
+    Claimed,
+    /// Its pod was created; the place turns into the pod's once the pod is seen.
+    Created,
 }
 
 /// The window; see the module documentation.
@@ -57,23 +68,22 @@ struct State {
     busy: usize,
     /// Pods waiting for the scheduler, all namespaces.
     waiting: usize,
+    /// Places reserved, all namespaces.
+    granted: usize,
     /// Parked runtimes, all namespaces.
     parked: usize,
-    /// When the scheduler last took a waiting pod (or the first one began to wait).
+    /// When the scheduler last took one of the waiting pods (or the first began to wait).
     progress: Option<Instant>,
     /// The stall the parked runtimes were last woken for (its `progress`).
     announced: Option<Instant>,
-    /// During a relist: the waiting pods it brought.
-    relisting: Option<HashSet<Named>>,
 }
 
 #[derive(Default)]
 struct Space {
-    /// Pods waiting for the scheduler, by name.
+    /// The operator's pods waiting for the scheduler, by name.
     waiting: HashSet<Arc<str>>,
-    /// Runtimes with a place reserved, by name; true once their pod is created (the grant then
-    /// lasts until the pod is seen).
-    granted: HashMap<Arc<str>, bool>,
+    /// Places reserved for runtimes, by runtime name.
+    granted: HashMap<Arc<str>, Grant>,
     /// Parked runtimes, oldest first (entries no longer in `parked_names` are skipped).
     line: VecDeque<Arc<str>>,
     parked_names: HashSet<Arc<str>>,
@@ -90,50 +100,95 @@ impl Space {
 }
 
 impl State {
-    /// A namespace's share of the window.
-    fn share(&self, limit: usize, namespace: &str) -> usize {
+    /// Whether `namespace`, holding `held` places, may take one more: a namespace holding none
+    /// always may; others while they hold less than their share and the window has room.
+    fn room(&self, limit: usize, namespace: &str, held: usize) -> bool {
+        if held == 0 {
+            return true;
+        }
         let holding = self.spaces.get(namespace).is_some_and(|space| space.held() > 0);
         let busy = self.busy + usize::from(!holding);
-        (limit / busy.max(1)).max(1)
+        let share = (limit / busy.max(1)).max(1);
+        held < share && self.waiting + self.granted < limit
     }
 
     /// Runs `change` on `namespace`'s space, keeping the totals, and drops the space once empty.
     fn with_space<R>(&mut self, namespace: &Arc<str>, change: impl FnOnce(&mut Space) -> R) -> R {
         let space = self.spaces.entry(namespace.clone()).or_default();
-        let (held, waiting, parked) = (space.held() > 0, space.waiting.len(), space.parked_names.len());
+        let before = (
+            space.held() > 0,
+            space.waiting.len(),
+            space.granted.len(),
+            space.parked_names.len(),
+        );
         let result = change(space);
-        let (held_now, waiting_now, parked_now) = (space.held() > 0, space.waiting.len(), space.parked_names.len());
+        let after = (
+            space.held() > 0,
+            space.waiting.len(),
+            space.granted.len(),
+            space.parked_names.len(),
+        );
         if space.is_empty() {
             self.spaces.remove(namespace);
         }
-        self.busy = self.busy + usize::from(held_now) - usize::from(held);
-        self.waiting = self.waiting + waiting_now - waiting;
-        self.parked = self.parked + parked_now - parked;
-        if waiting == 0 && waiting_now > 0 && self.waiting == waiting_now {
+        // Each total holds its namespaces' counts, so none of these goes below zero.
+        self.busy = self.busy + usize::from(after.0) - usize::from(before.0);
+        self.waiting = self.waiting + after.1 - before.1;
+        self.granted = self.granted + after.2 - before.2;
+        self.parked = self.parked + after.3 - before.3;
+        if before.1 == 0 && after.1 > 0 && self.waiting == after.1 {
             // The first pod to wait after none did: the scheduler's time starts now.
             self.progress = Some(Instant::now());
         }
         result
     }
 
-    /// Grants places to the parked runtimes of `namespace` while its share allows; returns them.
+    /// Hands places to the parked runtimes of `namespace` while it has room; returns them.
     fn pump(&mut self, limit: usize, namespace: &Arc<str>) -> Vec<Named> {
-        let share = self.share(limit, namespace);
-        self.with_space(namespace, |space| {
-            let mut granted = vec![];
-            while space.held() < share
-                && let Some(name) = space.line.pop_front()
-            {
-                if space.parked_names.remove(&name) {
-                    space.granted.insert(name.clone(), false);
-                    granted.push(Named(namespace.clone(), name));
+        let mut handed = vec![];
+        while let Some(space) = self.spaces.get(namespace) {
+            if space.parked_names.is_empty() || !self.room(limit, namespace, space.held()) {
+                break;
+            }
+            let now = Instant::now();
+            let next = self.with_space(namespace, |space| {
+                while let Some(name) = space.line.pop_front() {
+                    if space.parked_names.remove(&name) {
+                        space.granted.insert(name.clone(), Grant::Handed(now));
+                        return Some(name);
+                    }
                 }
+                None
+            });
+            match next {
+                Some(name) => handed.push(Named(namespace.clone(), name)),
+                None => break,
             }
-            if space.line.is_empty() {
-                space.line = VecDeque::new();
+        }
+        if let Some(space) = self.spaces.get_mut(namespace)
+            && space.line.is_empty()
+        {
+            space.line = VecDeque::new();
+        }
+        handed
+    }
+
+    /// [`State::pump`] for `first`, then for every other namespace with runtimes parked (a place
+    /// freed in one namespace may be another's: shares grow as namespaces stop waiting).
+    fn pump_all(&mut self, limit: usize, first: &Arc<str>) -> Vec<Named> {
+        let mut handed = self.pump(limit, first);
+        if self.parked > 0 {
+            let others: Vec<Arc<str>> = self
+                .spaces
+                .iter()
+                .filter(|(namespace, space)| *namespace != first && !space.parked_names.is_empty())
+                .map(|(namespace, _)| namespace.clone())
+                .collect();
+            for namespace in others {
+                handed.extend(self.pump(limit, &namespace));
             }
-            granted
-        })
+        }
+        handed
     }
 
     fn stalled(&self, now: Instant) -> bool {
@@ -168,14 +223,16 @@ impl LaunchWindow {
         }
         let Named(namespace, name) = key;
         let mut state = self.lock();
-        let share = state.share(self.limit, namespace);
+        let held = state.spaces.get(namespace).map_or(0, Space::held);
+        let room = state.room(self.limit, namespace, held);
         let go = state.with_space(namespace, |space| {
-            if space.granted.contains_key(name) {
+            if let Some(grant) = space.granted.get_mut(name) {
+                *grant = Grant::Claimed;
                 return true;
             }
-            if space.held() < share {
+            if room {
                 space.parked_names.remove(name);
-                space.granted.insert(name.clone(), false);
+                space.granted.insert(name.clone(), Grant::Claimed);
                 return true;
             }
             if space.parked_names.insert(name.clone()) {
@@ -197,25 +254,43 @@ impl LaunchWindow {
         let Named(namespace, name) = key;
         let mut state = self.lock();
         if let Some(space) = state.spaces.get_mut(namespace)
-            && let Some(created) = space.granted.get_mut(name)
+            && let Some(grant) = space.granted.get_mut(name)
         {
-            *created = true;
+            *grant = Grant::Created;
         }
     }
 
-    /// The reconcile of `key` ended: a place it did not use goes to the next parked runtime.
-    pub fn done(&self, key: &Named) {
+    /// Whether a place is being held for `key` until its next reconcile (which then runs first
+    /// in its namespace's line).
+    pub fn handed(&self, key: &Named) -> bool {
+        let Named(namespace, name) = key;
+        self.lock()
+            .spaces
+            .get(namespace)
+            .and_then(|space| space.granted.get(name))
+            .is_some_and(|grant| matches!(grant, Grant::Handed(_)))
+    }
+
+    /// The reconcile of `key` that began at `began` ended: a place it claimed and did not use, or
+    /// one handed to it before it began and left unclaimed (it no longer launches), goes on. One
+    /// handed while it ran waits for its next reconcile.
+    pub fn done(&self, key: &Named, began: Instant) {
         let Named(namespace, name) = key;
         let mut state = self.lock();
         let unused = state
             .spaces
             .get(namespace)
-            .is_some_and(|space| space.granted.get(name) == Some(&false));
+            .and_then(|space| space.granted.get(name))
+            .is_some_and(|grant| match grant {
+                Grant::Claimed => true,
+                Grant::Handed(at) => *at < began,
+                Grant::Created => false,
+            });
         if unused {
             state.with_space(namespace, |space| space.granted.remove(name));
-            let woken = state.pump(self.limit, namespace);
+            let handed = state.pump_all(self.limit, namespace);
             drop(state);
-            self.wake(woken);
+            self.wake(handed);
         }
     }
 
@@ -230,92 +305,103 @@ impl LaunchWindow {
             space.parked_names.remove(name);
             space.granted.remove(name);
         });
-        let woken = state.pump(self.limit, namespace);
+        let handed = state.pump_all(self.limit, namespace);
         drop(state);
-        self.wake(woken);
+        self.wake(handed);
     }
 
     /// Keeps only the parked and granted runtimes `exists` says are there.
     pub fn retain(&self, exists: impl Fn(&str, &str) -> bool) {
         let mut state = self.lock();
         let namespaces: Vec<Arc<str>> = state.spaces.keys().cloned().collect();
-        let mut woken = vec![];
-        for namespace in namespaces {
-            state.with_space(&namespace, |space| {
-                space.parked_names.retain(|name| exists(&namespace, name));
-                space.granted.retain(|name, _| exists(&namespace, name));
+        let mut handed = vec![];
+        for namespace in &namespaces {
+            state.with_space(namespace, |space| {
+                space.parked_names.retain(|name| exists(namespace, name));
+                space.granted.retain(|name, _| exists(namespace, name));
             });
-            woken.extend(state.pump(self.limit, &namespace));
+        }
+        for namespace in &namespaces {
+            handed.extend(state.pump(self.limit, namespace));
         }
         drop(state);
-        self.wake(woken);
+        self.wake(handed);
     }
 
-    /// Follows the operator's pod watch: which runtime pods wait for the scheduler.
-    pub fn observe(&self, event: &watcher::Event<LeanPod>) {
+    /// Follows the operator's pod watch: which of its runtime pods wait for the scheduler.
+    /// `ours(namespace, runtime, controller uid)`: whether a pod labelled for `runtime` is
+    /// controlled by that runtime (anyone may label a pod like the operator's; only the
+    /// operator's own count).
+    pub fn observe(&self, event: &watcher::Event<LeanPod>, ours: impl Fn(&str, &str, Option<&str>) -> bool) {
         if self.limit == 0 {
             return;
         }
         let mut state = self.lock();
-        let mut woken = vec![];
+        let mut handed = vec![];
         match event {
             watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
-                if let Some(key) = pod_key(pod) {
-                    let waits = pod.awaits_scheduler();
-                    if waits && let Some(relisted) = &mut state.relisting {
-                        relisted.insert(key.clone());
+                let namespace = status::text(&pod.namespace().unwrap_or_default());
+                let name: Arc<str> = Arc::from(pod.name_any());
+                let runtime = pod
+                    .label(RUNTIME_LABEL)
+                    .filter(|runtime| ours(&namespace, runtime, controller_uid(pod)));
+                let waits = runtime.is_some() && pod.awaits_scheduler();
+                let placed = pod.tried_by_scheduler();
+                let left = state.with_space(&namespace, |space| {
+                    // Its runtime's place turns into the pod's.
+                    if let Some(runtime) = runtime
+                        && pod.metadata.deletion_timestamp.is_none()
+                    {
+                        space.granted.remove(runtime);
                     }
-                    woken = self.seen(&mut state, pod, &key, waits);
+                    if waits {
+                        space.waiting.insert(name.clone());
+                        false
+                    } else {
+                        space.waiting.remove(&name)
+                    }
+                });
+                if left && placed {
+                    state.progress = Some(Instant::now());
                 }
+                handed = state.pump_all(self.limit, &namespace);
             }
             watcher::Event::Delete(pod) => {
-                if let Some(key) = pod_key(pod) {
-                    woken = self.seen(&mut state, pod, &key, false);
+                let namespace = status::text(&pod.namespace().unwrap_or_default());
+                let name = pod.name_any();
+                if state
+                    .spaces
+                    .get(&namespace)
+                    .is_some_and(|space| space.waiting.contains(name.as_str()))
+                {
+                    state.with_space(&namespace, |space| space.waiting.remove(name.as_str()));
+                    handed = state.pump_all(self.limit, &namespace);
                 }
             }
-            watcher::Event::Init => state.relisting = Some(HashSet::new()),
+            watcher::Event::Init => {
+                // The relist brings back every pod that still waits.
+                let namespaces: Vec<Arc<str>> = state.spaces.keys().cloned().collect();
+                for namespace in namespaces {
+                    state.with_space(&namespace, |space| space.waiting.clear());
+                }
+            }
             watcher::Event::InitDone => {
-                let relisted = state.relisting.take().unwrap_or_default();
-                let missing: Vec<Named> = state
-                    .spaces
-                    .iter()
-                    .flat_map(|(namespace, space)| {
-                        space.waiting.iter().map(|pod| Named(namespace.clone(), pod.clone()))
-                    })
-                    .filter(|key| !relisted.contains(key))
-                    .collect();
-                for Named(namespace, pod) in missing {
-                    state.with_space(&namespace, |space| space.waiting.remove(&pod));
-                    state.progress = Some(Instant::now());
-                    woken.extend(state.pump(self.limit, &namespace));
+                // A created pod the relist did not bring went while the watch was away.
+                let namespaces: Vec<Arc<str>> = state.spaces.keys().cloned().collect();
+                for namespace in &namespaces {
+                    state.with_space(namespace, |space| {
+                        space.granted.retain(|_, grant| *grant != Grant::Created)
+                    });
+                }
+                for namespace in &namespaces {
+                    handed.extend(state.pump(self.limit, namespace));
                 }
             }
         }
         drop(state);
-        self.wake(woken);
+        self.wake(handed);
         // The scheduler's time may have started or moved on.
         self.changed.notify_one();
-    }
-
-    /// The pod `key` of a runtime was seen waiting for the scheduler or not (placed, tried, gone).
-    fn seen(&self, state: &mut State, pod: &LeanPod, key: &Named, waits: bool) -> Vec<Named> {
-        let Named(namespace, pod_name) = key;
-        let runtime = pod.label(RUNTIME_LABEL).unwrap_or_default();
-        let left = state.with_space(namespace, |space| {
-            // Its runtime's place turns into the pod's.
-            space.granted.remove(runtime);
-            if waits {
-                space.waiting.insert(pod_name.clone());
-                false
-            } else {
-                space.waiting.remove(pod_name)
-            }
-        });
-        if left {
-            state.progress = Some(Instant::now());
-            state.announced = None;
-        }
-        state.pump(self.limit, namespace)
     }
 
     fn wake(&self, runtimes: Vec<Named>) {
@@ -381,10 +467,14 @@ impl LaunchWindow {
     }
 }
 
-/// A runtime pod's key; `None` for the pods of compute instances.
-fn pod_key(pod: &LeanPod) -> Option<Named> {
-    pod.label(RUNTIME_LABEL)?;
-    Some(Named::new(&pod.namespace().unwrap_or_default(), &pod.name_any()))
+/// The uid of `pod`'s controller owner.
+fn controller_uid(pod: &LeanPod) -> Option<&str> {
+    pod.metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|owner| owner.controller == Some(true))
+        .map(|owner| owner.uid.as_str())
 }
 
 #[cfg(test)]
@@ -400,10 +490,14 @@ mod tests {
         Named::new(namespace, name)
     }
 
+    /// The pod of runtime `runtime` (controlled by uid `uid-<runtime>`), `scheduled` its
+    /// PodScheduled condition's status if any.
     fn pod(namespace: &str, runtime: &str, scheduled: Option<&str>) -> LeanPod {
         let mut pod = serde_json::json!({
             "metadata": {"name": format!("{runtime}-runtime"), "namespace": namespace,
-                         "labels": {RUNTIME_LABEL: runtime}},
+                         "labels": {RUNTIME_LABEL: runtime},
+                         "ownerReferences": [{"apiVersion": "promptflow.dev/v1alpha1", "kind": "PromptFlowRuntime",
+                                              "name": runtime, "uid": format!("uid-{runtime}"), "controller": true}]},
             "status": {"phase": "Pending"},
         });
         if let Some(status) = scheduled {
@@ -412,15 +506,25 @@ mod tests {
         serde_json::from_value(pod).unwrap()
     }
 
+    /// Every runtime `x` exists with uid `uid-x`.
+    fn ours(_: &str, runtime: &str, uid: Option<&str>) -> bool {
+        uid == Some(format!("uid-{runtime}").as_str())
+    }
+
+    fn apply(window: &LaunchWindow, pod: LeanPod) {
+        window.observe(&watcher::Event::Apply(pod), ours);
+    }
+
     /// Creates the pod of `name` as the reconcile would: acquire, launch, the watch's event, done.
     fn launch(window: &LaunchWindow, namespace: &str, name: &str) -> Launch {
         let key = runtime(namespace, name);
+        let began = Instant::now();
         let launch = window.acquire(&key);
         if launch == Launch::Go {
             window.launched(&key);
-            window.observe(&watcher::Event::Apply(pod(namespace, name, None)));
+            apply(window, pod(namespace, name, None));
         }
-        window.done(&key);
+        window.done(&key, began);
         launch
     }
 
@@ -439,32 +543,43 @@ mod tests {
         assert_eq!(launch(&window, "crowd", "d"), Launch::Parked { stalled: false });
         assert_eq!(window.counts(), (2, 2));
         // The scheduler places a: c (parked first) gets its place, at the front of the queue.
-        window.observe(&watcher::Event::Apply(pod("crowd", "a", Some("True"))));
+        apply(&window, pod("crowd", "a", Some("True")));
         assert_eq!(drain(&queue), ["c"]);
+        assert!(window.handed(&runtime("crowd", "c")));
         assert_eq!(launch(&window, "crowd", "c"), Launch::Go);
         // An unschedulable pod was tried: it no longer holds a place.
-        window.observe(&watcher::Event::Apply(pod("crowd", "b", Some("False"))));
+        apply(&window, pod("crowd", "b", Some("False")));
         assert_eq!(drain(&queue), ["d"]);
         assert_eq!(window.counts(), (1, 0));
     }
 
     #[test]
-    fn a_quiet_namespace_goes_at_once_beside_a_full_one_and_the_window_is_shared() {
+    fn a_quiet_namespace_goes_at_once_beside_a_full_one_and_the_window_bounds_the_whole() {
         let (window, queue) = window(4);
         for name in ["a", "b", "c", "d"] {
             assert_eq!(launch(&window, "crowd", name), Launch::Go);
         }
         assert_eq!(launch(&window, "crowd", "e"), Launch::Parked { stalled: false });
-        // The quiet namespace holds nothing: it goes (its share is half the window).
+        // The quiet namespace holds nothing: it goes, though the window is full.
         assert_eq!(launch(&window, "quiet", "q1"), Launch::Go);
-        assert_eq!(launch(&window, "quiet", "q2"), Launch::Go);
-        assert_eq!(launch(&window, "quiet", "q3"), Launch::Parked { stalled: false });
-        // The crowd now holds 4 of its share of 2: two must be placed before e goes.
-        window.observe(&watcher::Event::Apply(pod("crowd", "a", Some("True"))));
-        window.observe(&watcher::Event::Apply(pod("crowd", "b", Some("True"))));
+        assert_eq!(launch(&window, "quiet", "q2"), Launch::Parked { stalled: false });
+        // A third namespace likewise; the window stays bounded by one pod per namespace.
+        assert_eq!(launch(&window, "third", "t1"), Launch::Go);
+        assert_eq!(launch(&window, "third", "t2"), Launch::Parked { stalled: false });
+        assert_eq!(window.counts(), (6, 3));
+        // Three namespaces share the window: one place each. The crowd's pods placed free
+        // nothing for it until it holds none; each namespace's next goes as its own is placed.
+        apply(&window, pod("crowd", "a", Some("True")));
+        apply(&window, pod("crowd", "b", Some("True")));
+        apply(&window, pod("crowd", "c", Some("True")));
         assert!(drain(&queue).is_empty());
-        window.observe(&watcher::Event::Apply(pod("crowd", "c", Some("True"))));
+        apply(&window, pod("quiet", "q1", Some("True")));
+        assert_eq!(drain(&queue), ["q2"]);
+        apply(&window, pod("crowd", "d", Some("True")));
         assert_eq!(drain(&queue), ["e"]);
+        // Once the others hold nothing, the crowd's share is the whole window again.
+        apply(&window, pod("third", "t1", Some("True")));
+        assert_eq!(drain(&queue), ["t2"]);
     }
 
     #[test]
@@ -473,10 +588,10 @@ mod tests {
         assert_eq!(launch(&window, "ns", "a"), Launch::Go);
         assert_eq!(launch(&window, "ns", "b"), Launch::Parked { stalled: false });
         assert_eq!(launch(&window, "ns", "c"), Launch::Parked { stalled: false });
-        window.observe(&watcher::Event::Delete(pod("ns", "a", None)));
+        window.observe(&watcher::Event::Delete(pod("ns", "a", None)), ours);
         assert_eq!(drain(&queue), ["b"]);
-        // b's reconcile ends without creating a pod (it waits for something else): c goes.
-        window.done(&runtime("ns", "b"));
+        // b's next reconcile ends without creating a pod (it waits for something else): c goes.
+        window.done(&runtime("ns", "b"), Instant::now());
         assert_eq!(drain(&queue), ["c"]);
         // c is deleted before its turn: its place is free again.
         window.forget(&runtime("ns", "c"));
@@ -485,26 +600,63 @@ mod tests {
     }
 
     #[test]
+    fn a_place_handed_while_the_runtime_parked_waits_for_its_next_reconcile() {
+        let (window, queue) = window(1);
+        assert_eq!(launch(&window, "ns", "a"), Launch::Go);
+        let b = runtime("ns", "b");
+        let began = Instant::now();
+        assert_eq!(window.acquire(&b), Launch::Parked { stalled: false });
+        // a is placed before b's reconcile (which parked) has ended.
+        apply(&window, pod("ns", "a", Some("True")));
+        assert_eq!(drain(&queue), ["b"]);
+        window.done(&b, began);
+        assert!(window.handed(&b), "the place stays b's");
+        assert_eq!(window.acquire(&b), Launch::Go);
+    }
+
+    #[test]
     fn a_pod_seen_before_its_create_returned_leaves_no_place_behind() {
         let (window, _queue) = window(1);
         let key = runtime("ns", "a");
+        let began = Instant::now();
         assert_eq!(window.acquire(&key), Launch::Go);
         // The watch shows the pod created and placed before the create call returns.
-        window.observe(&watcher::Event::Apply(pod("ns", "a", None)));
-        window.observe(&watcher::Event::Apply(pod("ns", "a", Some("True"))));
+        apply(&window, pod("ns", "a", None));
+        apply(&window, pod("ns", "a", Some("True")));
         window.launched(&key);
-        window.done(&key);
+        window.done(&key, began);
         assert_eq!(window.counts(), (0, 0));
         assert_eq!(launch(&window, "ns", "b"), Launch::Go);
     }
 
     #[test]
-    fn a_relist_forgets_pods_that_went_while_the_watch_was_away() {
+    fn pods_the_operator_did_not_make_count_for_nothing_and_a_label_taken_off_leaves_no_ghost() {
         let (window, queue) = window(1);
+        // Labelled like the operator's, controlled by no runtime of that name.
+        let mut forged = pod("ns", "x", None);
+        forged.metadata.owner_references = None;
+        apply(&window, forged);
+        assert_eq!(window.counts(), (0, 0));
         assert_eq!(launch(&window, "ns", "a"), Launch::Go);
         assert_eq!(launch(&window, "ns", "b"), Launch::Parked { stalled: false });
-        window.observe(&watcher::Event::Init);
-        window.observe(&watcher::Event::InitDone);
+        // a's label is taken off while it waits: it no longer counts.
+        let mut unlabelled = pod("ns", "a", None);
+        unlabelled.metadata.labels = None;
+        apply(&window, unlabelled);
+        assert_eq!(drain(&queue), ["b"]);
+    }
+
+    #[test]
+    fn a_relist_forgets_pods_and_created_places_that_went_while_the_watch_was_away() {
+        let (window, queue) = window(1);
+        let a = runtime("ns", "a");
+        let began = Instant::now();
+        assert_eq!(window.acquire(&a), Launch::Go);
+        window.launched(&a);
+        window.done(&a, began);
+        assert_eq!(launch(&window, "ns", "b"), Launch::Parked { stalled: false });
+        window.observe(&watcher::Event::Init, ours);
+        window.observe(&watcher::Event::InitDone, ours);
         assert_eq!(drain(&queue), ["b"]);
     }
 
@@ -519,13 +671,18 @@ mod tests {
         });
         tokio::task::yield_now().await;
         let a = runtime("ns", "a");
+        let began = Instant::now();
         assert_eq!(window.acquire(&a), Launch::Go);
         window.launched(&a);
-        window.done(&a);
+        window.done(&a, began);
         assert_eq!(launch(&window, "ns", "b"), Launch::Parked { stalled: false });
         tokio::task::yield_now().await;
-        window.observe(&watcher::Event::Apply(pod("ns", "a", None)));
-        tokio::time::sleep(STALL_AFTER - Duration::from_secs(1)).await;
+        apply(&window, pod("ns", "a", None));
+        assert_eq!(launch(&window, "other", "z"), Launch::Go);
+        // A waiting pod deleted is no progress of the scheduler.
+        tokio::time::sleep(STALL_AFTER / 2).await;
+        window.observe(&watcher::Event::Delete(pod("other", "z", None)), ours);
+        tokio::time::sleep(STALL_AFTER / 2 - Duration::from_secs(1)).await;
         assert!(drain(&queue).is_empty());
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(drain(&queue), ["b"]);

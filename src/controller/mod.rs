@@ -380,7 +380,9 @@ pub async fn run(
                 let mut of_pod = of_pod;
                 move |item| {
                     if let Ok(event) = &item {
-                        ctx.launch.observe(event);
+                        ctx.launch.observe(event, |namespace, runtime, controller| {
+                            controller.is_some() && ctx.runtime_uid(runtime, namespace).as_deref() == controller
+                        });
                     }
                     of_pod(item)
                 }
@@ -445,7 +447,11 @@ pub async fn run(
         "PromptFlowRuntime controller running"
     );
     let reconciling = context.clone();
-    let runtimes = runner::run(queue, turns, timers, runtimes_cache, move |key, cached| {
+    let first = {
+        let ctx = context.clone();
+        move |key: &lean::Named| ctx.launch.handed(key)
+    };
+    let runtimes = runner::run(queue, turns, timers, runtimes_cache, first, move |key, cached| {
         let ctx = reconciling.clone();
         let key = key.to_ref::<crate::api::PromptFlowRuntime>();
         let uid = cached.uid().map(str::to_owned);

@@ -143,12 +143,14 @@ impl Timers {
 /// running ones; starts once the cache has its first list. When its turn comes, `reconcile` is
 /// given the runtime's key and cached value (under the cache's read lock: it takes what it needs
 /// and returns the reconcile to run); a runtime gone by then is not reconciled (its deletion woke
-/// what must follow).
+/// what must follow). A runtime named again while it ran runs again after its namespace's line,
+/// or first in it when `first` says so (a place to launch is held for it).
 pub async fn run<T, F, Fut>(
     queue: Arc<FairQueue>,
     gate: Arc<FairGate>,
     timers: Arc<Timers>,
     store: Arc<Cache<T>>,
+    first: impl Fn(&Named) -> bool + Send + Sync + 'static,
     reconcile: F,
 ) where
     T: Send + Sync + 'static,
@@ -159,6 +161,7 @@ pub async fn run<T, F, Fut>(
     // rest wait in the queue as names.
     let bound = gate.limit().saturating_mul(2);
     let reconcile = Arc::new(reconcile);
+    let first: Arc<dyn Fn(&Named) -> bool + Send + Sync> = Arc::new(first);
     // Nothing is looked up before the first list is through (a runtime not listed yet is not
     // missing).
     if store.wait_until_ready().await.is_err() {
@@ -185,6 +188,7 @@ pub async fn run<T, F, Fut>(
                     running: running.clone(),
                     queue: queue.clone(),
                     timers: timers.clone(),
+                    first: first.clone(),
                 };
                 tasks.spawn(async move {
                     let next = match gate.enter(&key.0).await {
@@ -229,6 +233,7 @@ struct Finish {
     running: Arc<Mutex<HashMap<Named, Running>>>,
     queue: Arc<FairQueue>,
     timers: Arc<Timers>,
+    first: Arc<dyn Fn(&Named) -> bool + Send + Sync>,
 }
 
 /// How long after a reconcile task panicked its runtime is looked at again.
@@ -258,7 +263,11 @@ impl Drop for Finish {
             self.timers
                 .set(self.key.clone(), Instant::now().checked_add(AFTER_A_PANIC));
         } else if state.is_some_and(|s| s.again) {
-            self.queue.push_key(self.key.clone());
+            if (self.first)(&self.key) {
+                self.queue.push_front_key(self.key.clone());
+            } else {
+                self.queue.push_key(self.key.clone());
+            }
         }
     }
 }
@@ -336,7 +345,7 @@ mod tests {
         let (gate, queue, timers, firing) = parts(1);
         let held = gate.enter("other").await.expect("the only turn");
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let running = tokio::spawn(run(queue.clone(), gate.clone(), timers.clone(), store, {
+        let running = tokio::spawn(run(queue.clone(), gate.clone(), timers.clone(), store, |_| false, {
             let runs = runs.clone();
             move |_, _| {
                 let runs = runs.clone();
@@ -372,7 +381,7 @@ mod tests {
         let (gate, queue, timers, firing) = parts(2);
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (release, released) = tokio::sync::watch::channel(0usize);
-        let running = tokio::spawn(run(queue.clone(), gate, timers.clone(), store, {
+        let running = tokio::spawn(run(queue.clone(), gate, timers.clone(), store, |_| false, {
             let runs = runs.clone();
             move |_, _| {
                 let (runs, mut released) = (runs.clone(), released.clone());

@@ -511,8 +511,9 @@ async fn changes_made_while_the_watches_were_away_are_found_by_the_relist() {
 }
 
 /// kube-scheduler stopped: the operator creates no more pods than its launch window lets wait for
-/// the scheduler, the runtimes beyond it say in their status why they wait (once the scheduler
-/// has placed nothing for 30 s), and all start once the scheduler is back.
+/// the scheduler (a pod labelled like the operator's that never gets placed counts for nothing),
+/// a runtime that loses its pod meanwhile says at once that it waits for a place, every waiting
+/// one says why once the scheduler has placed nothing for 30 s, and all start once it is back.
 #[tokio::test]
 async fn a_stopped_scheduler_holds_launches_at_the_window_and_the_waiting_runtimes_say_why() {
     with_namespace("pf-fault-scheduler", |ns| async move {
@@ -521,6 +522,19 @@ async fn a_stopped_scheduler_holds_launches_at_the_window_and_the_waiting_runtim
             &["--watch-namespace", &ns.name, "--launch-window", "2"],
         );
         let api = ns.api::<PromptFlowRuntime>();
+        let pods = ns.api::<Pod>();
+        harness::create_runtimes(&api, "first", 1).await;
+        harness::wait_all_running(&api, 1, Duration::from_secs(60)).await;
+        // A tenant's pod with the operator's labels, for a scheduler that does not exist.
+        let forged: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "forged-runtime", "labels": {
+                "app.kubernetes.io/managed-by": "promptflow-operator",
+                "app.kubernetes.io/name": "promptflow-runtime",
+                "promptflow.dev/runtime": "forged"}},
+            "spec": {"schedulerName": "nobody", "containers": [{"name": "main", "image": "registry.invalid/x:1"}]}
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &forged).await.unwrap();
         let down = Duration::from_secs(50);
         let restart = tokio::spawn(harness::restart_component("kube-scheduler", down));
         // restart_component kills the scheduler first (or finds no local cluster and returns).
@@ -531,45 +545,60 @@ async fn a_stopped_scheduler_holds_launches_at_the_window_and_the_waiting_runtim
         }
         let created = tokio::time::Instant::now();
         harness::create_runtimes(&api, "rt", 5).await;
-        let queued = |runtime: &PromptFlowRuntime| {
-            runtime
-                .status
-                .as_ref()
-                .is_some_and(|s| s.reason.as_deref() == Some("LaunchQueued"))
+        let queued = |runtime: &PromptFlowRuntime, says: &str| {
+            runtime.status.as_ref().is_some_and(|s| {
+                s.reason.as_deref() == Some("LaunchQueued") && s.message.as_deref().is_some_and(|m| m.contains(says))
+            })
         };
         // Looked at while the scheduler is away; asserted once it is back (a failed assertion
         // must not leave the cluster without a scheduler).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let lost = pods
+            .delete("first-0000-runtime", &kube::api::DeleteParams::default().grace_period(0))
+            .await
+            .is_ok();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let first = api.get("first-0000").await.unwrap();
+        let first_waits = queued(&first, "waiting for a place");
         let deadline = created + Duration::from_secs(45);
-        let (waiting, said) = loop {
+        let (stalled, said) = loop {
             let runtimes = api.list(&Default::default()).await.unwrap().items;
-            let waiting: Vec<_> = runtimes.into_iter().filter(|r| queued(r)).collect();
-            if waiting.len() >= 3 || tokio::time::Instant::now() >= deadline {
-                break (waiting, created.elapsed());
+            let stalled: Vec<String> = runtimes
+                .iter()
+                .filter(|r| queued(r, "kube-scheduler has placed none"))
+                .map(|r| r.name_any())
+                .collect();
+            if stalled.len() >= 4 || tokio::time::Instant::now() >= deadline {
+                break (stalled, created.elapsed());
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
-        let pods: Vec<String> = ns
-            .api::<Pod>()
+        let made: Vec<String> = pods
             .list(&Default::default())
             .await
             .unwrap()
             .items
             .iter()
             .map(|p| p.name_any())
+            .filter(|name| name.starts_with("rt-"))
             .collect();
         let restarted = restart.await.unwrap().expect("kube-scheduler restarted");
+        assert!(lost, "first-0000's pod could not be deleted");
+        assert!(
+            first_waits,
+            "a runtime that lost its pod while the window was full does not say it waits: {:?}",
+            first.status
+        );
         assert_eq!(
-            waiting.len(),
-            3,
-            "runtimes saying LaunchQueued {said:?} after their creation, of the 3 beyond the window; operator log:\n{}",
+            stalled.len(),
+            4,
+            "runtimes saying the scheduler placed nothing {said:?} after their creation (the 3 beyond the window and first-0000): {stalled:?}; operator log:\n{}",
             operator.log_text()
         );
-        let message = waiting[0].status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default();
-        assert!(message.contains("kube-scheduler has placed none"), "{message}");
-        assert_eq!(pods.len(), 2, "pods created while the scheduler was away: {pods:?}");
-        harness::wait_all_running(&api, 5, Duration::from_secs(120)).await;
+        assert_eq!(made.len(), 2, "pods created while the scheduler was away: {made:?}");
+        harness::wait_all_running(&api, 6, Duration::from_secs(120)).await;
         println!(
-            "scheduler stopped: 2 pods for it (the window), the 3 beyond it said LaunchQueued {:.1}s after their creation; all 5 Running {:.1}s after the scheduler was back",
+            "scheduler stopped: 2 pods for it (the window; a forged waiting pod not counted), a runtime that lost its pod said LaunchQueued at once, the 4 waiting said the scheduler placed nothing {:.1}s after their creation; all 6 Running {:.1}s after the scheduler was back",
             said.as_secs_f64(),
             restarted.ready_at.elapsed().as_secs_f64()
         );

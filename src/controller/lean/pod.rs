@@ -39,10 +39,18 @@ impl LeanPod {
     /// others).
     pub fn awaits_scheduler(&self) -> bool {
         self.metadata.deletion_timestamp.is_none()
-            && self.status.as_deref().is_none_or(|status| {
-                status.phase.as_deref().is_none_or(|phase| phase == "Pending")
-                    && !status.conditions.iter().any(|c| &*c.type_ == "PodScheduled")
-            })
+            && !self.tried_by_scheduler()
+            && self
+                .status
+                .as_deref()
+                .is_none_or(|status| status.phase.as_deref().is_none_or(|phase| phase == "Pending"))
+    }
+
+    /// Whether kube-scheduler has tried the pod (its `PodScheduled` condition is set).
+    pub fn tried_by_scheduler(&self) -> bool {
+        self.status
+            .as_deref()
+            .is_some_and(|status| status.conditions.iter().any(|c| &*c.type_ == "PodScheduled"))
     }
 }
 

@@ -49,9 +49,13 @@ pub use super::context::{Context, MANAGER};
 pub async fn reconcile(runtime: Arc<PromptFlowRuntime>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_timer();
     let key = ObjectRef::from_obj(&*runtime);
+    // A place in the launch window this reconcile did not use goes on, however it ends.
+    let _window = LaunchDone {
+        ctx: &ctx,
+        key: Named::of(&key),
+        began: tokio::time::Instant::now(),
+    };
     let result = reconcile_runtime(&runtime, &ctx).await;
-    // A place in the launch window this reconcile did not use goes on.
-    ctx.launch.done(&Named::of(&key));
     // Deleted while this reconcile ran (its writes then fail with 404): what it recorded after
     // the deletion was forgotten is forgotten again, and nothing is retried. One made again
     // under its name meanwhile is another runtime: its own event reconciles it afresh.
@@ -90,6 +94,19 @@ pub async fn reconcile(runtime: Arc<PromptFlowRuntime>, ctx: Arc<Context>) -> Re
             }
             Err(err)
         }
+    }
+}
+
+/// Ends a reconcile's use of the launch window when dropped (a panic included).
+struct LaunchDone<'a> {
+    ctx: &'a Context,
+    key: Named,
+    began: tokio::time::Instant,
+}
+
+impl Drop for LaunchDone<'_> {
+    fn drop(&mut self) {
+        self.ctx.launch.done(&self.key, self.began);
     }
 }
 
@@ -140,20 +157,29 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         }
         Err(e) => return Err(e.into()),
     }
-    // A first pod waits for its place in the launch window while kube-scheduler has enough of
-    // the operator's pods to place ([`launch`](super::launch)): parked, the runtime writes
-    // nothing (it is woken when its place comes) unless the scheduler has stalled.
+    // A pod waits for its place in the launch window while kube-scheduler has enough of the
+    // operator's pods to place ([`launch`](super::launch)). Parked, a runtime the operator has
+    // not reported on yet writes nothing (it is woken when its place comes); one with a status
+    // (a pod lost, a start after a stop) says it waits, and every parked one says so once the
+    // scheduler has stalled.
     if runtime.spec.compute.instance.is_none()
         && matches!(lifecycle::decide(runtime), Lifecycle::Run { .. })
         && apply::pod::launching(ctx, &name, &namespace)
         && let Launch::Parked { stalled } = ctx.launch.acquire(&Named::new(&namespace, &name))
     {
-        if stalled {
-            let message = format!(
-                "kube-scheduler has placed none of the operator's waiting pods for over {}s (at most {} wait at once, shared over namespaces): is it running? This runtime's pod is created once it places them",
+        let message = if stalled {
+            format!(
+                "kube-scheduler has placed none of the operator's waiting pods for over {}s: is it running? This runtime's pod is created once it places them (at most {} of the operator's pods wait for it at once, shared over the namespaces)",
                 STALL_AFTER.as_secs(),
                 ctx.launch.limit()
-            );
+            )
+        } else {
+            format!(
+                "waiting for a place to create its pod: at most {} of the operator's pods wait for kube-scheduler at once, shared over the namespaces, and this namespace's share is taken; it goes when one of them is placed",
+                ctx.launch.limit()
+            )
+        };
+        if stalled || runtime.status.is_some() {
             not_available_status(runtime, ctx, reasons::LAUNCH_QUEUED, message).await?;
         }
         return Ok(Action::await_change());
