@@ -32,10 +32,10 @@ pub const STALLED: &str = "Stalled";
 pub mod reasons {
     /// Nothing has been reconciled yet.
     pub const PENDING: &str = "Pending";
-    /// The runtime's pod waits for its place in the operator's launch window (its namespace's
-    /// share of the operator's pods waiting for kube-scheduler is taken); said by a runtime that
-    /// had a status before, and by every waiting one once the scheduler has placed none of the
-    /// operator's pods for a while (is it running?).
+    /// The runtime's launch waits for its place in the operator's launch window (the operator's
+    /// pods waiting for kube-scheduler fill it); said by a stopped runtime starting again, and by
+    /// every waiting one once the scheduler has placed none of the operator's pods for a while
+    /// (is it running?).
     pub const LAUNCH_QUEUED: &str = "LaunchQueued";
     /// The runtime pod is being created.
     pub const POD_CREATING: &str = "PodCreating";

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use super::lean::{LeanPod, Named, status};
 use super::queue::FairQueue;
-use crate::build::pod::RUNTIME_LABEL;
+use crate::build::pod::{POD_SUFFIX, RUNTIME_LABEL};
 
 /// How long the scheduler may place none of the waiting pods before the parked runtimes say so.
 pub const STALL_AFTER: Duration = Duration::from_secs(30);
@@ -64,14 +64,14 @@ pub struct LaunchWindow {
 struct State {
     /// Per namespace with pods waiting, grants or parked runtimes.
     spaces: HashMap<Arc<str>, Space>,
-    /// Namespaces with pods waiting or grants out.
-    busy: usize,
     /// Pods waiting for the scheduler, all namespaces.
     waiting: usize,
     /// Places reserved, all namespaces.
     granted: usize,
     /// Parked runtimes, all namespaces.
     parked: usize,
+    /// Namespaces with runtimes parked.
+    contending: usize,
     /// When the scheduler last took one of the waiting pods (or the first began to wait).
     progress: Option<Instant>,
     /// The stall the parked runtimes were last woken for (its `progress`).
@@ -101,29 +101,36 @@ impl Space {
 
 impl State {
     /// Whether `namespace`, holding `held` places, may take one more: a namespace holding none
-    /// always may; others while they hold less than their share and the window has room.
+    /// always may; others while the window has room and they hold less than their share of it
+    /// (the window split over the namespaces with runtimes parked), or no other namespace has
+    /// runtimes parked.
     fn room(&self, limit: usize, namespace: &str, held: usize) -> bool {
         if held == 0 {
             return true;
         }
-        let holding = self.spaces.get(namespace).is_some_and(|space| space.held() > 0);
-        let busy = self.busy + usize::from(!holding);
-        let share = (limit / busy.max(1)).max(1);
-        held < share && self.waiting + self.granted < limit
+        if self.waiting + self.granted >= limit {
+            return false;
+        }
+        let parked_here = self
+            .spaces
+            .get(namespace)
+            .is_some_and(|space| !space.parked_names.is_empty());
+        let others = self.contending - usize::from(parked_here);
+        others == 0 || held < (limit / (others + 1)).max(1)
     }
 
     /// Runs `change` on `namespace`'s space, keeping the totals, and drops the space once empty.
     fn with_space<R>(&mut self, namespace: &Arc<str>, change: impl FnOnce(&mut Space) -> R) -> R {
         let space = self.spaces.entry(namespace.clone()).or_default();
         let before = (
-            space.held() > 0,
+            !space.parked_names.is_empty(),
             space.waiting.len(),
             space.granted.len(),
             space.parked_names.len(),
         );
         let result = change(space);
         let after = (
-            space.held() > 0,
+            !space.parked_names.is_empty(),
             space.waiting.len(),
             space.granted.len(),
             space.parked_names.len(),
@@ -132,7 +139,7 @@ impl State {
             self.spaces.remove(namespace);
         }
         // Each total holds its namespaces' counts, so none of these goes below zero.
-        self.busy = self.busy + usize::from(after.0) - usize::from(before.0);
+        self.contending = self.contending + usize::from(after.0) - usize::from(before.0);
         self.waiting = self.waiting + after.1 - before.1;
         self.granted = self.granted + after.2 - before.2;
         self.parked = self.parked + after.3 - before.3;
@@ -340,31 +347,45 @@ impl LaunchWindow {
         let mut handed = vec![];
         match event {
             watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
-                let namespace = status::text(&pod.namespace().unwrap_or_default());
-                let name: Arc<str> = Arc::from(pod.name_any());
+                let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+                let name = pod.metadata.name.as_deref().unwrap_or_default();
+                // A runtime's own pod: named for it and controlled by it.
                 let runtime = pod
                     .label(RUNTIME_LABEL)
-                    .filter(|runtime| ours(&namespace, runtime, controller_uid(pod)));
-                let waits = runtime.is_some() && pod.awaits_scheduler();
-                let placed = pod.tried_by_scheduler();
-                let left = state.with_space(&namespace, |space| {
-                    // Its runtime's place turns into the pod's.
-                    if let Some(runtime) = runtime
-                        && pod.metadata.deletion_timestamp.is_none()
-                    {
-                        space.granted.remove(runtime);
+                    .filter(|runtime| name.strip_suffix(POD_SUFFIX) == Some(*runtime));
+                let space = state.spaces.get(namespace);
+                let granted = runtime.is_some_and(|r| space.is_some_and(|s| s.granted.contains_key(r)));
+                let was_waiting = space.is_some_and(|s| s.waiting.contains(name));
+                let candidate = pod.awaits_scheduler();
+                // Most events (a running pod's status) concern no place: nothing to do.
+                if granted || was_waiting || (candidate && runtime.is_some()) {
+                    let runtime = runtime.filter(|runtime| ours(namespace, runtime, controller_uid(pod)));
+                    let waits = candidate && runtime.is_some();
+                    let placed = pod.tried_by_scheduler();
+                    let going = pod.metadata.deletion_timestamp.is_some();
+                    let (left, freed) = state.with_space(&status::text(namespace), |space| {
+                        let held = space.held();
+                        // Its runtime's place turns into the pod's.
+                        if let Some(runtime) = runtime
+                            && !going
+                        {
+                            space.granted.remove(runtime);
+                        }
+                        let left = if waits {
+                            space.waiting.insert(Arc::from(name));
+                            false
+                        } else {
+                            space.waiting.remove(name)
+                        };
+                        (left, space.held() < held)
+                    });
+                    if left && placed {
+                        state.progress = Some(Instant::now());
                     }
-                    if waits {
-                        space.waiting.insert(name.clone());
-                        false
-                    } else {
-                        space.waiting.remove(&name)
+                    if freed {
+                        handed = state.pump_all(self.limit, &status::text(namespace));
                     }
-                });
-                if left && placed {
-                    state.progress = Some(Instant::now());
                 }
-                handed = state.pump_all(self.limit, &namespace);
             }
             watcher::Event::Delete(pod) => {
                 let namespace = status::text(&pod.namespace().unwrap_or_default());
@@ -567,17 +588,18 @@ mod tests {
         assert_eq!(launch(&window, "third", "t1"), Launch::Go);
         assert_eq!(launch(&window, "third", "t2"), Launch::Parked { stalled: false });
         assert_eq!(window.counts(), (6, 3));
-        // Three namespaces share the window: one place each. The crowd's pods placed free
-        // nothing for it until it holds none; each namespace's next goes as its own is placed.
+        // The window is over: nothing goes until it has room, then each namespace with runtimes
+        // parked gets its share of it (here 4 / 3 = 1 place), a namespace holding none always one.
         apply(&window, pod("crowd", "a", Some("True")));
         apply(&window, pod("crowd", "b", Some("True")));
         apply(&window, pod("crowd", "c", Some("True")));
         assert!(drain(&queue).is_empty());
         apply(&window, pod("quiet", "q1", Some("True")));
-        assert_eq!(drain(&queue), ["q2"]);
-        apply(&window, pod("crowd", "d", Some("True")));
-        assert_eq!(drain(&queue), ["e"]);
-        // Once the others hold nothing, the crowd's share is the whole window again.
+        // q2 goes (quiet holds none); then only two namespaces have runtimes parked: the crowd's
+        // share is 2, and it holds 1.
+        let mut woken = drain(&queue);
+        woken.sort();
+        assert_eq!(woken, ["e", "q2"]);
         apply(&window, pod("third", "t1", Some("True")));
         assert_eq!(drain(&queue), ["t2"]);
     }
@@ -690,6 +712,19 @@ mod tests {
         tokio::time::sleep(STALL_AFTER * 3).await;
         assert!(drain(&queue).is_empty(), "woken once per stall");
         announcing.abort();
+    }
+
+    #[test]
+    fn a_pod_for_another_scheduler_or_put_on_a_node_by_its_maker_does_not_wait_for_the_scheduler() {
+        let (window, _queue) = window(1);
+        for (field, value) in [("schedulerName", "nobody"), ("nodeName", "anywhere")] {
+            let mut json = serde_json::to_value(pod("ns", "a", None).metadata).unwrap();
+            json = serde_json::json!({"metadata": json, "spec": {field: value}, "status": {"phase": "Pending"}});
+            let pod: LeanPod = serde_json::from_value(json).unwrap();
+            assert!(!pod.awaits_scheduler(), "{field}");
+            apply(&window, pod);
+            assert_eq!(window.counts(), (0, 0), "{field}");
+        }
     }
 
     #[test]

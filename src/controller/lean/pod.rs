@@ -33,12 +33,19 @@ impl LeanPod {
         self.metadata.labels.as_ref()?.get(key).map(String::as_str)
     }
 
-    /// Whether kube-scheduler has yet to try the pod: not going, not started, and no
+    /// Whether kube-scheduler has yet to try the pod: not going, not started, not placed on a
+    /// node by its creator, for the default scheduler, and no
     /// `PodScheduled` condition (the scheduler sets it True when it binds the pod and False when
     /// no node fits; an unschedulable pod waits in the scheduler's side queue, not ahead of
     /// others).
     pub fn awaits_scheduler(&self) -> bool {
         self.metadata.deletion_timestamp.is_none()
+            && self.spec.node_name.is_none()
+            && self
+                .spec
+                .scheduler_name
+                .as_deref()
+                .is_none_or(|scheduler| scheduler == "default-scheduler")
             && !self.tried_by_scheduler()
             && self
                 .status
@@ -167,6 +174,12 @@ struct LeanPodSpec {
     /// asks whether the API server kept them).
     #[serde(default)]
     resources: Option<serde::de::IgnoredAny>,
+    /// Whether a node was set (kept as presence only).
+    #[serde(default, rename = "nodeName")]
+    node_name: Option<serde::de::IgnoredAny>,
+    /// The scheduler the pod asks for (one shared copy per name).
+    #[serde(default, rename = "schedulerName", deserialize_with = "interned_opt")]
+    scheduler_name: Option<Arc<str>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -97,6 +97,17 @@ pub async fn reconcile(runtime: Arc<PromptFlowRuntime>, ctx: Arc<Context>) -> Re
     }
 }
 
+/// Whether the runtime's next pod is a launch (it has no status yet, is at rest or waits for a
+/// launch) rather than the return of one it had.
+fn launches(runtime: &PromptFlowRuntime) -> bool {
+    runtime.status.as_ref().is_none_or(|status| {
+        status.reason.as_deref().is_none_or(|reason| {
+            reasons::AT_REST.contains(&reason)
+                || [reasons::STOPPED_BY_SPEC, reasons::LAUNCH_QUEUED, reasons::PENDING].contains(&reason)
+        })
+    })
+}
+
 /// Ends a reconcile's use of the launch window when dropped (a panic included).
 struct LaunchDone<'a> {
     ctx: &'a Context,
@@ -157,12 +168,14 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         }
         Err(e) => return Err(e.into()),
     }
-    // A pod waits for its place in the launch window while kube-scheduler has enough of the
-    // operator's pods to place ([`launch`](super::launch)). Parked, a runtime the operator has
-    // not reported on yet writes nothing (it is woken when its place comes); one with a status
-    // (a pod lost, a start after a stop) says it waits, and every parked one says so once the
-    // scheduler has stalled.
+    // A launch (a new runtime, or a start after a stop) waits for its place in the launch window
+    // while kube-scheduler has enough of the operator's pods to place ([`launch`](super::launch));
+    // a runtime that had a pod (lost, replaced, restarted) gets its next at once. Parked, a runtime
+    // the operator has not reported on yet writes nothing (it is woken when its place comes); a
+    // stopped one starting says it waits, and every parked one says so once the scheduler has
+    // stalled.
     if runtime.spec.compute.instance.is_none()
+        && launches(runtime)
         && matches!(lifecycle::decide(runtime), Lifecycle::Run { .. })
         && apply::pod::launching(ctx, &name, &namespace)
         && let Launch::Parked { stalled } = ctx.launch.acquire(&Named::new(&namespace, &name))
@@ -175,7 +188,7 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
             )
         } else {
             format!(
-                "waiting for a place to create its pod: at most {} of the operator's pods wait for kube-scheduler at once, shared over the namespaces, and this namespace's share is taken; it goes when one of them is placed",
+                "waiting for a place to create its pod: at most {} of the operator's pods wait for kube-scheduler at once, shared over the namespaces with runtimes waiting, and they are taken; it goes as they are placed",
                 ctx.launch.limit()
             )
         };
