@@ -49,6 +49,15 @@ fn launch(window: &LaunchWindow, namespace: &str, name: &str) -> Launch {
     launch
 }
 
+/// Creates the pod of `name` whose event the watch has not brought yet: acquire, launch, done.
+fn create_unseen(window: &LaunchWindow, namespace: &str, name: &str) {
+    let key = runtime(namespace, name);
+    let began = Instant::now();
+    assert_eq!(window.acquire(&key), Launch::Go);
+    window.launched(&key);
+    window.done(&key, began);
+}
+
 fn drain(queue: &FairQueue) -> Vec<String> {
     std::iter::from_fn(|| queue.try_take())
         .map(|Named(_, name)| name.to_string())
@@ -176,11 +185,7 @@ fn pods_the_operator_did_not_make_count_for_nothing_and_a_label_taken_off_leaves
 #[test]
 fn a_relist_forgets_pods_and_created_places_that_went_while_the_watch_was_away() {
     let (window, queue) = window(1);
-    let a = runtime("ns", "a");
-    let began = Instant::now();
-    assert_eq!(window.acquire(&a), Launch::Go);
-    window.launched(&a);
-    window.done(&a, began);
+    create_unseen(&window, "ns", "a");
     assert_eq!(launch(&window, "ns", "b"), Launch::Parked { stalled: false });
     window.observe(&watcher::Event::Init, ours);
     window.observe(&watcher::Event::InitDone, ours);
@@ -197,11 +202,7 @@ async fn a_stalled_scheduler_wakes_the_parked_runtimes_once_to_say_so() {
         async move { window.announce_stalls().await }
     });
     tokio::task::yield_now().await;
-    let a = runtime("ns", "a");
-    let began = Instant::now();
-    assert_eq!(window.acquire(&a), Launch::Go);
-    window.launched(&a);
-    window.done(&a, began);
+    create_unseen(&window, "ns", "a");
     assert_eq!(launch(&window, "ns", "b"), Launch::Parked { stalled: false });
     tokio::task::yield_now().await;
     apply(&window, pod("ns", "a", None));
