@@ -52,8 +52,15 @@ async fn names_taken_by_other_objects_are_reported_never_taken_over() {
             create_runtime(&ns, name, json!({})).await;
         }
         let conflicted = wait_status(&ns, "db", "Not available", Some("ServiceConflict")).await;
-        let message = conflicted.status.unwrap().message.unwrap_or_default();
+        let conflicted = conflicted.status.unwrap();
+        let message = conflicted.message.clone().unwrap_or_default();
         assert!(message.contains("Service db"), "{message}");
+        // No URL names the user's Service, and no pod was made behind it.
+        assert_eq!(conflicted.url, None, "the URL of a runtime whose Service name is taken");
+        assert!(
+            ns.api::<Pod>().get_opt("db-runtime").await.unwrap().is_none(),
+            "a pod was made for a runtime whose Service name is taken"
+        );
         for name in ["mimic", "bare"] {
             let runtime = wait_status(&ns, name, "Not available", Some("PodConflict")).await;
             let message = runtime.status.unwrap().message.unwrap_or_default();

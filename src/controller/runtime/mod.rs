@@ -85,6 +85,7 @@ pub async fn reconcile(runtime: Arc<PromptFlowRuntime>, ctx: Arc<Context>) -> Re
                     facts: None,
                     handled: &HandledActions::default(),
                     url: None,
+                    drop_url: false,
                     last_activity: None,
                     latest: None,
                 };
@@ -193,7 +194,7 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
             )
         };
         if stalled || runtime.status.is_some() {
-            not_available_status(runtime, ctx, reasons::LAUNCH_QUEUED, message).await?;
+            not_available_status(runtime, ctx, reasons::LAUNCH_QUEUED, message, false).await?;
         }
         return Ok(Action::await_change());
     }
@@ -316,6 +317,9 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
             .or(plan.facts().filter(|_| !applied.kept_older)),
         handled: &handled,
         url: applied.url.as_deref(),
+        // A serverless runtime whose Service could not be made (refused at its pod's placement)
+        // has no URL, though one was reported while it waited.
+        drop_url: serverless && applied.url.is_none() && ctx.service(&name, &namespace).is_none(),
         last_activity: last_activity.as_ref(),
         latest: latest.as_deref(),
     };
@@ -414,6 +418,7 @@ async fn stay_stopped(
         facts: None,
         handled: &handled,
         url,
+        drop_url: false,
         last_activity: None,
         latest: None,
     };
@@ -432,16 +437,20 @@ async fn conflict_status(
     reason: &'static str,
     message: String,
 ) -> Result<Action> {
-    not_available_status(runtime, ctx, reason, message).await?;
+    // The runtime has no Service of its own: no URL names the one in its place.
+    let drop_url = reason != reasons::NETWORK_POLICY_CONFLICT;
+    not_available_status(runtime, ctx, reason, message, drop_url).await?;
     Ok(Action::requeue(apply::conflict_recheck(reason)))
 }
 
-/// Writes `Not available` with `reason` and `message`, keeping the other conditions.
+/// Writes `Not available` with `reason` and `message`, keeping the other conditions (and the URL
+/// unless `drop_url`).
 async fn not_available_status(
     runtime: &PromptFlowRuntime,
     ctx: &Context,
     reason: &'static str,
     message: String,
+    drop_url: bool,
 ) -> Result<()> {
     let status = runtime.status.clone().unwrap_or_default();
     let conditions = status::carried(&status.conditions);
@@ -453,6 +462,7 @@ async fn not_available_status(
         facts: None,
         handled: &HandledActions::default(),
         url: None,
+        drop_url,
         last_activity: None,
         latest: None,
     };

@@ -162,8 +162,12 @@ pub struct Report<'a> {
     pub facts: Option<&'a PodFacts>,
     /// Action values just handled (the fields that are set replace the recorded ones).
     pub handled: &'a HandledActions,
-    /// The Service's URL, once it exists.
+    /// The Service's URL, once it exists (or will, once the pod is placed); `None` keeps the one
+    /// recorded.
     pub url: Option<&'a str>,
+    /// The runtime has no Service of its own (someone else's holds the name, or it could not be
+    /// made): the recorded URL goes.
+    pub drop_url: bool,
     /// Newer activity the proxy reported, to record.
     pub last_activity: Option<&'a Time>,
     /// The newest allowed version in the registry, when known.
@@ -202,7 +206,11 @@ pub fn compose(
         image: inputs.facts.map(|f| f.image.clone()).or(previous.image),
         version: inputs.facts.map(|f| f.version.clone()).or(previous.version),
         handled_actions,
-        url: inputs.url.map(str::to_owned).or(previous.url),
+        url: if inputs.drop_url {
+            None
+        } else {
+            inputs.url.map(str::to_owned).or(previous.url)
+        },
         last_activity_time: inputs.last_activity.cloned().or(previous.last_activity_time),
         latest_version: inputs.latest.map(str::to_owned).or(previous.latest_version),
         conditions,
@@ -257,6 +265,7 @@ mod tests {
             facts: Some(&facts),
             handled: &none,
             url: None,
+            drop_url: false,
             last_activity: None,
             latest: None,
         };
@@ -306,6 +315,7 @@ mod tests {
                 ..Default::default()
             },
             url: Some("http://chat.a.svc:8081"),
+            drop_url: false,
             last_activity: None,
             latest: None,
         };
@@ -320,6 +330,31 @@ mod tests {
         );
         let types: Vec<_> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(types, ["IdentityResolved", "Ready", "Reconciling"]);
+    }
+
+    #[test]
+    fn the_url_is_kept_when_not_known_and_goes_when_the_service_is_not_the_runtimes() {
+        let now = Time(k8s_openapi::jiff::Timestamp::from_second(1_000).unwrap());
+        let previous = PromptFlowRuntimeStatus {
+            url: Some("http://db.a.svc:8081".into()),
+            ..Default::default()
+        };
+        let none = HandledActions::default();
+        let conflict = Verdict::not_available(reasons::SERVICE_CONFLICT, "Service db exists");
+        let report = |drop_url| Report {
+            verdict: &conflict,
+            conditions: &[],
+            compute: "Serverless",
+            facts: None,
+            handled: &none,
+            url: None,
+            drop_url,
+            last_activity: None,
+            latest: None,
+        };
+        let kept = compose(Some(&previous), &report(false), Some(1), &now);
+        assert_eq!(kept.url.as_deref(), Some("http://db.a.svc:8081"));
+        assert_eq!(compose(Some(&previous), &report(true), Some(1), &now).url, None);
     }
 
     #[test]
