@@ -164,11 +164,6 @@ impl CachedPod {
     pub fn controlled_by(&self, owner_uid: Option<&str>) -> bool {
         super::controlled_by(self.owner.as_deref(), owner_uid)
     }
-
-    /// Whether it is on a node (bound by the scheduler, or made with one).
-    pub fn placed(&self) -> bool {
-        self.spec.node_name.is_some()
-    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

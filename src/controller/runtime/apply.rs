@@ -11,7 +11,7 @@ pub(crate) mod pod;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{DeleteParams, GetParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tracing::warn;
@@ -35,8 +35,7 @@ pub struct Applied {
     pub verdict: Verdict,
     /// `SpecApplied`, and `TemplateCurrent` or the `Idle` note of a runtime on an instance.
     pub conditions: Vec<ConditionState>,
-    /// `status.url`, once the Service is in place (a serverless runtime's: or will be, once its
-    /// pod is placed).
+    /// `status.url`, once the Service is in place.
     pub url: Option<String>,
     /// An event for what was done, if anything.
     pub notice: Option<Notice>,
@@ -53,8 +52,8 @@ pub struct Applied {
 }
 
 /// What a runtime has whatever its state, made before anything is read for it: a serverless
-/// runtime, running or stopped, its Service (made once its first pod is placed:
-/// [`service_awaits_placement`]; the URL: `None` while the Service cannot be written) and the detach finalizer of an instance it left released once that instance let go;
+/// runtime, running or stopped, its Service (the URL: `None` while the Service cannot be
+/// written) and the detach finalizer of an instance it left released once that instance let go;
 /// a runtime on an instance, the detach finalizer and no pod of its own. `Err`: the Service's
 /// name is someone else's (nothing was made; the message says so).
 pub async fn frame(
@@ -94,54 +93,13 @@ async fn serverless_frame(
 ) -> Result<std::result::Result<Option<String>, (&'static str, String)>> {
     on_instance::release(ctx, runtime).await?;
     let target = Target::Serverless;
-    if service_awaits_placement(ctx, runtime).await? {
-        return Ok(Ok(Some(service::url(runtime, target))));
-    }
     Ok(match apply_service(ctx, runtime, target).await? {
-        ServiceOutcome::InPlace => Ok(Some(service::url(runtime, target))),
-        ServiceOutcome::NotWritten => Ok(None),
+        ServiceOutcome::InPlace | ServiceOutcome::NotWritten { exists: true } => {
+            Ok(Some(service::url(runtime, target)))
+        }
+        ServiceOutcome::NotWritten { exists: false } => Ok(None),
         ServiceOutcome::Conflict(reason, message) => Err((reason, message)),
     })
-}
-
-/// Whether a starting serverless runtime's Service waits until its pod is on a node: the
-/// runtime is to run, no Service of that name exists (nor was just made), and its own pod is not
-/// placed. kube-scheduler spreads every pod a Service selects over the nodes (its default
-/// topology spreading), which costs it a pass over every pod in the cluster per pod it places,
-/// and a runtime's pod is one of a kind: made after the placement, the Service spares the
-/// scheduler that pass (at 10,000 runtimes it took most of its time). The URL is the one the
-/// Service will serve, reported at once (it answers only once the pod is ready either way). The
-/// cache holds only the operator's Services, so before the pod is made the API server is asked
-/// (its watch cache, names only) whether someone else's holds the name: one found goes the usual
-/// way (a conflict, nothing made). A stopped runtime keeps (or gets) its Service.
-async fn service_awaits_placement(ctx: &Context, runtime: &PromptFlowRuntime) -> Result<bool> {
-    let name = runtime.name_any();
-    let namespace = runtime.namespace().unwrap_or_default();
-    if ctx.service(&name, &namespace).is_some()
-        || ctx
-            .own_writes
-            .service_pending(&ObjectRef::new(&name).within(&namespace), None, false)
-        || !matches!(
-            super::lifecycle::decide(runtime),
-            super::lifecycle::Lifecycle::Run { .. }
-        )
-    {
-        return Ok(false);
-    }
-    let uid = runtime.uid();
-    let own_pod = ctx.pods.get(&namespace, &pod_builder::pod_name(&name), |pod| {
-        pod.controlled_by(uid.as_deref()).then(|| pod.placed())
-    });
-    match own_pod.flatten() {
-        Some(placed) => Ok(!placed),
-        None => {
-            let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
-            Ok(services
-                .get_metadata_opt_with(&name, &GetParams::any())
-                .await?
-                .is_none())
-        }
-    }
 }
 
 /// A runtime with a pod of its own: its Service, then its pod.
@@ -223,7 +181,7 @@ async fn on_instance(
             };
             match apply_service(ctx, runtime, target).await? {
                 ServiceOutcome::InPlace => Some(service::url(runtime, target)),
-                ServiceOutcome::NotWritten => None,
+                ServiceOutcome::NotWritten { .. } => None,
                 ServiceOutcome::Conflict(reason, message) => {
                     // The runtime's container stays on the instance; its name does not reach it.
                     verdict = Verdict::not_available(reason, message);
@@ -436,7 +394,8 @@ pub enum ServiceOutcome {
     /// In place as wanted.
     InPlace,
     /// Could not be written (an admission policy, the API server); tried again at the next change.
-    NotWritten,
+    /// `exists`: a Service of the runtime's stands there (as it was).
+    NotWritten { exists: bool },
     /// A Service of that name is not this runtime's: left untouched; the reason and message say
     /// whose (someone else's: `ServiceConflict`; an earlier runtime's of this name, on its way
     /// out: `PredecessorCleanup`).
@@ -474,10 +433,12 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
     if live.as_ref().is_some_and(|live| !live.controlled_by(uid.as_deref())) {
         // The cache keeps no owner's kind or name: read it to tell whose it is.
         return Ok(match services.get_opt(&name).await? {
-            Some(found) if controlled_by(&found.metadata, uid.as_deref()) => ServiceOutcome::NotWritten,
+            Some(found) if controlled_by(&found.metadata, uid.as_deref()) => {
+                ServiceOutcome::NotWritten { exists: true }
+            }
             Some(found) => conflict(Some(&found)),
             // Gone meanwhile: its deletion wakes the runtime.
-            None => ServiceOutcome::NotWritten,
+            None => ServiceOutcome::NotWritten { exists: false },
         });
     }
     let as_wanted = live.as_ref().is_some_and(|live| live.shape == service::shape(&desired));
@@ -512,7 +473,7 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
             },
             Err(kube::Error::Api(status)) => {
                 warn!(%name, %namespace, error = %status.message, "cannot create the runtime's Service");
-                return Ok(ServiceOutcome::NotWritten);
+                return Ok(ServiceOutcome::NotWritten { exists: false });
             }
             Err(err) => return Err(err.into()),
         }
@@ -532,7 +493,7 @@ pub async fn apply_service(ctx: &Context, runtime: &PromptFlowRuntime, target: T
         // runtime or its Service tries again.
         Err(kube::Error::Api(status)) => {
             warn!(%name, %namespace, error = %status.message, "cannot apply the runtime's Service");
-            Ok(ServiceOutcome::NotWritten)
+            Ok(ServiceOutcome::NotWritten { exists: true })
         }
         Err(err) => Err(err.into()),
     }

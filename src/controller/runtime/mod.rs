@@ -317,9 +317,9 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
             .or(plan.facts().filter(|_| !applied.kept_older)),
         handled: &handled,
         url: applied.url.as_deref(),
-        // A serverless runtime whose Service could not be made (refused at its pod's placement)
-        // has no URL, though one was reported while it waited.
-        drop_url: serverless && applied.url.is_none() && ctx.service(&name, &namespace).is_none(),
+        // A runtime without a Service of its own (a serverless one's create refused, or gone;
+        // someone else's in its place) has no URL.
+        drop_url: (serverless && applied.url.is_none()) || verdict.reason == reasons::SERVICE_CONFLICT,
         last_activity: last_activity.as_ref(),
         latest: latest.as_deref(),
     };

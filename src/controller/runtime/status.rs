@@ -162,8 +162,7 @@ pub struct Report<'a> {
     pub facts: Option<&'a PodFacts>,
     /// Action values just handled (the fields that are set replace the recorded ones).
     pub handled: &'a HandledActions,
-    /// The Service's URL, once it exists (or will, once the pod is placed); `None` keeps the one
-    /// recorded.
+    /// The Service's URL, once it exists; `None` keeps the one recorded.
     pub url: Option<&'a str>,
     /// The runtime has no Service of its own (someone else's holds the name, or it could not be
     /// made): the recorded URL goes.
