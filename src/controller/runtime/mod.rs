@@ -418,7 +418,8 @@ async fn stay_stopped(
         facts: None,
         handled: &handled,
         url,
-        drop_url: false,
+        // Its Service gone and refused when made again: no URL (as a running one).
+        drop_url: url.is_none(),
         last_activity: None,
         latest: None,
     };
