@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, ResourceQuota, Service};
 use kube::ResourceExt;
-use kube::api::DeleteParams;
+use kube::api::{DeleteParams, Patch, PatchParams};
 use promptflow_operator::api::PromptFlowRuntime;
 use serde_json::json;
 
@@ -633,6 +633,55 @@ async fn a_runtimes_service_edited_by_others_is_repaired_once_and_left_in_peace(
         assert!(
             again <= 1,
             "the operator wrote the Service {again} times for others' additions"
+        );
+    })
+    .await;
+}
+
+/// `status.url` never names a Service that is not there: a stopped runtime whose Service is
+/// deleted and cannot be made again (no Service may be made in the namespace) loses its URL.
+#[tokio::test]
+async fn a_stopped_runtime_whose_service_cannot_be_made_again_reports_no_url() {
+    with_namespace("pf-tenancy", |ns| async move {
+        let _operator = OperatorProcess::for_namespace(&ns.name);
+        create_runtime(&ns, "held", json!({})).await;
+        let running = wait_status(&ns, "held", "Running", None).await;
+        assert!(running.status.and_then(|s| s.url).is_some(), "a running runtime's URL");
+        let runtimes = ns.api::<PromptFlowRuntime>();
+        let stop = json!({"metadata": {"annotations": {"promptflow.dev/stop": "1"}}});
+        runtimes
+            .patch("held", &PatchParams::default(), &Patch::Merge(stop))
+            .await
+            .unwrap();
+        let stopped = wait_status(&ns, "held", "Not available", Some("StoppedByUser")).await;
+        assert!(
+            stopped.status.and_then(|s| s.url).is_some(),
+            "a stopped runtime keeps its Service and URL"
+        );
+        create(
+            &ns.api::<ResourceQuota>(),
+            json!({"metadata": {"name": "no-services"}, "spec": {"hard": {"services": "0"}}}),
+        )
+        .await;
+        ns.api::<Service>()
+            .delete("held", &DeleteParams::default())
+            .await
+            .unwrap();
+        let without = harness::wait_for(
+            &runtimes,
+            "held",
+            |rt: Option<&PromptFlowRuntime>| rt.and_then(|rt| rt.status.as_ref()).is_some_and(|s| s.url.is_none()),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(
+            without.status.and_then(|s| s.reason).as_deref(),
+            Some("StoppedByUser"),
+            "still stopped, as the user left it"
+        );
+        assert!(
+            ns.api::<Service>().get_opt("held").await.unwrap().is_none(),
+            "the quota let a Service be made"
         );
     })
     .await;
