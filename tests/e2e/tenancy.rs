@@ -663,6 +663,19 @@ async fn a_stopped_runtime_whose_service_cannot_be_made_again_reports_no_url() {
             json!({"metadata": {"name": "no-services"}, "spec": {"hard": {"services": "0"}}}),
         )
         .await;
+        // The quota counts once its controller has reported it (then admission enforces it).
+        harness::wait_for(
+            &ns.api::<ResourceQuota>(),
+            "no-services",
+            |quota: Option<&ResourceQuota>| {
+                quota
+                    .and_then(|q| q.status.as_ref())
+                    .and_then(|s| s.hard.as_ref())
+                    .is_some_and(|hard| hard.contains_key("services"))
+            },
+            Duration::from_secs(30),
+        )
+        .await;
         ns.api::<Service>()
             .delete("held", &DeleteParams::default())
             .await
