@@ -59,8 +59,18 @@ fn refused(err: &kube::Error) -> bool {
     matches!(err, kube::Error::Api(status) if status.code == 422)
 }
 
+/// The order of two resourceVersions of the same kind of object, when both are in the comparable
+/// form Kubernetes 1.35 guarantees (KEP-5504: a positive decimal integer without leading zeros,
+/// larger is newer); `None` when either is not, and only equality may be trusted.
+pub fn version_order(a: &str, b: &str) -> Option<std::cmp::Ordering> {
+    let comparable = |v: &str| !v.is_empty() && !v.starts_with('0') && v.bytes().all(|b| b.is_ascii_digit());
+    (comparable(a) && comparable(b)).then(|| a.len().cmp(&b.len()).then_with(|| a.cmp(b)))
+}
+
 #[cfg(test)]
 mod tests {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+
     use super::*;
 
     #[test]
@@ -91,5 +101,16 @@ mod tests {
         };
         assert!(refused(&refusal(422)));
         assert!(!refused(&refusal(409)));
+    }
+
+    #[test]
+    fn resource_versions_compare_as_integers_only_in_their_comparable_form() {
+        assert_eq!(version_order("9", "10"), Some(Less));
+        assert_eq!(version_order("123456789012345678901", "99"), Some(Greater));
+        assert_eq!(version_order("42", "42"), Some(Equal));
+        assert_eq!(version_order("042", "42"), None, "a leading zero");
+        assert_eq!(version_order("0", "1"), None, "zero is never a live version");
+        assert_eq!(version_order("", "1"), None);
+        assert_eq!(version_order("a1", "1"), None);
     }
 }

@@ -83,9 +83,9 @@ pub async fn runtime_pods(ns: &TestNamespace, runtime: &str) -> Vec<Pod> {
         .items
 }
 
-/// The events recorded for one runtime, as (type, reason, note). (Its Service has the same name;
-/// the cluster's controllers report about that one, e.g. endpoint slices refusing loopback pod
-/// IPs.)
+/// The events recorded for one runtime, as (type, reason, note), once per occurrence (a repeated
+/// event is one object with a series). (Its Service has the same name; the cluster's controllers
+/// report about that one, e.g. endpoint slices refusing loopback pod IPs.)
 pub async fn events_for(ns: &TestNamespace, name: &str) -> Vec<(String, String, String)> {
     let events: Api<k8s_openapi::api::events::v1::Event> = ns.api();
     events
@@ -98,12 +98,15 @@ pub async fn events_for(ns: &TestNamespace, name: &str) -> Vec<(String, String, 
                 .as_ref()
                 .is_some_and(|r| r.name.as_deref() == Some(name) && r.kind.as_deref() == Some("PromptFlowRuntime"))
         })
-        .map(|e| {
-            (
+        .flat_map(|e| {
+            // A repeated event is one object with a series: each occurrence counts.
+            let occurrences = e.series.as_ref().map_or(1, |series| series.count.max(1)) as usize;
+            let event = (
                 e.type_.unwrap_or_default(),
                 e.reason.unwrap_or_default(),
                 e.note.unwrap_or_default(),
-            )
+            );
+            std::iter::repeat_n(event, occurrences)
         })
         .collect()
 }

@@ -20,6 +20,8 @@ pub struct InstanceMemory {
 struct OwnStatus {
     /// The resource version the write replaced: a cache still showing it has not seen the write.
     over: Option<String>,
+    /// The resource version the write produced: a cache showing an older one has not seen it.
+    produced: Option<String>,
     status: ComputeInstanceStatus,
 }
 
@@ -39,20 +41,31 @@ impl InstanceMemory {
         &self,
         key: ObjectRef<ComputeInstance>,
         over: Option<String>,
-        _produced: Option<String>,
+        produced: Option<String>,
         status: ComputeInstanceStatus,
     ) {
         self.statuses
             .lock()
             .expect("instance memory lock")
-            .insert(key, OwnStatus { over, status });
+            .insert(key, OwnStatus { over, produced, status });
     }
 
-    /// The status to decide from: ours, when the cache still shows the version we wrote over.
+    /// The status to decide from: ours, when the cache has not seen our write: it shows a version
+    /// older than the one the write produced (another writer's, landed between our read and our
+    /// write, included), or, where versions cannot be ordered, the one we wrote over.
     pub(super) fn baseline(&self, instance: &ComputeInstance) -> Option<ComputeInstanceStatus> {
         let statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let own = statuses.get(&ObjectRef::from_obj(instance))?;
-        (own.over.is_some() && own.over == instance.metadata.resource_version).then(|| own.status.clone())
+        let cached = instance.metadata.resource_version.as_deref()?;
+        let ordered = own
+            .produced
+            .as_deref()
+            .and_then(|produced| crate::controller::status_patch::version_order(cached, produced));
+        let behind = match ordered {
+            Some(order) => order.is_lt(),
+            None => own.over.as_deref() == Some(cached),
+        };
+        behind.then(|| own.status.clone())
     }
 
     /// How long a restart first seen now (or earlier) still waits for more changes to join it.
@@ -94,6 +107,28 @@ impl InstanceMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cache_showing_another_write_made_before_ours_is_still_behind() {
+        let memory = InstanceMemory::default();
+        let key = ObjectRef::<ComputeInstance>::new("ci").within("team");
+        let at = |version: &str| {
+            let mut instance = ComputeInstance::new("ci", Default::default());
+            instance.metadata.namespace = Some("team".into());
+            instance.metadata.resource_version = Some(version.into());
+            instance
+        };
+        let ours = ComputeInstanceStatus {
+            reason: Some("Restarted".into()),
+            ..Default::default()
+        };
+        // Our write over the cached 10 lands at 12: someone else's write made 11 in between.
+        memory.wrote_status(key, Some("10".into()), Some("12".into()), ours.clone());
+        assert_eq!(memory.baseline(&at("10")), Some(ours.clone()));
+        assert_eq!(memory.baseline(&at("11")), Some(ours), "their write, older than ours");
+        assert_eq!(memory.baseline(&at("12")), None, "the cache shows our write");
+        assert_eq!(memory.baseline(&at("13")), None);
+    }
 
     #[test]
     fn a_relist_forgets_instances_that_went_away_while_the_watch_was_down() {

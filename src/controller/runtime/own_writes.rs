@@ -35,14 +35,28 @@ struct AppliedService {
     written: Option<String>,
 }
 
-/// The last status written for a runtime: resourceVersions older than that write (the ones written
-/// over and the ones earlier writes produced) are known stale; `latest` is what the write produced.
+/// The last status written for a runtime: `latest` is what the write produced; `stale` the
+/// versions known older (the ones written over and the ones earlier writes produced), for an API
+/// server whose versions cannot be ordered.
 struct OwnStatusWrite {
     stale: Vec<Box<str>>,
     latest: Box<str>,
     /// Lean, its texts shared ([`LeanStatus`]): a typed status with its conditions took about
     /// 1.7 KiB and 30 allocations for each runtime written while its cache lags behind.
     status: Box<LeanStatus>,
+}
+
+impl OwnStatusWrite {
+    /// Whether a cache showing `cached` has not seen this write. Comparable versions are ordered:
+    /// a version older than ours may be another writer's we never saw (their write landed between
+    /// our read and our write), and judging it would write an older status back. Otherwise only
+    /// the versions known to be older count.
+    fn behind(&self, cached: &str) -> bool {
+        match crate::controller::status_patch::version_order(cached, &self.latest) {
+            Some(order) => order.is_lt(),
+            None => self.stale.iter().any(|v| **v == *cached),
+        }
+    }
 }
 
 /// Gives back a map's table once most of it is empty: tables keep their largest size, and a
@@ -63,7 +77,7 @@ impl OwnWrites {
         let mut statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let cached_version = runtime.metadata.resource_version.clone().unwrap_or_default();
         match statuses.get(&key) {
-            Some(written) if written.stale.iter().any(|v| **v == *cached_version) => Some(written.status.full()),
+            Some(written) if written.behind(&cached_version) => Some(written.status.full()),
             Some(_) => {
                 // The cache caught up with our write, or moved past it: it is the truth again.
                 statuses.remove(&key);
@@ -299,6 +313,24 @@ mod tests {
         assert_eq!(baseline.unwrap().reason.as_deref(), Some("PodReady"));
         let baseline = written.status_baseline(&runtime("10", None));
         assert_eq!(baseline, None, "the entry ended when the cache caught up");
+    }
+
+    #[test]
+    fn a_cache_showing_another_write_made_before_ours_is_still_behind() {
+        let written = OwnWrites::default();
+        // Our write over the cached 10 lands at 12: someone else's write made 11 in between.
+        written.wrote_status(&runtime("10", None), Some("12".into()), status("RestartHandled"));
+        // The cache delivers 11 (their write, without ours): a version we never saw, yet older.
+        let baseline = written.status_baseline(&runtime("11", Some("PodStarting")));
+        assert_eq!(baseline.unwrap().reason.as_deref(), Some("RestartHandled"));
+        // A write over 11 lands at 13; the cache at 12 is still behind it.
+        written.wrote_status(&runtime("11", None), Some("13".into()), status("PodReady"));
+        let baseline = written.status_baseline(&runtime("12", Some("RestartHandled")));
+        assert_eq!(baseline.unwrap().reason.as_deref(), Some("PodReady"));
+        // Past our latest write (someone wrote after it): the cache is the truth.
+        let baseline = written.status_baseline(&runtime("14", Some("PodReady")));
+        assert_eq!(baseline.unwrap().reason.as_deref(), Some("PodReady"));
+        assert!(written.is_empty(), "the entry ended when the cache moved past it");
     }
 
     #[test]
