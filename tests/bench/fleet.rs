@@ -15,16 +15,32 @@ pub const PODS_PER_NODE: usize = 250;
 /// The label that marks the bench's own nodes.
 const NODE_LABEL: &str = "promptflow.dev/bench-node";
 
-/// Creates (or keeps) enough fake nodes for `pods` pods beside the cluster's own. Each node has
-/// its own pod CIDR on loopback: kwok hands out pod IPs from it.
+/// Creates (or keeps) enough fake nodes for `pods` pods beside the cluster's own; the bench's
+/// pods run on these alone ([`tiny_catalog`]'s node selector). Each node has its own pod CIDR, as
+/// a real cluster's nodes do, off loopback: kwok hands out pod IPs from it, and the controller
+/// manager's endpoint controllers write the runtimes' EndpointSlices as they would in production
+/// (an EndpointSlice refuses a loopback address; the cluster's own nodes hand out loopback IPs so
+/// the e2e tests can serve a real flow on a pod's IP, and there every write for a Service
+/// selecting a Running pod is refused and retried for as long as the Service exists).
 pub async fn ensure_nodes(client: &Client, pods: usize) -> usize {
     let nodes: Api<Node> = Api::all(client.clone());
     let wanted = pods.div_ceil(PODS_PER_NODE - 10);
     for i in 0..wanted {
         let name = format!("pf-bench-node-{i}");
+        let pod_cidr = format!("10.{}.{}.0/24", 20 + i / 256, i % 256);
         let capacity =
             json!({"cpu": "128", "memory": "512Gi", "pods": PODS_PER_NODE.to_string(), "ephemeral-storage": "16Ti"});
-        if nodes.get_opt(&name).await.unwrap().is_some() {
+        let kept = nodes.get_opt(&name).await.unwrap();
+        if kept
+            .as_ref()
+            .is_some_and(|node| node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()) != Some(&pod_cidr))
+        {
+            // A node of an older bench, its pod CIDR elsewhere (the field is immutable).
+            nodes.delete(&name, &DeleteParams::default()).await.unwrap();
+            while nodes.get_opt(&name).await.unwrap().is_some() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        } else if kept.is_some() {
             // A node of an earlier run: its capacity as this run's.
             let status = json!({"status": {"allocatable": capacity, "capacity": capacity}});
             let params = kube::api::PatchParams::default();
@@ -41,7 +57,7 @@ pub async fn ensure_nodes(client: &Client, pods: usize) -> usize {
                 "labels": {"type": "kwok", NODE_LABEL: "true", "kubernetes.io/os": "linux",
                            "kubernetes.io/arch": "amd64", "kubernetes.io/hostname": name},
             },
-            "spec": {"podCIDR": format!("127.{}.{}.0/24", 20 + i / 256, i % 256)},
+            "spec": {"podCIDR": pod_cidr},
             "status": {
                 "allocatable": capacity,
                 "capacity": capacity,
@@ -114,10 +130,16 @@ pub async fn delete_namespace(client: &Client, name: &str) {
 }
 
 /// Writes the one-entry catalog every bench and chaos runtime is sized from (small enough that
-/// the fake nodes hold thousands); returns its path.
+/// the fake nodes hold thousands, on the bench's own nodes); returns its path.
 pub fn tiny_catalog(prefix: &str) -> String {
     let path = std::env::temp_dir().join(format!("{prefix}-catalog-{}.yaml", std::process::id()));
-    std::fs::write(&path, "instanceTypes:\n- {name: Bench_Tiny, cpu: 10m, memory: 32Mi}\n").unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "instanceTypes:\n- {{name: Bench_Tiny, cpu: 10m, memory: 32Mi, nodeSelector: {{{NODE_LABEL}: 'true'}}}}\n"
+        ),
+    )
+    .unwrap();
     path.to_string_lossy().into_owned()
 }
 

@@ -111,6 +111,77 @@ pub async fn events_for(ns: &TestNamespace, name: &str) -> Vec<(String, String, 
         .collect()
 }
 
+/// The first status each runtime of the namespace shows, as (reason, the `Ready` condition's
+/// transition time), recorded by a watch started before the runtimes are made.
+fn first_statuses(
+    ns: &TestNamespace,
+) -> std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (String, String)>>> {
+    use futures::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    let seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (String, String)>>> =
+        Default::default();
+    let api = ns.api::<PromptFlowRuntime>();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(kube::runtime::watcher(api, Default::default()).applied_objects());
+        while let Some(Ok(runtime)) = events.next().await {
+            let Some(status) = runtime.status.as_ref() else {
+                continue;
+            };
+            let ready = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.last_transition_time.clone());
+            let first = (
+                status.reason.clone().unwrap_or_default(),
+                ready.map(|t| serde_json::to_string(&t).unwrap()).unwrap_or_default(),
+            );
+            record.lock().unwrap().entry(runtime.name_any()).or_insert(first);
+        }
+    });
+    seen
+}
+
+#[tokio::test]
+async fn a_new_runtimes_first_status_says_running_or_waits_seconds_for_its_pod() {
+    with_namespace("pf-rt-first", |ns| async move {
+        let operator = OperatorProcess::for_namespace(&ns.name);
+        let seen = first_statuses(&ns);
+        let pinned = |repository: &str| json!({"image": {"repository": repository, "version": "1"}});
+        create_runtime(&ns, "quick", pinned("registry.invalid/simulate/ready")).await;
+        create_runtime(&ns, "slow", pinned("registry.invalid/simulate/slowstart")).await;
+        wait_status(&ns, "quick", "Running", None).await;
+        let slow = wait_status(&ns, "slow", "Not available", Some("PodStarting")).await;
+        // The slow one says its pod is starting once the wait is over: not at once, not late.
+        let pod = ns.api::<Pod>().get("slow-runtime").await.unwrap();
+        let created = pod.metadata.creation_timestamp.unwrap().0;
+        let status = slow.status.unwrap();
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        let after = ready.last_transition_time.0.duration_since(created).as_secs_f64();
+        // Timestamps are whole seconds: the wait is 5 s.
+        assert!(
+            (4.0..=12.0).contains(&after),
+            "PodStarting {after}s after the pod was made\n{}",
+            operator.log_text()
+        );
+        // The quick one's first status is Running; or, when its pod took longer than the wait
+        // (a loaded cluster), PodStarting written no sooner than the wait allows.
+        let first = seen.lock().unwrap().get("quick").cloned().unwrap();
+        if first.0 != "PodReady" {
+            assert_eq!(first.0, "PodStarting");
+            let pod = ns.api::<Pod>().get("quick-runtime").await.unwrap();
+            let created = pod.metadata.creation_timestamp.unwrap().0;
+            let written: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time = serde_json::from_str(&first.1).unwrap();
+            let after = written.0.duration_since(created).as_secs_f64();
+            assert!(after >= 4.0, "PodStarting {after}s after the pod was made");
+        }
+        let first_slow = seen.lock().unwrap().get("slow").cloned().unwrap();
+        assert_eq!(first_slow.0, "PodStarting");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn samples_reach_running_and_describe_shows_events() {
     with_namespace("pf-rt-samples", |ns| async move {

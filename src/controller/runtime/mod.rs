@@ -88,6 +88,7 @@ pub async fn reconcile(runtime: Arc<PromptFlowRuntime>, ctx: Arc<Context>) -> Re
                     drop_url: false,
                     last_activity: None,
                     latest: None,
+                    notice: None,
                 };
                 if let Err(write) = report::write_status(&runtime, &ctx, &report).await {
                     warn!(name = %runtime.name_any(), error = %write, "could not report the failure in the status");
@@ -291,13 +292,13 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         start,
         ..Default::default()
     };
-    let mut latest = None;
+    let (mut latest, mut version_notice) = (None, None);
     if let Some(mut versions) = versions {
         if applied.kept_older {
             versions.not_applied();
         }
-        let (newest, check_again) = versions.record(ctx, runtime, &mut conditions, &mut handled).await;
-        latest = newest;
+        let (newest, notice, check_again) = versions.record(&mut conditions, &mut handled);
+        (latest, version_notice) = (newest, notice);
         let check_again = if awaiting_registry { REGISTRY_WAIT } else { check_again };
         // The sooner of the idle look and the next version check; a shorter look the apply
         // asked for (a pod just created, a server error, a name taken) stays.
@@ -305,6 +306,20 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
             (Some(apply_look), None) => apply_look.min(check_again),
             _ => idle_look.map_or(check_again, |look| look.min(check_again)),
         });
+    }
+    // A new runtime's first status waits a moment while its pod starts: written when the pod is
+    // Ready, it says Running at once (one status write per start instead of two).
+    if serverless
+        && let Some(wait) = first_status_wait(
+            runtime,
+            &verdict,
+            &handled,
+            version_notice.is_some(),
+            pod_age(ctx, runtime, observed.pod.as_deref()),
+        )
+    {
+        tracing::debug!(%name, %namespace, wait_ms = wait.as_millis(), "first status waits for the pod to start");
+        return Ok(Action::requeue(wait));
     }
     // Report.
     let report = Report {
@@ -322,6 +337,7 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         drop_url: (serverless && applied.url.is_none()) || verdict.reason == reasons::SERVICE_CONFLICT,
         last_activity: last_activity.as_ref(),
         latest: latest.as_deref(),
+        notice: version_notice.as_ref(),
     };
     report::write_status(runtime, ctx, &report).await?;
     info!(%name, %namespace, compute = compute_name(runtime), phase = ?verdict.phase, reason = %verdict.reason, "reconciled");
@@ -335,6 +351,51 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     }
     ctx.pull_secret_waits.reset(&key);
     Ok(next.map_or_else(Action::await_change, Action::requeue))
+}
+
+/// How long a new runtime's first status may still wait for its starting pod.
+pub const FIRST_STATUS_WAIT: Duration = Duration::from_secs(5);
+
+/// How long to wait before writing the first status of a runtime whose pod is starting: while
+/// the runtime has no status at all, its pod was made by the operator less than
+/// [`FIRST_STATUS_WAIT`] ago (`pod_age`), and the status would record nothing but the start (no
+/// handled action, no version event). `None`: write now.
+fn first_status_wait(
+    runtime: &PromptFlowRuntime,
+    verdict: &Verdict,
+    handled: &HandledActions,
+    version_notice: bool,
+    pod_age: Option<Duration>,
+) -> Option<Duration> {
+    let only_starting = runtime.status.is_none()
+        && verdict.phase == RuntimePhase::NotAvailable
+        && verdict.reason == reasons::POD_STARTING
+        && *handled == HandledActions::default()
+        && !version_notice;
+    if !only_starting {
+        return None;
+    }
+    FIRST_STATUS_WAIT.checked_sub(pod_age?).filter(|left| !left.is_zero())
+}
+
+/// How long ago the runtime's pod was made: the cached pod's creation, or, for one this operator
+/// made moments ago and the cache does not show yet, its own record. `None`: not known (no pod,
+/// or this clock behind the API server's).
+fn pod_age(
+    ctx: &Context,
+    runtime: &PromptFlowRuntime,
+    live: Option<&k8s_openapi::api::core::v1::Pod>,
+) -> Option<Duration> {
+    match live {
+        Some(pod) => {
+            let created = pod.metadata.creation_timestamp.as_ref()?.0;
+            Duration::try_from(k8s_openapi::jiff::Timestamp::now().duration_since(created)).ok()
+        }
+        None => {
+            let pod = ObjectRef::new(&crate::build::pod::pod_name(&runtime.name_any())).within(&runtime.namespace()?);
+            ctx.own_writes.created_since(&pod)
+        }
+    }
 }
 
 /// Whether a serverless runtime's plan keeps the pod it has (what remembered logins allow).
@@ -422,6 +483,7 @@ async fn stay_stopped(
         drop_url: url.is_none(),
         last_activity: None,
         latest: None,
+        notice: None,
     };
     report::write_status(runtime, ctx, &report).await?;
     Ok(Action::await_change())
@@ -466,6 +528,7 @@ async fn not_available_status(
         drop_url,
         last_activity: None,
         latest: None,
+        notice: None,
     };
     report::write_status(runtime, ctx, &report).await
 }
@@ -513,4 +576,61 @@ pub fn error_policy(key: &ObjectRef<PromptFlowRuntime>, uid: Option<&str>, error
     let delay = ctx.failures.next(key);
     warn!(name = %key.name, namespace = ?key.namespace, error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh() -> PromptFlowRuntime {
+        PromptFlowRuntime::new("chat", Default::default())
+    }
+
+    #[test]
+    fn a_new_runtimes_first_status_waits_only_while_its_pod_starts_and_nothing_else_is_to_record() {
+        let starting = Verdict::not_available(reasons::POD_STARTING, "waiting");
+        let none = HandledActions::default();
+        let age = |s| Some(Duration::from_secs(s));
+        assert_eq!(
+            first_status_wait(&fresh(), &starting, &none, false, age(1)),
+            Some(FIRST_STATUS_WAIT - Duration::from_secs(1))
+        );
+        assert_eq!(
+            first_status_wait(&fresh(), &starting, &none, false, age(5)),
+            None,
+            "waited enough"
+        );
+        assert_eq!(
+            first_status_wait(&fresh(), &starting, &none, false, None),
+            None,
+            "no pod of ours"
+        );
+        let mut known = fresh();
+        known.status = Some(Default::default());
+        assert_eq!(
+            first_status_wait(&known, &starting, &none, false, age(0)),
+            None,
+            "has a status"
+        );
+        let restart = HandledActions {
+            restart: Some("1".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            first_status_wait(&fresh(), &starting, &restart, false, age(0)),
+            None,
+            "an action to record"
+        );
+        assert_eq!(
+            first_status_wait(&fresh(), &starting, &none, true, age(0)),
+            None,
+            "a version event"
+        );
+        let blocked = Verdict::not_available(reasons::QUOTA_EXCEEDED, "no room");
+        assert_eq!(
+            first_status_wait(&fresh(), &blocked, &none, false, age(0)),
+            None,
+            "a problem"
+        );
+    }
 }

@@ -132,6 +132,16 @@ impl OwnWrites {
         remaining
     }
 
+    /// How long ago the operator created a pod the cache does not show yet (`None`: none
+    /// recorded).
+    pub fn created_since(&self, pod: &ObjectRef<Pod>) -> Option<Duration> {
+        self.pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&Named::of(pod))
+            .map(Instant::elapsed)
+    }
+
     pub fn created_pod(&self, pod: ObjectRef<Pod>) {
         self.pods
             .lock()

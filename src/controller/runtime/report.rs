@@ -72,6 +72,9 @@ pub async fn write_status(runtime: &PromptFlowRuntime, ctx: &Context, report: &R
     for notice in transitions(previous, &new, report.verdict.problem) {
         publish(ctx, runtime, &notice).await;
     }
+    if let Some(notice) = report.notice {
+        publish(ctx, runtime, notice).await;
+    }
     ctx.own_writes
         .wrote_status(runtime, updated.metadata.resource_version, new);
     Ok(())

@@ -171,6 +171,9 @@ pub struct Report<'a> {
     pub last_activity: Option<&'a Time>,
     /// The newest allowed version in the registry, when known.
     pub latest: Option<&'a str>,
+    /// An event of this reconcile's own (a newer version found, an update begun), published
+    /// after the status write that records it, as the transitions' are.
+    pub notice: Option<&'a super::report::Notice>,
 }
 
 /// The status to write over `previous` for a runtime at `generation`; new transitions at `now`.
@@ -267,6 +270,7 @@ mod tests {
             drop_url: false,
             last_activity: None,
             latest: None,
+            notice: None,
         };
         let first = compose(None, &report(&starting), Some(1), &t0);
         let again = compose(Some(&first), &report(&starting), Some(1), &t1);
@@ -317,6 +321,7 @@ mod tests {
             drop_url: false,
             last_activity: None,
             latest: None,
+            notice: None,
         };
         let status = compose(Some(&previous), &report, Some(2), &now);
         assert_eq!(status.latest_version.as_deref(), Some("20250101.v1"));
@@ -350,6 +355,7 @@ mod tests {
             drop_url,
             last_activity: None,
             latest: None,
+            notice: None,
         };
         let kept = compose(Some(&previous), &report(false), Some(1), &now);
         assert_eq!(kept.url.as_deref(), Some("http://db.a.svc:8081"));

@@ -42,22 +42,18 @@ pub struct VersionOutcome {
 }
 
 impl VersionOutcome {
-    /// Adds the condition and the handled values to a report's parts, publishes the event, and
-    /// returns `status.latestVersion` and when to check again.
-    pub async fn record(
+    /// Adds the condition and the handled values to a report's parts; returns
+    /// `status.latestVersion`, the event to publish once the status records it, and when to
+    /// check again. (Published before the write, a write that failed would announce it again.)
+    pub fn record(
         self,
-        ctx: &Context,
-        runtime: &PromptFlowRuntime,
         conditions: &mut Vec<ConditionState>,
         handled: &mut HandledActions,
-    ) -> (Option<String>, Duration) {
+    ) -> (Option<String>, Option<Notice>, Duration) {
         conditions.push(self.condition);
         handled.check_version = self.handled.check_version;
         handled.update = self.handled.update;
-        if let Some(notice) = &self.notice {
-            super::report::publish(ctx, runtime, notice).await;
-        }
-        (self.latest, self.requeue)
+        (self.latest, self.notice, self.requeue)
     }
 }
 
