@@ -140,7 +140,11 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     // Decide from the status this operator last wrote when the cache has not caught up with it
     // (a runtime just stopped must not read as running and be started again).
     let own_view;
-    let runtime = match ctx.own_writes.status_baseline(runtime) {
+    let baseline = ctx.own_writes.status_baseline(runtime);
+    // No status written yet (a first one may be held back: decide from it).
+    let unwritten = baseline.is_none();
+    let baseline = baseline.or_else(|| ctx.own_writes.held_status(runtime));
+    let runtime = match baseline {
         Some(baseline) if runtime.status.as_ref() != Some(&baseline) => {
             own_view = PromptFlowRuntime {
                 status: Some(baseline),
@@ -307,20 +311,6 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
             _ => idle_look.map_or(check_again, |look| look.min(check_again)),
         });
     }
-    // A new runtime's first status waits a moment while its pod starts: written when the pod is
-    // Ready, it says Running at once (one status write per start instead of two).
-    if serverless
-        && let Some(wait) = first_status_wait(
-            runtime,
-            &verdict,
-            &handled,
-            version_notice.is_some(),
-            pod_age(ctx, runtime, observed.pod.as_deref()),
-        )
-    {
-        tracing::debug!(%name, %namespace, wait_ms = wait.as_millis(), "first status waits for the pod to start");
-        return Ok(Action::requeue(wait));
-    }
     // Report.
     let report = Report {
         verdict: &verdict,
@@ -339,6 +329,24 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
         latest: latest.as_deref(),
         notice: version_notice.as_ref(),
     };
+    // A new runtime's first status waits a moment while the pod this operator made for it
+    // starts: written when the pod is Ready, it says Running at once (one status write per start
+    // instead of two). Held meanwhile, it is what the next reconciles decide from.
+    let ours = ctx.own_writes.is_held(runtime) || observed.pod.is_none();
+    if serverless
+        && ours
+        && let Some(wait) = first_status_wait(
+            unwritten,
+            &verdict,
+            &handled,
+            version_notice.is_some(),
+            pod_age(ctx, runtime, observed.pod.as_deref()),
+        )
+    {
+        report::hold_first_status(runtime, ctx, &report);
+        tracing::debug!(%name, %namespace, wait_ms = wait.as_millis(), "first status held while the pod starts");
+        return Ok(Action::requeue(wait));
+    }
     report::write_status(runtime, ctx, &report).await?;
     info!(%name, %namespace, compute = compute_name(runtime), phase = ?verdict.phase, reason = %verdict.reason, "reconciled");
     // Secrets are not watched: a runtime waiting for a pull secret to appear or be fixed looks
@@ -357,17 +365,17 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
 pub const FIRST_STATUS_WAIT: Duration = Duration::from_secs(5);
 
 /// How long to wait before writing the first status of a runtime whose pod is starting: while
-/// the runtime has no status at all, its pod was made by the operator less than
+/// no status was written for the runtime (`unwritten`), its pod was made by the operator less than
 /// [`FIRST_STATUS_WAIT`] ago (`pod_age`), and the status would record nothing but the start (no
 /// handled action, no version event). `None`: write now.
 fn first_status_wait(
-    runtime: &PromptFlowRuntime,
+    unwritten: bool,
     verdict: &Verdict,
     handled: &HandledActions,
     version_notice: bool,
     pod_age: Option<Duration>,
 ) -> Option<Duration> {
-    let only_starting = runtime.status.is_none()
+    let only_starting = unwritten
         && verdict.phase == RuntimePhase::NotAvailable
         && verdict.reason == reasons::POD_STARTING
         && *handled == HandledActions::default()
@@ -582,53 +590,47 @@ pub fn error_policy(key: &ObjectRef<PromptFlowRuntime>, uid: Option<&str>, error
 mod tests {
     use super::*;
 
-    fn fresh() -> PromptFlowRuntime {
-        PromptFlowRuntime::new("chat", Default::default())
-    }
-
     #[test]
     fn a_new_runtimes_first_status_waits_only_while_its_pod_starts_and_nothing_else_is_to_record() {
         let starting = Verdict::not_available(reasons::POD_STARTING, "waiting");
         let none = HandledActions::default();
         let age = |s| Some(Duration::from_secs(s));
         assert_eq!(
-            first_status_wait(&fresh(), &starting, &none, false, age(1)),
+            first_status_wait(true, &starting, &none, false, age(1)),
             Some(FIRST_STATUS_WAIT - Duration::from_secs(1))
         );
         assert_eq!(
-            first_status_wait(&fresh(), &starting, &none, false, age(5)),
+            first_status_wait(true, &starting, &none, false, age(5)),
             None,
             "waited enough"
         );
         assert_eq!(
-            first_status_wait(&fresh(), &starting, &none, false, None),
+            first_status_wait(true, &starting, &none, false, None),
             None,
             "no pod of ours"
         );
-        let mut known = fresh();
-        known.status = Some(Default::default());
         assert_eq!(
-            first_status_wait(&known, &starting, &none, false, age(0)),
+            first_status_wait(false, &starting, &none, false, age(0)),
             None,
-            "has a status"
+            "a status was written"
         );
         let restart = HandledActions {
             restart: Some("1".into()),
             ..Default::default()
         };
         assert_eq!(
-            first_status_wait(&fresh(), &starting, &restart, false, age(0)),
+            first_status_wait(true, &starting, &restart, false, age(0)),
             None,
             "an action to record"
         );
         assert_eq!(
-            first_status_wait(&fresh(), &starting, &none, true, age(0)),
+            first_status_wait(true, &starting, &none, true, age(0)),
             None,
             "a version event"
         );
         let blocked = Verdict::not_available(reasons::QUOTA_EXCEEDED, "no room");
         assert_eq!(
-            first_status_wait(&fresh(), &blocked, &none, false, age(0)),
+            first_status_wait(true, &blocked, &none, false, age(0)),
             None,
             "a problem"
         );

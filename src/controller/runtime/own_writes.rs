@@ -18,6 +18,9 @@ use crate::controller::lean::status::LeanStatus;
 #[derive(Default)]
 pub struct OwnWrites {
     statuses: Mutex<HashMap<Named, OwnStatusWrite>>,
+    /// First statuses held back while a new runtime's pod starts (not written yet): what the
+    /// runtime's next reconciles decide from (its pin, its size, its state), as from a write.
+    held: Mutex<HashMap<Named, Box<LeanStatus>>>,
     /// Pods created and not yet seen in the cache, with when.
     pods: Mutex<HashMap<Named, Instant>>,
     /// Pods deleted (by uid) that the cache may still show without a deletion timestamp.
@@ -89,18 +92,24 @@ impl OwnWrites {
     }
 
     pub fn wrote_status(&self, runtime: &PromptFlowRuntime, produced: Option<String>, status: PromptFlowRuntimeStatus) {
+        // Written: nothing is held back any more.
+        let key = Named::of(&ObjectRef::from_obj(runtime));
+        {
+            let mut held = self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if held.remove(&key).is_some() {
+                shrink_when_sparse(&mut held);
+            }
+        }
         let (Some(over), Some(produced)) = (runtime.metadata.resource_version.clone(), produced) else {
             return;
         };
         let status = Box::new(LeanStatus::from(&status));
         let mut statuses = self.statuses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = statuses
-            .entry(Named::of(&ObjectRef::from_obj(runtime)))
-            .or_insert_with(|| OwnStatusWrite {
-                stale: Vec::new(),
-                latest: "".into(),
-                status: status.clone(),
-            });
+        let entry = statuses.entry(key).or_insert_with(|| OwnStatusWrite {
+            stale: Vec::new(),
+            latest: "".into(),
+            status: status.clone(),
+        });
         let mut stale = |version: Box<str>| {
             if !entry.stale.contains(&version) {
                 entry.stale.push(version);
@@ -112,6 +121,34 @@ impl OwnWrites {
         }
         entry.latest = produced.into();
         entry.status = status;
+    }
+
+    /// Holds back a new runtime's first status: decided, not written (see `FIRST_STATUS_WAIT`).
+    pub fn hold_status(&self, runtime: &PromptFlowRuntime, status: &PromptFlowRuntimeStatus) {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                Named::of(&ObjectRef::from_obj(runtime)),
+                Box::new(LeanStatus::from(status)),
+            );
+    }
+
+    /// The first status held back for a runtime, if any.
+    pub fn held_status(&self, runtime: &PromptFlowRuntime) -> Option<PromptFlowRuntimeStatus> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&Named::of(&ObjectRef::from_obj(runtime)))
+            .map(|held| held.full())
+    }
+
+    /// Whether a runtime's first status is held back, not written.
+    pub fn is_held(&self, runtime: &PromptFlowRuntime) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(&Named::of(&ObjectRef::from_obj(runtime)))
     }
 
     /// When a pod missing from the cache was created by us moments ago: how long to keep trusting
@@ -215,6 +252,10 @@ impl OwnWrites {
             .lock()
             .expect("own writes lock")
             .retain(|key, _| keep(&key.to_ref()));
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|key, _| keep(&key.to_ref()));
         let runtime_of = |pod: &Named| pod.sibling(crate::build::pod::runtime_name(&pod.1));
         // Instance pods are not a runtime's: the instance controller forgets them.
         let runtime_pod = |pod: &Named| pod.1.ends_with(crate::build::pod::POD_SUFFIX);
@@ -238,6 +279,11 @@ impl OwnWrites {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .len()
+            + self
+                .held
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .len()
             + self
                 .pods
                 .lock()
@@ -276,6 +322,10 @@ impl OwnWrites {
     /// Drops what is kept for a deleted runtime.
     pub fn forget(&self, runtime: &ObjectRef<PromptFlowRuntime>, pod: &ObjectRef<Pod>) {
         self.statuses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&Named::of(runtime));
+        self.held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&Named::of(runtime));
@@ -341,6 +391,26 @@ mod tests {
         let baseline = written.status_baseline(&runtime("14", Some("PodReady")));
         assert_eq!(baseline.unwrap().reason.as_deref(), Some("PodReady"));
         assert!(written.is_empty(), "the entry ended when the cache moved past it");
+    }
+
+    #[test]
+    fn a_held_first_status_is_decided_from_until_a_status_is_written() {
+        let writes = OwnWrites::default();
+        let fresh = runtime("10", None);
+        writes.hold_status(&fresh, &status("PodStarting"));
+        assert!(writes.is_held(&fresh));
+        assert_eq!(
+            writes.held_status(&fresh).unwrap().reason.as_deref(),
+            Some("PodStarting")
+        );
+        writes.wrote_status(&fresh, Some("11".into()), status("PodReady"));
+        assert!(!writes.is_held(&fresh), "written: nothing held");
+        writes.hold_status(&fresh, &status("PodStarting"));
+        writes.forget(
+            &ObjectRef::from_obj(&fresh),
+            &ObjectRef::new("chat-runtime").within("a"),
+        );
+        assert!(writes.is_empty(), "a deleted runtime keeps nothing");
     }
 
     #[test]

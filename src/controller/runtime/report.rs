@@ -49,7 +49,12 @@ impl Notice {
 /// Composes the status, patches it only on difference, and announces transitions.
 pub async fn write_status(runtime: &PromptFlowRuntime, ctx: &Context, report: &Report<'_>) -> Result<()> {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let baseline = ctx.own_writes.status_baseline(runtime);
+    // A first status held back is not the runtime's yet: this write is its first.
+    let baseline = if ctx.own_writes.is_held(runtime) {
+        None
+    } else {
+        ctx.own_writes.status_baseline(runtime)
+    };
     let previous = baseline.as_ref();
     let new = status::compose(previous, report, runtime.metadata.generation, &now);
     if previous == Some(&new) {
@@ -78,6 +83,14 @@ pub async fn write_status(runtime: &PromptFlowRuntime, ctx: &Context, report: &R
     ctx.own_writes
         .wrote_status(runtime, updated.metadata.resource_version, new);
     Ok(())
+}
+
+/// Holds back a new runtime's first status (see `FIRST_STATUS_WAIT`): composed as it would be
+/// written, kept for the next reconciles to decide from, not written, no event.
+pub fn hold_first_status(runtime: &PromptFlowRuntime, ctx: &Context, report: &Report<'_>) {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let status = status::compose(None, report, runtime.metadata.generation, &now);
+    ctx.own_writes.hold_status(runtime, &status);
 }
 
 /// The events a status change deserves: `Running` when the runtime starts serving; a Warning
