@@ -381,23 +381,34 @@ async fn the_flow_environment_sets_image_and_requirements_and_edits_roll_the_pod
     .await;
 }
 
+/// Makes quota `team-quota` of `cpu` requested CPUs (and ample memory) and waits until the quota
+/// controller has reported it (admission enforces a quota once its status is set).
+async fn team_quota(ns: &TestNamespace, cpu: &str) -> Api<ResourceQuota> {
+    let quotas = ns.api::<ResourceQuota>();
+    create(
+        &quotas,
+        json!({"metadata": {"name": "team-quota"}, "spec": {"hard": {"requests.cpu": cpu, "requests.memory": "64Gi"}}}),
+    )
+    .await;
+    harness::wait_for(
+        &quotas,
+        "team-quota",
+        |q: Option<&ResourceQuota>| q.and_then(|q| q.status.as_ref()?.hard.as_ref()).is_some(),
+        WAIT,
+    )
+    .await;
+    quotas
+}
+
 #[tokio::test]
 async fn a_new_runtime_whose_quota_fits_one_pod_never_reads_as_over_quota() {
     use futures::StreamExt;
     use kube::runtime::WatchStreamExt;
     with_namespace("pf-rt-quota-one", |ns| async move {
         let operator = OperatorProcess::for_namespace(&ns.name);
-        let quotas = ns.api::<ResourceQuota>();
         // Room for one Standard_D2s_v3 pod (2 CPUs and 10m for the proxy), not two: once the pod
         // counts in the quota's usage, sizing the runtime again would find no size that fits.
-        create(&quotas, json!({"metadata": {"name": "team-quota"}, "spec": {"hard": {"requests.cpu": "3", "requests.memory": "64Gi"}}})).await;
-        harness::wait_for(
-            &quotas,
-            "team-quota",
-            |q: Option<&ResourceQuota>| q.and_then(|q| q.status.as_ref()?.hard.as_ref()).is_some(),
-            WAIT,
-        )
-        .await;
+        team_quota(&ns, "3").await;
         let reasons: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
         let record = reasons.clone();
         let api = ns.api::<PromptFlowRuntime>();
@@ -414,11 +425,18 @@ async fn a_new_runtime_whose_quota_fits_one_pod_never_reads_as_over_quota() {
         let pinned = json!({"image": {"repository": "registry.invalid/simulate/slowstart", "version": "1"}});
         create_runtime(&ns, "chat", pinned).await;
         let starting = wait_status(&ns, "chat", "Not available", Some("PodStarting")).await;
-        assert_eq!(starting.status.unwrap().instance_type.as_deref(), Some("Standard_D2s_v3"));
+        assert_eq!(
+            starting.status.unwrap().instance_type.as_deref(),
+            Some("Standard_D2s_v3")
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
         watch.abort();
         let seen = reasons.lock().unwrap().clone();
-        assert!(seen.iter().all(|r| r == "PodStarting"), "{seen:?}\n{}", operator.log_text());
+        assert!(
+            seen.iter().all(|r| r == "PodStarting"),
+            "{seen:?}\n{}",
+            operator.log_text()
+        );
         assert!(events_for(&ns, "chat").await.iter().all(|e| e.1 != "QuotaExceeded"));
         assert_eq!(runtime_pods(&ns, "chat").await.len(), 1);
     })
@@ -429,35 +447,51 @@ async fn a_new_runtime_whose_quota_fits_one_pod_never_reads_as_over_quota() {
 async fn quota_too_small_then_raised() {
     with_namespace("pf-rt-quota", |ns| async move {
         let _operator = OperatorProcess::for_namespace(&ns.name);
-        let quotas = ns.api::<ResourceQuota>();
-        create(&quotas, json!({"metadata": {"name": "team-quota"}, "spec": {"hard": {"requests.cpu": "1", "requests.memory": "64Gi"}}})).await;
-        harness::wait_for(
-            &quotas,
-            "team-quota",
-            |q: Option<&ResourceQuota>| q.and_then(|q| q.status.as_ref()?.hard.as_ref()).is_some(),
-            WAIT,
-        )
-        .await;
+        let quotas = team_quota(&ns, "1").await;
         create_runtime(&ns, "chat", json!({})).await;
         let blocked = wait_status(&ns, "chat", "Not available", Some("QuotaExceeded")).await;
         let message = blocked.status.unwrap().message.unwrap();
-        assert!(message.contains("team-quota") && message.contains("requests.cpu"), "{message}");
+        assert!(
+            message.contains("team-quota") && message.contains("requests.cpu"),
+            "{message}"
+        );
 
-        quotas.patch("team-quota", &PatchParams::default(), &Patch::Merge(json!({"spec": {"hard": {"requests.cpu": "8"}}}))).await.unwrap();
+        quotas
+            .patch(
+                "team-quota",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"hard": {"requests.cpu": "8"}}})),
+            )
+            .await
+            .unwrap();
         let running = wait_status(&ns, "chat", "Running", None).await;
-        assert_eq!(running.status.unwrap().instance_type.as_deref(), Some("Standard_D2s_v3"));
+        assert_eq!(
+            running.status.unwrap().instance_type.as_deref(),
+            Some("Standard_D2s_v3")
+        );
 
         // Growing within the quota: the runtime's own pod gives its share back when replaced.
         // 4 CPUs for the new size and 10m for its activity proxy.
-        quotas.patch("team-quota", &PatchParams::default(), &Patch::Merge(json!({"spec": {"hard": {"requests.cpu": "4010m"}}}))).await.unwrap();
+        quotas
+            .patch(
+                "team-quota",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"hard": {"requests.cpu": "4010m"}}})),
+            )
+            .await
+            .unwrap();
         let grow = json!({"spec": {"compute": {"serverless": {"instanceType": "Standard_D4s_v3"}}}});
-        ns.api::<PromptFlowRuntime>().patch("chat", &PatchParams::default(), &Patch::Merge(grow)).await.unwrap();
+        ns.api::<PromptFlowRuntime>()
+            .patch("chat", &PatchParams::default(), &Patch::Merge(grow))
+            .await
+            .unwrap();
         harness::wait_for(
             &ns.api::<PromptFlowRuntime>(),
             "chat",
             |rt: Option<&PromptFlowRuntime>| {
                 rt.and_then(|rt| rt.status.as_ref()).is_some_and(|s| {
-                    s.phase == promptflow_operator::api::RuntimePhase::Running && s.instance_type.as_deref() == Some("Standard_D4s_v3")
+                    s.phase == promptflow_operator::api::RuntimePhase::Running
+                        && s.instance_type.as_deref() == Some("Standard_D4s_v3")
                 })
             },
             WAIT,
@@ -465,7 +499,12 @@ async fn quota_too_small_then_raised() {
         .await;
 
         // A named size that is not in the catalog lists the valid ones.
-        create_runtime(&ns, "big", json!({"compute": {"serverless": {"instanceType": "Standard_NC24"}}})).await;
+        create_runtime(
+            &ns,
+            "big",
+            json!({"compute": {"serverless": {"instanceType": "Standard_NC24"}}}),
+        )
+        .await;
         let unknown = wait_status(&ns, "big", "Not available", Some("UnknownInstanceType")).await;
         assert!(unknown.status.unwrap().message.unwrap().contains("Standard_E4ds_v4"));
     })
