@@ -12,6 +12,7 @@ mod cluster;
 mod crds;
 mod events;
 mod faults;
+mod first_status;
 mod gitops;
 mod hardening;
 mod idle;

@@ -5,10 +5,12 @@
 //! (the Service, and create, replace or keep the pod; or the finalizer and the Service at the
 //! instance slot) → [`report`] (compose the status, patch only on difference, one event per
 //! transition). Stopping, idle and versions are steps of their own ([`lifecycle`], [`idle`],
-//! [`versions`]); [`on_instance`] says how a runtime reads from its instance's pod.
+//! [`versions`]); [`on_instance`] says how a runtime reads from its instance's pod; a new
+//! runtime's first status may wait for its pod ([`first_status`]).
 
 pub(crate) mod apply;
 mod backoff;
+mod first_status;
 mod idle;
 mod lifecycle;
 pub(crate) mod observe;
@@ -69,10 +71,13 @@ pub async fn reconcile(runtime: Arc<PromptFlowRuntime>, ctx: Arc<Context>) -> Re
             Ok(action)
         }
         Err(err) => {
-            let unreported = runtime
-                .status
-                .as_ref()
-                .is_none_or(|s| s.reason.as_deref() == Some(reasons::RECONCILE_FAILED));
+            // A first status held back counts as reported: the runtime is starting, and the error
+            // is retried with backoff (by then its pod is past the wait, and that is written).
+            let unreported = !ctx.own_writes.is_held(&runtime)
+                && runtime
+                    .status
+                    .as_ref()
+                    .is_none_or(|s| s.reason.as_deref() == Some(reasons::RECONCILE_FAILED));
             if unreported && !matches!(err, Error::StoreClosed) {
                 let verdict = Verdict::not_available(
                     reasons::RECONCILE_FAILED,
@@ -335,12 +340,12 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     let ours = ctx.own_writes.is_held(runtime) || observed.pod.is_none();
     if serverless
         && ours
-        && let Some(wait) = first_status_wait(
+        && let Some(wait) = first_status::first_status_wait(
             unwritten,
             &verdict,
             &handled,
             version_notice.is_some(),
-            pod_age(ctx, runtime, observed.pod.as_deref()),
+            first_status::pod_age(ctx, runtime, observed.pod.as_deref()),
         )
     {
         report::hold_first_status(runtime, ctx, &report);
@@ -359,51 +364,6 @@ async fn reconcile_runtime(runtime: &PromptFlowRuntime, ctx: &Context) -> Result
     }
     ctx.pull_secret_waits.reset(&key);
     Ok(next.map_or_else(Action::await_change, Action::requeue))
-}
-
-/// How long a new runtime's first status may still wait for its starting pod.
-pub const FIRST_STATUS_WAIT: Duration = Duration::from_secs(5);
-
-/// How long to wait before writing the first status of a runtime whose pod is starting: while
-/// no status was written for the runtime (`unwritten`), its pod was made by the operator less than
-/// [`FIRST_STATUS_WAIT`] ago (`pod_age`), and the status would record nothing but the start (no
-/// handled action, no version event). `None`: write now.
-fn first_status_wait(
-    unwritten: bool,
-    verdict: &Verdict,
-    handled: &HandledActions,
-    version_notice: bool,
-    pod_age: Option<Duration>,
-) -> Option<Duration> {
-    let only_starting = unwritten
-        && verdict.phase == RuntimePhase::NotAvailable
-        && verdict.reason == reasons::POD_STARTING
-        && *handled == HandledActions::default()
-        && !version_notice;
-    if !only_starting {
-        return None;
-    }
-    FIRST_STATUS_WAIT.checked_sub(pod_age?).filter(|left| !left.is_zero())
-}
-
-/// How long ago the runtime's pod was made: the cached pod's creation, or, for one this operator
-/// made moments ago and the cache does not show yet, its own record. `None`: not known (no pod,
-/// or this clock behind the API server's).
-fn pod_age(
-    ctx: &Context,
-    runtime: &PromptFlowRuntime,
-    live: Option<&k8s_openapi::api::core::v1::Pod>,
-) -> Option<Duration> {
-    match live {
-        Some(pod) => {
-            let created = pod.metadata.creation_timestamp.as_ref()?.0;
-            Duration::try_from(k8s_openapi::jiff::Timestamp::now().duration_since(created)).ok()
-        }
-        None => {
-            let pod = ObjectRef::new(&crate::build::pod::pod_name(&runtime.name_any())).within(&runtime.namespace()?);
-            ctx.own_writes.created_since(&pod)
-        }
-    }
 }
 
 /// Whether a serverless runtime's plan keeps the pod it has (what remembered logins allow).
@@ -584,55 +544,4 @@ pub fn error_policy(key: &ObjectRef<PromptFlowRuntime>, uid: Option<&str>, error
     let delay = ctx.failures.next(key);
     warn!(name = %key.name, namespace = ?key.namespace, error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_new_runtimes_first_status_waits_only_while_its_pod_starts_and_nothing_else_is_to_record() {
-        let starting = Verdict::not_available(reasons::POD_STARTING, "waiting");
-        let none = HandledActions::default();
-        let age = |s| Some(Duration::from_secs(s));
-        assert_eq!(
-            first_status_wait(true, &starting, &none, false, age(1)),
-            Some(FIRST_STATUS_WAIT - Duration::from_secs(1))
-        );
-        assert_eq!(
-            first_status_wait(true, &starting, &none, false, age(5)),
-            None,
-            "waited enough"
-        );
-        assert_eq!(
-            first_status_wait(true, &starting, &none, false, None),
-            None,
-            "no pod of ours"
-        );
-        assert_eq!(
-            first_status_wait(false, &starting, &none, false, age(0)),
-            None,
-            "a status was written"
-        );
-        let restart = HandledActions {
-            restart: Some("1".into()),
-            ..Default::default()
-        };
-        assert_eq!(
-            first_status_wait(true, &starting, &restart, false, age(0)),
-            None,
-            "an action to record"
-        );
-        assert_eq!(
-            first_status_wait(true, &starting, &none, true, age(0)),
-            None,
-            "a version event"
-        );
-        let blocked = Verdict::not_available(reasons::QUOTA_EXCEEDED, "no room");
-        assert_eq!(
-            first_status_wait(true, &blocked, &none, false, age(0)),
-            None,
-            "a problem"
-        );
-    }
 }

@@ -49,14 +49,17 @@ impl Notice {
 /// Composes the status, patches it only on difference, and announces transitions.
 pub async fn write_status(runtime: &PromptFlowRuntime, ctx: &Context, report: &Report<'_>) -> Result<()> {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    // A first status held back is not the runtime's yet: this write is its first.
-    let baseline = if ctx.own_writes.is_held(runtime) {
+    // A first status held back is not the runtime's yet: this write is its first (always made,
+    // its events announced), composed over the held one so what that decided (the version pin,
+    // the size) is kept even by a write that does not say it (a stop, a conflict).
+    let held = ctx.own_writes.held_status(runtime);
+    let baseline = if held.is_some() {
         None
     } else {
         ctx.own_writes.status_baseline(runtime)
     };
     let previous = baseline.as_ref();
-    let new = status::compose(previous, report, runtime.metadata.generation, &now);
+    let new = status::compose(held.as_ref().or(previous), report, runtime.metadata.generation, &now);
     if previous == Some(&new) {
         return Ok(());
     }
