@@ -71,9 +71,11 @@ pub async fn reconcile(runtime: Arc<PromptFlowRuntime>, ctx: Arc<Context>) -> Re
             Ok(action)
         }
         Err(err) => {
-            // A first status held back counts as reported: the runtime is starting, and the error
-            // is retried with backoff (by then its pod is past the wait, and that is written).
-            let unreported = !ctx.own_writes.is_held(&runtime)
+            // A first status held back counts as reported while the wait lasts (the runtime is
+            // starting; the error is retried with backoff); past it, a failure that keeps every
+            // reconcile from writing is said.
+            let held_for = ctx.own_writes.held_for(&runtime);
+            let unreported = held_for.is_none_or(|held| held >= first_status::FIRST_STATUS_WAIT)
                 && runtime
                     .status
                     .as_ref()

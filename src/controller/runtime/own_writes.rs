@@ -20,7 +20,8 @@ pub struct OwnWrites {
     statuses: Mutex<HashMap<Named, OwnStatusWrite>>,
     /// First statuses held back while a new runtime's pod starts (not written yet): what the
     /// runtime's next reconciles decide from (its pin, its size, its state), as from a write.
-    held: Mutex<HashMap<Named, Box<LeanStatus>>>,
+    /// With when it was first held.
+    held: Mutex<HashMap<Named, (Instant, Box<LeanStatus>)>>,
     /// Pods created and not yet seen in the cache, with when.
     pods: Mutex<HashMap<Named, Instant>>,
     /// Pods deleted (by uid) that the cache may still show without a deletion timestamp.
@@ -128,10 +129,9 @@ impl OwnWrites {
         self.held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(
-                Named::of(&ObjectRef::from_obj(runtime)),
-                Box::new(LeanStatus::from(status)),
-            );
+            .entry(Named::of(&ObjectRef::from_obj(runtime)))
+            .and_modify(|(_, held)| **held = LeanStatus::from(status))
+            .or_insert_with(|| (Instant::now(), Box::new(LeanStatus::from(status))));
     }
 
     /// The first status held back for a runtime, if any.
@@ -140,15 +140,21 @@ impl OwnWrites {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&Named::of(&ObjectRef::from_obj(runtime)))
-            .map(|held| held.full())
+            .map(|(_, held)| held.full())
     }
 
     /// Whether a runtime's first status is held back, not written.
     pub fn is_held(&self, runtime: &PromptFlowRuntime) -> bool {
+        self.held_for(runtime).is_some()
+    }
+
+    /// How long a runtime's first status has been held back, if it is.
+    pub fn held_for(&self, runtime: &PromptFlowRuntime) -> Option<Duration> {
         self.held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains_key(&Named::of(&ObjectRef::from_obj(runtime)))
+            .get(&Named::of(&ObjectRef::from_obj(runtime)))
+            .map(|(since, _)| since.elapsed())
     }
 
     /// When a pod missing from the cache was created by us moments ago: how long to keep trusting
@@ -399,6 +405,12 @@ mod tests {
         let fresh = runtime("10", None);
         writes.hold_status(&fresh, &status("PodStarting"));
         assert!(writes.is_held(&fresh));
+        let since = writes.held_for(&fresh).unwrap();
+        writes.hold_status(&fresh, &status("PodStarting"));
+        assert!(
+            writes.held_for(&fresh).unwrap() >= since,
+            "held again: still since the first hold"
+        );
         assert_eq!(
             writes.held_status(&fresh).unwrap().reason.as_deref(),
             Some("PodStarting")
